@@ -1,0 +1,133 @@
+//! The HTTP API: routes, and thin handlers that parse a request, call the store and map the
+//! outcome to a status. The lock semantics live in [`crate::rules`], durability in the store.
+
+pub mod error;
+pub mod peer;
+pub mod request;
+mod views;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use serde_json::json;
+
+use crate::rules::Acquire;
+use crate::store::{LockStore, Released};
+use error::ApiError;
+use request::{LockBody, LockQuery, lock_name, read_body};
+
+/// What every handler may use: the store and the server-wide limits.
+pub struct AppState {
+    pub store: Arc<dyn LockStore>,
+    pub max_wait: Duration,
+    pub default_ttl: Option<Duration>,
+}
+
+/// Routes behind auth (when configured). `/health` is registered outside, by the server.
+pub fn routes(config: &mut web::ServiceConfig) {
+    config
+        .service(
+            web::resource("/locks")
+                .route(web::get().to(list_locks))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/lock/{name:.*}")
+                .route(web::get().to(lock_status))
+                .route(web::put().to(acquire))
+                .route(web::delete().to(release))
+                .default_service(web::to(method_not_allowed)),
+        );
+}
+
+pub async fn health() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "OK"}))
+}
+
+pub async fn not_found() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NotFound("no such route".into()))
+}
+
+async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::MethodNotAllowed)
+}
+
+async fn list_locks(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let locks = state.store.list().await?;
+    Ok(HttpResponse::Ok().json(views::lock_map(&locks)))
+}
+
+async fn lock_status(
+    request: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let name = lock_name(&request)?;
+    match state.store.status(&name).await? {
+        Some(lock) => Ok(HttpResponse::Ok().json(views::lock_status(&lock))),
+        None => Err(ApiError::NotFound(format!("lock {name:?} is not held"))),
+    }
+}
+
+async fn acquire(
+    request: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let name = lock_name(&request)?;
+    let query = LockQuery::parse(request.query_string())?;
+    let body = LockBody::parse(&read_body(payload).await?)?;
+    let key = body.key()?;
+    let requestor = body.requestor(&key)?;
+    let wait = query.wait()?.or(body.wait()).map(|w| w.min(state.max_wait));
+    let ttl = body.ttl().or(state.default_ttl).filter(|t| !t.is_zero());
+    let acquire = Acquire {
+        key: key.clone(),
+        requestor: requestor.clone(),
+        ttl,
+        info: body.info()?,
+        slots: None,
+    };
+    let grant = match wait {
+        // A waiting client may hang up: withdraw its request rather than grant it the lock.
+        Some(_) => tokio::select! {
+            grant = state.store.acquire(name.clone(), acquire, wait) => grant?,
+            () = peer::client_gone(&request) => return Err(ApiError::ClientGone),
+        },
+        None => state.store.acquire(name.clone(), acquire, wait).await?,
+    };
+    Ok(HttpResponse::Ok().json(json!({
+        "response": format!("lock {name:?} acquired with key {key:?} by {requestor:?} (count {})", grant.count),
+        "generation": grant.generation,
+    })))
+}
+
+async fn release(
+    request: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let name = lock_name(&request)?;
+    let query = LockQuery::parse(request.query_string())?;
+    let body = LockBody::parse(&read_body(payload).await?)?;
+    if query.force()? {
+        let previous = state.store.force_release(name.clone()).await?;
+        let message = if previous.is_empty() {
+            format!("lock {name:?} was not held")
+        } else {
+            format!("lock {name:?} force-released")
+        };
+        return Ok(HttpResponse::Ok().json(json!({ "response": message })));
+    }
+    let key = body.key()?;
+    let requestor = body.requestor(&key)?;
+    let message = match state
+        .store
+        .release(name.clone(), key, requestor.clone())
+        .await?
+    {
+        Released::Released => format!("lock {name:?} released by {requestor:?}"),
+        Released::NotHeld => format!("lock {name:?} was not held by {requestor:?}"),
+    };
+    Ok(HttpResponse::Ok().json(json!({ "response": message })))
+}

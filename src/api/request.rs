@@ -1,0 +1,260 @@
+//! Parsing what clients send: lock names from the path, query flags, and the JSON body, which
+//! is parsed whatever the Content-Type (the original resource sends `curl -d`, form-encoded).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use actix_web::{HttpRequest, web};
+use bytes::Bytes;
+use percent_encoding::percent_decode_str;
+use serde::Deserialize;
+
+use super::error::ApiError;
+use crate::rules::Info;
+use crate::timefmt::{BodyDuration, parse_duration};
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 64 * 1024;
+/// Longest lock name, in bytes.
+pub const MAX_NAME: usize = 255;
+/// Holder info limits: entries, and bytes of all keys and values together.
+pub const MAX_INFO_ENTRIES: usize = 16;
+pub const MAX_INFO_BYTES: usize = 1024;
+/// Longest key or requestor, in bytes.
+pub const MAX_KEY: usize = 1024;
+
+/// The lock name from `/lock/{name}`: percent-decoded, 1 to 255 bytes of UTF-8 without control
+/// characters. Decoded from the raw path, so `%2F` is part of a name, never a path separator.
+pub fn lock_name(request: &HttpRequest) -> Result<String, ApiError> {
+    let raw = request
+        .uri()
+        .path()
+        .strip_prefix("/lock/")
+        .ok_or_else(|| ApiError::NotFound("no such route".into()))?;
+    let name = percent_decode_str(raw)
+        .decode_utf8()
+        .map_err(|_| ApiError::BadRequest("lock name is not valid UTF-8".into()))?;
+    validate_name(&name)?;
+    Ok(name.into_owned())
+}
+
+pub fn validate_name(name: &str) -> Result<(), ApiError> {
+    if name.is_empty() {
+        return Err(ApiError::BadRequest("lock name is empty".into()));
+    }
+    if name.len() > MAX_NAME {
+        return Err(ApiError::BadRequest(format!(
+            "lock name is {} bytes long; at most {MAX_NAME} are allowed",
+            name.len()
+        )));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(ApiError::BadRequest(
+            "lock name contains control characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Reads the body up to [`MAX_BODY`] bytes.
+pub async fn read_body(payload: web::Payload) -> Result<Bytes, ApiError> {
+    match payload.to_bytes_limited(MAX_BODY).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) => Err(ApiError::BadRequest(format!(
+            "cannot read the request body: {e}"
+        ))),
+        Err(_) => Err(ApiError::PayloadTooLarge(MAX_BODY)),
+    }
+}
+
+/// `?wait=<duration>` and `?force=true`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct LockQuery {
+    wait: Option<String>,
+    force: Option<String>,
+}
+
+impl LockQuery {
+    pub fn parse(query: &str) -> Result<Self, ApiError> {
+        serde_urlencoded::from_str(query)
+            .map_err(|e| ApiError::BadRequest(format!("bad query string: {e}")))
+    }
+
+    pub fn wait(&self) -> Result<Option<Duration>, ApiError> {
+        self.wait
+            .as_deref()
+            .map(|text| {
+                parse_duration(text).map_err(|e| ApiError::BadRequest(format!("wait: {e}")))
+            })
+            .transpose()
+    }
+
+    pub fn force(&self) -> Result<bool, ApiError> {
+        match self.force.as_deref() {
+            None | Some("false") | Some("0") | Some("") => Ok(false),
+            Some("true") | Some("1") => Ok(true),
+            Some(other) => Err(ApiError::BadRequest(format!(
+                "force must be true or false, not {other:?}"
+            ))),
+        }
+    }
+}
+
+/// The JSON body of `PUT` and `DELETE /lock/{name}`. Unknown fields are ignored, as the
+/// original did.
+#[derive(Debug, Default, Deserialize)]
+pub struct LockBody {
+    #[serde(default)]
+    key: Option<String>,
+    /// The original's code and docs spell it three ways.
+    #[serde(default, alias = "lock_by", alias = "locked_by")]
+    requestor: Option<String>,
+    #[serde(default)]
+    wait: Option<BodyDuration>,
+    #[serde(default)]
+    ttl: Option<BodyDuration>,
+    #[serde(default)]
+    info: Option<BTreeMap<String, String>>,
+}
+
+impl LockBody {
+    /// Parses the body as JSON. An empty body is an empty object (a force release needs none).
+    pub fn parse(bytes: &[u8]) -> Result<Self, ApiError> {
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(LockBody::default());
+        }
+        serde_json::from_slice(bytes).map_err(|e| {
+            ApiError::BadRequest(format!(
+                "request body is not valid JSON for a lock request: {e}"
+            ))
+        })
+    }
+
+    /// The key: required and not empty.
+    pub fn key(&self) -> Result<String, ApiError> {
+        let key = self
+            .key
+            .as_deref()
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| ApiError::BadRequest("missing \"key\" in the request body".into()))?;
+        check_length("key", key)?;
+        Ok(key.to_string())
+    }
+
+    /// The requestor; defaults to the key.
+    pub fn requestor(&self, key: &str) -> Result<String, ApiError> {
+        match self.requestor.as_deref().filter(|r| !r.is_empty()) {
+            Some(requestor) => {
+                check_length("requestor", requestor)?;
+                Ok(requestor.to_string())
+            }
+            None => Ok(key.to_string()),
+        }
+    }
+
+    pub fn wait(&self) -> Option<Duration> {
+        self.wait.map(|w| w.0)
+    }
+
+    pub fn ttl(&self) -> Option<Duration> {
+        self.ttl.map(|t| t.0)
+    }
+
+    /// Holder info, within [`MAX_INFO_ENTRIES`] and [`MAX_INFO_BYTES`].
+    pub fn info(&self) -> Result<Info, ApiError> {
+        let info = self.info.clone().unwrap_or_default();
+        if info.len() > MAX_INFO_ENTRIES {
+            return Err(ApiError::BadRequest(format!(
+                "info has {} entries; at most {MAX_INFO_ENTRIES} are allowed",
+                info.len()
+            )));
+        }
+        let bytes: usize = info.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if bytes > MAX_INFO_BYTES {
+            return Err(ApiError::BadRequest(format!(
+                "info is {bytes} bytes; at most {MAX_INFO_BYTES} are allowed"
+            )));
+        }
+        Ok(info)
+    }
+}
+
+fn check_length(field: &str, value: &str) -> Result<(), ApiError> {
+    if value.len() > MAX_KEY {
+        return Err(ApiError::BadRequest(format!(
+            "{field} is {} bytes long; at most {MAX_KEY} are allowed",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_three_requestor_spellings_are_read() {
+        for field in ["requestor", "lock_by", "locked_by"] {
+            let body = LockBody::parse(format!(r#"{{"key":"k","{field}":"r"}}"#).as_bytes())
+                .expect("parses");
+            assert_eq!(body.requestor("k").ok().as_deref(), Some("r"), "{field}");
+        }
+        let body = LockBody::parse(br#"{"key":"k"}"#).expect("parses");
+        assert_eq!(body.requestor("k").ok().as_deref(), Some("k"));
+    }
+
+    #[test]
+    fn key_is_required_and_not_empty() {
+        for text in [&b"{}"[..], br#"{"key":""}"#, b""] {
+            let body = LockBody::parse(text).expect("parses");
+            assert!(body.key().is_err());
+        }
+        assert!(LockBody::parse(br#"{"key": 5}"#).is_err());
+        assert!(LockBody::parse(b"{not json").is_err());
+    }
+
+    #[test]
+    fn info_must_be_flat_and_small() {
+        assert!(LockBody::parse(br#"{"key":"k","info":{"a":{"b":"c"}}}"#).is_err());
+        let many: BTreeMap<String, String> = (0..17)
+            .map(|i| (format!("k{i}"), "v".to_string()))
+            .collect();
+        let body = serde_json::json!({"key": "k", "info": many}).to_string();
+        assert!(
+            LockBody::parse(body.as_bytes())
+                .expect("parses")
+                .info()
+                .is_err()
+        );
+        let long = serde_json::json!({"key": "k", "info": {"a": "x".repeat(1100)}}).to_string();
+        assert!(
+            LockBody::parse(long.as_bytes())
+                .expect("parses")
+                .info()
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn names_are_bounded_and_printable() {
+        assert!(validate_name("deploy-prod").is_ok());
+        assert!(validate_name("dïrector/δ name").is_ok());
+        assert!(validate_name("").is_err());
+        assert!(validate_name(&"n".repeat(256)).is_err());
+        assert!(validate_name(&"n".repeat(255)).is_ok());
+        assert!(validate_name("a\nb").is_err());
+        assert!(validate_name("a\u{7f}").is_err());
+    }
+
+    #[test]
+    fn force_flag_values() {
+        let force = |q: &str| LockQuery::parse(q).and_then(|q| q.force()).ok();
+        assert_eq!(force("force=true"), Some(true));
+        assert_eq!(force("force=1"), Some(true));
+        assert_eq!(force(""), Some(false));
+        assert_eq!(force("force=false"), Some(false));
+        assert_eq!(force("force=yes please"), None);
+    }
+}

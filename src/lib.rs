@@ -1,0 +1,19 @@
+//! locker: a lock server for Concourse pipelines.
+//!
+//! # Layout
+//! - [`rules`]: the lock rules (acquire, release, counts, queues, slots, leases). Pure, no I/O.
+//! - [`store`]: the [`store::LockStore`] interface and its backends; [`store::file`] keeps the
+//!   state in a YAML file with atomic, fsynced, group-committed writes.
+//! - [`api`]: HTTP routes and thin handlers; [`auth`] basic auth; [`tls`] rustls set-up.
+//! - [`config`]: flags and environment variables, checked once into [`config::Settings`].
+//! - [`server`]: wires it together and shuts down cleanly.
+//! - [`timefmt`]: RFC 3339 times and the request duration syntax.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod rules;
+pub mod server;
+pub mod store;
+pub mod timefmt;
+pub mod tls;

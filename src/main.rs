@@ -1,0 +1,52 @@
+//! The `locker` binary: parses configuration, sets up logging, opens the store and serves.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use log::{error, info};
+
+use locker::config::{Args, Settings};
+use locker::server;
+use locker::store::file::{FileStore, FileStoreOptions};
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            error!("{message}");
+            eprintln!("locker: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let settings = Settings::from_args(args)?;
+    let tls = match &settings.tls {
+        Some((cert, key)) => Some(locker::tls::server_config(cert, key)?),
+        None => None,
+    };
+    let listener = std::net::TcpListener::bind(settings.listen)
+        .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
+    let store = FileStore::open(FileStoreOptions {
+        path: settings.state_file.clone(),
+        max_waiters: settings.max_waiters,
+    })?;
+    info!(
+        "state file {}; {}",
+        settings.state_file.display(),
+        server::auth_summary(settings.credentials.as_ref())
+    );
+    actix_web::rt::System::new()
+        .block_on(server::serve(
+            listener,
+            &settings,
+            Arc::new(store),
+            tls,
+            server::termination_signal(),
+        ))
+        .map_err(|e| format!("server failed: {e}"))
+}

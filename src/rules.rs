@@ -1,0 +1,591 @@
+//! The lock rules: acquire, release, reentrancy counts per requestor, FIFO wait queues, slots,
+//! fencing generations and lease expiry.
+//!
+//! Pure and deterministic: no I/O and no clock (callers pass `now`). The store relies on this to
+//! replay a committed batch onto its read copy, and the property tests check it against a model.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+/// Identifies one queued waiting acquire; chosen by the caller, unique per table.
+pub type WaiterId = u64;
+
+/// Holder info: a flat map of short strings (team, pipeline, job, build, URL ...).
+pub type Info = BTreeMap<String, String>;
+
+/// One acquire request, as the rules see it (already validated by the caller).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Acquire {
+    pub key: String,
+    pub requestor: String,
+    /// Lease length; `None` means the hold never expires.
+    pub ttl: Option<Duration>,
+    /// Replaces the holding's info when not empty.
+    pub info: Info,
+    /// Number of holders with distinct keys the lock admits; `None` means "whatever the lock has"
+    /// (1 for a free lock).
+    pub slots: Option<u32>,
+}
+
+/// What one requestor holds under its holder's key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestorHold {
+    pub count: u64,
+    #[serde(
+        default,
+        with = "crate::timefmt::optional",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub expires_at: Option<SystemTime>,
+}
+
+/// One holding of a lock: a key, the requestors sharing it, and its fencing generation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    pub key: String,
+    pub generation: u64,
+    #[serde(with = "crate::timefmt")]
+    pub acquired_at: SystemTime,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub info: Info,
+    pub requestors: BTreeMap<String, RequestorHold>,
+}
+
+impl Holder {
+    /// Requestor name → count, the shape of the original API's `locked_by`.
+    pub fn counts(&self) -> BTreeMap<String, u64> {
+        self.requestors
+            .iter()
+            .map(|(name, hold)| (name.clone(), hold.count))
+            .collect()
+    }
+
+    /// The earliest lease expiry among this holding's requestors.
+    pub fn expires_at(&self) -> Option<SystemTime> {
+        self.requestors.values().filter_map(|h| h.expires_at).min()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Waiter {
+    id: WaiterId,
+    request: Acquire,
+}
+
+/// One named lock: up to `slots` holders with distinct keys, and the queue of waiters.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lock {
+    #[serde(default = "one_slot", skip_serializing_if = "is_one_slot")]
+    pub slots: u32,
+    pub holders: Vec<Holder>,
+    /// Waiters live only as long as their connections, so they are never persisted.
+    #[serde(skip)]
+    queue: VecDeque<Waiter>,
+}
+
+fn one_slot() -> u32 {
+    1
+}
+
+fn is_one_slot(slots: &u32) -> bool {
+    *slots == 1
+}
+
+impl Lock {
+    fn new(slots: u32) -> Self {
+        Lock {
+            slots: slots.max(1),
+            holders: Vec::new(),
+            queue: VecDeque::new(),
+        }
+    }
+
+    /// A single-slot lock with one holding, as loaded from the original locker's file.
+    pub fn held_by(holder: Holder) -> Self {
+        Lock {
+            slots: 1,
+            holders: vec![holder],
+            queue: VecDeque::new(),
+        }
+    }
+
+    pub fn is_held(&self) -> bool {
+        !self.holders.is_empty()
+    }
+
+    pub fn waiters(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Keys of the current holders, oldest holding first.
+    pub fn keys(&self) -> Vec<String> {
+        self.holders.iter().map(|h| h.key.clone()).collect()
+    }
+
+    fn is_unused(&self) -> bool {
+        self.holders.is_empty() && self.queue.is_empty()
+    }
+
+    fn holder_index(&self, key: &str) -> Option<usize> {
+        self.holders.iter().position(|h| h.key == key)
+    }
+
+    /// Reentrant acquire: this requestor already holds a count under this key.
+    fn already_holds(&self, request: &Acquire) -> bool {
+        self.holders.iter().any(|h| {
+            h.key == request.key
+                && h.requestors
+                    .get(&request.requestor)
+                    .is_some_and(|r| r.count > 0)
+        })
+    }
+
+    /// Whether the lock has room for this request, ignoring the queue.
+    fn admits(&self, request: &Acquire) -> bool {
+        self.holder_index(&request.key).is_some() || self.holders.len() < self.slots as usize
+    }
+
+    fn grant(&mut self, request: &Acquire, now: SystemTime, next_generation: &mut u64) -> Grant {
+        let expires_at = request.ttl.map(|ttl| now + ttl);
+        let index = match self.holder_index(&request.key) {
+            Some(index) => index,
+            None => {
+                let generation = *next_generation;
+                *next_generation += 1;
+                self.holders.push(Holder {
+                    key: request.key.clone(),
+                    generation,
+                    acquired_at: now,
+                    info: Info::new(),
+                    requestors: BTreeMap::new(),
+                });
+                self.holders.len() - 1
+            }
+        };
+        let holder = &mut self.holders[index];
+        if !request.info.is_empty() {
+            holder.info = request.info.clone();
+        }
+        let hold = holder
+            .requestors
+            .entry(request.requestor.clone())
+            .or_insert(RequestorHold {
+                count: 0,
+                expires_at: None,
+            });
+        hold.count += 1;
+        hold.expires_at = expires_at;
+        Grant {
+            generation: holder.generation,
+            count: hold.count,
+        }
+    }
+
+    /// Grants queued waiters in arrival order for as long as the front one fits.
+    fn serve_queue(
+        &mut self,
+        name: &str,
+        now: SystemTime,
+        next_generation: &mut u64,
+        grants: &mut Vec<WaiterGrant>,
+    ) {
+        while self.queue.front().is_some_and(|w| self.admits(&w.request)) {
+            let Some(waiter) = self.queue.pop_front() else {
+                break;
+            };
+            let grant = self.grant(&waiter.request, now, next_generation);
+            grants.push(WaiterGrant {
+                waiter: waiter.id,
+                name: name.to_string(),
+                key: waiter.request.key,
+                requestor: waiter.request.requestor,
+                grant,
+            });
+        }
+    }
+
+    /// Removes one requestor's hold from a holding, dropping the holding once it is empty.
+    fn drop_requestor(&mut self, index: usize, requestor: &str) -> bool {
+        let removed = self.holders[index].requestors.remove(requestor).is_some();
+        if self.holders[index].requestors.is_empty() {
+            self.holders.remove(index);
+        }
+        removed
+    }
+}
+
+/// A successful acquire: the holding's fencing generation and the requestor's count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grant {
+    pub generation: u64,
+    pub count: u64,
+}
+
+/// A queued waiter that a release, expiry or cancel let in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WaiterGrant {
+    pub waiter: WaiterId,
+    pub name: String,
+    pub key: String,
+    pub requestor: String,
+    pub grant: Grant,
+}
+
+/// Who holds a lock, for conflict and timeout messages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Conflict {
+    pub keys: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AcquireOutcome {
+    Granted(Grant),
+    /// Not grantable now; the waiter was put at the back of the queue.
+    Queued,
+    /// Not grantable now and the caller does not wait.
+    Held(Conflict),
+    /// The request names a slot count other than the held lock's.
+    SlotsMismatch {
+        slots: u32,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReleaseOutcome {
+    /// The lock was held under this key; `changed` says whether the requestor held a count.
+    Released {
+        changed: bool,
+        grants: Vec<WaiterGrant>,
+    },
+    /// Nobody holds the lock: releasing it is a no-op.
+    NotHeld,
+    /// Held, but not under the given key.
+    WrongKey(Conflict),
+}
+
+/// What a force release took away, and whom it let in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForceRelease {
+    pub previous: Vec<Holder>,
+    pub grants: Vec<WaiterGrant>,
+}
+
+/// One requestor's hold that ran out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Expired {
+    pub name: String,
+    pub key: String,
+    pub requestor: String,
+}
+
+/// Leases that ran out, and the waiters they let in.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Expiry {
+    pub expired: Vec<Expired>,
+    pub grants: Vec<WaiterGrant>,
+}
+
+/// Every lock, plus the fencing counter. Free locks with nobody waiting are not kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LockTable {
+    locks: BTreeMap<String, Lock>,
+    next_generation: u64,
+}
+
+impl Default for LockTable {
+    fn default() -> Self {
+        LockTable {
+            locks: BTreeMap::new(),
+            next_generation: 1,
+        }
+    }
+}
+
+impl LockTable {
+    /// Builds a table from persisted holdings; `next_generation` is raised above every holding's.
+    pub fn from_parts(locks: BTreeMap<String, Lock>, next_generation: u64) -> Self {
+        let highest = locks
+            .values()
+            .flat_map(|l| l.holders.iter().map(|h| h.generation))
+            .max()
+            .unwrap_or(0);
+        let locks = locks
+            .into_iter()
+            .filter(|(_, lock)| lock.is_held())
+            .collect();
+        LockTable {
+            locks,
+            next_generation: next_generation.max(highest + 1),
+        }
+    }
+
+    pub fn locks(&self) -> &BTreeMap<String, Lock> {
+        &self.locks
+    }
+
+    pub fn lock(&self, name: &str) -> Option<&Lock> {
+        self.locks.get(name)
+    }
+
+    pub fn next_generation(&self) -> u64 {
+        self.next_generation
+    }
+
+    pub fn waiters(&self) -> usize {
+        self.locks.values().map(Lock::waiters).sum()
+    }
+
+    /// Acquires `name` for `request` if it can be granted now. Otherwise, with a waiter id the
+    /// request joins the queue, without one it is refused.
+    ///
+    /// A requestor that already holds the lock is granted at once (reentrancy; renewing a lease).
+    /// Anyone else is granted only when nobody is queued, so shared holders cannot starve a
+    /// queued waiter with another key.
+    pub fn acquire(
+        &mut self,
+        name: &str,
+        request: Acquire,
+        now: SystemTime,
+        waiter: Option<WaiterId>,
+    ) -> AcquireOutcome {
+        let lock = self
+            .locks
+            .entry(name.to_string())
+            .or_insert_with(|| Lock::new(request.slots.unwrap_or(1)));
+        if let Some(slots) = request.slots
+            && slots != lock.slots
+        {
+            return AcquireOutcome::SlotsMismatch { slots: lock.slots };
+        }
+        if lock.already_holds(&request) || (lock.queue.is_empty() && lock.admits(&request)) {
+            let grant = lock.grant(&request, now, &mut self.next_generation);
+            return AcquireOutcome::Granted(grant);
+        }
+        match waiter {
+            Some(id) => {
+                lock.queue.push_back(Waiter { id, request });
+                AcquireOutcome::Queued
+            }
+            None => AcquireOutcome::Held(Conflict { keys: lock.keys() }),
+        }
+    }
+
+    /// Releases `requestor`'s whole count under `key` (the original locker's release).
+    pub fn release(
+        &mut self,
+        name: &str,
+        key: &str,
+        requestor: &str,
+        now: SystemTime,
+    ) -> ReleaseOutcome {
+        let Some(lock) = self.locks.get_mut(name) else {
+            return ReleaseOutcome::NotHeld;
+        };
+        if !lock.is_held() {
+            return ReleaseOutcome::NotHeld;
+        }
+        let Some(index) = lock.holder_index(key) else {
+            return ReleaseOutcome::WrongKey(Conflict { keys: lock.keys() });
+        };
+        let changed = lock.drop_requestor(index, requestor);
+        let grants = self.serve_and_tidy(name, now);
+        ReleaseOutcome::Released { changed, grants }
+    }
+
+    /// Releases every holding of `name`, whatever its key.
+    pub fn force_release(&mut self, name: &str, now: SystemTime) -> ForceRelease {
+        let previous = match self.locks.get_mut(name) {
+            Some(lock) => std::mem::take(&mut lock.holders),
+            None => Vec::new(),
+        };
+        let grants = self.serve_and_tidy(name, now);
+        ForceRelease { previous, grants }
+    }
+
+    /// Takes back one count granted to a waiter that was gone by the time the grant was
+    /// delivered. Only touches the holding with that generation, so a later holding under the
+    /// same key is never affected.
+    /// Returns `None` when that grant is no longer held.
+    pub fn revoke(&mut self, grant: &WaiterGrant, now: SystemTime) -> Option<Vec<WaiterGrant>> {
+        let lock = self.locks.get_mut(&grant.name)?;
+        let index = lock
+            .holders
+            .iter()
+            .position(|h| h.key == grant.key && h.generation == grant.grant.generation)?;
+        let holder = &mut lock.holders[index];
+        match holder.requestors.get_mut(&grant.requestor) {
+            Some(hold) if hold.count > 1 => hold.count -= 1,
+            Some(_) => {
+                lock.drop_requestor(index, &grant.requestor);
+            }
+            None => return None,
+        }
+        Some(self.serve_and_tidy(&grant.name, now))
+    }
+
+    /// Takes a waiter out of the queue (it gave up or its client went away). Returns whom that
+    /// lets in: a waiter stuck behind it may fit now.
+    pub fn cancel(&mut self, name: &str, waiter: WaiterId, now: SystemTime) -> Vec<WaiterGrant> {
+        let Some(lock) = self.locks.get_mut(name) else {
+            return Vec::new();
+        };
+        lock.queue.retain(|w| w.id != waiter);
+        self.serve_and_tidy(name, now)
+    }
+
+    /// Whether `waiter` is still queued on `name`.
+    pub fn is_queued(&self, name: &str, waiter: WaiterId) -> bool {
+        self.locks
+            .get(name)
+            .is_some_and(|l| l.queue.iter().any(|w| w.id == waiter))
+    }
+
+    /// Releases every hold whose lease ran out at or before `now`, then serves the queues.
+    pub fn expire(&mut self, now: SystemTime) -> Expiry {
+        let mut expiry = Expiry::default();
+        let names: Vec<String> = self
+            .locks
+            .iter()
+            .filter(|(_, lock)| lock.holders.iter().any(|h| is_expired(h, now)))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in names {
+            if let Some(lock) = self.locks.get_mut(&name) {
+                for holder in &mut lock.holders {
+                    holder.requestors.retain(|requestor, hold| {
+                        let alive = hold.expires_at.is_none_or(|at| at > now);
+                        if !alive {
+                            expiry.expired.push(Expired {
+                                name: name.clone(),
+                                key: holder.key.clone(),
+                                requestor: requestor.clone(),
+                            });
+                        }
+                        alive
+                    });
+                }
+                lock.holders.retain(|h| !h.requestors.is_empty());
+            }
+            let grants = self.serve_and_tidy(&name, now);
+            expiry.grants.extend(grants);
+        }
+        expiry
+    }
+
+    /// The earliest lease expiry of any hold.
+    pub fn next_expiry(&self) -> Option<SystemTime> {
+        self.locks
+            .values()
+            .flat_map(|l| l.holders.iter().filter_map(Holder::expires_at))
+            .min()
+    }
+
+    /// Serves the queue of `name` and forgets the lock if nobody holds or waits for it.
+    fn serve_and_tidy(&mut self, name: &str, now: SystemTime) -> Vec<WaiterGrant> {
+        let mut grants = Vec::new();
+        if let Some(lock) = self.locks.get_mut(name) {
+            lock.serve_queue(name, now, &mut self.next_generation, &mut grants);
+            if lock.is_unused() {
+                self.locks.remove(name);
+            }
+        }
+        grants
+    }
+}
+
+fn is_expired(holder: &Holder, now: SystemTime) -> bool {
+    holder
+        .requestors
+        .values()
+        .any(|h| h.expires_at.is_some_and(|at| at <= now))
+}
+
+/// One operation on the table. The store logs the operations of a batch so it can replay them,
+/// with the same `now`, onto its committed copy once the batch is durable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    Acquire {
+        name: String,
+        request: Acquire,
+        waiter: Option<WaiterId>,
+    },
+    Release {
+        name: String,
+        key: String,
+        requestor: String,
+    },
+    ForceRelease {
+        name: String,
+    },
+    Cancel {
+        name: String,
+        waiter: WaiterId,
+    },
+    Revoke(WaiterGrant),
+    Expire,
+}
+
+/// What applying an [`Op`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Effect {
+    Acquire(AcquireOutcome),
+    Release(ReleaseOutcome),
+    ForceRelease(ForceRelease),
+    /// Waiters let in by a cancel.
+    Grants(Vec<WaiterGrant>),
+    /// A revoke: `None` when the grant was no longer held.
+    Revoke(Option<Vec<WaiterGrant>>),
+    Expiry(Expiry),
+}
+
+impl Effect {
+    /// Whether the operation changed anything that is persisted (holdings or the generation).
+    pub fn changes_holdings(&self) -> bool {
+        match self {
+            Effect::Acquire(outcome) => matches!(outcome, AcquireOutcome::Granted(_)),
+            Effect::Release(ReleaseOutcome::Released { changed, grants }) => {
+                *changed || !grants.is_empty()
+            }
+            Effect::Release(_) => false,
+            Effect::ForceRelease(force) => !force.previous.is_empty(),
+            Effect::Grants(grants) => !grants.is_empty(),
+            Effect::Revoke(revoked) => revoked.is_some(),
+            Effect::Expiry(expiry) => !expiry.expired.is_empty(),
+        }
+    }
+
+    /// Waiters this operation let in.
+    pub fn grants(&self) -> &[WaiterGrant] {
+        match self {
+            Effect::Release(ReleaseOutcome::Released { grants, .. }) => grants,
+            Effect::ForceRelease(force) => &force.grants,
+            Effect::Grants(grants) | Effect::Revoke(Some(grants)) => grants,
+            Effect::Expiry(expiry) => &expiry.grants,
+            _ => &[],
+        }
+    }
+}
+
+impl LockTable {
+    /// Applies one operation.
+    pub fn apply(&mut self, op: &Op, now: SystemTime) -> Effect {
+        match op {
+            Op::Acquire {
+                name,
+                request,
+                waiter,
+            } => Effect::Acquire(self.acquire(name, request.clone(), now, *waiter)),
+            Op::Release {
+                name,
+                key,
+                requestor,
+            } => Effect::Release(self.release(name, key, requestor, now)),
+            Op::ForceRelease { name } => Effect::ForceRelease(self.force_release(name, now)),
+            Op::Cancel { name, waiter } => Effect::Grants(self.cancel(name, *waiter, now)),
+            Op::Revoke(grant) => Effect::Revoke(self.revoke(grant, now)),
+            Op::Expire => Effect::Expiry(self.expire(now)),
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! Wiring: builds the actix-web app (logging, auth, routes), serves it on a bound listener with
+//! or without TLS, and shuts down in order: waiters answered, requests drained, state durable.
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::sync::Arc;
+
+use actix_web::middleware::Logger;
+use actix_web::{App, HttpServer, web};
+use actix_web_httpauth::middleware::HttpAuthentication;
+use log::info;
+
+use crate::api::{self, AppState};
+use crate::auth::{self, Credentials};
+use crate::config::Settings;
+use crate::store::LockStore;
+
+/// Seconds in-flight requests get to finish at shutdown (waiters are answered at once).
+const DRAIN_SECONDS: u64 = 30;
+
+/// Serves the API on `listener` until `shutdown` completes, then drains and closes the store.
+pub async fn serve(
+    listener: TcpListener,
+    settings: &Settings,
+    store: Arc<dyn LockStore>,
+    tls: Option<rustls::ServerConfig>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let state = web::Data::new(AppState {
+        store: store.clone(),
+        max_wait: settings.max_wait,
+        default_ttl: settings.default_ttl,
+    });
+    let credentials = settings.credentials.clone().map(web::Data::new);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let address = listener.local_addr()?;
+    let app = move || {
+        let mut app = App::new()
+            // Method, path, status and latency; never headers (Authorization stays out of logs).
+            .wrap(Logger::new("%a \"%r\" %s %b %Dms"))
+            .app_data(state.clone());
+        if let Some(credentials) = &credentials {
+            app = app.app_data(credentials.clone());
+        }
+        app.route("/health", web::get().to(api::health)).service(
+            web::scope("")
+                .wrap(HttpAuthentication::with_fn(auth::validate))
+                .configure(api::routes)
+                .default_service(web::to(api::not_found)),
+        )
+    };
+    let server = HttpServer::new(app)
+        .on_connect(api::peer::record_socket)
+        .disable_signals()
+        .shutdown_timeout(DRAIN_SECONDS);
+    let server = match tls {
+        Some(config) => server.listen_rustls_0_23(listener, config)?,
+        None => server.listen(listener)?,
+    }
+    .run();
+    info!("locker listening on {scheme}://{address}");
+    let handle = server.handle();
+    let mut server = std::pin::pin!(server);
+    tokio::select! {
+        result = &mut server => {
+            store.close().await;
+            return result;
+        }
+        () = shutdown => {}
+    }
+    info!("shutting down: answering waiters, finishing requests");
+    store.begin_shutdown();
+    let (result, ()) = futures_util::future::join(server, handle.stop(true)).await;
+    store.close().await;
+    info!("stopped; state is durable");
+    result
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn termination_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            log::error!("cannot listen for termination signals; stop with SIGKILL");
+            std::future::pending::<()>().await
+        }
+    }
+}
+
+/// Whether the settings ask for basic auth (for the start-up message).
+pub fn auth_summary(credentials: Option<&Credentials>) -> String {
+    match credentials {
+        Some(c) => format!("basic auth on (user {:?})", c.user()),
+        None => "basic auth off".to_string(),
+    }
+}

@@ -1,0 +1,707 @@
+//! The YAML-file backend: one writer thread owns the working lock table and the state file.
+//!
+//! Group commit: the writer takes every command that queued up while it was busy, applies them
+//! all, writes the new state once (temp file, fsync, rename, fsync of the directory) and only
+//! then answers. Readers see a second, committed copy of the table, onto which the writer
+//! replays each batch after it is durable; a failed write rolls the working copy back to it.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::thread;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use log::{error, info, warn};
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{oneshot, watch};
+
+use super::state_file;
+use super::{LockStore, LockView, Released, StoreError};
+use crate::rules::{
+    Acquire, AcquireOutcome, Effect, Grant, Holder, LockTable, Op, ReleaseOutcome, WaiterGrant,
+    WaiterId,
+};
+
+/// Most commands folded into one write; bounds the latency a batch adds.
+const MAX_BATCH: usize = 4096;
+/// How soon internal work (expiry, cancels) is retried after a failed write.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
+/// Longest the writer sleeps when nothing is due.
+const IDLE: Duration = Duration::from_secs(3600);
+
+/// Settings of the file backend.
+#[derive(Clone, Debug)]
+pub struct FileStoreOptions {
+    pub path: PathBuf,
+    pub max_waiters: usize,
+}
+
+/// What a client command gets back from the writer, once its batch is durable.
+type Reply = oneshot::Sender<Result<Effect, StoreError>>;
+
+enum Command {
+    /// An operation a client waits for.
+    Client {
+        op: Op,
+        reply: Reply,
+        /// Where to deliver a later grant, for acquires that may queue.
+        grant: Option<oneshot::Sender<WaiterGrant>>,
+    },
+    /// Cleanup nobody waits for (cancel, revoke); retried until durable.
+    Internal(Op),
+    /// Finish what is queued, then stop.
+    Shutdown,
+}
+
+pub struct FileStore {
+    commands: mpsc::Sender<Command>,
+    committed: Arc<RwLock<LockTable>>,
+    next_waiter: AtomicU64,
+    waiting: Arc<AtomicUsize>,
+    max_waiters: usize,
+    shutdown: watch::Sender<bool>,
+    writer: Mutex<Option<thread::JoinHandle<()>>>,
+}
+
+impl FileStore {
+    /// Loads (or creates) the state file and starts the writer. Errors name the file.
+    pub fn open(options: FileStoreOptions) -> Result<Self, String> {
+        let path = options.path;
+        let paths = StatePaths::new(&path)?;
+        paths.remove_stale_temp()?;
+        let table = load_or_create(&paths)?;
+        info!(
+            "state file {}: {} lock(s) held, next generation {}",
+            path.display(),
+            table.locks().len(),
+            table.next_generation()
+        );
+        let committed = Arc::new(RwLock::new(table.clone()));
+        let (commands, receiver) = mpsc::channel();
+        let writer = Writer {
+            paths,
+            working: table,
+            committed: committed.clone(),
+            waiters: HashMap::new(),
+            retry: Vec::new(),
+            last_failure: None,
+        };
+        let handle = thread::Builder::new()
+            .name("state-writer".into())
+            .spawn(move || writer.run(receiver))
+            .map_err(|e| format!("cannot start the state writer: {e}"))?;
+        let (shutdown, _) = watch::channel(false);
+        Ok(FileStore {
+            commands,
+            committed,
+            next_waiter: AtomicU64::new(1),
+            waiting: Arc::new(AtomicUsize::new(0)),
+            max_waiters: options.max_waiters,
+            shutdown,
+            writer: Mutex::new(Some(handle)),
+        })
+    }
+
+    /// Sends a client command and waits for its durable outcome.
+    async fn submit(
+        &self,
+        op: Op,
+        grant: Option<oneshot::Sender<WaiterGrant>>,
+    ) -> Result<Effect, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Client { op, reply, grant })
+            .map_err(|_| StoreError::ShuttingDown)?;
+        answer.await.map_err(|_| StoreError::ShuttingDown)?
+    }
+
+    fn current_keys(&self, name: &str) -> Vec<String> {
+        self.committed
+            .read()
+            .lock(name)
+            .map(|l| l.keys())
+            .unwrap_or_default()
+    }
+
+    async fn acquire_waiting(
+        &self,
+        name: String,
+        request: Acquire,
+        wait: Duration,
+    ) -> Result<Grant, StoreError> {
+        let mut shutdown = self.shutdown.subscribe();
+        if *shutdown.borrow() {
+            return Err(StoreError::ShuttingDown);
+        }
+        let _slot = WaiterSlot::take(&self.waiting, self.max_waiters)?;
+        let waiter = self.next_waiter.fetch_add(1, Ordering::Relaxed);
+        let (grant_sender, grant_receiver) = oneshot::channel();
+        let mut guard = WaitGuard {
+            name: name.clone(),
+            waiter,
+            commands: self.commands.clone(),
+            grant: Some(grant_receiver),
+        };
+        let op = Op::Acquire {
+            name: name.clone(),
+            request,
+            waiter: Some(waiter),
+        };
+        match self.submit(op, Some(grant_sender)).await {
+            Ok(Effect::Acquire(AcquireOutcome::Queued)) => {}
+            other => {
+                guard.disarm();
+                return acquire_result(&name, other);
+            }
+        }
+        let outcome = tokio::select! {
+            granted = guard.granted() => granted,
+            _ = tokio::time::sleep(wait) => None,
+            _ = shutdown.wait_for(|stopping| *stopping) => None,
+        };
+        if let Some(grant) = outcome.or_else(|| guard.give_up()) {
+            return Ok(grant.grant);
+        }
+        if *shutdown.borrow() {
+            return Err(StoreError::ShuttingDown);
+        }
+        Err(StoreError::TimedOut {
+            keys: self.current_keys(&name),
+            name,
+            waited: wait,
+        })
+    }
+}
+
+fn acquire_result(name: &str, effect: Result<Effect, StoreError>) -> Result<Grant, StoreError> {
+    match effect? {
+        Effect::Acquire(AcquireOutcome::Granted(grant)) => Ok(grant),
+        Effect::Acquire(AcquireOutcome::Held(conflict)) => Err(StoreError::Held {
+            name: name.to_string(),
+            keys: conflict.keys,
+        }),
+        Effect::Acquire(AcquireOutcome::SlotsMismatch { slots }) => {
+            Err(StoreError::SlotsMismatch {
+                name: name.to_string(),
+                slots,
+            })
+        }
+        other => Err(StoreError::Unavailable(format!(
+            "unexpected outcome of an acquire: {other:?}"
+        ))),
+    }
+}
+
+#[async_trait]
+impl LockStore for FileStore {
+    async fn acquire(
+        &self,
+        name: String,
+        request: Acquire,
+        wait: Option<Duration>,
+    ) -> Result<Grant, StoreError> {
+        match wait.filter(|w| !w.is_zero()) {
+            Some(wait) => self.acquire_waiting(name, request, wait).await,
+            None => {
+                let op = Op::Acquire {
+                    name: name.clone(),
+                    request,
+                    waiter: None,
+                };
+                acquire_result(&name, self.submit(op, None).await)
+            }
+        }
+    }
+
+    async fn release(
+        &self,
+        name: String,
+        key: String,
+        requestor: String,
+    ) -> Result<Released, StoreError> {
+        let op = Op::Release {
+            name: name.clone(),
+            key,
+            requestor,
+        };
+        match self.submit(op, None).await? {
+            Effect::Release(ReleaseOutcome::Released { changed: true, .. }) => {
+                Ok(Released::Released)
+            }
+            Effect::Release(ReleaseOutcome::Released { changed: false, .. })
+            | Effect::Release(ReleaseOutcome::NotHeld) => Ok(Released::NotHeld),
+            Effect::Release(ReleaseOutcome::WrongKey(conflict)) => Err(StoreError::WrongKey {
+                name,
+                keys: conflict.keys,
+            }),
+            other => Err(StoreError::Unavailable(format!(
+                "unexpected outcome of a release: {other:?}"
+            ))),
+        }
+    }
+
+    async fn force_release(&self, name: String) -> Result<Vec<Holder>, StoreError> {
+        match self.submit(Op::ForceRelease { name }, None).await? {
+            Effect::ForceRelease(force) => Ok(force.previous),
+            other => Err(StoreError::Unavailable(format!(
+                "unexpected outcome of a force release: {other:?}"
+            ))),
+        }
+    }
+
+    async fn status(&self, name: &str) -> Result<Option<LockView>, StoreError> {
+        let table = self.committed.read();
+        Ok(table
+            .lock(name)
+            .filter(|l| l.is_held())
+            .map(|l| view(name, l)))
+    }
+
+    async fn list(&self) -> Result<Vec<LockView>, StoreError> {
+        let table = self.committed.read();
+        Ok(table
+            .locks()
+            .iter()
+            .filter(|(_, l)| l.is_held())
+            .map(|(name, l)| view(name, l))
+            .collect())
+    }
+
+    fn begin_shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    async fn close(&self) {
+        self.begin_shutdown();
+        let _ = self.commands.send(Command::Shutdown);
+        let handle = self.writer.lock().take();
+        if let Some(handle) = handle {
+            let joined = tokio::task::spawn_blocking(move || handle.join()).await;
+            if !matches!(joined, Ok(Ok(()))) {
+                error!("the state writer did not stop cleanly");
+            }
+        }
+    }
+}
+
+fn view(name: &str, lock: &crate::rules::Lock) -> LockView {
+    LockView {
+        name: name.to_string(),
+        slots: lock.slots,
+        holders: lock.holders.clone(),
+        waiters: lock.waiters(),
+    }
+}
+
+/// Counts one waiting request against the limit for as long as it lives.
+struct WaiterSlot(Arc<AtomicUsize>);
+
+impl WaiterSlot {
+    fn take(waiting: &Arc<AtomicUsize>, limit: usize) -> Result<Self, StoreError> {
+        let before = waiting.fetch_add(1, Ordering::AcqRel);
+        let slot = WaiterSlot(waiting.clone());
+        if before >= limit {
+            return Err(StoreError::TooManyWaiters { limit });
+        }
+        Ok(slot)
+    }
+}
+
+impl Drop for WaiterSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Withdraws a queued acquire when its request ends without the grant in hand (timeout,
+/// shutdown, or the client went away and its future was dropped). A grant that arrived in the
+/// meantime is given back, so nobody holds a lock its client never learned about.
+struct WaitGuard {
+    name: String,
+    waiter: WaiterId,
+    commands: mpsc::Sender<Command>,
+    grant: Option<oneshot::Receiver<WaiterGrant>>,
+}
+
+impl WaitGuard {
+    async fn granted(&mut self) -> Option<WaiterGrant> {
+        let receiver = self.grant.as_mut()?;
+        let grant = receiver.await.ok();
+        if grant.is_some() {
+            self.disarm();
+        }
+        grant
+    }
+
+    /// Stops waiting. Returns a grant that raced with giving up (the caller keeps it);
+    /// otherwise asks the writer to take the waiter out of the queue.
+    fn give_up(&mut self) -> Option<WaiterGrant> {
+        let mut receiver = self.grant.take()?;
+        receiver.close();
+        match receiver.try_recv() {
+            Ok(grant) => Some(grant),
+            Err(_) => {
+                self.cancel();
+                None
+            }
+        }
+    }
+
+    fn cancel(&self) {
+        let op = Op::Cancel {
+            name: self.name.clone(),
+            waiter: self.waiter,
+        };
+        let _ = self.commands.send(Command::Internal(op));
+    }
+
+    fn disarm(&mut self) {
+        self.grant = None;
+    }
+}
+
+impl Drop for WaitGuard {
+    fn drop(&mut self) {
+        let Some(mut receiver) = self.grant.take() else {
+            return;
+        };
+        receiver.close();
+        let op = match receiver.try_recv() {
+            Ok(grant) => Op::Revoke(grant),
+            Err(_) => Op::Cancel {
+                name: self.name.clone(),
+                waiter: self.waiter,
+            },
+        };
+        let _ = self.commands.send(Command::Internal(op));
+    }
+}
+
+/// The state file and the temp file its new versions are written to, beside it.
+struct StatePaths {
+    file: PathBuf,
+    temp: PathBuf,
+    dir: PathBuf,
+}
+
+impl StatePaths {
+    fn new(file: &Path) -> Result<Self, String> {
+        let name = file
+            .file_name()
+            .ok_or_else(|| format!("state file path {} names no file", file.display()))?;
+        let dir = match file.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let mut temp_name = std::ffi::OsString::from(".");
+        temp_name.push(name);
+        temp_name.push(".locker-tmp");
+        Ok(StatePaths {
+            file: file.to_path_buf(),
+            temp: dir.join(temp_name),
+            dir,
+        })
+    }
+
+    /// A crash between writing the temp file and renaming it leaves the temp file behind.
+    fn remove_stale_temp(&self) -> Result<(), String> {
+        match fs::remove_file(&self.temp) {
+            Ok(()) => {
+                warn!(
+                    "removed {} left by an interrupted write",
+                    self.temp.display()
+                );
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(format!("cannot remove {}: {e}", self.temp.display())),
+        }
+    }
+
+    /// Replaces the state file with `bytes`, durably: whoever reads the file at any instant
+    /// sees either the complete old state or the complete new one.
+    fn write_atomically(&self, bytes: &[u8]) -> io::Result<()> {
+        let result = self.write_temp_and_rename(bytes);
+        if result.is_err() {
+            let _ = fs::remove_file(&self.temp);
+        }
+        result
+    }
+
+    fn write_temp_and_rename(&self, bytes: &[u8]) -> io::Result<()> {
+        let mut temp = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&self.temp)?;
+        temp.write_all(bytes)?;
+        temp.sync_all()?;
+        drop(temp);
+        fs::rename(&self.temp, &self.file)?;
+        File::open(&self.dir)?.sync_all()
+    }
+}
+
+fn load_or_create(paths: &StatePaths) -> Result<LockTable, String> {
+    let file = paths.file.display();
+    match fs::read(&paths.file) {
+        Ok(bytes) => {
+            let text =
+                String::from_utf8(bytes).map_err(|e| format!("{file}: not UTF-8 text ({e})"))?;
+            let table =
+                state_file::decode(&text, SystemTime::now()).map_err(|e| format!("{file}: {e}"))?;
+            // Fail now, not at the first acquire, if new versions cannot be written.
+            paths
+                .write_temp_probe()
+                .map_err(|e| format!("{file}: its directory is not writable: {e}"))?;
+            Ok(table)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let table = LockTable::default();
+            let bytes = state_file::encode(&table)?;
+            paths
+                .write_atomically(&bytes)
+                .map_err(|e| format!("{file}: cannot create the state file: {e}"))?;
+            info!("created state file {file}");
+            Ok(table)
+        }
+        Err(e) => Err(format!("{file}: cannot read the state file: {e}")),
+    }
+}
+
+impl StatePaths {
+    fn write_temp_probe(&self) -> io::Result<()> {
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&self.temp)?;
+        fs::remove_file(&self.temp)
+    }
+}
+
+/// The single writer: owns the working table, the waiters' grant channels and the file.
+struct Writer {
+    paths: StatePaths,
+    working: LockTable,
+    committed: Arc<RwLock<LockTable>>,
+    waiters: HashMap<WaiterId, oneshot::Sender<WaiterGrant>>,
+    /// Internal operations whose write failed; applied again with the next batch.
+    retry: Vec<Op>,
+    last_failure: Option<std::time::Instant>,
+}
+
+/// One batch being applied: the operations in order, and whom to answer once it is durable.
+#[derive(Default)]
+struct Batch {
+    ops: Vec<Op>,
+    effects: Vec<Effect>,
+    replies: Vec<(usize, Reply)>,
+    queued: Vec<WaiterId>,
+}
+
+impl Writer {
+    fn run(mut self, commands: mpsc::Receiver<Command>) {
+        loop {
+            let mut stopping = false;
+            let mut incoming = Vec::new();
+            match commands.recv_timeout(self.idle_time()) {
+                Ok(Command::Shutdown) => stopping = true,
+                Ok(command) => incoming.push(command),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => stopping = true,
+            }
+            while incoming.len() < MAX_BATCH {
+                match commands.try_recv() {
+                    Ok(Command::Shutdown) => stopping = true,
+                    Ok(command) => incoming.push(command),
+                    Err(_) => break,
+                }
+            }
+            self.run_batch(incoming);
+            if stopping {
+                if !self.retry.is_empty() {
+                    warn!("state writer stopping with cleanup that could not be written");
+                }
+                info!("state writer stopped");
+                return;
+            }
+        }
+    }
+
+    /// Time left before internal work is tried again after a failed write.
+    fn backoff(&self) -> Duration {
+        self.last_failure
+            .map(|at| RETRY_AFTER_FAILURE.saturating_sub(at.elapsed()))
+            .unwrap_or(Duration::ZERO)
+    }
+
+    /// How long to sleep waiting for commands: until the next lease runs out, or until
+    /// internal work that failed to persist is due again.
+    fn idle_time(&self) -> Duration {
+        let backoff = self.backoff();
+        let mut idle = IDLE;
+        if let Some(at) = self.working.next_expiry() {
+            let until = at
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO);
+            idle = idle.min(until.max(backoff));
+        }
+        if !self.retry.is_empty() {
+            idle = idle.min(backoff);
+        }
+        idle
+    }
+
+    fn apply(&mut self, batch: &mut Batch, op: Op, now: SystemTime) -> usize {
+        let effect = self.working.apply(&op, now);
+        batch.ops.push(op);
+        batch.effects.push(effect);
+        batch.ops.len() - 1
+    }
+
+    fn run_batch(&mut self, incoming: Vec<Command>) {
+        let now = SystemTime::now();
+        let mut batch = Batch::default();
+        // After a failed write, internal work waits out the backoff unless clients are writing
+        // anyway, so a full disk is not hammered.
+        if self.backoff().is_zero() || !incoming.is_empty() {
+            for op in std::mem::take(&mut self.retry) {
+                self.apply(&mut batch, op, now);
+            }
+            if self.working.next_expiry().is_some_and(|at| at <= now) {
+                self.apply(&mut batch, Op::Expire, now);
+            }
+        }
+        for command in incoming {
+            match command {
+                Command::Client { op, reply, grant } => {
+                    let index = self.apply(&mut batch, op, now);
+                    if let (
+                        Op::Acquire {
+                            waiter: Some(id), ..
+                        },
+                        Some(grant),
+                    ) = (&batch.ops[index], grant)
+                        && matches!(
+                            batch.effects[index],
+                            Effect::Acquire(AcquireOutcome::Queued)
+                        )
+                    {
+                        self.waiters.insert(*id, grant);
+                        batch.queued.push(*id);
+                    }
+                    batch.replies.push((index, reply));
+                }
+                Command::Internal(op) => {
+                    if let Op::Cancel { waiter, .. } = &op {
+                        self.waiters.remove(waiter);
+                    }
+                    self.apply(&mut batch, op, now);
+                }
+                Command::Shutdown => {}
+            }
+        }
+        if batch.ops.is_empty() {
+            return;
+        }
+        let dirty = batch.effects.iter().any(Effect::changes_holdings);
+        let written = if dirty { self.persist() } else { Ok(()) };
+        match written {
+            Ok(()) => self.commit(batch, now),
+            Err(e) => self.roll_back(batch, e),
+        }
+    }
+
+    fn persist(&self) -> Result<(), String> {
+        let bytes = state_file::encode(&self.working)?;
+        self.paths
+            .write_atomically(&bytes)
+            .map_err(|e| format!("writing {}: {e}", self.paths.file.display()))
+    }
+
+    fn commit(&mut self, batch: Batch, now: SystemTime) {
+        self.last_failure = None;
+        {
+            let mut committed = self.committed.write();
+            for op in &batch.ops {
+                committed.apply(op, now);
+            }
+            debug_assert_eq!(*committed, self.working, "replay diverged from the batch");
+        }
+        log_effects(&batch);
+        for effect in &batch.effects {
+            for grant in effect.grants() {
+                self.deliver(grant.clone());
+            }
+        }
+        for (index, reply) in batch.replies {
+            let _ = reply.send(Ok(batch.effects[index].clone()));
+        }
+    }
+
+    /// Hands a grant to its waiter; one that is gone gets its grant revoked.
+    fn deliver(&mut self, grant: WaiterGrant) {
+        let undelivered = match self.waiters.remove(&grant.waiter) {
+            Some(sender) => sender.send(grant).err(),
+            None => Some(grant),
+        };
+        if let Some(grant) = undelivered {
+            self.retry.push(Op::Revoke(grant));
+            self.last_failure = None;
+        }
+    }
+
+    fn roll_back(&mut self, batch: Batch, reason: String) {
+        error!("{reason}; {} operation(s) refused", batch.replies.len());
+        self.working = self.committed.read().clone();
+        self.last_failure = Some(std::time::Instant::now());
+        for id in &batch.queued {
+            self.waiters.remove(id);
+        }
+        for (_, reply) in batch.replies {
+            let _ = reply.send(Err(StoreError::Unavailable(reason.clone())));
+        }
+        // Cleanup must not be lost: it is applied again with a later batch.
+        self.retry.extend(
+            batch
+                .ops
+                .into_iter()
+                .filter(|op| matches!(op, Op::Cancel { .. } | Op::Revoke(_))),
+        );
+    }
+}
+
+fn log_effects(batch: &Batch) {
+    for (op, effect) in batch.ops.iter().zip(&batch.effects) {
+        match (op, effect) {
+            (Op::ForceRelease { name }, Effect::ForceRelease(force))
+                if !force.previous.is_empty() =>
+            {
+                let previous: Vec<String> = force
+                    .previous
+                    .iter()
+                    .map(|h| format!("key {:?} held by {:?}", h.key, h.counts()))
+                    .collect();
+                warn!("force-released lock {name:?}: {}", previous.join("; "));
+            }
+            (_, Effect::Expiry(expiry)) => {
+                for gone in &expiry.expired {
+                    info!(
+                        "lease of {:?} on lock {:?} (key {:?}) expired",
+                        gone.requestor, gone.name, gone.key
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+}

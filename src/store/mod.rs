@@ -1,0 +1,96 @@
+//! The store: where lock state lives and how mutations become durable.
+//!
+//! [`LockStore`] is the narrow interface the HTTP layer talks to; [`file::FileStore`] keeps the
+//! state in a YAML file with group commit. Handlers never know which backend they have.
+
+pub mod file;
+pub mod state_file;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::rules::{Acquire, Grant, Holder};
+
+/// A lock as the API shows it: its holdings (oldest first), slot count and queue length.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LockView {
+    pub name: String,
+    pub slots: u32,
+    pub holders: Vec<Holder>,
+    pub waiters: usize,
+}
+
+/// The result of a release that was allowed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Released {
+    /// The requestor's count was cleared.
+    Released,
+    /// Nothing to do: the lock was free, or the requestor held no count under that key.
+    NotHeld,
+}
+
+/// Why a store refused or failed an operation. Each maps to one HTTP status.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("lock {name:?} is held under key {}", keys_text(.keys))]
+    Held { name: String, keys: Vec<String> },
+    #[error("timed out after {waited:?} waiting for lock {name:?}, held under key {}", keys_text(.keys))]
+    TimedOut {
+        name: String,
+        keys: Vec<String>,
+        waited: Duration,
+    },
+    #[error("lock {name:?} is held under key {}, not under the key given", keys_text(.keys))]
+    WrongKey { name: String, keys: Vec<String> },
+    #[error("lock {name:?} has {slots} slot(s); the request names another number")]
+    SlotsMismatch { name: String, slots: u32 },
+    #[error("too many waiting requests (limit {limit}); try again later")]
+    TooManyWaiters { limit: usize },
+    #[error("the server is shutting down; try again")]
+    ShuttingDown,
+    #[error("state could not be saved, nothing was changed: {0}")]
+    Unavailable(String),
+}
+
+fn keys_text(keys: &[String]) -> String {
+    let quoted: Vec<String> = keys.iter().map(|k| format!("{k:?}")).collect();
+    quoted.join(", ")
+}
+
+/// The operations every backend offers. Waiting acquires honour cancellation: dropping the
+/// future of [`LockStore::acquire`] withdraws the request, and a grant that raced with the drop
+/// is given back, so a client that went away never ends up holding the lock.
+#[async_trait]
+pub trait LockStore: Send + Sync + 'static {
+    /// Acquires `name`. With `wait`, queues in arrival order for up to that long.
+    async fn acquire(
+        &self,
+        name: String,
+        request: Acquire,
+        wait: Option<Duration>,
+    ) -> Result<Grant, StoreError>;
+
+    /// Clears `requestor`'s count on `name` held under `key`.
+    async fn release(
+        &self,
+        name: String,
+        key: String,
+        requestor: String,
+    ) -> Result<Released, StoreError>;
+
+    /// Releases every holding of `name` whatever its key; returns the previous holdings.
+    async fn force_release(&self, name: String) -> Result<Vec<Holder>, StoreError>;
+
+    /// The committed state of one lock; `None` when free.
+    async fn status(&self, name: &str) -> Result<Option<LockView>, StoreError>;
+
+    /// Every held lock, by name.
+    async fn list(&self) -> Result<Vec<LockView>, StoreError>;
+
+    /// Starts shutting down: every waiter is answered at once and new waits are refused.
+    fn begin_shutdown(&self);
+
+    /// Finishes pending work and makes everything durable; call after the last request ended.
+    async fn close(&self);
+}
