@@ -1,0 +1,275 @@
+//! Test fixture: runs the real `locker` binary on a free loopback port with a temp state file,
+//! forwards its log to the test's output (prefixed), and kills and reaps it when dropped.
+//!
+//! Shared by the integration tests of every crate in the workspace (`#[path]`-included), so it
+//! finds the server binary itself: Cargo's `CARGO_BIN_EXE_locker` in this package, else the
+//! `locker` binary beside the test executable's target directory (`cargo test --workspace`
+//! builds it before running any test).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+/// How long a server may take to say it is listening.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Environment variables of the server that must not leak in from the test's environment.
+const SERVER_VARIABLES: [&str; 11] = [
+    "LOCKER_CONFIG",
+    "PORT",
+    "LOCKER_LISTEN",
+    "AUTH_USER",
+    "AUTH_PASS",
+    "SSL_CERT",
+    "SSL_KEY",
+    "LOCKER_MAX_WAIT",
+    "LOCKER_MAX_WAITERS",
+    "LOCKER_DEFAULT_TTL",
+    "RUST_LOG",
+];
+
+/// Path of the `locker` server binary.
+pub fn locker_binary() -> PathBuf {
+    if let Some(path) = option_env!("CARGO_BIN_EXE_locker") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/locker
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps");
+    let binary = profile_dir.join("locker");
+    assert!(
+        binary.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`",
+        binary.display()
+    );
+    binary
+}
+
+/// A temp directory that holds the state file and anything else a test needs on disk.
+pub fn temp_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("locker-test-")
+        .tempdir()
+        .expect("temp dir")
+}
+
+pub struct ServerBuilder {
+    binary: PathBuf,
+    state_file: Option<PathBuf>,
+    env: Vec<(String, String)>,
+    args: Vec<String>,
+    https: bool,
+}
+
+impl ServerBuilder {
+    pub fn state_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.state_file = Some(path.into());
+        self
+    }
+
+    pub fn env(mut self, name: &str, value: impl Into<String>) -> Self {
+        self.env.push((name.to_string(), value.into()));
+        self
+    }
+
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    pub fn auth(self, user: &str, password: &str) -> Self {
+        self.env("AUTH_USER", user).env("AUTH_PASS", password)
+    }
+
+    pub fn tls(mut self, cert: &Path, key: &Path) -> Self {
+        self.https = true;
+        self.env("SSL_CERT", cert.display().to_string())
+            .env("SSL_KEY", key.display().to_string())
+    }
+
+    /// Starts the server and waits until it listens.
+    pub fn start(self) -> Server {
+        let (dir, state_file) = match self.state_file.clone() {
+            Some(path) => (None, path),
+            None => {
+                let dir = temp_dir();
+                let path = dir.path().join("locker.yml");
+                (Some(dir), path)
+            }
+        };
+        let mut command = Command::new(&self.binary);
+        for name in SERVER_VARIABLES {
+            command.env_remove(name);
+        }
+        command
+            .env("RUST_LOG", "info")
+            .env("LOCKER_CONFIG", &state_file)
+            .env("PORT", "0")
+            .env("LOCKER_LISTEN", "127.0.0.1");
+        for (name, value) in &self.env {
+            command.env(name, value);
+        }
+        command
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("start the locker binary");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (address_sender, address) = mpsc::channel();
+        forward_output(child.stdout.take(), log.clone(), None);
+        forward_output(child.stderr.take(), log.clone(), Some(address_sender));
+        let deadline = Instant::now() + START_TIMEOUT;
+        let address = loop {
+            if let Ok(address) = address.recv_timeout(Duration::from_millis(50)) {
+                break address;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "server exited before listening ({status}):\n{}",
+                    log.lock().expect("log").join("\n")
+                );
+            }
+            assert!(Instant::now() < deadline, "server did not start in time");
+        };
+        Server {
+            child: Some(child),
+            base: address,
+            state_file,
+            log,
+            _dir: dir,
+            builder: self,
+        }
+    }
+}
+
+/// Forwards a child's output line by line to the test output and a shared log; on stderr,
+/// reports the address from the "listening on" line.
+fn forward_output(
+    stream: Option<impl std::io::Read + Send + 'static>,
+    log: Arc<Mutex<Vec<String>>>,
+    address: Option<mpsc::Sender<String>>,
+) {
+    let Some(stream) = stream else { return };
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            eprintln!("[server] {line}");
+            if let (Some(sender), Some(at)) = (&address, line.find("listening on ")) {
+                let url = line[at + "listening on ".len()..].trim().to_string();
+                let _ = sender.send(url);
+            }
+            if let Ok(mut log) = log.lock() {
+                log.push(line);
+            }
+        }
+    });
+}
+
+/// A running server. Killed (SIGKILL) and reaped when dropped.
+pub struct Server {
+    child: Option<Child>,
+    /// `http://127.0.0.1:PORT` (or https).
+    pub base: String,
+    pub state_file: PathBuf,
+    log: Arc<Mutex<Vec<String>>>,
+    _dir: Option<tempfile::TempDir>,
+    builder: ServerBuilder,
+}
+
+/// A server with default settings, to be adjusted before `start()`.
+pub fn server() -> ServerBuilder {
+    ServerBuilder {
+        binary: locker_binary(),
+        state_file: None,
+        env: Vec::new(),
+        args: Vec::new(),
+        https: false,
+    }
+}
+
+impl Server {
+    pub fn start() -> Server {
+        server().start()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .map(Child::id)
+            .expect("server is running")
+    }
+
+    /// Everything the server logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().expect("log").join("\n")
+    }
+
+    /// Sends a signal (e.g. `libc::SIGTERM`) to the server.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: plain kill(2) on our own child's pid.
+        let result = unsafe { libc::kill(self.pid() as i32, signal) };
+        assert_eq!(result, 0, "kill failed");
+    }
+
+    /// Waits for the server to exit, up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("server is running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for server") {
+                self.child = None;
+                return status;
+            }
+            assert!(Instant::now() < deadline, "server did not exit in time");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILLs the server and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Kills the server and starts it again on the same state file and settings.
+    pub fn restart(mut self) -> Server {
+        self.kill();
+        let dir = self._dir.take();
+        let builder = ServerBuilder {
+            binary: self.builder.binary.clone(),
+            state_file: Some(self.state_file.clone()),
+            env: self.builder.env.clone(),
+            args: self.builder.args.clone(),
+            https: self.builder.https,
+        };
+        let mut server = builder.start();
+        server._dir = dir;
+        server
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A blocking HTTP client with a deadline on every request.
+pub fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("http client")
+}
