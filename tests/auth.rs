@@ -1,0 +1,108 @@
+//! Basic auth: every route but /health needs it when configured.
+
+mod common;
+
+use common::{Reply, Server, call, call_with, client};
+use serde_json::json;
+
+fn start_with_auth() -> Server {
+    common::server().auth("admin", "s3cret-pass").start()
+}
+
+fn assert_refused(reply: &Reply) {
+    assert_eq!(reply.status, 401, "{}", reply.body);
+    assert_eq!(
+        reply
+            .headers
+            .get("www-authenticate")
+            .and_then(|v| v.to_str().ok()),
+        Some("Basic realm=\"locker\"")
+    );
+    assert!(reply.json()["error"].is_string());
+}
+
+#[test]
+fn without_auth_configured_everything_is_open() {
+    let server = Server::start();
+    assert_eq!(server.lock("x", json!({"key": "k"})).status, 200);
+}
+
+#[test]
+fn every_route_but_health_requires_credentials() {
+    let server = start_with_auth();
+    assert_eq!(call("GET", &server.url("/health"), None).status, 200);
+    assert_refused(&call("GET", &server.url("/locks"), None));
+    assert_refused(&call("GET", &server.url("/lock/x"), None));
+    assert_refused(&call("PUT", &server.url("/lock/x"), Some(r#"{"key":"k"}"#)));
+    assert_refused(&call(
+        "DELETE",
+        &server.url("/lock/x"),
+        Some(r#"{"key":"k"}"#),
+    ));
+    assert_refused(&call("GET", &server.url("/unknown"), None));
+}
+
+#[test]
+fn right_credentials_pass_and_wrong_or_malformed_ones_do_not() {
+    let server = start_with_auth();
+    let http = client();
+    let ok = http
+        .put(server.url("/lock/x"))
+        .basic_auth("admin", Some("s3cret-pass"))
+        .body(r#"{"key":"k"}"#)
+        .send()
+        .expect("request");
+    assert_eq!(ok.status(), 200);
+
+    let wrong = http
+        .get(server.url("/locks"))
+        .basic_auth("admin", Some("wrong"))
+        .send()
+        .expect("request");
+    assert_eq!(wrong.status(), 401);
+
+    for header in [
+        "Basic !!!notbase64",
+        "Bearer abc",
+        "Basic",
+        "Basic YWRtaW4=",
+    ] {
+        let reply = call_with(
+            &reqwest::blocking::Client::builder()
+                .default_headers(
+                    [(
+                        reqwest::header::AUTHORIZATION,
+                        header.parse().expect("header value"),
+                    )]
+                    .into_iter()
+                    .collect(),
+                )
+                .build()
+                .expect("client"),
+            "GET",
+            &server.url("/locks"),
+            None,
+        );
+        assert_refused(&reply);
+    }
+}
+
+#[test]
+fn neither_the_password_nor_the_authorization_header_is_logged() {
+    let server = start_with_auth();
+    let http = client();
+    for password in ["s3cret-pass", "guessed-pass"] {
+        http.put(server.url("/lock/x"))
+            .basic_auth("admin", Some(password))
+            .body(r#"{"key":"k"}"#)
+            .send()
+            .expect("request");
+    }
+    // The request log is written when the response is; give the last line a moment.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let log = server.log();
+    assert!(log.contains("PUT /lock/x"), "requests are logged:\n{log}");
+    for secret in ["s3cret-pass", "guessed-pass", "YWRtaW4", "Basic "] {
+        assert!(!log.contains(secret), "{secret} appears in the log:\n{log}");
+    }
+}
