@@ -1,0 +1,289 @@
+//! The state file: restarts, the original locker's format, corrupt files, crashes, full disks
+//! and clean shutdown.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{Server, call};
+use serde_json::json;
+
+#[test]
+fn locks_survive_a_restart() {
+    let server = Server::start();
+    server.lock("a", json!({"key": "k1", "requestor": "r1"}));
+    server.lock("a", json!({"key": "k1", "requestor": "r1"}));
+    server.lock("b", json!({"key": "k2"}));
+    let before = server.locks();
+    let server = server.restart();
+    assert_eq!(server.locks(), before);
+    assert_eq!(server.locks()["a"]["locked_by"], json!({"r1": 2}));
+}
+
+#[test]
+fn a_state_file_of_the_original_go_locker_loads_as_is() {
+    let dir = common::temp_dir();
+    let path = dir.path().join("locker.yml");
+    std::fs::write(
+        &path,
+        r#"{"a": {"locked_by": {"k1": 0}, "key": ""}, "b": {"locked_by": {"k2": 1}, "key": "k2"}, "c": {"locked_by": {"x": 2, "y": 1}, "key": "shared"}}"#,
+    )
+    .expect("write");
+    let server = common::server().state_file(&path).start();
+    let locks = server.locks();
+    assert_eq!(locks.as_object().map(|m| m.len()), Some(2), "{locks}");
+    assert_eq!(locks["b"]["key"], "k2");
+    assert_eq!(locks["b"]["locked_by"], json!({"k2": 1}));
+    assert_eq!(locks["c"]["locked_by"], json!({"x": 2, "y": 1}));
+    // The held lock is really held, and the free one really free.
+    assert_eq!(server.lock("b", json!({"key": "other"})).status, 423);
+    assert_eq!(server.lock("a", json!({"key": "new"})).status, 200);
+    let server = server.restart();
+    assert_eq!(server.locks()["b"]["key"], "k2");
+    assert_eq!(server.locks()["a"]["key"], "new");
+}
+
+#[test]
+fn a_missing_file_is_created_and_an_empty_one_holds_no_locks() {
+    let dir = common::temp_dir();
+    let missing = dir.path().join("new.yml");
+    let server = common::server().state_file(&missing).start();
+    assert!(missing.exists());
+    assert_eq!(server.locks(), json!({}));
+    drop(server);
+
+    let empty = dir.path().join("empty.yml");
+    std::fs::write(&empty, "").expect("write");
+    let server = common::server().state_file(&empty).start();
+    assert_eq!(server.locks(), json!({}));
+}
+
+#[test]
+fn a_corrupt_file_stops_the_start_and_is_left_untouched() {
+    let dir = common::temp_dir();
+    let cases = [
+        ("syntax.yml", "a: {b: [}\n"),
+        ("shape.yml", "a:\n  key: k\n  locked_by: [1, 2]\n"),
+        ("ours.yml", "format: locker/v2\nnext_generation: lots\nlocks: {}\n"),
+    ];
+    for (name, content) in cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, content).expect("write");
+        let output = Command::new(common::locker_binary())
+            .env("LOCKER_CONFIG", &path)
+            .env("PORT", "0")
+            .env("LOCKER_LISTEN", "127.0.0.1")
+            .output()
+            .expect("run");
+        assert!(!output.status.success(), "{name} must not load");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(&path.display().to_string()), "{stderr}");
+        assert!(stderr.contains("line"), "{name}: {stderr}");
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), content);
+    }
+}
+
+#[test]
+fn a_temp_file_left_by_a_crash_is_removed_at_start() {
+    let dir = common::temp_dir();
+    let stale = dir.path().join(".locker.yml.locker-tmp");
+    std::fs::write(&stale, "half a state file").expect("write");
+    let _server = common::server()
+        .state_file(dir.path().join("locker.yml"))
+        .start();
+    assert!(!stale.exists());
+}
+
+#[test]
+fn sigterm_answers_waiters_finishes_and_exits_zero_with_state_durable() {
+    let mut server = Server::start();
+    assert_eq!(server.lock("held", json!({"key": "a"})).status, 200);
+    let url = server.url("/lock/held?wait=30s");
+    let waiter = std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        let reply = call("PUT", &url, Some(r#"{"key":"b"}"#));
+        (reply.status, started.elapsed())
+    });
+    // Let the waiter queue up.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while server.locks()["held"]["waiters"] != 1 {
+        assert!(std::time::Instant::now() < deadline, "waiter never queued");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server.signal(libc::SIGTERM);
+    let (status, waited) = waiter.join().expect("waiter thread");
+    assert_eq!(status, 503);
+    assert!(waited < Duration::from_secs(10), "waited {waited:?}");
+    let exit = server.wait_exit(Duration::from_secs(20));
+    assert!(exit.success(), "{exit}");
+    let server = server.restart();
+    assert_eq!(server.locks()["held"]["key"], "a");
+}
+
+/// What a client knows about one lock name it alone uses.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Known {
+    Held(u64),
+    Free,
+    /// A request was sent and not answered: either outcome is allowed.
+    Unknown,
+}
+
+#[test]
+fn sigkill_under_load_never_loses_an_acknowledged_lock() {
+    const ROUNDS: usize = 8;
+    const CLIENTS: usize = 6;
+    let mut server = Server::start();
+    let known: Arc<Mutex<HashMap<String, Known>>> = Arc::default();
+    let mut highest_generation = 0;
+    for round in 0..ROUNDS {
+        let workers: Vec<_> = (0..CLIENTS)
+            .map(|client| {
+                let base = server.base.clone();
+                let known = known.clone();
+                std::thread::spawn(move || hammer(&base, client, &known))
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(150 + 40 * round as u64));
+        server.kill();
+        for worker in workers {
+            worker.join().expect("client thread");
+        }
+        server = server.restart();
+        let locks = server.locks();
+        let mut known = known.lock().expect("model");
+        for (name, state) in known.iter_mut() {
+            let held = locks.get(name);
+            match *state {
+                Known::Held(generation) => {
+                    let lock = held.unwrap_or_else(|| panic!("acknowledged lock {name} lost"));
+                    assert_eq!(lock["key"], json!(name), "{name}");
+                    assert_eq!(lock["generation"], json!(generation), "{name}");
+                    highest_generation = highest_generation.max(generation);
+                }
+                Known::Free => assert!(held.is_none(), "released lock {name} came back"),
+                Known::Unknown => {}
+            }
+            // Resynchronise the model with what survived.
+            *state = match held {
+                Some(lock) => Known::Held(lock["generation"].as_u64().expect("generation")),
+                None => Known::Free,
+            };
+        }
+    }
+    assert!(highest_generation > 0, "the clients never got a lock");
+    // Fencing tokens keep growing across the crashes.
+    let fresh = server.lock("after-crashes", json!({"key": "k"}));
+    assert!(fresh.json()["generation"].as_u64().expect("generation") > highest_generation);
+}
+
+/// Locks and unlocks this client's own names until the server goes away.
+fn hammer(base: &str, client: usize, known: &Mutex<HashMap<String, Known>>) {
+    let http = common::client();
+    for i in 0.. {
+        let name = format!("c{client}-n{}", i % 5);
+        let state = *known
+            .lock()
+            .expect("model")
+            .entry(name.clone())
+            .or_insert(Known::Free);
+        let (method, next) = match state {
+            Known::Held(_) => ("DELETE", Known::Free),
+            _ => ("PUT", Known::Held(0)),
+        };
+        known.lock().expect("model").insert(name.clone(), Known::Unknown);
+        let body = json!({"key": name}).to_string();
+        let sent = http
+            .request(
+                reqwest::Method::from_bytes(method.as_bytes()).expect("method"),
+                format!("{base}/lock/{name}"),
+            )
+            .body(body)
+            .send();
+        let Ok(response) = sent else { return };
+        let status = response.status().as_u16();
+        let Ok(reply) = response.json::<serde_json::Value>() else {
+            return;
+        };
+        assert_eq!(status, 200, "{method} {name}: {reply}");
+        let next = match next {
+            Known::Held(_) => Known::Held(reply["generation"].as_u64().expect("generation")),
+            other => other,
+        };
+        known.lock().expect("model").insert(name, next);
+    }
+}
+
+/// A small tmpfs, unmounted when dropped.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Result<Tmpfs, String> {
+        let dir = common::temp_dir();
+        let output = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !output.status.success() {
+            return Err(String::from_utf8_lossy(&output.stderr).trim().to_string());
+        }
+        Ok(Tmpfs(dir))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
+/// Writes until the file system is full.
+fn fill(path: &std::path::Path) {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path).expect("filler");
+    let block = vec![0u8; 4096];
+    while file.write_all(&block).is_ok() {}
+    let _ = file.sync_all();
+}
+
+#[test]
+fn a_full_disk_refuses_mutations_with_503_applies_nothing_and_recovers() {
+    let tmpfs = match Tmpfs::mount("512k") {
+        Ok(tmpfs) => tmpfs,
+        Err(reason) => {
+            eprintln!("SKIPPED: cannot mount a tmpfs here ({reason}); needs root");
+            return;
+        }
+    };
+    let state = tmpfs.0.path().join("locker.yml");
+    let server = common::server().state_file(&state).start();
+    assert_eq!(server.lock("before", json!({"key": "k"})).status, 200);
+    let on_disk = std::fs::read(&state).expect("state");
+
+    let filler = tmpfs.0.path().join("filler");
+    fill(&filler);
+    let refused = server.lock("during", json!({"key": "k"}));
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert!(refused.error().contains("nothing was changed"), "{}", refused.body);
+    let release = server.unlock("before", json!({"key": "k"}));
+    assert_eq!(release.status, 503);
+    // Nothing was applied, in memory or on disk.
+    let locks = server.locks();
+    assert_eq!(locks.as_object().map(|m| m.len()), Some(1), "{locks}");
+    assert_eq!(locks["before"]["key"], "k");
+    assert_eq!(std::fs::read(&state).expect("state"), on_disk);
+    // Other requests keep being served.
+    assert_eq!(call("GET", &server.url("/health"), None).status, 200);
+
+    std::fs::remove_file(&filler).expect("free space");
+    assert_eq!(server.lock("during", json!({"key": "k"})).status, 200);
+    assert_eq!(server.unlock("before", json!({"key": "k"})).status, 200);
+    let server = server.restart();
+    let locks = server.locks();
+    assert_eq!(locks.as_object().map(|m| m.len()), Some(1), "{locks}");
+    assert_eq!(locks["during"]["key"], "k");
+}

@@ -1,0 +1,149 @@
+//! Start-up: configuration errors, TLS, version and help.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use serde_json::json;
+
+/// Runs the binary with `env` and waits for it to exit (it must, within the deadline).
+fn run_to_exit(env: &[(&str, &str)], args: &[&str]) -> Output {
+    let dir = common::temp_dir();
+    let mut command = Command::new(common::locker_binary());
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("LOCKER_CONFIG", dir.path().join("locker.yml"))
+        .env("PORT", "0")
+        .env("LOCKER_LISTEN", "127.0.0.1")
+        .args(args);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the server kept running; it should have refused to start");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+fn assert_refuses(env: &[(&str, &str)], mentions: &[&str]) {
+    let output = run_to_exit(env, &[]);
+    assert!(!output.status.success(), "{env:?} should not start");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for text in mentions {
+        assert!(stderr.contains(text), "{env:?}: stderr lacks {text:?}:\n{stderr}");
+    }
+}
+
+#[test]
+fn half_configured_auth_is_refused() {
+    assert_refuses(&[("AUTH_USER", "admin")], &["AUTH_PASS"]);
+    assert_refuses(&[("AUTH_PASS", "pw")], &["AUTH_USER"]);
+}
+
+#[test]
+fn half_configured_tls_is_refused() {
+    assert_refuses(&[("SSL_CERT", "/tmp/cert.pem")], &["SSL_KEY"]);
+    assert_refuses(&[("SSL_KEY", "/tmp/key.pem")], &["SSL_CERT"]);
+}
+
+/// A self-signed certificate for 127.0.0.1/localhost, written as PEM files in `dir`.
+fn write_certificate(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, String) {
+    let certified = rcgen::generate_simple_self_signed(vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+    ])
+    .expect("certificate");
+    let cert_pem = certified.cert.pem();
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    std::fs::write(&cert, &cert_pem).expect("write cert");
+    std::fs::write(&key, certified.signing_key.serialize_pem()).expect("write key");
+    (cert, key, cert_pem)
+}
+
+#[test]
+fn unreadable_or_invalid_tls_files_are_refused_naming_the_file() {
+    let dir = common::temp_dir();
+    let (cert, key, _) = write_certificate(dir.path());
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "this is not PEM").expect("write");
+    let missing = dir.path().join("missing.pem");
+    let cert = cert.to_str().expect("path");
+    let key = key.to_str().expect("path");
+    let garbage = garbage.to_str().expect("path");
+    let missing = missing.to_str().expect("path");
+
+    assert_refuses(&[("SSL_CERT", missing), ("SSL_KEY", key)], &["SSL_CERT", missing]);
+    assert_refuses(&[("SSL_CERT", cert), ("SSL_KEY", missing)], &["SSL_KEY", missing]);
+    assert_refuses(&[("SSL_CERT", garbage), ("SSL_KEY", key)], &["SSL_CERT", garbage]);
+    assert_refuses(&[("SSL_CERT", cert), ("SSL_KEY", garbage)], &["SSL_KEY", garbage]);
+    // A key file holding a certificate is not a key.
+    assert_refuses(&[("SSL_CERT", cert), ("SSL_KEY", cert)], &["SSL_KEY", cert]);
+}
+
+#[test]
+fn serves_https_with_the_given_certificate() {
+    let dir = common::temp_dir();
+    let (cert, key, cert_pem) = write_certificate(dir.path());
+    let server = common::server().tls(&cert, &key).start();
+    assert!(server.base.starts_with("https://127.0.0.1:"), "{}", server.base);
+
+    let trusted = reqwest::blocking::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(cert_pem.as_bytes()).expect("ca"))
+        .build()
+        .expect("client");
+    let reply = common::call_with(
+        &trusted,
+        "PUT",
+        &server.url("/lock/tls"),
+        Some(&json!({"key": "k"}).to_string()),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+
+    // A client that does not trust the certificate cannot talk to it, and plain HTTP fails.
+    let untrusting = common::client().get(server.url("/health")).send();
+    assert!(untrusting.is_err());
+    let plain = server.base.replace("https://", "http://");
+    let plain_reply = common::client().get(format!("{plain}/health")).send();
+    assert!(plain_reply.map(|r| r.status() != 200).unwrap_or(true));
+}
+
+#[test]
+fn version_and_help_flags() {
+    for flag in ["-v", "--version"] {
+        let output = run_to_exit(&[], &[flag]);
+        assert!(output.status.success());
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            stdout.contains(env!("CARGO_PKG_VERSION")),
+            "{flag}: {stdout}"
+        );
+    }
+    for flag in ["-h", "--help"] {
+        let output = run_to_exit(&[], &[flag]);
+        assert!(output.status.success());
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        for variable in ["LOCKER_CONFIG", "PORT", "AUTH_USER", "SSL_CERT"] {
+            assert!(stdout.contains(variable), "{flag} lacks {variable}: {stdout}");
+        }
+    }
+}
+
+#[test]
+fn bad_numbers_and_durations_in_the_environment_are_refused() {
+    assert_refuses(&[("PORT", "eighty")], &["eighty"]);
+    assert_refuses(&[("LOCKER_MAX_WAIT", "forever")], &["forever"]);
+}
