@@ -67,7 +67,10 @@ fn a_corrupt_file_stops_the_start_and_is_left_untouched() {
     let cases = [
         ("syntax.yml", "a: {b: [}\n"),
         ("shape.yml", "a:\n  key: k\n  locked_by: [1, 2]\n"),
-        ("ours.yml", "format: locker/v2\nnext_generation: lots\nlocks: {}\n"),
+        (
+            "ours.yml",
+            "format: locker/v2\nnext_generation: lots\nlocks: {}\n",
+        ),
     ];
     for (name, content) in cases {
         let path = dir.path().join(name);
@@ -194,7 +197,10 @@ fn hammer(base: &str, client: usize, known: &Mutex<HashMap<String, Known>>) {
             Known::Held(_) => ("DELETE", Known::Free),
             _ => ("PUT", Known::Held(0)),
         };
-        known.lock().expect("model").insert(name.clone(), Known::Unknown);
+        known
+            .lock()
+            .expect("model")
+            .insert(name.clone(), Known::Unknown);
         let body = json!({"key": name}).to_string();
         let sent = http
             .request(
@@ -268,7 +274,11 @@ fn a_full_disk_refuses_mutations_with_503_applies_nothing_and_recovers() {
     fill(&filler);
     let refused = server.lock("during", json!({"key": "k"}));
     assert_eq!(refused.status, 503, "{}", refused.body);
-    assert!(refused.error().contains("nothing was changed"), "{}", refused.body);
+    assert!(
+        refused.error().contains("nothing was changed"),
+        "{}",
+        refused.body
+    );
     let release = server.unlock("before", json!({"key": "k"}));
     assert_eq!(release.status, 503);
     // Nothing was applied, in memory or on disk.

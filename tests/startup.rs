@@ -43,7 +43,10 @@ fn assert_refuses(env: &[(&str, &str)], mentions: &[&str]) {
     assert!(!output.status.success(), "{env:?} should not start");
     let stderr = String::from_utf8_lossy(&output.stderr);
     for text in mentions {
-        assert!(stderr.contains(text), "{env:?}: stderr lacks {text:?}:\n{stderr}");
+        assert!(
+            stderr.contains(text),
+            "{env:?}: stderr lacks {text:?}:\n{stderr}"
+        );
     }
 }
 
@@ -61,11 +64,9 @@ fn half_configured_tls_is_refused() {
 
 /// A self-signed certificate for 127.0.0.1/localhost, written as PEM files in `dir`.
 fn write_certificate(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, String) {
-    let certified = rcgen::generate_simple_self_signed(vec![
-        "localhost".to_string(),
-        "127.0.0.1".to_string(),
-    ])
-    .expect("certificate");
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .expect("certificate");
     let cert_pem = certified.cert.pem();
     let cert = dir.join("cert.pem");
     let key = dir.join("key.pem");
@@ -86,10 +87,22 @@ fn unreadable_or_invalid_tls_files_are_refused_naming_the_file() {
     let garbage = garbage.to_str().expect("path");
     let missing = missing.to_str().expect("path");
 
-    assert_refuses(&[("SSL_CERT", missing), ("SSL_KEY", key)], &["SSL_CERT", missing]);
-    assert_refuses(&[("SSL_CERT", cert), ("SSL_KEY", missing)], &["SSL_KEY", missing]);
-    assert_refuses(&[("SSL_CERT", garbage), ("SSL_KEY", key)], &["SSL_CERT", garbage]);
-    assert_refuses(&[("SSL_CERT", cert), ("SSL_KEY", garbage)], &["SSL_KEY", garbage]);
+    assert_refuses(
+        &[("SSL_CERT", missing), ("SSL_KEY", key)],
+        &["SSL_CERT", missing],
+    );
+    assert_refuses(
+        &[("SSL_CERT", cert), ("SSL_KEY", missing)],
+        &["SSL_KEY", missing],
+    );
+    assert_refuses(
+        &[("SSL_CERT", garbage), ("SSL_KEY", key)],
+        &["SSL_CERT", garbage],
+    );
+    assert_refuses(
+        &[("SSL_CERT", cert), ("SSL_KEY", garbage)],
+        &["SSL_KEY", garbage],
+    );
     // A key file holding a certificate is not a key.
     assert_refuses(&[("SSL_CERT", cert), ("SSL_KEY", cert)], &["SSL_KEY", cert]);
 }
@@ -99,7 +112,11 @@ fn serves_https_with_the_given_certificate() {
     let dir = common::temp_dir();
     let (cert, key, cert_pem) = write_certificate(dir.path());
     let server = common::server().tls(&cert, &key).start();
-    assert!(server.base.starts_with("https://127.0.0.1:"), "{}", server.base);
+    assert!(
+        server.base.starts_with("https://127.0.0.1:"),
+        "{}",
+        server.base
+    );
 
     let trusted = reqwest::blocking::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(cert_pem.as_bytes()).expect("ca"))
@@ -137,7 +154,10 @@ fn version_and_help_flags() {
         assert!(output.status.success());
         let stdout = String::from_utf8_lossy(&output.stdout);
         for variable in ["LOCKER_CONFIG", "PORT", "AUTH_USER", "SSL_CERT"] {
-            assert!(stdout.contains(variable), "{flag} lacks {variable}: {stdout}");
+            assert!(
+                stdout.contains(variable),
+                "{flag} lacks {variable}: {stdout}"
+            );
         }
     }
 }
