@@ -162,10 +162,7 @@ impl Model {
 
     fn serve(&mut self, name: &str, now: SystemTime) -> Vec<(WaiterId, u64)> {
         let mut grants = Vec::new();
-        loop {
-            let Some(lock) = self.locks.get(name) else {
-                break;
-            };
+        while let Some(lock) = self.locks.get(name) {
             let Some(front) = lock.queue.first().cloned() else {
                 break;
             };
@@ -187,6 +184,9 @@ impl Model {
     }
 }
 
+/// Per lock: holders as (key, generation, counts) sorted by key, and the queue length.
+type Visible = BTreeMap<String, (Vec<(String, u64, BTreeMap<String, u64>)>, usize)>;
+
 fn at(seconds: u64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + seconds)
 }
@@ -200,9 +200,7 @@ fn grant_ids(grants: &[WaiterGrant]) -> Vec<(WaiterId, u64)> {
 
 /// The visible state of the rules: per lock, holders as (key, generation, counts) sorted by
 /// key, and the queue length.
-fn visible(
-    table: &LockTable,
-) -> BTreeMap<String, (Vec<(String, u64, BTreeMap<String, u64>)>, usize)> {
+fn visible(table: &LockTable) -> Visible {
     table
         .locks()
         .iter()
@@ -218,9 +216,7 @@ fn visible(
         .collect()
 }
 
-fn visible_model(
-    model: &Model,
-) -> BTreeMap<String, (Vec<(String, u64, BTreeMap<String, u64>)>, usize)> {
+fn visible_model(model: &Model) -> Visible {
     model
         .locks
         .iter()
