@@ -1,0 +1,434 @@
+//! locker-bench: drives a real `locker` server binary and prints the figures the README quotes.
+//!
+//! Each scenario starts the server on a fresh temp state file (optionally pre-filled with held
+//! locks), loads it over keep-alive HTTP/1.1 connections from this process, and stops it.
+//! Every mutation the server acknowledges is fsynced, exactly as in production.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Parser)]
+#[command(about = "Benchmarks for the locker server")]
+struct Args {
+    /// The server binary to benchmark.
+    #[arg(long, default_value = "target/release/locker")]
+    server: PathBuf,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand, Clone, Copy)]
+enum Scenario {
+    /// Every scenario below, as in the README's table.
+    All,
+    /// Lock+unlock cycles from N clients, each on its own lock, with `held` other locks held.
+    Throughput {
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        #[arg(long, default_value_t = 100)]
+        held: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// Time from a release's answer to the next waiter's grant.
+    Handoff {
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+    },
+    /// Resident memory with `held` locks held and `waiters` waiting requests.
+    Memory {
+        #[arg(long, default_value_t = 10_000)]
+        held: usize,
+        #[arg(long, default_value_t = 2_000)]
+        waiters: usize,
+    },
+    /// Start-up time with a state file of `held` locks.
+    Startup {
+        #[arg(long, default_value_t = 10_000)]
+        held: usize,
+    },
+}
+
+fn main() -> Result<(), Error> {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let server = args.server.clone();
+    runtime.block_on(async move {
+        match args.scenario {
+            Scenario::All => {
+                startup(&server, 10_000).await?;
+                throughput(&server, 64, 100, 10).await?;
+                throughput(&server, 64, 10_000, 10).await?;
+                handoff(&server, 1000).await?;
+                memory(&server, 10_000, 2_000).await
+            }
+            Scenario::Throughput {
+                clients,
+                held,
+                seconds,
+            } => throughput(&server, clients, held, seconds).await,
+            Scenario::Handoff { count } => handoff(&server, count).await,
+            Scenario::Memory { held, waiters } => memory(&server, held, waiters).await,
+            Scenario::Startup { held } => startup(&server, held).await,
+        }
+    })
+}
+
+/// A running server on a temp state file; killed when dropped.
+struct Server {
+    child: Child,
+    address: String,
+    started_in: Duration,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    async fn start(binary: &Path, held: usize) -> Result<Server, Error> {
+        let dir = tempfile::tempdir()?;
+        let state = dir.path().join("locker.yml");
+        if held > 0 {
+            write_state(&state, held)?;
+        }
+        let started = Instant::now();
+        let mut child = Command::new(binary)
+            .env("LOCKER_CONFIG", &state)
+            .env("PORT", "0")
+            .env("LOCKER_LISTEN", "127.0.0.1")
+            .env("LOCKER_MAX_WAITERS", "100000")
+            .env("RUST_LOG", "warn,locker::server=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+        let stderr = child.stderr.take().ok_or("no stderr")?;
+        let (found, address) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(at) = line.find("listening on http://") {
+                    let _ =
+                        found.send(line[at + "listening on http://".len()..].trim().to_string());
+                } else if !line.contains("listening") {
+                    eprintln!("[server] {line}");
+                }
+            }
+        });
+        let address = address.recv_timeout(Duration::from_secs(30))?;
+        // Ready means answering requests, not just bound.
+        let mut connection = Connection::open(&address).await?;
+        connection.request("GET", "/health", "").await?;
+        let started_in = started.elapsed();
+        Ok(Server {
+            child,
+            address,
+            started_in,
+            _dir: dir,
+        })
+    }
+
+    fn rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map(|kib| kib / 1024.0)
+            .unwrap_or(f64::NAN)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes a state file in the server's own format with `held` locks.
+fn write_state(path: &Path, held: usize) -> Result<(), Error> {
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    writeln!(out, "format: locker/v2")?;
+    writeln!(out, "next_generation: {}", held + 1)?;
+    writeln!(out, "locks:")?;
+    for i in 0..held {
+        writeln!(out, "  held-{i}:")?;
+        writeln!(out, "    holders:")?;
+        writeln!(out, "    - key: prefill-key-{i}")?;
+        writeln!(out, "      generation: {}", i + 1)?;
+        writeln!(out, "      acquired_at: 2026-11-24T12:00:00.000Z")?;
+        writeln!(out, "      info:")?;
+        writeln!(out, "        team: main")?;
+        writeln!(out, "        pipeline: deploy-{i}")?;
+        writeln!(out, "      requestors:")?;
+        writeln!(out, "        job-{i}:")?;
+        writeln!(out, "          count: 1")?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// One keep-alive HTTP/1.1 connection.
+struct Connection {
+    sender: SendRequest<Full<Bytes>>,
+}
+
+impl Connection {
+    async fn open(address: &str) -> Result<Connection, Error> {
+        let stream = TcpStream::connect(address).await?;
+        stream.set_nodelay(true)?;
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        Ok(Connection { sender })
+    }
+
+    async fn request(&mut self, method: &str, path: &str, body: &str) -> Result<u16, Error> {
+        self.sender.ready().await?;
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "bench")
+            .body(Full::new(Bytes::from(body.to_string())))?;
+        let response = self.sender.send_request(request).await?;
+        let status = response.status().as_u16();
+        response.into_body().collect().await?;
+        Ok(status)
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+fn millis(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+async fn startup(binary: &Path, held: usize) -> Result<(), Error> {
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let server = Server::start(binary, held).await?;
+        times.push(server.started_in);
+    }
+    times.sort();
+    println!(
+        "startup        {held} locks in the state file: median {} (min {}, max {}) from exec to first /health answer",
+        millis(percentile(&times, 0.5)),
+        millis(times[0]),
+        millis(times[times.len() - 1])
+    );
+    Ok(())
+}
+
+async fn throughput(binary: &Path, clients: usize, held: usize, seconds: u64) -> Result<(), Error> {
+    let server = Server::start(binary, held).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let measuring = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for client in 0..clients {
+        let address = server.address.clone();
+        let stop = stop.clone();
+        let measuring = measuring.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut connection = Connection::open(&address).await?;
+            let path = format!("/lock/bench-{client}");
+            let body = format!(r#"{{"key":"client-{client}"}}"#);
+            let mut acquires = Vec::new();
+            let mut releases = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                let status = connection.request("PUT", &path, &body).await?;
+                let acquired = started.elapsed();
+                let status_release = connection.request("DELETE", &path, &body).await?;
+                let released = started.elapsed() - acquired;
+                if status != 200 || status_release != 200 {
+                    return Err::<_, Error>(
+                        format!("unexpected status {status}/{status_release}").into(),
+                    );
+                }
+                if measuring.load(Ordering::Relaxed) {
+                    acquires.push(acquired);
+                    releases.push(released);
+                }
+            }
+            Ok((acquires, releases))
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    measuring.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let mut acquires = Vec::new();
+    let mut all = Vec::new();
+    for task in tasks {
+        let (a, r) = task.await??;
+        all.extend(&a);
+        all.extend(&r);
+        acquires.extend(a);
+    }
+    acquires.sort();
+    all.sort();
+    println!(
+        "throughput     {clients} clients, {held} locks held: {:.0} requests/s (lock+unlock), latency p50 {} p99 {}; acquire p50 {} p99 {}; RSS {:.1} MiB",
+        all.len() as f64 / elapsed.as_secs_f64(),
+        millis(percentile(&all, 0.5)),
+        millis(percentile(&all, 0.99)),
+        millis(percentile(&acquires, 0.5)),
+        millis(percentile(&acquires, 0.99)),
+        server.rss_mib()
+    );
+    Ok(())
+}
+
+async fn handoff(binary: &Path, count: usize) -> Result<(), Error> {
+    let server = Server::start(binary, 0).await?;
+    let mut holder = Connection::open(&server.address).await?;
+    let mut observer = Connection::open(&server.address).await?;
+    let mut waiter = Some(Connection::open(&server.address).await?);
+    let (mut holder_key, mut waiter_key) = ("a", "b");
+    if holder
+        .request("PUT", "/lock/handoff", r#"{"key":"a"}"#)
+        .await?
+        != 200
+    {
+        return Err("first acquire refused".into());
+    }
+    let mut handoffs = Vec::with_capacity(count);
+    let mut end_to_end = Vec::with_capacity(count);
+    for _ in 0..count {
+        let mut connection = waiter.take().ok_or("no waiter connection")?;
+        let body = format!(r#"{{"key":"{waiter_key}"}}"#);
+        let waiting = tokio::spawn(async move {
+            let status = connection
+                .request("PUT", "/lock/handoff?wait=30s", &body)
+                .await;
+            (status, Instant::now(), connection)
+        });
+        // Release only once the waiter is queued, so each hand-off is a real one.
+        loop {
+            let status = observer_waiters(&mut observer).await?;
+            if status >= 1 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        let release = format!(r#"{{"key":"{holder_key}"}}"#);
+        let release_sent = Instant::now();
+        if holder.request("DELETE", "/lock/handoff", &release).await? != 200 {
+            return Err("release refused".into());
+        }
+        let released = Instant::now();
+        let (status, granted, connection) = waiting.await?;
+        if status? != 200 {
+            return Err("waiter was not granted".into());
+        }
+        handoffs.push(granted.saturating_duration_since(released));
+        end_to_end.push(granted.saturating_duration_since(release_sent));
+        // The old holder becomes the next waiter.
+        waiter = Some(std::mem::replace(&mut holder, connection));
+        std::mem::swap(&mut holder_key, &mut waiter_key);
+    }
+    handoffs.sort();
+    end_to_end.sort();
+    println!(
+        "handoff        {count} hand-offs: release answered → next waiter's 200 received: p50 {} p99 {} max {}; release sent → next waiter's 200 (includes the fsync): p50 {} p99 {}",
+        millis(percentile(&handoffs, 0.5)),
+        millis(percentile(&handoffs, 0.99)),
+        millis(handoffs[handoffs.len() - 1]),
+        millis(percentile(&end_to_end, 0.5)),
+        millis(percentile(&end_to_end, 0.99)),
+    );
+    Ok(())
+}
+
+async fn observer_waiters(observer: &mut Connection) -> Result<u64, Error> {
+    observer.sender.ready().await?;
+    let request = hyper::Request::builder()
+        .method("GET")
+        .uri("/lock/handoff")
+        .header("host", "bench")
+        .body(Full::new(Bytes::new()))?;
+    let response = observer.sender.send_request(request).await?;
+    let body = response.into_body().collect().await?.to_bytes();
+    let status: serde_json::Value = serde_json::from_slice(&body)?;
+    Ok(status["waiters"].as_u64().unwrap_or(0))
+}
+
+async fn memory(binary: &Path, held: usize, waiters: usize) -> Result<(), Error> {
+    let server = Server::start(binary, held).await?;
+    let idle = server.rss_mib();
+    let mut tasks = Vec::new();
+    for i in 0..waiters {
+        let address = server.address.clone();
+        let lock = i % held.max(1);
+        tasks.push(tokio::spawn(async move {
+            let mut connection = Connection::open(&address).await?;
+            let body = format!(r#"{{"key":"waiter-{i}"}}"#);
+            connection
+                .request("PUT", &format!("/lock/held-{lock}?wait=60s"), &body)
+                .await
+        }));
+    }
+    // Wait until the server counts every waiter.
+    let mut observer = Connection::open(&server.address).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        observer.sender.ready().await?;
+        let request = hyper::Request::builder()
+            .uri("/locks")
+            .header("host", "bench")
+            .body(Full::new(Bytes::new()))?;
+        let body = observer
+            .sender
+            .send_request(request)
+            .await?
+            .into_body()
+            .collect()
+            .await?
+            .to_bytes();
+        let locks: serde_json::Value = serde_json::from_slice(&body)?;
+        let queued: u64 = locks
+            .as_object()
+            .map(|m| m.values().filter_map(|l| l["waiters"].as_u64()).sum())
+            .unwrap_or(0);
+        if queued as usize >= waiters {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("only {queued} of {waiters} waiters queued").into());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "memory         {held} locks held: RSS {idle:.1} MiB idle, {:.1} MiB with {waiters} waiting requests",
+        server.rss_mib()
+    );
+    drop(server);
+    for task in tasks {
+        task.abort();
+    }
+    Ok(())
+}
