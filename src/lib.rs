@@ -7,11 +7,13 @@
 //! - [`api`]: HTTP routes and thin handlers; [`auth`] basic auth; [`tls`] rustls set-up.
 //! - [`config`]: flags and environment variables, checked once into [`config::Settings`].
 //! - [`server`]: wires it together and shuts down cleanly.
+//! - [`metrics`]: Prometheus counters and gauges.
 //! - [`timefmt`]: RFC 3339 times and the request duration syntax.
 
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod metrics;
 pub mod rules;
 pub mod server;
 pub mod store;

@@ -7,6 +7,7 @@ use clap::Parser;
 use log::{error, info};
 
 use locker::config::{Args, Settings};
+use locker::metrics::Metrics;
 use locker::server;
 use locker::store::file::{FileStore, FileStoreOptions};
 
@@ -31,9 +32,11 @@ fn run(args: Args) -> Result<(), String> {
     };
     let listener = std::net::TcpListener::bind(settings.listen)
         .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
+    let metrics = Arc::new(Metrics::new());
     let store = FileStore::open(FileStoreOptions {
         path: settings.state_file.clone(),
         max_waiters: settings.max_waiters,
+        metrics: metrics.clone(),
     })?;
     info!(
         "state file {}; {}",
@@ -45,6 +48,7 @@ fn run(args: Args) -> Result<(), String> {
             listener,
             &settings,
             Arc::new(store),
+            metrics,
             tls,
             server::termination_signal(),
         ))

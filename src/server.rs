@@ -13,6 +13,7 @@ use log::info;
 use crate::api::{self, AppState};
 use crate::auth::{self, Credentials};
 use crate::config::Settings;
+use crate::metrics::Metrics;
 use crate::store::LockStore;
 
 /// Seconds in-flight requests get to finish at shutdown (waiters are answered at once).
@@ -23,11 +24,13 @@ pub async fn serve(
     listener: TcpListener,
     settings: &Settings,
     store: Arc<dyn LockStore>,
+    metrics: Arc<Metrics>,
     tls: Option<rustls::ServerConfig>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let state = web::Data::new(AppState {
         store: store.clone(),
+        metrics,
         max_wait: settings.max_wait,
         default_ttl: settings.default_ttl,
     });

@@ -12,14 +12,16 @@ use std::time::Duration;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde_json::json;
 
+use crate::metrics::{self, Metrics};
 use crate::rules::Acquire;
-use crate::store::{LockStore, Released};
+use crate::store::{LockStore, Released, StoreError};
 use error::ApiError;
 use request::{LockBody, LockQuery, lock_name, read_body};
 
 /// What every handler may use: the store and the server-wide limits.
 pub struct AppState {
     pub store: Arc<dyn LockStore>,
+    pub metrics: Arc<Metrics>,
     pub max_wait: Duration,
     pub default_ttl: Option<Duration>,
 }
@@ -27,6 +29,11 @@ pub struct AppState {
 /// Routes behind auth (when configured). `/health` is registered outside, by the server.
 pub fn routes(config: &mut web::ServiceConfig) {
     config
+        .service(
+            web::resource("/metrics")
+                .route(web::get().to(metrics_text))
+                .default_service(web::to(method_not_allowed)),
+        )
         .service(
             web::resource("/locks")
                 .route(web::get().to(list_locks))
@@ -51,6 +58,16 @@ pub async fn not_found() -> Result<HttpResponse, ApiError> {
 
 async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
     Err(ApiError::MethodNotAllowed)
+}
+
+async fn metrics_text(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let text = state
+        .metrics
+        .encode(state.store.stats(), std::time::SystemTime::now())
+        .map_err(|e| ApiError::Internal(format!("cannot encode metrics: {e}")))?;
+    Ok(HttpResponse::Ok()
+        .content_type(metrics::CONTENT_TYPE)
+        .body(text))
 }
 
 async fn list_locks(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
@@ -88,14 +105,24 @@ async fn acquire(
         info: body.info()?,
         slots: None,
     };
-    let grant = match wait {
+    let result = match wait {
         // A waiting client may hang up: withdraw its request rather than grant it the lock.
         Some(_) => tokio::select! {
-            grant = state.store.acquire(name.clone(), acquire, wait) => grant?,
-            () = peer::client_gone(&request) => return Err(ApiError::ClientGone),
+            grant = state.store.acquire(name.clone(), acquire, wait) => grant,
+            () = peer::client_gone(&request) => {
+                state.metrics.acquire("client_gone");
+                return Err(ApiError::ClientGone);
+            }
         },
-        None => state.store.acquire(name.clone(), acquire, wait).await?,
+        None => state.store.acquire(name.clone(), acquire, wait).await,
     };
+    state.metrics.acquire(match &result {
+        Ok(_) => "granted",
+        Err(StoreError::TimedOut { .. }) => "timed_out",
+        Err(StoreError::Held { .. }) => "conflict",
+        Err(_) => "unavailable",
+    });
+    let grant = result?;
     Ok(HttpResponse::Ok().json(json!({
         "response": format!("lock {name:?} acquired with key {key:?} by {requestor:?} (count {})", grant.count),
         "generation": grant.generation,
@@ -112,6 +139,9 @@ async fn release(
     let body = LockBody::parse(&read_body(payload).await?)?;
     if query.force()? {
         let previous = state.store.force_release(name.clone()).await?;
+        if !previous.is_empty() {
+            state.metrics.release("forced");
+        }
         let message = if previous.is_empty() {
             format!("lock {name:?} was not held")
         } else {

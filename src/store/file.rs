@@ -23,6 +23,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::state_file;
 use super::{LockStore, LockView, Released, StoreError};
+use crate::metrics::{LockStats, Metrics};
 use crate::rules::{
     Acquire, AcquireOutcome, Effect, Grant, Holder, LockTable, Op, ReleaseOutcome, WaiterGrant,
     WaiterId,
@@ -36,10 +37,11 @@ const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 const IDLE: Duration = Duration::from_secs(3600);
 
 /// Settings of the file backend.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct FileStoreOptions {
     pub path: PathBuf,
     pub max_waiters: usize,
+    pub metrics: Arc<Metrics>,
 }
 
 /// What a client command gets back from the writer, once its batch is durable.
@@ -85,6 +87,7 @@ impl FileStore {
         let committed = Arc::new(RwLock::new(table.clone()));
         let (commands, receiver) = mpsc::channel();
         let writer = Writer {
+            metrics: options.metrics.clone(),
             paths,
             working: table,
             committed: committed.clone(),
@@ -271,6 +274,10 @@ impl LockStore for FileStore {
             .filter(|(_, l)| l.is_held())
             .map(|(name, l)| view(name, l))
             .collect())
+    }
+
+    fn stats(&self) -> LockStats {
+        super::table_stats(&self.committed.read())
     }
 
     fn begin_shutdown(&self) {
@@ -490,6 +497,7 @@ impl StatePaths {
 
 /// The single writer: owns the working table, the waiters' grant channels and the file.
 struct Writer {
+    metrics: Arc<Metrics>,
     paths: StatePaths,
     working: LockTable,
     committed: Arc<RwLock<LockTable>>,
@@ -614,7 +622,17 @@ impl Writer {
             return;
         }
         let dirty = batch.effects.iter().any(Effect::changes_holdings);
-        let written = if dirty { self.persist() } else { Ok(()) };
+        let written = if dirty {
+            let started = std::time::Instant::now();
+            let written = self.persist();
+            match &written {
+                Ok(()) => self.metrics.write(started.elapsed(), batch.ops.len()),
+                Err(_) => self.metrics.write_failed(),
+            }
+            written
+        } else {
+            Ok(())
+        };
         match written {
             Ok(()) => self.commit(batch, now),
             Err(e) => self.roll_back(batch, e),
@@ -638,6 +656,17 @@ impl Writer {
             debug_assert_eq!(*committed, self.working, "replay diverged from the batch");
         }
         log_effects(&batch);
+        let expired: usize = batch
+            .effects
+            .iter()
+            .map(|e| match e {
+                Effect::Expiry(expiry) => expiry.expired.len(),
+                _ => 0,
+            })
+            .sum();
+        if expired > 0 {
+            self.metrics.release_by("expired", expired as u64);
+        }
         for effect in &batch.effects {
             for grant in effect.grants() {
                 self.deliver(grant.clone());

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::rules::{Acquire, Grant, Holder};
+use crate::metrics::LockStats;
+use crate::rules::{Acquire, Grant, Holder, LockTable};
 
 /// A lock as the API shows it: its holdings (oldest first), slot count and queue length.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -88,9 +89,29 @@ pub trait LockStore: Send + Sync + 'static {
     /// Every held lock, by name.
     async fn list(&self) -> Result<Vec<LockView>, StoreError>;
 
+    /// Counts for the metrics gauges, from the committed state.
+    fn stats(&self) -> LockStats;
+
     /// Starts shutting down: every waiter is answered at once and new waits are refused.
     fn begin_shutdown(&self);
 
     /// Finishes pending work and makes everything durable; call after the last request ended.
     async fn close(&self);
+}
+
+/// Gauge values of a lock table.
+pub fn table_stats(table: &LockTable) -> LockStats {
+    let mut stats = LockStats::default();
+    for lock in table.locks().values().filter(|l| l.is_held()) {
+        stats.held += 1;
+        stats.waiters += lock.waiters();
+        stats.slots_used += lock.holders.len();
+        stats.slots_total += lock.slots as usize;
+        let oldest = lock.holders.iter().map(|h| h.acquired_at).min();
+        stats.oldest_acquired_at = match (stats.oldest_acquired_at, oldest) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+    stats
 }
