@@ -34,6 +34,10 @@ pub enum ClientError {
         attempts: u32,
         reason: String,
     },
+    #[error(
+        "{url}: TLS certificate verification failed ({reason}); set source.ca_cert to the CA that signed the server's certificate, or skip_ssl_validation: true"
+    )]
+    Certificate { url: String, reason: String },
     #[error("{0}")]
     Setup(String),
 }
@@ -272,7 +276,17 @@ impl Client {
                         .unwrap_or_else(|| text.trim().chars().take(200).collect());
                     format!("answered {status}: {message}")
                 }
-                Err(error) => describe(&error),
+                Err(error) => {
+                    let reason = describe(&error);
+                    // A certificate that fails verification will fail the same way again.
+                    if reason.contains("certificate") {
+                        return Err(ClientError::Certificate {
+                            url: shown.to_string(),
+                            reason,
+                        });
+                    }
+                    reason
+                }
             };
             if attempt >= self.retry.attempts {
                 return Err(ClientError::GaveUp {

@@ -83,7 +83,7 @@ impl Holding {
 
     /// Who holds the lock, for a log line: key, requestors, since when, which build.
     pub fn describe(&self, now: SystemTime) -> String {
-        let mut text = format!("key {:?} by {}", self.key, self.requestors());
+        let mut text = format!("key {:?} (requestors: {})", self.key, self.requestors());
         if let Some(since) = &self.acquired_at {
             text.push_str(&format!(" since {since}"));
             if let Some(held) = humantime::parse_rfc3339_weak(since)
@@ -382,11 +382,11 @@ mod tests {
         let now = humantime::parse_rfc3339("2024-01-01T00:01:05Z").unwrap();
         assert_eq!(
             h.describe(now),
-            "key \"prod\" by deploy, smoke (x2) since 2024-01-01T00:00:00Z (1m 5s ago), \
+            "key \"prod\" (requestors: deploy, smoke (x2)) since 2024-01-01T00:00:00Z (1m 5s ago), \
              build main/cf/deploy #12 (https://ci/b)"
         );
         let bare = holding(json!({"key": "k", "locked_by": {"k": 1}})).unwrap();
-        assert_eq!(bare.describe(now), "key \"k\" by k");
+        assert_eq!(bare.describe(now), "key \"k\" (requestors: k)");
     }
 
     #[test]
