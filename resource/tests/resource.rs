@@ -654,3 +654,30 @@ fn falls_back_to_retry_interval_against_a_server_without_long_poll() {
     let checked = run("check", None, &json!({"source": released}), &[]).json();
     assert_eq!(checked, json!([{"ref": "free"}]));
 }
+
+#[test]
+fn server_errors_are_retried_with_a_line_per_retry() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let calls = AtomicUsize::new(0);
+    let stub = Stub::start(move |_| {
+        if calls.fetch_add(1, Ordering::SeqCst) < 2 {
+            (503, json!({"error": "state file unavailable"}).to_string())
+        } else {
+            (200, "{}".to_string())
+        }
+    });
+    let src = json!({"locker_uri": stub.base, "lock_name": "a"});
+    let outcome = run("check", None, &json!({"source": src}), &[]);
+    assert_eq!(outcome.json(), json!([{"ref": "free"}]));
+    assert_eq!(
+        outcome.stderr.matches("retrying in").count(),
+        2,
+        "{}",
+        outcome.stderr
+    );
+    assert!(
+        outcome.stderr.contains("state file unavailable"),
+        "{}",
+        outcome.stderr
+    );
+}
