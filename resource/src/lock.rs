@@ -1,0 +1,442 @@
+//! Pure decisions about a lock's state, with no I/O: whether an entry of `GET /locks` is held,
+//! the version of a state, how to describe a holder, and the holder info sent with a lock.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use serde_json::{Map, Value};
+use sha1::{Digest, Sha1};
+
+use crate::models::{MetadataField, Version};
+
+/// The version of a lock that nobody holds.
+pub const FREE: &str = "free";
+
+/// A held lock, as `GET /locks` (any server) or `GET /lock/{name}` (this server) describe it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Holding {
+    pub key: String,
+    /// Requestor → count, only requestors with a count above 0.
+    pub locked_by: BTreeMap<String, u64>,
+    /// Fencing token of the holding; absent on the original server.
+    pub generation: Option<u64>,
+    pub acquired_at: Option<String>,
+    pub expires_at: Option<String>,
+    pub waiters: Option<u64>,
+    pub info: BTreeMap<String, String>,
+    /// The server's whole entry, as `in` writes it to `metadata.json`.
+    pub raw: Map<String, Value>,
+}
+
+impl Holding {
+    /// Reads one entry of `GET /locks`. `None` when it describes a free lock: the original Go
+    /// locker keeps released locks in its map with an empty key or zero counts.
+    pub fn from_entry(entry: &Value) -> Option<Holding> {
+        let raw = entry.as_object()?;
+        let key = raw.get("key").and_then(Value::as_str).unwrap_or_default();
+        let locked_by: BTreeMap<String, u64> = raw
+            .get("locked_by")
+            .and_then(Value::as_object)
+            .map(|counts| {
+                counts
+                    .iter()
+                    .filter_map(|(requestor, count)| Some((requestor.clone(), count.as_u64()?)))
+                    .filter(|(_, count)| *count > 0)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if key.is_empty() || locked_by.is_empty() {
+            return None;
+        }
+        let text = |name: &str| raw.get(name).and_then(Value::as_str).map(str::to_string);
+        Some(Holding {
+            key: key.to_string(),
+            locked_by,
+            generation: raw.get("generation").and_then(Value::as_u64),
+            acquired_at: text("acquired_at"),
+            expires_at: text("expires_at"),
+            waiters: raw.get("waiters").and_then(Value::as_u64),
+            info: raw
+                .get("info")
+                .and_then(Value::as_object)
+                .map(|info| {
+                    info.iter()
+                        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            raw: raw.clone(),
+        })
+    }
+
+    /// The requestors, e.g. `deploy-a (x2), deploy-b`.
+    pub fn requestors(&self) -> String {
+        self.locked_by
+            .iter()
+            .map(|(requestor, count)| match count {
+                1 => requestor.clone(),
+                n => format!("{requestor} (x{n})"),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Who holds the lock, for a log line: key, requestors, since when, which build.
+    pub fn describe(&self, now: SystemTime) -> String {
+        let mut text = format!("key {:?} (requestors: {})", self.key, self.requestors());
+        if let Some(since) = &self.acquired_at {
+            text.push_str(&format!(" since {since}"));
+            if let Some(held) = humantime::parse_rfc3339_weak(since)
+                .ok()
+                .and_then(|at| now.duration_since(at).ok())
+            {
+                text.push_str(&format!(" ({} ago)", short_duration(held)));
+            }
+        }
+        if let Some(build) = build_description(&self.info) {
+            text.push_str(&format!(", build {build}"));
+        }
+        if let Some(expires) = &self.expires_at {
+            text.push_str(&format!(", lease until {expires}"));
+        }
+        text
+    }
+}
+
+/// The build named by holder info, e.g. `main/deploy/prod #12 (https://ci/...)`.
+fn build_description(info: &BTreeMap<String, String>) -> Option<String> {
+    let get = |name: &str| info.get(name).map(String::as_str).filter(|v| !v.is_empty());
+    let mut text = match (get("team"), get("pipeline"), get("job"), get("build_name")) {
+        (Some(team), Some(pipeline), Some(job), Some(build)) => {
+            format!("{team}/{pipeline}/{job} #{build}")
+        }
+        (_, _, _, Some(build)) => format!("#{build}"),
+        _ => String::new(),
+    };
+    if let Some(url) = get("build_url") {
+        text = if text.is_empty() {
+            url.to_string()
+        } else {
+            format!("{text} ({url})")
+        };
+    }
+    Some(text).filter(|t| !t.is_empty())
+}
+
+/// The version of this lock's state. It changes when the lock's key, its holders or the
+/// generation of its holding change, and only then: the waiter count, lease times and other
+/// locks on the server do not matter. A stable hash (SHA-1, as the original used) keeps
+/// versions identical across releases of the resource.
+pub fn version_of(state: Option<&Holding>) -> Version {
+    let Some(holding) = state else {
+        return Version {
+            reference: FREE.to_string(),
+        };
+    };
+    let mut hasher = Sha1::new();
+    // Length-prefixed, so no two different states hash the same input.
+    let mut field = |text: &str| {
+        hasher.update((text.len() as u64).to_be_bytes());
+        hasher.update(text.as_bytes());
+    };
+    field(&holding.key);
+    for requestor in holding.locked_by.keys() {
+        field(requestor);
+    }
+    let digest = hasher.finalize();
+    let hash: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let reference = match holding.generation {
+        Some(generation) => format!("g{generation}-{hash}"),
+        None => hash,
+    };
+    Version { reference }
+}
+
+/// Metadata describing a lock's current state, as `in` shows it.
+pub fn state_metadata(name: &str, state: Option<&Holding>) -> Vec<MetadataField> {
+    let mut fields = vec![MetadataField::new("lock", name)];
+    match state {
+        None => {
+            fields.push(MetadataField::new("key", ""));
+            fields.push(MetadataField::new("locked_by", ""));
+            fields.push(MetadataField::new("generation", ""));
+        }
+        Some(holding) => {
+            fields.push(MetadataField::new("key", holding.key.clone()));
+            fields.push(MetadataField::new("locked_by", holding.requestors()));
+            fields.push(MetadataField::new(
+                "generation",
+                holding
+                    .generation
+                    .map(|g| g.to_string())
+                    .unwrap_or_default(),
+            ));
+            if let Some(since) = &holding.acquired_at {
+                fields.push(MetadataField::new("acquired_at", since.clone()));
+            }
+            if let Some(expires) = &holding.expires_at {
+                fields.push(MetadataField::new("expires_at", expires.clone()));
+            }
+            if let Some(build) = build_description(&holding.info) {
+                fields.push(MetadataField::new("holder_build", build));
+            }
+        }
+    }
+    fields
+}
+
+/// The build's identity from Concourse's environment (the `BUILD_*` variables and
+/// `ATC_EXTERNAL_URL`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BuildEnv {
+    pub team: Option<String>,
+    pub pipeline: Option<String>,
+    pub job: Option<String>,
+    pub build_name: Option<String>,
+    pub build_id: Option<String>,
+    pub atc_url: Option<String>,
+}
+
+impl BuildEnv {
+    pub fn from_process() -> Self {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        BuildEnv {
+            team: var("BUILD_TEAM_NAME"),
+            pipeline: var("BUILD_PIPELINE_NAME"),
+            job: var("BUILD_JOB_NAME"),
+            build_name: var("BUILD_NAME"),
+            build_id: var("BUILD_ID"),
+            atc_url: var("ATC_EXTERNAL_URL"),
+        }
+    }
+
+    /// The build's page: `{atc}/teams/T/pipelines/P/jobs/J/builds/N` for a job's build,
+    /// `{atc}/builds/ID` for a one-off build.
+    pub fn build_url(&self) -> Option<String> {
+        let atc = self.atc_url.as_deref()?.trim_end_matches('/');
+        match (&self.team, &self.pipeline, &self.job, &self.build_name) {
+            (Some(team), Some(pipeline), Some(job), Some(build)) => Some(format!(
+                "{atc}/teams/{}/pipelines/{}/jobs/{}/builds/{}",
+                segment(team),
+                segment(pipeline),
+                segment(job),
+                segment(build)
+            )),
+            _ => self
+                .build_id
+                .as_ref()
+                .map(|id| format!("{atc}/builds/{}", segment(id))),
+        }
+    }
+
+    /// Holder info for the server: at most [`MAX_INFO_ENTRIES`] entries and
+    /// [`MAX_INFO_BYTES`] in all (the server's limits); values are shortened to fit, the URL
+    /// dropped first if even that is not enough.
+    pub fn info(&self) -> BTreeMap<String, String> {
+        let mut entries: Vec<(&str, String)> = [
+            ("team", &self.team),
+            ("pipeline", &self.pipeline),
+            ("job", &self.job),
+            ("build_name", &self.build_name),
+            ("build_id", &self.build_id),
+            ("atc_url", &self.atc_url),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| Some((name, value.clone()?)))
+        .collect();
+        if let Some(url) = self.build_url() {
+            entries.push(("build_url", url));
+        }
+        let size = |entries: &[(&str, String)]| -> usize {
+            entries.iter().map(|(k, v)| k.len() + v.len()).sum()
+        };
+        // The URL repeats the others; drop it, then the ATC URL, before cutting values.
+        for droppable in ["build_url", "atc_url"] {
+            if size(&entries) > MAX_INFO_BYTES {
+                entries.retain(|(name, _)| *name != droppable);
+            }
+        }
+        if size(&entries) > MAX_INFO_BYTES {
+            for (_, value) in entries.iter_mut() {
+                truncate(value, MAX_INFO_VALUE);
+            }
+        }
+        entries.truncate(MAX_INFO_ENTRIES);
+        entries
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect()
+    }
+}
+
+/// The server's limits on holder info.
+pub const MAX_INFO_ENTRIES: usize = 16;
+pub const MAX_INFO_BYTES: usize = 1024;
+/// With six fields left, 150 bytes each keeps the whole under [`MAX_INFO_BYTES`].
+const MAX_INFO_VALUE: usize = 150;
+
+fn truncate(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+}
+
+/// Percent-encodes one segment of a Concourse URL (RFC 3986 unreserved characters stay).
+fn segment(text: &str) -> String {
+    const UNRESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    percent_encoding::utf8_percent_encode(text, UNRESERVED).to_string()
+}
+
+/// `1h 2m 3s`, rounded to whole seconds.
+pub fn short_duration(duration: Duration) -> String {
+    humantime::format_duration(Duration::from_secs(duration.as_secs())).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn holding(entry: Value) -> Option<Holding> {
+        Holding::from_entry(&entry)
+    }
+
+    #[test]
+    fn which_entries_are_held() {
+        let cases = [
+            (json!({"key": "k", "locked_by": {"k": 1}}), true),
+            (json!({"key": "k", "locked_by": {"a": 0, "b": 2}}), true),
+            // The original keeps released locks: empty key or zero counts mean free.
+            (json!({"key": "", "locked_by": {"k": 1}}), false),
+            (json!({"key": "k", "locked_by": {"k": 0}}), false),
+            (json!({"key": "k", "locked_by": {}}), false),
+            (json!({"key": "k"}), false),
+            (json!(null), false),
+            (json!("k"), false),
+        ];
+        for (entry, held) in cases {
+            assert_eq!(holding(entry.clone()).is_some(), held, "{entry}");
+        }
+        let h = holding(json!({"key": "k", "locked_by": {"a": 0, "b": 2}})).unwrap();
+        assert_eq!(h.locked_by, BTreeMap::from([("b".to_string(), 2)]));
+    }
+
+    #[test]
+    fn versions_follow_key_holders_and_generation_only() {
+        let base = json!({"key": "k", "locked_by": {"a": 1}, "generation": 7,
+            "acquired_at": "2024-01-01T00:00:00Z", "waiters": 0});
+        let v = |entry: Value| version_of(holding(entry).as_ref()).reference;
+        let reference = v(base.clone());
+        assert!(reference.starts_with("g7-"), "{reference}");
+        assert_eq!(version_of(None).reference, FREE);
+
+        // Unchanged by waiters, counts, lease and info.
+        let same = [
+            json!({"key": "k", "locked_by": {"a": 3}, "generation": 7, "waiters": 4,
+                "expires_at": "2030-01-01T00:00:00Z", "info": {"job": "x"}}),
+            json!({"key": "k", "locked_by": {"a": 1}, "generation": 7}),
+        ];
+        for entry in same {
+            assert_eq!(v(entry.clone()), reference, "{entry}");
+        }
+        // Changed by key, holders, generation.
+        let different = [
+            json!({"key": "j", "locked_by": {"a": 1}, "generation": 7}),
+            json!({"key": "k", "locked_by": {"a": 1, "b": 1}, "generation": 7}),
+            json!({"key": "k", "locked_by": {"b": 1}, "generation": 7}),
+            json!({"key": "k", "locked_by": {"a": 1}, "generation": 8}),
+            json!({"key": "k", "locked_by": {"a": 1}}),
+        ];
+        for entry in different {
+            assert_ne!(v(entry.clone()), reference, "{entry}");
+        }
+        // The original server has no generation: the hash alone.
+        let original = v(json!({"key": "k", "locked_by": {"a": 1}}));
+        assert_eq!(original.len(), 16);
+        // No ambiguity between key and requestor boundaries.
+        assert_ne!(
+            v(json!({"key": "ab", "locked_by": {"c": 1}})),
+            v(json!({"key": "a", "locked_by": {"bc": 1}}))
+        );
+        // Stable across releases: a fixed value.
+        assert_eq!(original, v(json!({"key": "k", "locked_by": {"a": 2}})));
+    }
+
+    #[test]
+    fn describes_the_holder() {
+        let h = holding(json!({
+            "key": "prod", "locked_by": {"deploy": 1, "smoke": 2}, "generation": 3,
+            "acquired_at": "2024-01-01T00:00:00Z",
+            "info": {"team": "main", "pipeline": "cf", "job": "deploy", "build_name": "12",
+                     "build_url": "https://ci/b"}
+        }))
+        .unwrap();
+        let now = humantime::parse_rfc3339("2024-01-01T00:01:05Z").unwrap();
+        assert_eq!(
+            h.describe(now),
+            "key \"prod\" (requestors: deploy, smoke (x2)) since 2024-01-01T00:00:00Z (1m 5s ago), \
+             build main/cf/deploy #12 (https://ci/b)"
+        );
+        let bare = holding(json!({"key": "k", "locked_by": {"k": 1}})).unwrap();
+        assert_eq!(bare.describe(now), "key \"k\" (requestors: k)");
+    }
+
+    #[test]
+    fn build_urls() {
+        let job = BuildEnv {
+            team: Some("main".into()),
+            pipeline: Some("my pipeline".into()),
+            job: Some("deploy".into()),
+            build_name: Some("12.1".into()),
+            build_id: Some("999".into()),
+            atc_url: Some("https://ci.example.com/".into()),
+        };
+        assert_eq!(
+            job.build_url().as_deref(),
+            Some(
+                "https://ci.example.com/teams/main/pipelines/my%20pipeline/jobs/deploy/builds/12.1"
+            )
+        );
+        let one_off = BuildEnv {
+            build_id: Some("999".into()),
+            atc_url: Some("https://ci".into()),
+            ..BuildEnv::default()
+        };
+        assert_eq!(
+            one_off.build_url().as_deref(),
+            Some("https://ci/builds/999")
+        );
+        assert_eq!(BuildEnv::default().build_url(), None);
+        assert!(BuildEnv::default().info().is_empty());
+        assert_eq!(
+            job.info().get("build_url").map(String::as_str),
+            job.build_url().as_deref()
+        );
+    }
+
+    #[test]
+    fn info_fits_the_server_limits() {
+        let long = "x".repeat(2000);
+        let env = BuildEnv {
+            team: Some(long.clone()),
+            pipeline: Some(long.clone()),
+            job: Some(long.clone()),
+            build_name: Some("é".repeat(500)),
+            build_id: Some(long.clone()),
+            atc_url: Some(format!("https://{long}")),
+        };
+        let info = env.info();
+        let bytes: usize = info.iter().map(|(k, v)| k.len() + v.len()).sum();
+        assert!(bytes <= MAX_INFO_BYTES, "{bytes}");
+        assert!(info.len() <= MAX_INFO_ENTRIES);
+        assert!(info.contains_key("team") && info.contains_key("build_name"));
+    }
+}

@@ -1,0 +1,162 @@
+//! `locker-resource`: the Concourse resource for locker. Installed as `/opt/resource/check`,
+//! `/opt/resource/in` and `/opt/resource/out`, it picks its command from the basename of argv[0]
+//! (`locker-resource check|in|out ...` works too).
+//!
+//! This file only does the protocol: the request is JSON on stdin, the response JSON on stdout,
+//! every log line goes to stderr, and a failure is one line on stderr and exit status 1. The
+//! work runs on a tokio runtime so that a wait can later be raced against SIGTERM.
+
+mod client;
+mod commands;
+mod lock;
+mod models;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// Writes one log line to stderr (stdout carries the response only).
+#[macro_export]
+macro_rules! log {
+    ($($arg:tt)*) => { eprintln!($($arg)*) };
+}
+
+/// The three commands of the resource protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    Check,
+    In,
+    Out,
+}
+
+impl Command {
+    fn name(self) -> &'static str {
+        match self {
+            Command::Check => "check",
+            Command::In => "in",
+            Command::Out => "out",
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Command> {
+        match name {
+            "check" => Some(Command::Check),
+            "in" => Some(Command::In),
+            "out" => Some(Command::Out),
+            _ => None,
+        }
+    }
+}
+
+/// The command and its arguments, from argv: by the program's basename, else by the first
+/// argument.
+fn parse_args(args: &[String]) -> Result<(Command, Vec<String>), String> {
+    let program = args
+        .first()
+        .map(String::as_str)
+        .unwrap_or("locker-resource");
+    let basename = Path::new(program)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or(program);
+    if let Some(command) = Command::from_name(basename) {
+        return Ok((command, args[1..].to_vec()));
+    }
+    match args.get(1).and_then(|a| Command::from_name(a)) {
+        Some(command) => Ok((command, args[2..].to_vec())),
+        None => Err(format!(
+            "usage: {basename} check | in DIR | out DIR (request JSON on stdin), \
+             or install as /opt/resource/check, in, out"
+        )),
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    match run(&args) {
+        Ok(response) => {
+            println!("{response}");
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            // One line, whatever the message holds.
+            log!("error: {}", message.replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &[String]) -> Result<String, String> {
+    let (command, rest) = parse_args(args)?;
+    let directory = match command {
+        Command::Check => None,
+        Command::In | Command::Out => Some(PathBuf::from(rest.first().ok_or_else(|| {
+            format!(
+                "usage: {} DIR: the directory argument is missing",
+                command.name()
+            )
+        })?)),
+    };
+    let mut input = String::new();
+    std::io::stdin()
+        .read_to_string(&mut input)
+        .map_err(|e| format!("cannot read the request from stdin: {e}"))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    let environment = lock::BuildEnv::from_process();
+    let retry = client::RetryPolicy::from_env();
+    let response = runtime.block_on(async {
+        match command {
+            Command::Check => commands::check(&input, retry).await,
+            Command::In => {
+                commands::fetch(
+                    &input,
+                    directory.as_deref().unwrap_or(Path::new(".")),
+                    retry,
+                )
+                .await
+            }
+            Command::Out => commands::put(&input, &environment, retry).await,
+        }
+    })?;
+    serde_json::to_string(&response).map_err(|e| format!("cannot encode the response: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn dispatches_on_basename_or_first_argument() {
+        type Case<'a> = (&'a [&'a str], Option<(Command, &'a [&'a str])>);
+        let cases: [Case; 7] = [
+            (&["/opt/resource/check"], Some((Command::Check, &[]))),
+            (
+                &["/opt/resource/in", "/tmp/d"],
+                Some((Command::In, &["/tmp/d"])),
+            ),
+            (&["out", "/tmp/s"], Some((Command::Out, &["/tmp/s"]))),
+            (
+                &["locker-resource", "in", "/d"],
+                Some((Command::In, &["/d"])),
+            ),
+            (
+                &["/x/locker-resource", "check"],
+                Some((Command::Check, &[])),
+            ),
+            (&["locker-resource"], None),
+            (&["locker-resource", "status"], None),
+        ];
+        for (argv, expected) in cases {
+            let parsed = parse_args(&args(argv)).ok();
+            let expected = expected.map(|(c, rest)| (c, args(rest)));
+            assert_eq!(parsed, expected, "{argv:?}");
+        }
+    }
+}

@@ -1,0 +1,694 @@
+//! The Concourse resource protocol: requests read from stdin, responses written to stdout, the
+//! `source` and `params` configurations, and their validation.
+//!
+//! `source` and `params` are read field by field from JSON rather than with a strict serde
+//! derive, so that every error names its field (`source.wait_poll: ...`), loose types that
+//! pipelines written for the original resource use (`skip_ssl_validation: "true"`, a numeric
+//! `key`) are accepted, and unknown fields are reported as warnings instead of failures.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use url::Url;
+
+/// A configuration that cannot be used; the message names the field.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// A version of the lock resource: an opaque reference to one state of one lock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Version {
+    #[serde(rename = "ref")]
+    pub reference: String,
+}
+
+/// One metadata entry. Concourse requires both to be strings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MetadataField {
+    pub name: String,
+    pub value: String,
+}
+
+impl MetadataField {
+    pub fn new(name: &str, value: impl Into<String>) -> Self {
+        MetadataField {
+            name: name.to_string(),
+            value: value.into(),
+        }
+    }
+}
+
+/// `check`'s request.
+#[derive(Debug, Deserialize)]
+pub struct CheckRequest {
+    #[serde(default)]
+    pub source: Value,
+    #[serde(default)]
+    pub version: Option<Version>,
+}
+
+/// `in`'s request.
+#[derive(Debug, Deserialize)]
+pub struct InRequest {
+    #[serde(default)]
+    pub source: Value,
+    #[serde(default)]
+    pub version: Option<Version>,
+    #[serde(default)]
+    pub params: Value,
+}
+
+/// `out`'s request.
+#[derive(Debug, Deserialize)]
+pub struct OutRequest {
+    #[serde(default)]
+    pub source: Value,
+    #[serde(default)]
+    pub params: Value,
+}
+
+/// The response of `in` and `out`.
+#[derive(Debug, Serialize)]
+pub struct VersionResponse {
+    pub version: Version,
+    pub metadata: Vec<MetadataField>,
+}
+
+/// Which lock the resource is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LockTarget {
+    /// `source.lock_name`.
+    Name(String),
+    /// `source.bosh_lock`: the lock is named after this BOSH director (`GET {url}/info`).
+    BoshDirector(Url),
+}
+
+/// A validated `source`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    pub locker_uri: Url,
+    /// Basic-auth credentials, both or neither.
+    pub credentials: Option<(String, String)>,
+    /// PEM text of one or more CA certificates, trusted besides the system's.
+    pub ca_cert: Option<String>,
+    pub skip_ssl_validation: bool,
+    pub target: LockTarget,
+    /// Long-poll length asked of the server per acquire request.
+    pub wait_poll: Duration,
+    /// Sleep between tries against a server that does not long-poll.
+    pub retry_interval: Duration,
+    /// Deadline of one HTTP request, on top of the long-poll wait it asks for.
+    pub request_timeout: Duration,
+}
+
+pub const DEFAULT_WAIT_POLL: Duration = Duration::from_secs(60);
+pub const DEFAULT_RETRY_INTERVAL: Duration = Duration::from_secs(10);
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+const SOURCE_FIELDS: &[&str] = &[
+    "locker_uri",
+    "username",
+    "password",
+    "ca_cert",
+    "skip_ssl_validation",
+    "lock_name",
+    "bosh_lock",
+    "wait_poll",
+    "retry_interval",
+    "request_timeout",
+];
+
+/// `source` as given: typed, not yet checked for required or contradictory fields.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RawSource {
+    pub locker_uri: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub ca_cert: Option<String>,
+    pub skip_ssl_validation: Option<bool>,
+    pub lock_name: Option<String>,
+    pub bosh_lock: Option<String>,
+    pub wait_poll: Option<Duration>,
+    pub retry_interval: Option<Duration>,
+    pub request_timeout: Option<Duration>,
+}
+
+impl RawSource {
+    /// Reads `source`, returning it with a warning for each unknown field.
+    pub fn parse(value: &Value) -> Result<(RawSource, Vec<String>), ConfigError> {
+        let fields = Fields::new("source", value)?;
+        let raw = RawSource {
+            locker_uri: fields.string("locker_uri")?,
+            username: fields.string("username")?,
+            password: fields.string("password")?,
+            ca_cert: fields.string("ca_cert")?,
+            skip_ssl_validation: fields.boolean("skip_ssl_validation")?,
+            lock_name: fields.string("lock_name")?,
+            bosh_lock: fields.string("bosh_lock")?,
+            wait_poll: fields.duration("wait_poll")?,
+            retry_interval: fields.duration("retry_interval")?,
+            request_timeout: fields.duration("request_timeout")?,
+        };
+        Ok((raw, fields.unknown(SOURCE_FIELDS)))
+    }
+
+    /// Checks required and contradictory fields and applies defaults.
+    pub fn validate(self) -> Result<Source, ConfigError> {
+        let locker_uri = self
+            .locker_uri
+            .ok_or_else(|| error("source.locker_uri is required (the locker server's URL)"))?;
+        let locker_uri = http_url("source.locker_uri", &locker_uri)?;
+        let credentials = match (self.username, self.password) {
+            (Some(user), Some(password)) => Some((user, password)),
+            (None, None) => None,
+            (Some(_), None) => return Err(error("source.username is set without source.password")),
+            (None, Some(_)) => return Err(error("source.password is set without source.username")),
+        };
+        let target = match (self.lock_name, self.bosh_lock) {
+            (Some(name), None) => {
+                check_lock_name("source.lock_name", &name)?;
+                LockTarget::Name(name)
+            }
+            (None, Some(url)) => LockTarget::BoshDirector(http_url("source.bosh_lock", &url)?),
+            (None, None) => {
+                return Err(error(
+                    "source.lock_name or source.bosh_lock is required (which lock to use)",
+                ));
+            }
+            (Some(_), Some(_)) => {
+                return Err(error(
+                    "source.lock_name and source.bosh_lock are both set: set exactly one",
+                ));
+            }
+        };
+        if let Some(pem) = &self.ca_cert
+            && !pem.contains("-----BEGIN CERTIFICATE-----")
+        {
+            return Err(error(
+                "source.ca_cert does not contain a PEM certificate (-----BEGIN CERTIFICATE-----)",
+            ));
+        }
+        Ok(Source {
+            locker_uri,
+            credentials,
+            ca_cert: self.ca_cert,
+            skip_ssl_validation: self.skip_ssl_validation.unwrap_or(false),
+            target,
+            wait_poll: positive("source.wait_poll", self.wait_poll, DEFAULT_WAIT_POLL)?,
+            retry_interval: positive(
+                "source.retry_interval",
+                self.retry_interval,
+                DEFAULT_RETRY_INTERVAL,
+            )?,
+            request_timeout: positive(
+                "source.request_timeout",
+                self.request_timeout,
+                DEFAULT_REQUEST_TIMEOUT,
+            )?,
+        })
+    }
+}
+
+impl Source {
+    /// Reads and validates `source`; unknown fields come back as warnings.
+    pub fn parse(value: &Value) -> Result<(Source, Vec<String>), ConfigError> {
+        let (raw, warnings) = RawSource::parse(value)?;
+        Ok((raw.validate()?, warnings))
+    }
+}
+
+/// `params.lock_op`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockOp {
+    Lock,
+    Unlock,
+}
+
+/// Validated `out` params.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutParams {
+    pub key: String,
+    /// The requestor; the server defaults it to the key.
+    pub locked_by: Option<String>,
+    pub op: LockOp,
+    /// Lease: the server releases the holding after this long (lock only).
+    pub ttl: Option<Duration>,
+    /// Release the lock whatever its key (unlock only).
+    pub force: bool,
+    /// Give up waiting after this long (lock only).
+    pub wait_timeout: Option<Duration>,
+}
+
+const OUT_FIELDS: &[&str] = &[
+    "key",
+    "locked_by",
+    "lock_op",
+    "ttl",
+    "force",
+    "wait_timeout",
+];
+
+impl OutParams {
+    /// Reads and validates `params` of `out`; unknown fields come back as warnings.
+    pub fn parse(value: &Value) -> Result<(OutParams, Vec<String>), ConfigError> {
+        let fields = Fields::new("params", value)?;
+        let key = fields.string("key")?;
+        let locked_by = fields.string("locked_by")?;
+        let op = fields.string("lock_op")?;
+        let ttl = fields.duration("ttl")?;
+        let force = fields.boolean("force")?;
+        let wait_timeout = fields.duration("wait_timeout")?;
+        let warnings = fields.unknown(OUT_FIELDS);
+
+        let key = key.ok_or_else(|| {
+            error("params.key is required (the key to lock or unlock the lock with)")
+        })?;
+        let op = match op.as_deref() {
+            Some("lock") => LockOp::Lock,
+            Some("unlock") => LockOp::Unlock,
+            Some(other) => {
+                return Err(error(&format!(
+                    "params.lock_op must be \"lock\" or \"unlock\", not {other:?}"
+                )));
+            }
+            None => return Err(error("params.lock_op is required: \"lock\" or \"unlock\"")),
+        };
+        let force = force.unwrap_or(false);
+        match op {
+            LockOp::Lock if force => {
+                return Err(error(
+                    "params.force applies only to lock_op: unlock (a lock cannot be taken by force)",
+                ));
+            }
+            LockOp::Unlock if ttl.is_some() => {
+                return Err(error("params.ttl applies only to lock_op: lock"));
+            }
+            LockOp::Unlock if wait_timeout.is_some() => {
+                return Err(error("params.wait_timeout applies only to lock_op: lock"));
+            }
+            _ => {}
+        }
+        if wait_timeout == Some(Duration::ZERO) {
+            return Err(error(
+                "params.wait_timeout must be more than 0 (leave it out to wait without limit)",
+            ));
+        }
+        Ok((
+            OutParams {
+                key,
+                locked_by,
+                op,
+                // 0 means no lease, as on the server.
+                ttl: ttl.filter(|t| !t.is_zero()),
+                force,
+                wait_timeout,
+            },
+            warnings,
+        ))
+    }
+}
+
+/// `in` takes no params yet; any given are reported as unknown.
+pub fn parse_in_params(value: &Value) -> Result<Vec<String>, ConfigError> {
+    Ok(Fields::new("params", value)?.unknown(&[]))
+}
+
+fn error(message: &str) -> ConfigError {
+    ConfigError(message.to_string())
+}
+
+fn http_url(field: &str, text: &str) -> Result<Url, ConfigError> {
+    let url = Url::parse(text.trim())
+        .map_err(|e| error(&format!("{field} is not a valid URL ({e}): {text:?}")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err(error(&format!(
+            "{field} must be an http:// or https:// URL with a host, not {text:?}"
+        )));
+    }
+    Ok(url)
+}
+
+/// Names that cannot be put in a URL path: `.` and `..` are path segments, not names.
+pub fn check_lock_name(field: &str, name: &str) -> Result<(), ConfigError> {
+    if name == "." || name == ".." {
+        return Err(error(&format!(
+            "{field} {name:?} cannot be used as a lock name"
+        )));
+    }
+    Ok(())
+}
+
+fn positive(
+    field: &str,
+    value: Option<Duration>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(d) if d.is_zero() => Err(error(&format!("{field} must be more than 0"))),
+        Some(d) => Ok(d),
+    }
+}
+
+/// Parses a duration: an integer number of seconds, or a number with a unit (`500ms`, `30s`,
+/// `5m`, `1h 30m`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return text
+            .parse::<u64>()
+            .map(Duration::from_secs)
+            .map_err(|_| format!("{text:?} is out of range"));
+    }
+    humantime::parse_duration(text)
+        .map_err(|e| format!("{text:?} is not a duration ({e}); use e.g. 30, 500ms, 30s, 5m, 1h"))
+}
+
+/// Reads the fields of one JSON object (`source` or `params`), remembering which are known.
+struct Fields<'a> {
+    section: &'static str,
+    map: Option<&'a Map<String, Value>>,
+}
+
+impl<'a> Fields<'a> {
+    fn new(section: &'static str, value: &'a Value) -> Result<Self, ConfigError> {
+        match value {
+            Value::Null => Ok(Fields { section, map: None }),
+            Value::Object(map) => Ok(Fields {
+                section,
+                map: Some(map),
+            }),
+            other => Err(error(&format!(
+                "{section} must be an object, not {}",
+                kind(other)
+            ))),
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<&'a Value> {
+        self.map
+            .and_then(|map| map.get(name))
+            .filter(|v| !v.is_null())
+    }
+
+    /// A string; numbers and booleans are taken as their text; empty means absent (as `jq //
+    /// ""` made it in the original resource).
+    fn string(&self, name: &str) -> Result<Option<String>, ConfigError> {
+        let text = match self.get(name) {
+            None => return Ok(None),
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Number(n)) => n.to_string(),
+            Some(Value::Bool(b)) => b.to_string(),
+            Some(other) => {
+                return Err(error(&format!(
+                    "{}.{name} must be a string, not {}",
+                    self.section,
+                    kind(other)
+                )));
+            }
+        };
+        Ok(Some(text).filter(|t| !t.is_empty()))
+    }
+
+    /// A boolean, also given as the string "true" or "false".
+    fn boolean(&self, name: &str) -> Result<Option<bool>, ConfigError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(Value::String(s)) if s.is_empty() => Ok(None),
+            Some(Value::String(s)) if s == "true" => Ok(Some(true)),
+            Some(Value::String(s)) if s == "false" => Ok(Some(false)),
+            Some(other) => Err(error(&format!(
+                "{}.{name} must be true or false, not {other}",
+                self.section
+            ))),
+        }
+    }
+
+    /// A duration: a string as [`parse_duration`] reads it, or a number of seconds.
+    fn duration(&self, name: &str) -> Result<Option<Duration>, ConfigError> {
+        let text = match self.get(name) {
+            None => return Ok(None),
+            Some(Value::String(s)) if s.is_empty() => return Ok(None),
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Number(n)) => n.to_string(),
+            Some(other) => {
+                return Err(error(&format!(
+                    "{}.{name} must be a duration such as \"30s\", not {}",
+                    self.section,
+                    kind(other)
+                )));
+            }
+        };
+        parse_duration(&text)
+            .map(Some)
+            .map_err(|e| error(&format!("{}.{name}: {e}", self.section)))
+    }
+
+    /// A warning for each field not in `known`.
+    fn unknown(&self, known: &[&str]) -> Vec<String> {
+        let known: BTreeSet<&str> = known.iter().copied().collect();
+        self.map
+            .into_iter()
+            .flat_map(|map| map.keys())
+            .filter(|name| !known.contains(name.as_str()))
+            .map(|name| {
+                format!(
+                    "warning: ignoring unknown field {}.{name} (known: {})",
+                    self.section,
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.iter().copied().collect::<Vec<_>>().join(", ")
+                    }
+                )
+            })
+            .collect()
+    }
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn source(value: Value) -> Result<Source, ConfigError> {
+        Source::parse(&value).map(|(s, _)| s)
+    }
+
+    fn params(value: Value) -> Result<OutParams, ConfigError> {
+        OutParams::parse(&value).map(|(p, _)| p)
+    }
+
+    #[test]
+    fn minimal_source_gets_defaults() {
+        let s = source(json!({"locker_uri": "http://l:3000", "lock_name": "prod"})).unwrap();
+        assert_eq!(s.target, LockTarget::Name("prod".into()));
+        assert_eq!(s.wait_poll, DEFAULT_WAIT_POLL);
+        assert_eq!(s.retry_interval, DEFAULT_RETRY_INTERVAL);
+        assert_eq!(s.request_timeout, DEFAULT_REQUEST_TIMEOUT);
+        assert!(!s.skip_ssl_validation);
+        assert_eq!(s.credentials, None);
+    }
+
+    #[test]
+    fn loose_types_of_the_original_are_accepted() {
+        let s = source(json!({
+            "locker_uri": "https://l", "lock_name": 42, "skip_ssl_validation": "true",
+            "username": "u", "password": "p", "wait_poll": 5, "retry_interval": "1500ms",
+            "request_timeout": "", "ca_cert": ""
+        }))
+        .unwrap();
+        assert_eq!(s.target, LockTarget::Name("42".into()));
+        assert!(s.skip_ssl_validation);
+        assert_eq!(s.credentials, Some(("u".into(), "p".into())));
+        assert_eq!(s.wait_poll, Duration::from_secs(5));
+        assert_eq!(s.retry_interval, Duration::from_millis(1500));
+        assert_eq!(s.request_timeout, DEFAULT_REQUEST_TIMEOUT);
+        assert_eq!(s.ca_cert, None);
+    }
+
+    #[test]
+    fn source_errors_name_their_field() {
+        let cases = [
+            (json!({"lock_name": "a"}), "source.locker_uri is required"),
+            (
+                json!({"locker_uri": "ftp://x", "lock_name": "a"}),
+                "source.locker_uri must be",
+            ),
+            (
+                json!({"locker_uri": "nope", "lock_name": "a"}),
+                "source.locker_uri is not a valid URL",
+            ),
+            (
+                json!({"locker_uri": "http://l"}),
+                "source.lock_name or source.bosh_lock is required",
+            ),
+            (
+                json!({"locker_uri": "http://l", "lock_name": "a", "bosh_lock": "https://d"}),
+                "both set",
+            ),
+            (
+                json!({"locker_uri": "http://l", "bosh_lock": "d:25555"}),
+                "source.bosh_lock",
+            ),
+            (
+                json!({"locker_uri": "http://l", "lock_name": "a", "username": "u"}),
+                "source.username is set without source.password",
+            ),
+            (
+                json!({"locker_uri": "http://l", "lock_name": "a", "password": "p"}),
+                "source.password is set without source.username",
+            ),
+            (
+                json!({"locker_uri": "http://l", "lock_name": "a", "skip_ssl_validation": "yes"}),
+                "source.skip_ssl_validation must be true or false",
+            ),
+            (
+                json!({"locker_uri": "http://l", "lock_name": "a", "wait_poll": "soon"}),
+                "source.wait_poll:",
+            ),
+            (
+                json!({"locker_uri": "http://l", "lock_name": "a", "wait_poll": "0s"}),
+                "source.wait_poll must be more than 0",
+            ),
+            (
+                json!({"locker_uri": "http://l", "lock_name": "a", "retry_interval": 0}),
+                "source.retry_interval must be more than 0",
+            ),
+            (
+                json!({"locker_uri": "http://l", "lock_name": "a", "ca_cert": "junk"}),
+                "source.ca_cert",
+            ),
+            (
+                json!({"locker_uri": "http://l", "lock_name": ".."}),
+                "source.lock_name",
+            ),
+            (
+                json!({"locker_uri": "http://l", "lock_name": ["a"]}),
+                "source.lock_name must be a string",
+            ),
+            (json!("http://l"), "source must be an object"),
+        ];
+        for (value, expected) in cases {
+            let err = source(value.clone()).expect_err(&value.to_string());
+            assert!(
+                err.0.contains(expected),
+                "{value}: {err} lacks {expected:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_source_fields_warn() {
+        let (_, warnings) =
+            Source::parse(&json!({"locker_uri": "http://l", "lock_name": "a", "lock_pool": "x"}))
+                .unwrap();
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].contains("source.lock_pool"), "{warnings:?}");
+    }
+
+    #[test]
+    fn out_params() {
+        let p = params(
+            json!({"key": "k", "lock_op": "lock", "locked_by": "r", "ttl": "1h",
+            "wait_timeout": 30}),
+        )
+        .unwrap();
+        assert_eq!(
+            p,
+            OutParams {
+                key: "k".into(),
+                locked_by: Some("r".into()),
+                op: LockOp::Lock,
+                ttl: Some(Duration::from_secs(3600)),
+                force: false,
+                wait_timeout: Some(Duration::from_secs(30)),
+            }
+        );
+        let p = params(json!({"key": "k", "lock_op": "unlock", "force": true})).unwrap();
+        assert_eq!((p.op, p.force), (LockOp::Unlock, true));
+        let p = params(json!({"key": "k", "lock_op": "lock", "ttl": 0})).unwrap();
+        assert_eq!(p.ttl, None);
+    }
+
+    #[test]
+    fn out_param_errors_name_their_field() {
+        let cases = [
+            (json!({"lock_op": "lock"}), "params.key is required"),
+            (
+                json!({"key": "", "lock_op": "lock"}),
+                "params.key is required",
+            ),
+            (json!({"key": "k"}), "params.lock_op is required"),
+            (
+                json!({"key": "k", "lock_op": "grab"}),
+                "params.lock_op must be",
+            ),
+            (
+                json!({"key": "k", "lock_op": "lock", "force": true}),
+                "params.force applies only",
+            ),
+            (
+                json!({"key": "k", "lock_op": "unlock", "ttl": "1m"}),
+                "params.ttl applies only",
+            ),
+            (
+                json!({"key": "k", "lock_op": "unlock", "wait_timeout": "1m"}),
+                "params.wait_timeout applies only",
+            ),
+            (
+                json!({"key": "k", "lock_op": "lock", "wait_timeout": "0s"}),
+                "params.wait_timeout must be more than 0",
+            ),
+            (
+                json!({"key": "k", "lock_op": "lock", "ttl": "forever"}),
+                "params.ttl:",
+            ),
+            (
+                json!({"key": {"a": 1}, "lock_op": "lock"}),
+                "params.key must be a string",
+            ),
+            (json!(null), "params.key is required"),
+        ];
+        for (value, expected) in cases {
+            let err = params(value.clone()).expect_err(&value.to_string());
+            assert!(
+                err.0.contains(expected),
+                "{value}: {err} lacks {expected:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_params_warn() {
+        let (_, warnings) =
+            OutParams::parse(&json!({"key": "k", "lock_op": "lock", "lock_with": "x"})).unwrap();
+        assert!(warnings[0].contains("params.lock_with"), "{warnings:?}");
+        assert_eq!(parse_in_params(&json!({"skip": true})).unwrap().len(), 1);
+        assert!(parse_in_params(&json!(null)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("-1").is_err());
+    }
+}
