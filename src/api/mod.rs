@@ -1,6 +1,7 @@
 //! The HTTP API: routes, and thin handlers that parse a request, call the store and map the
 //! outcome to a status. The lock semantics live in [`crate::rules`], durability in the store.
 
+mod dashboard;
 pub mod error;
 pub mod peer;
 pub mod request;
@@ -29,6 +30,9 @@ pub struct AppState {
 /// Routes behind auth (when configured). `/health` is registered outside, by the server.
 pub fn routes(config: &mut web::ServiceConfig) {
     config
+        .route("/", web::get().to(dashboard::index))
+        .route("/dashboard.css", web::get().to(dashboard::style))
+        .route("/dashboard.js", web::get().to(dashboard::script))
         .service(
             web::resource("/metrics")
                 .route(web::get().to(metrics_text))
@@ -151,11 +155,17 @@ async fn release(
     }
     let key = body.key()?;
     let requestor = body.requestor(&key)?;
-    let message = match state
+    let result = state
         .store
         .release(name.clone(), key, requestor.clone())
-        .await?
-    {
+        .await;
+    state.metrics.release(match &result {
+        Ok(Released::Released) => "released",
+        Ok(Released::NotHeld) => "not_held",
+        Err(StoreError::WrongKey { .. }) => "wrong_key",
+        Err(_) => "unavailable",
+    });
+    let message = match result? {
         Released::Released => format!("lock {name:?} released by {requestor:?}"),
         Released::NotHeld => format!("lock {name:?} was not held by {requestor:?}"),
     };

@@ -1,0 +1,171 @@
+// locker dashboard: renders GET /locks as a table, refreshed every 2 seconds.
+// Lock names and holder info are user data: they only ever reach the page as text nodes
+// (textContent), never as HTML, and only http(s) URLs become links.
+"use strict";
+
+const REFRESH_MS = 2000;
+let locks = {};
+let confirming = null; // name of the lock whose force release awaits confirmation
+
+function humanize(seconds) {
+  seconds = Math.max(0, Math.floor(seconds));
+  const units = [["d", 86400], ["h", 3600], ["m", 60], ["s", 1]];
+  const parts = [];
+  for (const [unit, size] of units) {
+    if (seconds >= size || (unit === "s" && parts.length === 0)) {
+      parts.push(Math.floor(seconds / size) + unit);
+      seconds %= size;
+    }
+    if (parts.length === 2) break;
+  }
+  return parts.join(" ");
+}
+
+function el(tag, text, className) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  if (className) node.className = className;
+  return node;
+}
+
+function cell(label, ...children) {
+  const td = el("td");
+  td.dataset.label = label;
+  for (const child of children) td.append(child);
+  return td;
+}
+
+function safeUrl(value) {
+  if (!value) return null;
+  try {
+    const url = new URL(value, window.location.href);
+    return url.protocol === "http:" || url.protocol === "https:" ? url.href : null;
+  } catch (_) {
+    return null;
+  }
+}
+
+function holderCell(info) {
+  const parts = ["team", "pipeline", "job", "build"].filter((k) => info[k]).map((k) => info[k]);
+  const others = Object.keys(info).filter((k) => !["team", "pipeline", "job", "build", "url", "build_url"].includes(k));
+  const text = parts.length ? parts.join(" / ") : others.map((k) => k + "=" + info[k]).join(", ");
+  const href = safeUrl(info.build_url || info.url || "");
+  if (href) {
+    const link = el("a", text || href);
+    link.href = href;
+    link.rel = "noopener noreferrer";
+    link.target = "_blank";
+    return cell("Holder", link);
+  }
+  return cell("Holder", text || "—");
+}
+
+function requestorsCell(lockedBy) {
+  const td = cell("Requestors");
+  for (const [who, count] of Object.entries(lockedBy || {})) {
+    td.append(el("span", count > 1 ? who + " ×" + count : who, "requestor"));
+  }
+  return td;
+}
+
+function actionCell(name) {
+  const td = cell("");
+  if (confirming === name) {
+    td.append(el("span", "Release " + name + "? "));
+    const yes = el("button", "Yes, release", "confirm");
+    yes.addEventListener("click", () => forceRelease(name));
+    const no = el("button", "Cancel", "cancel");
+    no.addEventListener("click", () => { confirming = null; render(); });
+    td.append(yes, " ", no);
+  } else {
+    const button = el("button", "Force release", "force");
+    button.addEventListener("click", () => { confirming = name; render(); });
+    td.append(button);
+  }
+  return td;
+}
+
+function matches(name, lock, filter) {
+  if (!filter) return true;
+  const haystack = [name, lock.key, ...Object.keys(lock.locked_by || {}), ...Object.values(lock.info || {})]
+    .join("\n").toLowerCase();
+  return haystack.includes(filter);
+}
+
+function render() {
+  const now = Date.now();
+  const filter = document.getElementById("filter").value.trim().toLowerCase();
+  const body = document.querySelector("#locks tbody");
+  const names = Object.keys(locks).sort();
+  const rows = [];
+  for (const name of names) {
+    const lock = locks[name];
+    if (!matches(name, lock, filter)) continue;
+    const tr = el("tr");
+    tr.dataset.lock = name;
+    const held = lock.acquired_at ? humanize((now - Date.parse(lock.acquired_at)) / 1000) : "—";
+    const ttl = lock.expires_at ? humanize((Date.parse(lock.expires_at) - now) / 1000) : "no expiry";
+    const waiters = lock.waiters || 0;
+    tr.append(
+      cell("Lock", name),
+      cell("Key", el("code", lock.key)),
+      requestorsCell(lock.locked_by),
+      holderCell(lock.info || {}),
+      cell("Held for", held),
+      cell("TTL left", ttl),
+      cell("Generation", lock.generation),
+      cell("Waiters", el("span", waiters, waiters > 0 ? "waiting" : "")),
+      actionCell(name),
+    );
+    tr.firstChild.className = "name";
+    rows.push(tr);
+  }
+  body.replaceChildren(...rows);
+  document.getElementById("empty").hidden = names.length > 0;
+  const waiting = names.reduce((sum, n) => sum + (locks[n].waiters || 0), 0);
+  document.getElementById("summary").textContent =
+    names.length + " lock(s) held, " + waiting + " waiting" + (filter ? ", " + rows.length + " shown" : "");
+}
+
+function showError(message) {
+  const node = document.getElementById("error");
+  node.textContent = message || "";
+  node.hidden = !message;
+}
+
+async function refresh() {
+  try {
+    const response = await fetch("/locks", { credentials: "same-origin", cache: "no-store" });
+    if (!response.ok) throw new Error("GET /locks answered " + response.status);
+    locks = await response.json();
+    if (confirming !== null && !(confirming in locks)) confirming = null;
+    showError(null);
+  } catch (error) {
+    showError("Cannot load locks: " + error.message);
+  }
+  render();
+}
+
+async function forceRelease(name) {
+  confirming = null;
+  try {
+    const response = await fetch("/lock/" + encodeURIComponent(name) + "?force=true", {
+      method: "DELETE",
+      credentials: "same-origin",
+    });
+    if (!response.ok) {
+      const body = await response.json().catch(() => ({}));
+      throw new Error(body.error || "answered " + response.status);
+    }
+    showError(null);
+  } catch (error) {
+    showError("Force release of " + name + " failed: " + error.message);
+  }
+  await refresh();
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  document.getElementById("filter").addEventListener("input", render);
+  refresh();
+  setInterval(refresh, REFRESH_MS);
+});

@@ -1,0 +1,297 @@
+//! The dashboard in a real headless Chromium (Debian's `chromium` and `chromium-driver`, which
+//! `.ci/run` installs), driven over WebDriver against a real server with held locks and a waiter.
+
+mod common;
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::json;
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+const XSS_NAME: &str = "<img src=x onerror=alert(1)>";
+
+/// chromedriver on a free loopback port; killed when dropped.
+struct Driver(Child, u16);
+
+impl Driver {
+    fn start() -> Driver {
+        for tool in [CHROMIUM, CHROMEDRIVER] {
+            assert!(
+                std::path::Path::new(tool).exists(),
+                "{tool} is missing: install Debian's chromium and chromium-driver (.ci/run does)"
+            );
+        }
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let child = Command::new(CHROMEDRIVER)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start chromedriver");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "chromedriver did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Driver(child, port)
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn browser(driver: &Driver, profile: &std::path::Path) -> Client {
+    let mut capabilities = serde_json::Map::new();
+    capabilities.insert(
+        "goog:chromeOptions".into(),
+        json!({
+            "binary": CHROMIUM,
+            "args": [
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-quic", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--window-size=1280,800",
+                format!("--user-data-dir={}", profile.display()),
+            ]
+        }),
+    );
+    ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(capabilities)
+        .connect(&format!("http://127.0.0.1:{}", driver.1))
+        .await
+        .expect("browser session")
+}
+
+/// Names of the rows the dashboard shows, waiting until `expected` holds (or time runs out).
+async fn shown_rows(client: &Client, expected: impl Fn(&[String]) -> bool) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let names: Vec<String> = serde_json::from_value(
+            client
+                .execute(
+                    "return [...document.querySelectorAll('#locks tbody tr')].map(r => r.dataset.lock)",
+                    vec![],
+                )
+                .await
+                .expect("read rows"),
+        )
+        .expect("names");
+        if expected(&names) || Instant::now() > deadline {
+            return names;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn row_button(client: &Client, name: &str, class: &str) -> fantoccini::elements::Element {
+    let rows = client
+        .find_all(Locator::Css("#locks tbody tr"))
+        .await
+        .expect("rows");
+    for row in rows {
+        if row.attr("data-lock").await.expect("attr").as_deref() == Some(name) {
+            return row
+                .find(Locator::Css(&format!("button.{class}")))
+                .await
+                .expect("button");
+        }
+    }
+    panic!("no row for {name}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_shows_filters_and_force_releases_locks_in_a_real_browser() {
+    // The server fixture and its blocking HTTP client must not run on the async workers.
+    let server = blocking(|| {
+        let server = common::Server::start();
+        let build_url = "https://ci.example.com/teams/main/pipelines/deploy/jobs/prod/builds/42";
+        let info = json!({"team": "main", "pipeline": "deploy", "job": "prod", "build": "42", "build_url": build_url});
+        let held = [
+            (
+                "deploy-prod",
+                json!({"key": "build-42", "requestor": "prod-job", "info": info, "ttl": "2h"}),
+            ),
+            ("test-bed", json!({"key": "shared", "requestor": "suite-a"})),
+            (
+                XSS_NAME,
+                json!({"key": "<b>key</b>", "info": {"team": "<script>alert(2)</script>"}}),
+            ),
+        ];
+        for (name, body) in &held {
+            let encoded = name
+                .replace('<', "%3C")
+                .replace('>', "%3E")
+                .replace(' ', "%20");
+            let reply = server.lock(&encoded, body.clone());
+            assert_eq!(reply.status, 200, "{}", reply.body);
+        }
+        server.lock("test-bed", json!({"key": "shared", "requestor": "suite-b"}));
+        // A waiter on test-bed.
+        let waiter_url = server.url("/lock/test-bed?wait=60s");
+        std::thread::spawn(move || {
+            common::call("PUT", &waiter_url, Some(r#"{"key":"exclusive"}"#))
+        });
+
+        server
+    });
+    let build_url = "https://ci.example.com/teams/main/pipelines/deploy/jobs/prod/builds/42";
+    let driver = Driver::start();
+    let profile = common::temp_dir();
+    let client = browser(&driver, profile.path()).await;
+    client.goto(&server.url("/")).await.expect("open dashboard");
+
+    // The rows are there, the waiter is counted, and holder info links to the build.
+    let rows = shown_rows(&client, |r| r.len() == 3).await;
+    let mut sorted = rows.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        ["<img src=x onerror=alert(1)>", "deploy-prod", "test-bed"]
+    );
+    let page: serde_json::Value = client
+        .execute(
+            "const rows = {}; for (const r of document.querySelectorAll('#locks tbody tr')) { \
+               rows[r.dataset.lock] = [...r.cells].map(c => c.textContent); } \
+             const link = document.querySelector('tr[data-lock=\"deploy-prod\"] a'); \
+             return {rows, link: link && link.href, links: document.querySelectorAll('#locks a').length, images: document.querySelectorAll('img').length, \
+                     scripts: document.querySelectorAll('script').length};",
+            vec![],
+        )
+        .await
+        .expect("read page");
+    assert_eq!(page["link"], build_url);
+    assert_eq!(page["links"], 1, "only holders with a build URL are links");
+    assert_eq!(page["rows"]["deploy-prod"][2], "prod-job");
+    assert!(
+        page["rows"]["deploy-prod"][3]
+            .as_str()
+            .expect("holder")
+            .contains("main / deploy / prod / 42")
+    );
+    assert!(
+        page["rows"]["test-bed"][2]
+            .as_str()
+            .expect("requestors")
+            .contains("suite-a")
+    );
+    // User data shows as text and runs nothing: no element was made from it, no alert opened.
+    assert_eq!(page["rows"][XSS_NAME][0], XSS_NAME);
+    assert_eq!(page["rows"][XSS_NAME][1], "<b>key</b>");
+    assert_eq!(page["images"], 0);
+    assert_eq!(page["scripts"], 1, "only the dashboard's own script");
+    assert!(client.get_alert_text().await.is_err(), "an alert opened");
+    let test_bed_waiters: serde_json::Value = client
+        .execute(
+            "return document.querySelector('tr[data-lock=\"test-bed\"] td[data-label=\"Waiters\"]').textContent",
+            vec![],
+        )
+        .await
+        .expect("waiters");
+    assert_eq!(test_bed_waiters, "1");
+
+    let screenshot = client.screenshot().await.expect("screenshot");
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
+    std::fs::write(&path, screenshot).expect("save screenshot");
+    eprintln!("dashboard screenshot saved to {}", path.display());
+
+    // The filter narrows the table.
+    let filter = client
+        .find(Locator::Css("#filter"))
+        .await
+        .expect("filter box");
+    filter.send_keys("deploy").await.expect("type");
+    let filtered = shown_rows(&client, |r| r.len() == 1).await;
+    assert_eq!(filtered, ["deploy-prod"]);
+    filter.clear().await.expect("clear");
+    filter.send_keys("suite-b").await.expect("type");
+    assert_eq!(shown_rows(&client, |r| r.len() == 1).await, ["test-bed"]);
+    filter.clear().await.expect("clear");
+    // Clearing fires no input event in every driver; type and delete a character to be sure.
+    filter.send_keys(" ").await.expect("type");
+    assert_eq!(shown_rows(&client, |r| r.len() == 3).await.len(), 3);
+
+    // Force release asks first; cancelling keeps the lock.
+    row_button(&client, "deploy-prod", "force")
+        .await
+        .click()
+        .await
+        .expect("click");
+    row_button(&client, "deploy-prod", "cancel")
+        .await
+        .click()
+        .await
+        .expect("cancel");
+    assert!(blocking(|| server.locks()).get("deploy-prod").is_some());
+    // Confirming releases it and the row goes away.
+    row_button(&client, "deploy-prod", "force")
+        .await
+        .click()
+        .await
+        .expect("click");
+    assert!(
+        blocking(|| server.locks()).get("deploy-prod").is_some(),
+        "released before confirmation"
+    );
+    row_button(&client, "deploy-prod", "confirm")
+        .await
+        .click()
+        .await
+        .expect("confirm");
+    let after = shown_rows(&client, |r| !r.contains(&"deploy-prod".to_string())).await;
+    assert!(!after.contains(&"deploy-prod".to_string()), "{after:?}");
+    assert!(blocking(|| server.locks()).get("deploy-prod").is_none());
+
+    // Readable on a phone: the table turns into cards with labelled lines.
+    client.set_window_size(390, 844).await.expect("resize");
+    let header_hidden: serde_json::Value = client
+        .execute(
+            "return getComputedStyle(document.querySelector('#locks thead')).display",
+            vec![],
+        )
+        .await
+        .expect("style");
+    assert_eq!(header_hidden, "none");
+    let phone = client.screenshot().await.expect("screenshot");
+    std::fs::write(path.with_file_name("dashboard-phone.png"), phone).expect("save");
+    client.close().await.expect("close browser");
+    blocking(move || drop(server));
+}
+
+fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(work)
+}
+
+#[test]
+fn dashboard_assets_are_served_with_a_strict_content_security_policy() {
+    let server = common::Server::start();
+    for (path, content_type) in [
+        ("/", "text/html"),
+        ("/dashboard.js", "text/javascript"),
+        ("/dashboard.css", "text/css"),
+    ] {
+        let reply = common::call("GET", &server.url(path), None);
+        assert_eq!(reply.status, 200, "{path}");
+        let header = |name: &str| {
+            reply
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert!(header("content-type").starts_with(content_type), "{path}");
+        assert!(header("content-security-policy").contains("script-src 'self'"));
+    }
+    let guarded = common::server().auth("u", "p").start();
+    assert_eq!(common::call("GET", &guarded.url("/"), None).status, 401);
+}

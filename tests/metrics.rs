@@ -1,0 +1,120 @@
+//! `/metrics`: valid Prometheus exposition text whose counters move with the operations.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Server, call};
+use serde_json::json;
+
+/// Scrapes `/metrics`, parses it as Prometheus text, and returns each sample as
+/// (`name{label="value",...}`, value).
+fn scrape(server: &Server) -> Vec<(String, f64)> {
+    let reply = call("GET", &server.url("/metrics"), None);
+    assert_eq!(reply.status, 200);
+    let content_type = reply
+        .headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    assert!(
+        content_type.starts_with("application/openmetrics-text"),
+        "{content_type}"
+    );
+    assert!(reply.body.ends_with("# EOF\n"));
+    let lines = reply.body.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("valid exposition text");
+    assert!(!scrape.samples.is_empty());
+    scrape
+        .samples
+        .into_iter()
+        .filter_map(|sample| {
+            let value = match sample.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => return None,
+            };
+            let mut labels: Vec<String> = sample
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}=\"{v}\""))
+                .collect();
+            labels.sort();
+            let name = if labels.is_empty() {
+                sample.metric
+            } else {
+                format!("{}{{{}}}", sample.metric, labels.join(","))
+            };
+            Some((name, value))
+        })
+        .collect()
+}
+
+fn value(samples: &[(String, f64)], name: &str) -> f64 {
+    samples
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| *v)
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn counters_and_gauges_follow_the_operations() {
+    let server = Server::start();
+    let before = scrape(&server);
+    assert_eq!(value(&before, "locker_locks_held"), 0.0);
+    assert_eq!(value(&before, "locker_build_info{version=\"0.1.0\"}"), 1.0);
+
+    server.lock("a", json!({"key": "k1"}));
+    server.lock("b", json!({"key": "k2", "ttl": "1s"}));
+    server.lock("a", json!({"key": "other"}));
+    call(
+        "PUT",
+        &server.url("/lock/a?wait=200ms"),
+        Some(r#"{"key":"late"}"#),
+    );
+    server.unlock("a", json!({"key": "k1"}));
+    server.unlock("a", json!({"key": "k1"}));
+    server.lock("c", json!({"key": "k3"}));
+    server.unlock("c", json!({"key": "wrong"}));
+    call("DELETE", &server.url("/lock/c?force=true"), None);
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let after = scrape(&server);
+    let count = |name: &str| value(&after, name) - value(&before, name);
+    assert_eq!(count("locker_acquires_total{outcome=\"granted\"}"), 3.0);
+    assert_eq!(count("locker_acquires_total{outcome=\"conflict\"}"), 1.0);
+    assert_eq!(count("locker_acquires_total{outcome=\"timed_out\"}"), 1.0);
+    assert_eq!(count("locker_releases_total{outcome=\"released\"}"), 1.0);
+    assert_eq!(count("locker_releases_total{outcome=\"not_held\"}"), 1.0);
+    assert_eq!(count("locker_releases_total{outcome=\"wrong_key\"}"), 1.0);
+    assert_eq!(count("locker_releases_total{outcome=\"forced\"}"), 1.0);
+    assert_eq!(count("locker_releases_total{outcome=\"expired\"}"), 1.0);
+    // Every change was written: 3 grants, 1 release, 1 force, 1 expiry (some may share a write).
+    let writes = count("locker_state_writes_total");
+    assert!((1.0..=6.0).contains(&writes), "{writes} writes");
+    assert_eq!(count("locker_state_write_duration_seconds_count"), writes);
+    assert_eq!(value(&after, "locker_state_write_failures_total"), 0.0);
+    assert_eq!(value(&after, "locker_locks_held"), 0.0);
+
+    server.lock("held", json!({"key": "k"}));
+    std::thread::sleep(Duration::from_millis(1100));
+    let held = scrape(&server);
+    assert_eq!(value(&held, "locker_locks_held"), 1.0);
+    assert_eq!(value(&held, "locker_slots_used"), 1.0);
+    let age = value(&held, "locker_oldest_lock_age_seconds");
+    assert!((1.0..30.0).contains(&age), "oldest lock age {age}");
+}
+
+#[test]
+fn metrics_are_behind_auth_when_auth_is_on() {
+    let server = common::server().auth("u", "p").start();
+    assert_eq!(call("GET", &server.url("/metrics"), None).status, 401);
+    let ok = common::client()
+        .get(server.url("/metrics"))
+        .basic_auth("u", Some("p"))
+        .send()
+        .expect("request");
+    assert_eq!(ok.status(), 200);
+}
