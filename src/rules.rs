@@ -527,6 +527,20 @@ pub enum Op {
     Expire,
 }
 
+impl Op {
+    /// The lock this operation is about; `None` for expiry, which may touch any.
+    pub fn lock_name(&self) -> Option<&str> {
+        match self {
+            Op::Acquire { name, .. }
+            | Op::Release { name, .. }
+            | Op::ForceRelease { name }
+            | Op::Cancel { name, .. } => Some(name),
+            Op::Revoke(grant) => Some(&grant.name),
+            Op::Expire => None,
+        }
+    }
+}
+
 /// What applying an [`Op`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Effect {

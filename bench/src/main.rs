@@ -160,25 +160,25 @@ impl Drop for Server {
     }
 }
 
-/// Writes a state file in the server's own format with `held` locks.
+/// Writes a state file in the server's own format (one lock per line) with `held` locks.
 fn write_state(path: &Path, held: usize) -> Result<(), Error> {
     let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
-    writeln!(out, "format: locker/v2")?;
-    writeln!(out, "next_generation: {}", held + 1)?;
-    writeln!(out, "locks:")?;
+    write!(
+        out,
+        r#"{{"format":"locker/v2","next_generation":{},"locks":{{"#,
+        held + 1
+    )?;
     for i in 0..held {
-        writeln!(out, "  held-{i}:")?;
-        writeln!(out, "    holders:")?;
-        writeln!(out, "    - key: prefill-key-{i}")?;
-        writeln!(out, "      generation: {}", i + 1)?;
-        writeln!(out, "      acquired_at: 2026-11-24T12:00:00.000Z")?;
-        writeln!(out, "      info:")?;
-        writeln!(out, "        team: main")?;
-        writeln!(out, "        pipeline: deploy-{i}")?;
-        writeln!(out, "      requestors:")?;
-        writeln!(out, "        job-{i}:")?;
-        writeln!(out, "          count: 1")?;
+        let separator = if i == 0 { "" } else { "," };
+        write!(
+            out,
+            "{separator}\n\"held-{i}\":{{\"holders\":[{{\"key\":\"prefill-key-{i}\",\"generation\":{},\
+             \"acquired_at\":\"2026-11-24T12:00:00.000Z\",\"info\":{{\"team\":\"main\",\"pipeline\":\"deploy-{i}\"}},\
+             \"requestors\":{{\"job-{i}\":{{\"count\":1}}}}}}]}}",
+            i + 1
+        )?;
     }
+    writeln!(out, "\n}}}}")?;
     out.flush()?;
     Ok(())
 }

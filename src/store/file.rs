@@ -87,6 +87,7 @@ impl FileStore {
         let committed = Arc::new(RwLock::new(table.clone()));
         let (commands, receiver) = mpsc::channel();
         let writer = Writer {
+            encoder: None,
             metrics: options.metrics.clone(),
             paths,
             working: table,
@@ -497,6 +498,9 @@ impl StatePaths {
 
 /// The single writer: owns the working table, the waiters' grant channels and the file.
 struct Writer {
+    /// The file's text, one line per lock, kept in step with `working`; built by the writer
+    /// thread itself so start-up does not wait for it, and rebuilt if it ever cannot be trusted.
+    encoder: Option<state_file::Encoder>,
     metrics: Arc<Metrics>,
     paths: StatePaths,
     working: LockTable,
@@ -516,8 +520,26 @@ struct Batch {
     queued: Vec<WaiterId>,
 }
 
+impl Batch {
+    /// Names of the locks this batch may have changed.
+    fn touched(&self) -> std::collections::BTreeSet<String> {
+        let mut names = std::collections::BTreeSet::new();
+        for (op, effect) in self.ops.iter().zip(&self.effects) {
+            if let Some(name) = op.lock_name() {
+                names.insert(name.to_string());
+            }
+            if let Effect::Expiry(expiry) = effect {
+                names.extend(expiry.expired.iter().map(|e| e.name.clone()));
+            }
+            names.extend(effect.grants().iter().map(|g| g.name.clone()));
+        }
+        names
+    }
+}
+
 impl Writer {
     fn run(mut self, commands: mpsc::Receiver<Command>) {
+        self.encoder = state_file::Encoder::new(&self.working).ok();
         loop {
             let mut stopping = false;
             let mut incoming = Vec::new();
@@ -624,7 +646,7 @@ impl Writer {
         let dirty = batch.effects.iter().any(Effect::changes_holdings);
         let written = if dirty {
             let started = std::time::Instant::now();
-            let written = self.persist();
+            let written = self.persist(&batch);
             match &written {
                 Ok(()) => self.metrics.write(started.elapsed(), batch.ops.len()),
                 Err(_) => self.metrics.write_failed(),
@@ -639,8 +661,17 @@ impl Writer {
         }
     }
 
-    fn persist(&self) -> Result<(), String> {
-        let bytes = state_file::encode(&self.working)?;
+    fn persist(&mut self, batch: &Batch) -> Result<(), String> {
+        let encoder = match &mut self.encoder {
+            Some(encoder) => {
+                encoder.update(&self.working, &batch.touched())?;
+                encoder
+            }
+            None => self
+                .encoder
+                .insert(state_file::Encoder::new(&self.working)?),
+        };
+        let bytes = encoder.render(self.working.next_generation());
         self.paths
             .write_atomically(&bytes)
             .map_err(|e| format!("writing {}: {e}", self.paths.file.display()))
@@ -654,6 +685,13 @@ impl Writer {
                 committed.apply(op, now);
             }
             debug_assert_eq!(*committed, self.working, "replay diverged from the batch");
+            debug_assert!(
+                self.encoder
+                    .as_ref()
+                    .is_none_or(|e| Ok(e.render(self.working.next_generation()))
+                        == state_file::encode(&self.working)),
+                "the incremental encoding diverged from a full one"
+            );
         }
         log_effects(&batch);
         let expired: usize = batch
@@ -692,6 +730,14 @@ impl Writer {
     fn roll_back(&mut self, batch: Batch, reason: String) {
         error!("{reason}; {} operation(s) refused", batch.replies.len());
         self.working = self.committed.read().clone();
+        let restored = match &mut self.encoder {
+            Some(encoder) => encoder.update(&self.working, &batch.touched()),
+            None => Ok(()),
+        };
+        if restored.is_err() {
+            // Rebuilt in full by the next write.
+            self.encoder = None;
+        }
         self.last_failure = Some(std::time::Instant::now());
         for id in &batch.queued {
             self.waiters.remove(id);

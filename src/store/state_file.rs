@@ -1,26 +1,32 @@
-//! The state file's format: encoding the lock table as YAML, and decoding both our format and
-//! the original Go locker's (a JSON map of name → `{key, locked_by}`), which loads as is.
+//! The state file's format: encoding the lock table, and decoding both our format and the
+//! original Go locker's (a JSON map of name → `{key, locked_by}`), which loads as is.
 //!
-//! Our format is a YAML mapping whose `format` entry is the string `locker/v2`. In the original
-//! format every top-level value is a mapping, so the two can never be confused.
+//! We write YAML in its flow style, which is also JSON, one lock per line:
+//!
+//! ```text
+//! {"format":"locker/v2","next_generation":18,"locks":{
+//! "deploy-prod":{"holders":[{"key":"build-42","generation":17,...}]}
+//! }}
+//! ```
+//!
+//! Each lock's line is kept by the [`Encoder`] and re-encoded only when that lock changed, so a
+//! write costs the changed locks plus one copy of the file, not a full serialisation (block YAML
+//! through `serde_yaml_ng` took over 100 ms for 10,000 locks). Loading tries JSON first (fast) and
+//! falls back to the YAML parser, so hand-edited block YAML loads too.
+//!
+//! Our format is a mapping whose `format` entry is the string `locker/v2`. In the original format
+//! every top-level value is a mapping, so the two can never be confused.
 
 use std::collections::BTreeMap;
 use std::time::SystemTime;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_yaml_ng::Value;
 
 use crate::rules::{Holder, Info, Lock, LockTable, RequestorHold};
 
 /// The `format` marker of files this server writes.
 pub const FORMAT: &str = "locker/v2";
-
-#[derive(Serialize)]
-struct StateOut<'a> {
-    format: &'static str,
-    next_generation: u64,
-    locks: &'a BTreeMap<String, Lock>,
-}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -41,35 +47,123 @@ struct OriginalLock {
     locked_by: BTreeMap<String, i64>,
 }
 
-/// Encodes the table as a complete YAML document.
+/// Keeps one encoded line per held lock and renders the whole file from them.
+#[derive(Clone, Debug, Default)]
+pub struct Encoder {
+    lines: BTreeMap<String, String>,
+}
+
+impl Encoder {
+    /// Encodes every lock of `table`.
+    pub fn new(table: &LockTable) -> Result<Self, String> {
+        let mut encoder = Encoder::default();
+        encoder.update(table, table.locks().keys())?;
+        Ok(encoder)
+    }
+
+    /// Re-encodes the locks named in `changed` as they are now in `table`.
+    pub fn update<'a>(
+        &mut self,
+        table: &LockTable,
+        changed: impl IntoIterator<Item = &'a String>,
+    ) -> Result<(), String> {
+        for name in changed {
+            match table.lock(name).filter(|lock| lock.is_held()) {
+                Some(lock) => {
+                    let line = format!("{}:{}", json(name)?, json(lock)?);
+                    self.lines.insert(name.clone(), line);
+                }
+                None => {
+                    self.lines.remove(name);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The complete file.
+    pub fn render(&self, next_generation: u64) -> Vec<u8> {
+        let size: usize = self.lines.values().map(|l| l.len() + 2).sum();
+        let mut out = String::with_capacity(size + 80);
+        out.push_str(&format!(
+            "{{\"format\":\"{FORMAT}\",\"next_generation\":{next_generation},\"locks\":{{"
+        ));
+        for (i, line) in self.lines.values().enumerate() {
+            out.push_str(if i == 0 { "\n" } else { ",\n" });
+            out.push_str(line);
+        }
+        out.push_str("\n}}\n");
+        out.into_bytes()
+    }
+}
+
+fn json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String, String> {
+    serde_json::to_string(value).map_err(|e| format!("cannot encode state: {e}"))
+}
+
+/// Encodes the whole table as a complete file.
 pub fn encode(table: &LockTable) -> Result<Vec<u8>, String> {
-    let state = StateOut {
-        format: FORMAT,
-        next_generation: table.next_generation(),
-        locks: table.locks(),
-    };
-    let mut text =
-        String::from("# locker state file: written by the server, edit only while it is stopped\n");
-    text.push_str(
-        &serde_yaml_ng::to_string(&state).map_err(|e| format!("cannot encode state: {e}"))?,
-    );
-    Ok(text.into_bytes())
+    Ok(Encoder::new(table)?.render(table.next_generation()))
 }
 
 /// Decodes a state file. `now` stamps locks loaded from the original format, which has no times.
 /// Errors name the line and column where the decoder found them.
 pub fn decode(text: &str, now: SystemTime) -> Result<LockTable, String> {
+    if let Some(table) = decode_json(text, now) {
+        return table;
+    }
     let document: Value = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
     match &document {
         Value::Null => Ok(LockTable::default()),
         Value::Mapping(map) => match map.get("format") {
             Some(Value::String(format)) if format == FORMAT => decode_ours(document, text),
-            Some(Value::String(format)) => Err(format!(
-                "unknown state file format {format:?} (this server reads {FORMAT:?} and the original locker's)"
-            )),
+            Some(Value::String(format)) => Err(unknown_format(format)),
             _ => decode_original(document, text, now),
         },
         _ => Err("the state file must hold a mapping of lock names".to_string()),
+    }
+}
+
+/// The fast path for files that are JSON (ours, and the original locker's). `None` when the
+/// text is not JSON: the YAML parser then reads it.
+fn decode_json(text: &str, now: SystemTime) -> Option<Result<LockTable, String>> {
+    let text_start = text.trim_start();
+    if !text_start.starts_with('{') {
+        return None;
+    }
+    // Our own files start with the format marker: decode them straight into their shape.
+    if text_start.starts_with(&format!("{{\"format\":\"{FORMAT}\"")) {
+        return Some(
+            serde_json::from_str::<StateIn>(text)
+                .map_err(|e| e.to_string())
+                .map(|state| LockTable::from_parts(state.locks, state.next_generation)),
+        );
+    }
+    let document: serde_json::Value = serde_json::from_str(text).ok()?;
+    let format = document.get("format").cloned();
+    Some(match format {
+        Some(serde_json::Value::String(format)) if format == FORMAT => {
+            serde_json::from_value::<StateIn>(document)
+                .map_err(|_| json_located_error::<StateIn>(text))
+                .map(|state| LockTable::from_parts(state.locks, state.next_generation))
+        }
+        Some(serde_json::Value::String(format)) => Err(unknown_format(&format)),
+        _ => serde_json::from_value::<BTreeMap<String, OriginalLock>>(document)
+            .map_err(|_| json_located_error::<BTreeMap<String, OriginalLock>>(text))
+            .map(|original| from_original(original, now)),
+    })
+}
+
+fn unknown_format(format: &str) -> String {
+    format!(
+        "unknown state file format {format:?} (this server reads {FORMAT:?} and the original locker's)"
+    )
+}
+
+fn json_located_error<T: serde::de::DeserializeOwned>(text: &str) -> String {
+    match serde_json::from_str::<T>(text) {
+        Err(e) => e.to_string(),
+        Ok(_) => "the state file has the wrong shape".to_string(),
     }
 }
 
@@ -82,6 +176,10 @@ fn decode_ours(document: Value, text: &str) -> Result<LockTable, String> {
 fn decode_original(document: Value, text: &str, now: SystemTime) -> Result<LockTable, String> {
     let original: BTreeMap<String, OriginalLock> = serde_yaml_ng::from_value(document)
         .map_err(|_| located_error::<BTreeMap<String, OriginalLock>>(text))?;
+    Ok(from_original(original, now))
+}
+
+fn from_original(original: BTreeMap<String, OriginalLock>, now: SystemTime) -> LockTable {
     let mut generation = 0;
     let mut locks = BTreeMap::new();
     for (name, lock) in original {
@@ -111,7 +209,7 @@ fn decode_original(document: Value, text: &str, now: SystemTime) -> Result<LockT
         };
         locks.insert(name, Lock::held_by(holder));
     }
-    Ok(LockTable::from_parts(locks, generation + 1))
+    LockTable::from_parts(locks, generation + 1)
 }
 
 /// Decoding from a `Value` loses positions; decoding the text again reports where it went wrong.
@@ -177,7 +275,49 @@ mod tests {
     }
 
     #[test]
+    fn incremental_encoding_matches_a_full_encoding() {
+        let mut table = LockTable::default();
+        for i in 0..5 {
+            table.acquire(&format!("l{i}"), request("k", "r", None), at(10), None);
+        }
+        let mut encoder = Encoder::new(&table).expect("encodes");
+        table.acquire("l2", request("k", "r2", Some(5)), at(20), None);
+        table.release("l4", "k", "r", at(21));
+        table.acquire("new", request("k", "r", None), at(22), None);
+        let changed: Vec<String> = ["l2", "l4", "new"].map(String::from).to_vec();
+        encoder.update(&table, &changed).expect("updates");
+        let rendered = encoder.render(table.next_generation());
+        assert_eq!(Ok(rendered.clone()), encode(&table));
+        let text = String::from_utf8(rendered).expect("utf-8");
+        assert_eq!(text.lines().count(), 7, "one line per lock:\n{text}");
+        assert_eq!(decode(&text, at(0)).expect("decodes"), table);
+        // JSON is YAML: the YAML parser reads the same file.
+        let document: Value = serde_yaml_ng::from_str(&text).expect("valid YAML");
+        assert_eq!(
+            decode_ours(document, &text).expect("decodes as YAML"),
+            table
+        );
+    }
+
+    #[test]
+    fn hand_written_block_yaml_loads() {
+        let text = "# edited by hand\nformat: locker/v2\nnext_generation: 9\nlocks:\n  deploy:\n    holders:\n    - key: k\n      generation: 8\n      acquired_at: 2026-11-24T12:00:00Z\n      requestors:\n        r: {count: 2}\n";
+        let table = decode(text, at(0)).expect("loads");
+        assert_eq!(
+            table.lock("deploy").expect("held").holders[0].counts(),
+            [("r".into(), 2)].into()
+        );
+        assert_eq!(table.next_generation(), 9);
+    }
+
+    #[test]
     fn syntax_and_shape_errors_name_line_and_column() {
+        let json_shape = decode(
+            "{\"format\":\"locker/v2\",\n\"next_generation\":\"x\"}",
+            at(0),
+        )
+        .expect_err("bad shape");
+        assert!(json_shape.contains("line 2"), "{json_shape}");
         let syntax = decode("a: {b: [}\n", at(0)).expect_err("bad syntax");
         assert!(syntax.contains("line"), "{syntax}");
         let shape =
