@@ -78,6 +78,12 @@ impl ServerBuilder {
         self
     }
 
+    /// Runs this executable instead of [`locker_binary`] (e.g. a copy installed elsewhere).
+    pub fn binary(mut self, path: impl Into<PathBuf>) -> Self {
+        self.binary = path.into();
+        self
+    }
+
     pub fn arg(mut self, arg: impl Into<String>) -> Self {
         self.args.push(arg.into());
         self
