@@ -27,6 +27,51 @@ pub struct Acquire {
     /// Number of holders with distinct keys the lock admits; `None` means "whatever the lock has"
     /// (1 for a free lock).
     pub slots: Option<u32>,
+    /// Release this hold once this Concourse build has finished (opt-in).
+    pub release_with_build: Option<BuildRef>,
+}
+
+/// A Concourse build, as named in holder info: by id, or by team, pipeline, job and build name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct BuildRef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Where a person can see the build (for logs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+}
+
+impl BuildRef {
+    /// Reads the build from holder info (`build_id`, or `team`, `pipeline`, `job` and
+    /// `build_name`/`build`). `None` when the info does not name a build.
+    pub fn from_info(info: &Info) -> Option<BuildRef> {
+        let get = |names: &[&str]| {
+            names
+                .iter()
+                .find_map(|n| info.get(*n).filter(|v| !v.is_empty()).cloned())
+        };
+        let build = BuildRef {
+            id: get(&["build_id"]),
+            team: get(&["team"]),
+            pipeline: get(&["pipeline"]),
+            job: get(&["job"]),
+            name: get(&["build_name", "build"]),
+            url: get(&["build_url", "url"]),
+        };
+        let named = build.team.is_some()
+            && build.pipeline.is_some()
+            && build.job.is_some()
+            && build.name.is_some();
+        (build.id.is_some() || named).then_some(build)
+    }
 }
 
 /// What one requestor holds under its holder's key.
@@ -39,6 +84,9 @@ pub struct RequestorHold {
         skip_serializing_if = "Option::is_none"
     )]
     pub expires_at: Option<SystemTime>,
+    /// Released once this build has finished (see `release_when_build_ends`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_with_build: Option<BuildRef>,
 }
 
 /// One holding of a lock: a key, the requestors sharing it, and its fencing generation.
@@ -174,9 +222,11 @@ impl Lock {
             .or_insert(RequestorHold {
                 count: 0,
                 expires_at: None,
+                release_with_build: None,
             });
         hold.count += 1;
         hold.expires_at = expires_at;
+        hold.release_with_build = request.release_with_build.clone();
         Grant {
             generation: holder.generation,
             count: hold.count,

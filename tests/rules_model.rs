@@ -312,7 +312,7 @@ proptest! {
                     }
                     let request = Acquire {
                         key: key.into(), requestor: requestor.into(),
-                        ttl: ttl.map(Duration::from_secs), info: BTreeMap::new(), slots,
+                        ttl: ttl.map(Duration::from_secs), info: BTreeMap::new(), slots, release_with_build: None,
                     };
                     (Op::Acquire { name: name.into(), request, waiter }, expected)
                 }

@@ -14,7 +14,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use serde_json::json;
 
 use crate::metrics::{self, Metrics};
-use crate::rules::Acquire;
+use crate::rules::{Acquire, BuildRef};
 use crate::store::{LockStore, Released, StoreError};
 use error::ApiError;
 use request::{LockBody, LockQuery, lock_name, read_body};
@@ -84,6 +84,18 @@ async fn lock_status(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let name = lock_name(&request)?;
+    let query = LockQuery::parse(request.query_string())?;
+    if let Some(wait) = query.wait_free()? {
+        let wait = wait.min(state.max_wait);
+        let still_held = tokio::select! {
+            held = state.store.wait_free(&name, wait) => held?,
+            () = peer::client_gone(&request) => return Err(ApiError::ClientGone),
+        };
+        return Ok(HttpResponse::Ok().json(match still_held {
+            None => json!({"name": name, "free": true}),
+            Some(lock) => views::still_held(&lock),
+        }));
+    }
     match state.store.status(&name).await? {
         Some(lock) => Ok(HttpResponse::Ok().json(views::lock_status(&lock))),
         None => Err(ApiError::NotFound(format!("lock {name:?} is not held"))),
@@ -102,12 +114,22 @@ async fn acquire(
     let requestor = body.requestor(&key)?;
     let wait = query.wait()?.or(body.wait()).map(|w| w.min(state.max_wait));
     let ttl = body.ttl().or(state.default_ttl).filter(|t| !t.is_zero());
+    let info = body.info()?;
+    let release_with_build = match body.release_when_build_ends() {
+        false => None,
+        true => Some(BuildRef::from_info(&info).ok_or_else(|| {
+            ApiError::BadRequest(
+                "release_when_build_ends needs info naming the build: build_id, or team, pipeline, job and build_name".into(),
+            )
+        })?),
+    };
     let acquire = Acquire {
         key: key.clone(),
         requestor: requestor.clone(),
         ttl,
-        info: body.info()?,
-        slots: None,
+        info,
+        slots: body.slots()?,
+        release_with_build,
     };
     let result = match wait {
         // A waiting client may hang up: withdraw its request rather than grant it the lock.

@@ -20,6 +20,8 @@ pub const MAX_NAME: usize = 255;
 /// Holder info limits: entries, and bytes of all keys and values together.
 pub const MAX_INFO_ENTRIES: usize = 16;
 pub const MAX_INFO_BYTES: usize = 1024;
+/// Most slots a semaphore may have.
+pub const MAX_SLOTS: u32 = 10_000;
 /// Longest key or requestor, in bytes.
 pub const MAX_KEY: usize = 1024;
 
@@ -67,11 +69,12 @@ pub async fn read_body(payload: web::Payload) -> Result<Bytes, ApiError> {
     }
 }
 
-/// `?wait=<duration>` and `?force=true`.
+/// `?wait=<duration>`, `?wait_free=<duration>` and `?force=true`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 pub struct LockQuery {
     wait: Option<String>,
+    wait_free: Option<String>,
     force: Option<String>,
 }
 
@@ -82,12 +85,11 @@ impl LockQuery {
     }
 
     pub fn wait(&self) -> Result<Option<Duration>, ApiError> {
-        self.wait
-            .as_deref()
-            .map(|text| {
-                parse_duration(text).map_err(|e| ApiError::BadRequest(format!("wait: {e}")))
-            })
-            .transpose()
+        query_duration("wait", self.wait.as_deref())
+    }
+
+    pub fn wait_free(&self) -> Result<Option<Duration>, ApiError> {
+        query_duration("wait_free", self.wait_free.as_deref())
     }
 
     pub fn force(&self) -> Result<bool, ApiError> {
@@ -99,6 +101,11 @@ impl LockQuery {
             ))),
         }
     }
+}
+
+fn query_duration(name: &str, text: Option<&str>) -> Result<Option<Duration>, ApiError> {
+    text.map(|text| parse_duration(text).map_err(|e| ApiError::BadRequest(format!("{name}: {e}"))))
+        .transpose()
 }
 
 /// The JSON body of `PUT` and `DELETE /lock/{name}`. Unknown fields are ignored, as the
@@ -116,6 +123,10 @@ pub struct LockBody {
     ttl: Option<BodyDuration>,
     #[serde(default)]
     info: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    slots: Option<u32>,
+    #[serde(default)]
+    release_when_build_ends: Option<bool>,
 }
 
 impl LockBody {
@@ -155,6 +166,20 @@ impl LockBody {
 
     pub fn wait(&self) -> Option<Duration> {
         self.wait.map(|w| w.0)
+    }
+
+    /// Slots of a semaphore: 1 to [`MAX_SLOTS`].
+    pub fn slots(&self) -> Result<Option<u32>, ApiError> {
+        match self.slots {
+            Some(slots) if !(1..=MAX_SLOTS).contains(&slots) => Err(ApiError::BadRequest(format!(
+                "slots must be between 1 and {MAX_SLOTS}, not {slots}"
+            ))),
+            slots => Ok(slots),
+        }
+    }
+
+    pub fn release_when_build_ends(&self) -> bool {
+        self.release_when_build_ends.unwrap_or(false)
     }
 
     pub fn ttl(&self) -> Option<Duration> {

@@ -68,6 +68,8 @@ pub struct FileStore {
     waiting: Arc<AtomicUsize>,
     max_waiters: usize,
     shutdown: watch::Sender<bool>,
+    /// Bumped by the writer after every commit, for those waiting for a lock to be free.
+    commits: Arc<watch::Sender<u64>>,
     writer: Mutex<Option<thread::JoinHandle<()>>>,
 }
 
@@ -86,7 +88,9 @@ impl FileStore {
         );
         let committed = Arc::new(RwLock::new(table.clone()));
         let (commands, receiver) = mpsc::channel();
+        let commits = Arc::new(watch::Sender::new(0));
         let writer = Writer {
+            commits: commits.clone(),
             encoder: None,
             metrics: options.metrics.clone(),
             paths,
@@ -108,6 +112,7 @@ impl FileStore {
             waiting: Arc::new(AtomicUsize::new(0)),
             max_waiters: options.max_waiters,
             shutdown,
+            commits,
             writer: Mutex::new(Some(handle)),
         })
     }
@@ -275,6 +280,30 @@ impl LockStore for FileStore {
             .filter(|(_, l)| l.is_held())
             .map(|(name, l)| view(name, l))
             .collect())
+    }
+
+    async fn wait_free(&self, name: &str, wait: Duration) -> Result<Option<LockView>, StoreError> {
+        let mut commits = self.commits.subscribe();
+        let mut shutdown = self.shutdown.subscribe();
+        let deadline = tokio::time::sleep(wait);
+        tokio::pin!(deadline);
+        loop {
+            // Marks the current commit as seen before looking, so no change slips between.
+            commits.borrow_and_update();
+            let status = self.status(name).await?;
+            if status.is_none() {
+                return Ok(None);
+            }
+            tokio::select! {
+                changed = commits.changed() => {
+                    if changed.is_err() {
+                        return Err(StoreError::ShuttingDown);
+                    }
+                }
+                () = &mut deadline => return Ok(status),
+                _ = shutdown.wait_for(|stopping| *stopping) => return Err(StoreError::ShuttingDown),
+            }
+        }
     }
 
     fn stats(&self) -> LockStats {
@@ -498,6 +527,7 @@ impl StatePaths {
 
 /// The single writer: owns the working table, the waiters' grant channels and the file.
 struct Writer {
+    commits: Arc<watch::Sender<u64>>,
     /// The file's text, one line per lock, kept in step with `working`; built by the writer
     /// thread itself so start-up does not wait for it, and rebuilt if it ever cannot be trusted.
     encoder: Option<state_file::Encoder>,
@@ -693,6 +723,7 @@ impl Writer {
                 "the incremental encoding diverged from a full one"
             );
         }
+        self.commits.send_modify(|count| *count += 1);
         log_effects(&batch);
         let expired: usize = batch
             .effects

@@ -13,6 +13,9 @@ use async_trait::async_trait;
 use crate::metrics::LockStats;
 use crate::rules::{Acquire, Grant, Holder, LockTable};
 
+/// How often the default [`LockStore::wait_free`] looks again.
+const POLL_FREE: Duration = Duration::from_millis(50);
+
 /// A lock as the API shows it: its holdings (oldest first), slot count and queue length.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LockView {
@@ -88,6 +91,21 @@ pub trait LockStore: Send + Sync + 'static {
 
     /// Every held lock, by name.
     async fn list(&self) -> Result<Vec<LockView>, StoreError>;
+
+    /// Waits up to `wait` for `name` to be free, holding nothing. `None` once it is free;
+    /// the lock's status if it is still held when the time runs out.
+    ///
+    /// The default polls [`LockStore::status`]; backends that can be told of changes do better.
+    async fn wait_free(&self, name: &str, wait: Duration) -> Result<Option<LockView>, StoreError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let status = self.status(name).await?;
+            if status.is_none() || tokio::time::Instant::now() >= deadline {
+                return Ok(status);
+            }
+            tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + POLL_FREE)).await;
+        }
+    }
 
     /// Counts for the metrics gauges, from the committed state.
     fn stats(&self) -> LockStats;

@@ -191,6 +191,7 @@ fn from_original(original: BTreeMap<String, OriginalLock>, now: SystemTime) -> L
                 let hold = RequestorHold {
                     count: count.unsigned_abs(),
                     expires_at: None,
+                    release_with_build: None,
                 };
                 (requestor, hold)
             })
@@ -238,6 +239,7 @@ mod tests {
             ttl: ttl.map(Duration::from_secs),
             info: [("team".to_string(), "main".to_string())].into(),
             slots: None,
+            release_with_build: None,
         }
     }
 
