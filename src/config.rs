@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{ArgAction, Parser};
 
 use crate::auth::Credentials;
+use crate::reclaim::{ConcourseAuth, ReclaimSettings};
 use crate::timefmt::parse_duration;
 
 /// A lock server for Concourse pipelines: HTTP locks with reentrancy counts, FIFO waiting,
@@ -58,6 +59,27 @@ pub struct Args {
     /// Lease applied to acquires that give no ttl (default: none, holds never expire).
     #[arg(long, env = "LOCKER_DEFAULT_TTL", value_parser = parse_duration)]
     pub default_ttl: Option<Duration>,
+
+    /// Concourse URL whose API tells when a build ended, for holds acquired with
+    /// release_when_build_ends (unset: such holds are kept until released).
+    #[arg(long, env = "LOCKER_CONCOURSE_URL")]
+    pub concourse_url: Option<String>,
+
+    /// Bearer token for the Concourse API.
+    #[arg(long, env = "LOCKER_CONCOURSE_TOKEN", hide_env_values = true)]
+    pub concourse_token: Option<String>,
+
+    /// Concourse local user for the Concourse API (with LOCKER_CONCOURSE_PASSWORD).
+    #[arg(long, env = "LOCKER_CONCOURSE_USER")]
+    pub concourse_user: Option<String>,
+
+    /// Password of LOCKER_CONCOURSE_USER.
+    #[arg(long, env = "LOCKER_CONCOURSE_PASSWORD", hide_env_values = true)]
+    pub concourse_password: Option<String>,
+
+    /// How often the builds of such holds are checked.
+    #[arg(long, env = "LOCKER_RECLAIM_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub reclaim_interval: Duration,
 }
 
 /// Checked configuration.
@@ -70,6 +92,8 @@ pub struct Settings {
     pub max_wait: Duration,
     pub max_waiters: usize,
     pub default_ttl: Option<Duration>,
+    /// Reclaiming holds of ended builds, when a Concourse URL is configured.
+    pub reclaim: Option<ReclaimSettings>,
 }
 
 /// Treats an empty value like an unset one: deployment tools often render unset options as "".
@@ -107,6 +131,13 @@ impl Settings {
                 ));
             }
         };
+        let reclaim = reclaim_settings(
+            non_empty(args.concourse_url),
+            non_empty(args.concourse_token),
+            non_empty(args.concourse_user),
+            non_empty(args.concourse_password),
+            args.reclaim_interval,
+        )?;
         if args.max_wait.is_zero() {
             return Err("LOCKER_MAX_WAIT must be longer than zero".into());
         }
@@ -118,8 +149,53 @@ impl Settings {
             max_wait: args.max_wait,
             max_waiters: args.max_waiters,
             default_ttl: args.default_ttl.filter(|ttl| !ttl.is_zero()),
+            reclaim,
         })
     }
+}
+
+fn reclaim_settings(
+    url: Option<String>,
+    token: Option<String>,
+    user: Option<String>,
+    password: Option<String>,
+    interval: Duration,
+) -> Result<Option<ReclaimSettings>, String> {
+    let auth = match (token, user, password) {
+        (Some(_), Some(_), _) => {
+            return Err(
+                "set LOCKER_CONCOURSE_TOKEN or LOCKER_CONCOURSE_USER/PASSWORD, not both".into(),
+            );
+        }
+        (Some(token), None, _) => ConcourseAuth::Token(token),
+        (None, Some(user), Some(password)) => ConcourseAuth::LocalUser { user, password },
+        (None, Some(_), None) => {
+            return Err("LOCKER_CONCOURSE_USER is set but LOCKER_CONCOURSE_PASSWORD is not".into());
+        }
+        (None, None, Some(_)) => {
+            return Err("LOCKER_CONCOURSE_PASSWORD is set but LOCKER_CONCOURSE_USER is not".into());
+        }
+        (None, None, None) => ConcourseAuth::None,
+    };
+    let Some(url) = url else {
+        return match auth {
+            ConcourseAuth::None => Ok(None),
+            _ => Err("Concourse credentials are set but LOCKER_CONCOURSE_URL is not".into()),
+        };
+    };
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(format!(
+            "LOCKER_CONCOURSE_URL must be an http(s) URL, not {url:?}"
+        ));
+    }
+    if interval.is_zero() {
+        return Err("LOCKER_RECLAIM_INTERVAL must be longer than zero".into());
+    }
+    Ok(Some(ReclaimSettings {
+        concourse_url: url,
+        auth,
+        interval,
+    }))
 }
 
 #[cfg(test)]
@@ -156,6 +232,32 @@ mod tests {
         }
         assert!(parse(&["--auth-user", "u", "--auth-pass", ""]).is_err());
         assert!(parse(&["--auth-user", "", "--auth-pass", ""]).is_ok());
+    }
+
+    #[test]
+    fn reclaiming_needs_a_url_and_at_most_one_kind_of_credentials() {
+        assert!(parse(&[]).expect("valid").reclaim.is_none());
+        let on =
+            parse(&["--concourse-url", "https://ci", "--concourse-token", "t"]).expect("valid");
+        assert!(on.reclaim.is_some());
+        let refused: [&[&str]; 4] = [
+            &["--concourse-token", "t"],
+            &["--concourse-url", "ci.example.com"],
+            &["--concourse-url", "https://ci", "--concourse-user", "u"],
+            &[
+                "--concourse-url",
+                "https://ci",
+                "--concourse-token",
+                "t",
+                "--concourse-user",
+                "u",
+                "--concourse-password",
+                "p",
+            ],
+        ];
+        for args in refused {
+            assert!(parse(args).is_err(), "{args:?}");
+        }
     }
 
     #[test]

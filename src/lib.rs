@@ -8,12 +8,14 @@
 //! - [`config`]: flags and environment variables, checked once into [`config::Settings`].
 //! - [`server`]: wires it together and shuts down cleanly.
 //! - [`metrics`]: Prometheus counters and gauges.
+//! - [`reclaim`]: releases holds whose Concourse build has ended (opt-in).
 //! - [`timefmt`]: RFC 3339 times and the request duration syntax.
 
 pub mod api;
 pub mod auth;
 pub mod config;
 pub mod metrics;
+pub mod reclaim;
 pub mod rules;
 pub mod server;
 pub mod store;

@@ -28,6 +28,13 @@ pub async fn serve(
     tls: Option<rustls::ServerConfig>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
+    let reclaimer = match &settings.reclaim {
+        Some(reclaim) => Some(
+            crate::reclaim::Reclaimer::new(reclaim.clone(), store.clone(), metrics.clone())
+                .map_err(std::io::Error::other)?,
+        ),
+        None => None,
+    };
     let state = web::Data::new(AppState {
         store: store.clone(),
         metrics,
@@ -63,6 +70,8 @@ pub async fn serve(
     .run();
     info!("locker listening on {scheme}://{address}");
     let handle = server.handle();
+    let reclaiming = reclaimer.map(|r| actix_web::rt::spawn(r.run()));
+    let _stop_reclaiming = AbortOnDrop(reclaiming);
     let mut server = std::pin::pin!(server);
     tokio::select! {
         result = &mut server => {
@@ -77,6 +86,17 @@ pub async fn serve(
     store.close().await;
     info!("stopped; state is durable");
     result
+}
+
+/// Stops a background task when the server stops.
+struct AbortOnDrop(Option<actix_web::rt::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
+    }
 }
 
 /// Completes on SIGTERM or SIGINT.
