@@ -45,9 +45,12 @@ function safeUrl(value) {
   }
 }
 
+const BUILD_FIELDS = ["team", "pipeline", "job", "build", "build_name"];
+
 function holderCell(info) {
-  const parts = ["team", "pipeline", "job", "build"].filter((k) => info[k]).map((k) => info[k]);
-  const others = Object.keys(info).filter((k) => !["team", "pipeline", "job", "build", "url", "build_url"].includes(k));
+  const parts = BUILD_FIELDS.filter((k) => info[k]).map((k) => info[k]);
+  const others = Object.keys(info)
+    .filter((k) => ![...BUILD_FIELDS, "url", "build_url", "build_id", "atc_url"].includes(k));
   const text = parts.length ? parts.join(" / ") : others.map((k) => k + "=" + info[k]).join(", ");
   const href = safeUrl(info.build_url || info.url || "");
   if (href) {
@@ -85,9 +88,30 @@ function actionCell(name) {
   return td;
 }
 
+// Semaphores (slots > 1) have several holdings; show every key and requestor.
+function holders(lock) {
+  return lock.holders && lock.holders.length ? lock.holders : [lock];
+}
+
+function keyCell(lock) {
+  const td = cell("Key");
+  holders(lock).forEach((holder, i) => td.append(i ? " " : "", el("code", holder.key)));
+  if ((lock.slots || 1) > 1) {
+    td.append(" ", el("span", holders(lock).length + "/" + lock.slots + " slots", "slots"));
+  }
+  return td;
+}
+
+function allRequestors(lock) {
+  const all = {};
+  for (const holder of holders(lock)) Object.assign(all, holder.locked_by || {});
+  return all;
+}
+
 function matches(name, lock, filter) {
   if (!filter) return true;
-  const haystack = [name, lock.key, ...Object.keys(lock.locked_by || {}), ...Object.values(lock.info || {})]
+  const haystack = [name, ...holders(lock).map((h) => h.key), ...Object.keys(allRequestors(lock)),
+    ...Object.values(lock.info || {})]
     .join("\n").toLowerCase();
   return haystack.includes(filter);
 }
@@ -108,8 +132,8 @@ function render() {
     const waiters = lock.waiters || 0;
     tr.append(
       cell("Lock", name),
-      cell("Key", el("code", lock.key)),
-      requestorsCell(lock.locked_by),
+      keyCell(lock),
+      requestorsCell(allRequestors(lock)),
       holderCell(lock.info || {}),
       cell("Held for", held),
       cell("TTL left", ttl),
