@@ -479,7 +479,9 @@ impl StatePaths {
             .mode(0o600)
             .open(&self.temp)?;
         temp.write_all(bytes)?;
-        temp.sync_all()?;
+        // fdatasync: the data and the size needed to read it back; the rename and the
+        // directory's fsync below make the new name durable.
+        temp.sync_data()?;
         drop(temp);
         fs::rename(&self.temp, &self.file)?;
         File::open(&self.dir)?.sync_all()
