@@ -6,17 +6,8 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Server, call};
+use common::{Server, call, wait_for_waiters};
 use serde_json::{Value, json};
-
-fn wait_for_waiters(server: &Server, name: &str, count: u64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while call("GET", &server.url(&format!("/lock/{name}")), None).json()["waiters"] != json!(count)
-    {
-        assert!(Instant::now() < deadline, "never saw {count} waiter(s)");
-        thread::sleep(Duration::from_millis(10));
-    }
-}
 
 #[test]
 fn a_semaphore_admits_n_distinct_keys_and_serves_waiters_in_order() {

@@ -7,25 +7,8 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Server, call};
+use common::{Server, call, wait_for_waiters};
 use serde_json::{Value, json};
-
-/// Polls `GET /lock/{name}` until `waiters` reaches `count`.
-fn wait_for_waiters(server: &Server, name: &str, count: u64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let reply = call("GET", &server.url(&format!("/lock/{name}")), None);
-        if reply.status == 200 && reply.json()["waiters"] == json!(count) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "never saw {count} waiter(s): {}",
-            reply.body
-        );
-        thread::sleep(Duration::from_millis(10));
-    }
-}
 
 /// Starts a waiting acquire in a thread; its reply comes back on the channel.
 fn spawn_waiter(

@@ -102,14 +102,23 @@ async fn lock_status(
     }
 }
 
+/// The parts of a `PUT` or `DELETE /lock/{name}`: the name, the query and the body.
+async fn parse_lock_request(
+    request: &HttpRequest,
+    payload: web::Payload,
+) -> Result<(String, LockQuery, LockBody), ApiError> {
+    let name = lock_name(request)?;
+    let query = LockQuery::parse(request.query_string())?;
+    let body = LockBody::parse(&read_body(payload).await?)?;
+    Ok((name, query, body))
+}
+
 async fn acquire(
     request: HttpRequest,
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let name = lock_name(&request)?;
-    let query = LockQuery::parse(request.query_string())?;
-    let body = LockBody::parse(&read_body(payload).await?)?;
+    let (name, query, body) = parse_lock_request(&request, payload).await?;
     let key = body.key()?;
     let requestor = body.requestor(&key)?;
     let wait = query.wait()?.or(body.wait()).map(|w| w.min(state.max_wait));
@@ -160,9 +169,7 @@ async fn release(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let name = lock_name(&request)?;
-    let query = LockQuery::parse(request.query_string())?;
-    let body = LockBody::parse(&read_body(payload).await?)?;
+    let (name, query, body) = parse_lock_request(&request, payload).await?;
     if query.force()? {
         let previous = state.store.force_release(name.clone()).await?;
         if !previous.is_empty() {

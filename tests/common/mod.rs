@@ -402,3 +402,20 @@ fn request_complete(answer: &[u8]) -> bool {
         .unwrap_or(0);
     answer.len() >= end + 4 + length
 }
+
+/// Polls `GET /lock/{name}` until its `waiters` count is `count` (10 s at most).
+pub fn wait_for_waiters(server: &Server, name: &str, count: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = call("GET", &server.url(&format!("/lock/{name}")), None);
+        if reply.status == 200 && reply.json()["waiters"] == serde_json::json!(count) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never saw {count} waiter(s): {}",
+            reply.body
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
