@@ -160,11 +160,14 @@ impl Reclaimer {
             for holder in &lock.holders {
                 for (requestor, hold) in &holder.requestors {
                     if let Some(build) = &hold.release_with_build {
-                        builds.entry(build.clone()).or_default().push(Candidate {
-                            name: lock.name.clone(),
-                            key: holder.key.clone(),
-                            requestor: requestor.clone(),
-                        });
+                        builds
+                            .entry((**build).clone())
+                            .or_default()
+                            .push(Candidate {
+                                name: lock.name.clone(),
+                                key: holder.key.clone(),
+                                requestor: requestor.clone(),
+                            });
                     }
                 }
             }
@@ -204,7 +207,7 @@ impl Reclaimer {
                 h.key == hold.key
                     && h.requestors
                         .get(&hold.requestor)
-                        .is_some_and(|r| r.release_with_build.as_ref() == Some(build))
+                        .is_some_and(|r| r.release_with_build.as_deref() == Some(build))
             }),
             _ => false,
         };

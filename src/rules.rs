@@ -1,10 +1,11 @@
 //! The lock rules: acquire, release, reentrancy counts per requestor, FIFO wait queues, slots,
 //! fencing generations and lease expiry.
 //!
-//! Pure and deterministic: no I/O and no clock (callers pass `now`). The store relies on this to
-//! replay a committed batch onto its read copy, and the property tests check it against a model.
+//! Pure and deterministic: no I/O and no clock (callers pass `now`), so the property tests can
+//! check it against a model and every backend gets the same semantics.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -84,9 +85,10 @@ pub struct RequestorHold {
         skip_serializing_if = "Option::is_none"
     )]
     pub expires_at: Option<SystemTime>,
-    /// Released once this build has finished (see `release_when_build_ends`).
+    /// Released once this build has finished (see `release_when_build_ends`). Boxed: most
+    /// holds have none, and every hold pays for the field's size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub release_with_build: Option<BuildRef>,
+    pub release_with_build: Option<Box<BuildRef>>,
 }
 
 /// One holding of a lock: a key, the requestors sharing it, and its fencing generation.
@@ -226,7 +228,7 @@ impl Lock {
             });
         hold.count += 1;
         hold.expires_at = expires_at;
-        hold.release_with_build = request.release_with_build.clone();
+        hold.release_with_build = request.release_with_build.clone().map(Box::new);
         Grant {
             generation: holder.generation,
             count: hold.count,
@@ -338,9 +340,12 @@ pub struct Expiry {
 }
 
 /// Every lock, plus the fencing counter. Free locks with nobody waiting are not kept.
+///
+/// Locks are shared (`Arc`) and copied on write, so a clone of the table — the store keeps a
+/// committed copy for readers beside its working copy — shares every lock that did not change.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LockTable {
-    locks: BTreeMap<String, Lock>,
+    locks: BTreeMap<String, Arc<Lock>>,
     next_generation: u64,
 }
 
@@ -364,6 +369,7 @@ impl LockTable {
         let locks = locks
             .into_iter()
             .filter(|(_, lock)| lock.is_held())
+            .map(|(name, lock)| (name, Arc::new(lock)))
             .collect();
         LockTable {
             locks,
@@ -371,12 +377,17 @@ impl LockTable {
         }
     }
 
-    pub fn locks(&self) -> &BTreeMap<String, Lock> {
+    pub fn locks(&self) -> &BTreeMap<String, Arc<Lock>> {
         &self.locks
     }
 
     pub fn lock(&self, name: &str) -> Option<&Lock> {
-        self.locks.get(name)
+        self.locks.get(name).map(|lock| &**lock)
+    }
+
+    /// The lock to change, copied first if a clone of the table shares it.
+    fn lock_mut(&mut self, name: &str) -> Option<&mut Lock> {
+        self.locks.get_mut(name).map(Arc::make_mut)
     }
 
     pub fn next_generation(&self) -> u64 {
@@ -384,7 +395,7 @@ impl LockTable {
     }
 
     pub fn waiters(&self) -> usize {
-        self.locks.values().map(Lock::waiters).sum()
+        self.locks.values().map(|lock| lock.waiters()).sum()
     }
 
     /// Acquires `name` for `request` if it can be granted now. Otherwise, with a waiter id the
@@ -400,10 +411,11 @@ impl LockTable {
         now: SystemTime,
         waiter: Option<WaiterId>,
     ) -> AcquireOutcome {
-        let lock = self
-            .locks
-            .entry(name.to_string())
-            .or_insert_with(|| Lock::new(request.slots.unwrap_or(1)));
+        let lock = Arc::make_mut(
+            self.locks
+                .entry(name.to_string())
+                .or_insert_with(|| Arc::new(Lock::new(request.slots.unwrap_or(1)))),
+        );
         if let Some(slots) = request.slots
             && slots != lock.slots
         {
@@ -430,7 +442,7 @@ impl LockTable {
         requestor: &str,
         now: SystemTime,
     ) -> ReleaseOutcome {
-        let Some(lock) = self.locks.get_mut(name) else {
+        let Some(lock) = self.lock_mut(name) else {
             return ReleaseOutcome::NotHeld;
         };
         if !lock.is_held() {
@@ -446,7 +458,7 @@ impl LockTable {
 
     /// Releases every holding of `name`, whatever its key.
     pub fn force_release(&mut self, name: &str, now: SystemTime) -> ForceRelease {
-        let previous = match self.locks.get_mut(name) {
+        let previous = match self.lock_mut(name) {
             Some(lock) => std::mem::take(&mut lock.holders),
             None => Vec::new(),
         };
@@ -459,7 +471,7 @@ impl LockTable {
     /// same key is never affected.
     /// Returns `None` when that grant is no longer held.
     pub fn revoke(&mut self, grant: &WaiterGrant, now: SystemTime) -> Option<Vec<WaiterGrant>> {
-        let lock = self.locks.get_mut(&grant.name)?;
+        let lock = self.lock_mut(&grant.name)?;
         let index = lock
             .holders
             .iter()
@@ -478,7 +490,7 @@ impl LockTable {
     /// Takes a waiter out of the queue (it gave up or its client went away). Returns whom that
     /// lets in: a waiter stuck behind it may fit now.
     pub fn cancel(&mut self, name: &str, waiter: WaiterId, now: SystemTime) -> Vec<WaiterGrant> {
-        let Some(lock) = self.locks.get_mut(name) else {
+        let Some(lock) = self.lock_mut(name) else {
             return Vec::new();
         };
         lock.queue.retain(|w| w.id != waiter);
@@ -502,7 +514,7 @@ impl LockTable {
             .map(|(name, _)| name.clone())
             .collect();
         for name in names {
-            if let Some(lock) = self.locks.get_mut(&name) {
+            if let Some(lock) = self.lock_mut(&name) {
                 for holder in &mut lock.holders {
                     holder.requestors.retain(|requestor, hold| {
                         let alive = hold.expires_at.is_none_or(|at| at > now);
@@ -535,7 +547,8 @@ impl LockTable {
     /// Serves the queue of `name` and forgets the lock if nobody holds or waits for it.
     fn serve_and_tidy(&mut self, name: &str, now: SystemTime) -> Vec<WaiterGrant> {
         let mut grants = Vec::new();
-        if let Some(lock) = self.locks.get_mut(name) {
+        // Field by field, so the lock and the generation counter can be borrowed together.
+        if let Some(lock) = self.locks.get_mut(name).map(Arc::make_mut) {
             lock.serve_queue(name, now, &mut self.next_generation, &mut grants);
             if lock.is_unused() {
                 self.locks.remove(name);
@@ -552,8 +565,8 @@ fn is_expired(holder: &Holder, now: SystemTime) -> bool {
         .any(|h| h.expires_at.is_some_and(|at| at <= now))
 }
 
-/// One operation on the table. The store logs the operations of a batch so it can replay them,
-/// with the same `now`, onto its committed copy once the batch is durable.
+/// One operation on the table, as a value: the store keeps the operations of a batch to know
+/// which locks it touched and to retry internal ones after a failed write.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
     Acquire {

@@ -187,11 +187,12 @@ fn a_lease_that_runs_out_releases_the_hold_and_grants_the_next_waiter() {
 #[test]
 fn acquiring_again_renews_the_lease() {
     let server = Server::start();
-    server.lock("renew", json!({"key": "k", "ttl": "1s"}));
-    thread::sleep(Duration::from_millis(600));
-    server.lock("renew", json!({"key": "k", "ttl": "2s"}));
-    thread::sleep(Duration::from_millis(700));
-    // 1.3 s after the first acquire, the renewed lease still holds.
+    let first = Instant::now();
+    server.lock("renew", json!({"key": "k", "ttl": "3s"}));
+    thread::sleep(Duration::from_millis(500));
+    server.lock("renew", json!({"key": "k", "ttl": "20s"}));
+    // Past the first lease's end, the renewed lease still holds.
+    thread::sleep((first + Duration::from_millis(3500)).saturating_duration_since(Instant::now()));
     assert_eq!(server.locks()["renew"]["locked_by"], json!({"k": 2}));
 }
 

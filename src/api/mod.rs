@@ -109,7 +109,7 @@ async fn parse_lock_request(
 ) -> Result<(String, LockQuery, LockBody), ApiError> {
     let name = lock_name(request)?;
     let query = LockQuery::parse(request.query_string())?;
-    let body = LockBody::parse(&read_body(payload).await?)?;
+    let body = LockBody::parse(&read_body(request, payload).await?)?;
     Ok((name, query, body))
 }
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use actix_web::{HttpRequest, web};
 use bytes::Bytes;
+use futures_util::StreamExt;
 use percent_encoding::percent_decode_str;
 use serde::Deserialize;
 
@@ -58,15 +59,31 @@ pub fn validate_name(name: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Reads the body up to [`MAX_BODY`] bytes.
-pub async fn read_body(payload: web::Payload) -> Result<Bytes, ApiError> {
-    match payload.to_bytes_limited(MAX_BODY).await {
-        Ok(Ok(bytes)) => Ok(bytes),
-        Ok(Err(e)) => Err(ApiError::BadRequest(format!(
-            "cannot read the request body: {e}"
-        ))),
-        Err(_) => Err(ApiError::PayloadTooLarge(MAX_BODY)),
+/// Reads the body up to [`MAX_BODY`] bytes. Grows the buffer with what arrives instead of
+/// reserving the limit up front: thousands of waiting requests each hold their connection, and
+/// lock bodies are a few hundred bytes.
+pub async fn read_body(
+    request: &HttpRequest,
+    mut payload: web::Payload,
+) -> Result<Bytes, ApiError> {
+    let declared = request
+        .headers()
+        .get(actix_web::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|length| length > MAX_BODY) {
+        return Err(ApiError::PayloadTooLarge(MAX_BODY));
     }
+    let mut body = bytes::BytesMut::with_capacity(declared.unwrap_or(0));
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk
+            .map_err(|e| ApiError::BadRequest(format!("cannot read the request body: {e}")))?;
+        if body.len() + chunk.len() > MAX_BODY {
+            return Err(ApiError::PayloadTooLarge(MAX_BODY));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
 }
 
 /// `?wait=<duration>`, `?wait_free=<duration>` and `?force=true`.
