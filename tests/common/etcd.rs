@@ -38,8 +38,25 @@ pub fn shared() -> &'static EtcdCluster {
                 std::thread::park();
             }
         });
-        cluster.recv().expect("the shared etcd cluster started")
+        let cluster: EtcdCluster = cluster.recv().expect("the shared etcd cluster started");
+        if let Ok(mut dir) = SHARED_DIR.lock() {
+            *dir = Some(cluster.dir.path().to_path_buf());
+        }
+        // SAFETY: registers a plain function to run at exit(3).
+        unsafe { libc::atexit(remove_shared_dir) };
+        cluster
     })
+}
+
+/// The shared cluster's data directory, removed when the test process exits.
+static SHARED_DIR: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+extern "C" fn remove_shared_dir() {
+    if let Ok(dir) = SHARED_DIR.lock()
+        && let Some(dir) = dir.as_ref()
+    {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 /// The `etcd` binary, or a test failure saying how to get it.

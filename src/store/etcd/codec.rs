@@ -127,10 +127,51 @@ struct StoredLock {
     queue: Vec<StoredWaiter>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     grants: Vec<StoredGrant>,
+    /// Grants whose waiter's server has not yet confirmed handing them over; revoked when that
+    /// server is gone, so a grant to a waiter that died with its server does not hold the lock.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    unconfirmed: Vec<StoredGrant>,
 }
 
-/// Encodes a lock with its queue, and the grants the writing transaction made on it.
-pub fn encode_lock(lock: &Lock, grants: &[WaiterGrant]) -> Result<Vec<u8>, String> {
+fn stored_grant(g: &WaiterGrant) -> StoredGrant {
+    StoredGrant {
+        waiter: g.waiter,
+        key: g.key.clone(),
+        requestor: g.requestor.clone(),
+        generation: g.grant.generation,
+        count: g.grant.count,
+    }
+}
+
+fn waiter_grant(name: &str, g: StoredGrant) -> WaiterGrant {
+    WaiterGrant {
+        waiter: g.waiter,
+        name: name.to_string(),
+        key: g.key,
+        requestor: g.requestor,
+        grant: Grant {
+            generation: g.generation,
+            count: g.count,
+        },
+    }
+}
+
+/// A stored lock: the rules' view, the grants of the transaction that wrote it, and the grants
+/// not yet confirmed by their waiters' servers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decoded {
+    pub lock: Lock,
+    pub grants: Vec<WaiterGrant>,
+    pub unconfirmed: Vec<WaiterGrant>,
+}
+
+/// Encodes a lock with its queue, the grants the writing transaction made on it, and the
+/// grants not yet confirmed.
+pub fn encode_lock(
+    lock: &Lock,
+    grants: &[WaiterGrant],
+    unconfirmed: &[WaiterGrant],
+) -> Result<Vec<u8>, String> {
     let stored = StoredLock {
         slots: lock.slots,
         holders: lock.holders.clone(),
@@ -147,22 +188,14 @@ pub fn encode_lock(lock: &Lock, grants: &[WaiterGrant]) -> Result<Vec<u8>, Strin
                 slots: request.slots,
             })
             .collect(),
-        grants: grants
-            .iter()
-            .map(|g| StoredGrant {
-                waiter: g.waiter,
-                key: g.key.clone(),
-                requestor: g.requestor.clone(),
-                generation: g.grant.generation,
-                count: g.grant.count,
-            })
-            .collect(),
+        grants: grants.iter().map(stored_grant).collect(),
+        unconfirmed: unconfirmed.iter().map(stored_grant).collect(),
     };
     serde_json::to_vec(&stored).map_err(|e| format!("cannot encode lock: {e}"))
 }
 
-/// Decodes a stored lock, and the grants of the transaction that wrote it.
-pub fn decode_lock(name: &str, bytes: &[u8]) -> Result<(Lock, Vec<WaiterGrant>), String> {
+/// Decodes a stored lock.
+pub fn decode_lock(name: &str, bytes: &[u8]) -> Result<Decoded, String> {
     let stored: StoredLock = serde_json::from_slice(bytes)
         .map_err(|e| format!("lock {name:?} in etcd does not decode: {e}"))?;
     let queue = stored
@@ -181,21 +214,19 @@ pub fn decode_lock(name: &str, bytes: &[u8]) -> Result<(Lock, Vec<WaiterGrant>),
             )
         })
         .collect();
-    let grants = stored
-        .grants
-        .into_iter()
-        .map(|g| WaiterGrant {
-            waiter: g.waiter,
-            name: name.to_string(),
-            key: g.key,
-            requestor: g.requestor,
-            grant: Grant {
-                generation: g.generation,
-                count: g.count,
-            },
-        })
-        .collect();
-    Ok((Lock::restore(stored.slots, stored.holders, queue), grants))
+    Ok(Decoded {
+        lock: Lock::restore(stored.slots, stored.holders, queue),
+        grants: stored
+            .grants
+            .into_iter()
+            .map(|g| waiter_grant(name, g))
+            .collect(),
+        unconfirmed: stored
+            .unconfirmed
+            .into_iter()
+            .map(|g| waiter_grant(name, g))
+            .collect(),
+    })
 }
 
 pub fn encode_meta(next_generation: u64) -> Vec<u8> {
@@ -231,11 +262,11 @@ mod tests {
         table.acquire("l", request("a"), now, None);
         table.acquire("l", request("b"), now, Some(7 << WAITER_BITS | 3));
         let lock = table.lock("l").expect("held");
-        let bytes = encode_lock(lock, &[]).expect("encodes");
-        let (decoded, grants) = decode_lock("l", &bytes).expect("decodes");
-        assert_eq!(&decoded, lock);
-        assert_eq!(decoded.queued().count(), 1);
-        assert!(grants.is_empty());
+        let bytes = encode_lock(lock, &[], &[]).expect("encodes");
+        let decoded = decode_lock("l", &bytes).expect("decodes");
+        assert_eq!(&decoded.lock, lock);
+        assert_eq!(decoded.lock.queued().count(), 1);
+        assert!(decoded.grants.is_empty() && decoded.unconfirmed.is_empty());
         assert_eq!(waiter_replica(7 << WAITER_BITS | 3), 7);
     }
 

@@ -128,7 +128,7 @@ pub async fn import(
     for (name, lock) in table.locks() {
         puts.push(TxnOp::put(
             keys.lock(name),
-            codec::encode_lock(lock, &[])?,
+            codec::encode_lock(lock, &[], &[])?,
             None,
         ));
     }
@@ -172,7 +172,7 @@ pub async fn export(client: &mut Client, keys: &Keys) -> Result<LockTable, Strin
         match keys.classify(key) {
             KeyKind::Meta => next_generation = codec::decode_meta(kv.value())?,
             KeyKind::Lock(name) => {
-                let (lock, _) = codec::decode_lock(name, kv.value())?;
+                let lock = codec::decode_lock(name, kv.value())?.lock;
                 // Waiters belong to live connections and are not exported.
                 let lock = crate::rules::Lock::restore(lock.slots, lock.holders, Vec::new());
                 locks.insert(name.to_string(), lock);

@@ -147,6 +147,8 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 struct Entry {
     /// `None`: the key does not exist (the lock is free).
     lock: Option<Lock>,
+    /// Grants not yet confirmed by their waiters' servers.
+    unconfirmed: Vec<WaiterGrant>,
     /// The key's mod revision (0 when absent), compared by transactions.
     mod_revision: i64,
     /// The store revision this view is valid at; older news never overwrites it.
@@ -166,18 +168,11 @@ struct Cache {
 }
 
 impl Cache {
-    fn set_lock(&mut self, name: &str, lock: Option<Lock>, mod_revision: i64, as_of: i64) {
+    fn set_lock(&mut self, name: &str, entry: Entry) {
         match self.locks.get(name) {
-            Some(entry) if entry.as_of >= as_of => {}
+            Some(current) if current.as_of >= entry.as_of => {}
             _ => {
-                self.locks.insert(
-                    name.to_string(),
-                    Entry {
-                        lock,
-                        mod_revision,
-                        as_of,
-                    },
-                );
+                self.locks.insert(name.to_string(), entry);
             }
         }
     }
@@ -235,6 +230,12 @@ enum Command {
         reply: Reply,
         since: Instant,
     },
+    /// A waiter's server has handed it its grant: take it off the unconfirmed list. Answers
+    /// whether the grant still stood (it may have been revoked meanwhile).
+    Confirm {
+        grant: WaiterGrant,
+        reply: oneshot::Sender<Result<bool, StoreError>>,
+    },
     /// Clean-up nobody waits for (cancel, revoke); retried until committed.
     Internal(Op),
     Shutdown,
@@ -267,29 +268,33 @@ impl Shared {
 
     /// Applies one lock's value (or its deletion) seen at `as_of`, delivering grants it records.
     fn observe_lock(&self, name: &str, kv: Option<&KeyValue>, as_of: i64, deliver: bool) {
-        let decoded = match kv {
+        let (entry, grants) = match kv {
             Some(kv) => match codec::decode_lock(name, kv.value()) {
-                Ok((lock, grants)) => Some((lock, grants, kv.mod_revision())),
+                Ok(decoded) => (
+                    Entry {
+                        lock: Some(decoded.lock),
+                        unconfirmed: decoded.unconfirmed,
+                        mod_revision: kv.mod_revision(),
+                        as_of,
+                    },
+                    decoded.grants,
+                ),
                 Err(e) => {
                     error!("{e}");
                     return;
                 }
             },
-            None => None,
+            None => (
+                Entry {
+                    lock: None,
+                    unconfirmed: Vec::new(),
+                    mod_revision: 0,
+                    as_of,
+                },
+                Vec::new(),
+            ),
         };
-        let grants = {
-            let mut cache = self.cache.lock();
-            match decoded {
-                Some((lock, grants, mod_revision)) => {
-                    cache.set_lock(name, Some(lock), mod_revision, as_of);
-                    grants
-                }
-                None => {
-                    cache.set_lock(name, None, 0, as_of);
-                    Vec::new()
-                }
-            }
-        };
+        self.cache.lock().set_lock(name, entry);
         if deliver {
             for grant in grants {
                 if waiter_replica(grant.waiter) == self.replica {
@@ -392,6 +397,42 @@ impl EtcdStore {
         }
     }
 
+    /// Records that this server handed a grant to its waiter, before the client is answered:
+    /// from then on the hold is the client's even if this server dies. A grant revoked
+    /// meanwhile (this server was taken for dead) is not the client's.
+    async fn confirm(&self, grant: WaiterGrant) -> Result<Grant, StoreError> {
+        let mut pending = ConfirmGuard {
+            grant: Some(grant.clone()),
+            shared: self.shared.clone(),
+        };
+        let (reply, answer) = oneshot::channel();
+        self.shared
+            .commands
+            .send(Command::Confirm {
+                grant: grant.clone(),
+                reply,
+            })
+            .map_err(|_| StoreError::ShuttingDown)?;
+        let answer = match tokio::time::timeout(BATCH_DEADLINE * 3, answer).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(StoreError::ShuttingDown),
+            Err(_) => Err(unavailable("no answer in time")),
+        };
+        match answer {
+            Ok(true) => {
+                pending.grant = None;
+                Ok(grant.grant)
+            }
+            Ok(false) => {
+                pending.grant = None;
+                Err(unavailable(
+                    "the grant was withdrawn while this server was out of touch with etcd",
+                ))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     fn current_keys(&self, name: &str) -> Vec<String> {
         self.shared
             .cache
@@ -444,7 +485,7 @@ impl EtcdStore {
             _ = shutdown.wait_for(|stopping| *stopping) => None,
         };
         if let Some(grant) = outcome.or_else(|| guard.give_up()) {
-            return Ok(grant.grant);
+            return self.confirm(grant).await;
         }
         if *shutdown.borrow() {
             return Err(StoreError::ShuttingDown);
@@ -665,7 +706,15 @@ async fn load_all(client: &mut Client, shared: &Arc<Shared>, deliver: bool) -> R
         .cloned()
         .collect();
     for name in gone {
-        cache.set_lock(&name, None, 0, revision);
+        cache.set_lock(
+            &name,
+            Entry {
+                lock: None,
+                unconfirmed: Vec::new(),
+                mod_revision: 0,
+                as_of: revision,
+            },
+        );
     }
     cache.replicas = replicas;
     cache.watched = cache.watched.max(revision);
@@ -760,6 +809,12 @@ struct Pending {
     reply: Reply,
 }
 
+/// One confirmation of a batch.
+struct PendingConfirm {
+    grant: WaiterGrant,
+    reply: oneshot::Sender<Result<bool, StoreError>>,
+}
+
 impl Writer {
     async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
         let mut stopping = false;
@@ -823,16 +878,21 @@ impl Writer {
     /// live servers (the cache alone may not have seen a new server register yet).
     async fn dead_waiters(&mut self) -> Vec<Op> {
         self.last_purge = Instant::now();
-        let suspects: Vec<(String, WaiterId)> = {
+        let suspects: Vec<(String, WaiterId, Option<WaiterGrant>)> = {
             let cache = self.shared.cache.lock();
-            cache
-                .held()
-                .flat_map(|(name, lock)| {
-                    lock.queued()
-                        .map(|(id, _)| (name.clone(), id))
-                        .collect::<Vec<_>>()
-                })
-                .filter(|(_, id)| {
+            let queued = cache.held().flat_map(|(name, lock)| {
+                lock.queued()
+                    .map(|(id, _)| (name.clone(), id, None))
+                    .collect::<Vec<_>>()
+            });
+            let unconfirmed = cache.locks.values().flat_map(|e| {
+                e.unconfirmed
+                    .iter()
+                    .map(|g| (g.name.clone(), g.waiter, Some(g.clone())))
+            });
+            queued
+                .chain(unconfirmed)
+                .filter(|(_, id, _)| {
                     let replica = waiter_replica(*id);
                     replica != self.shared.replica && !cache.replicas.contains(&replica)
                 })
@@ -858,14 +918,17 @@ impl Writer {
         };
         suspects
             .into_iter()
-            .filter(|(_, id)| !live.contains(&waiter_replica(*id)))
+            .filter(|(_, id, _)| !live.contains(&waiter_replica(*id)))
             .take(MAX_LOCKS_PER_TXN)
-            .map(|(name, waiter)| {
+            .map(|(name, waiter, grant)| {
                 info!(
                     "dropping waiter {waiter} on lock {name:?}: its server (replica {}) is gone",
                     waiter_replica(waiter)
                 );
-                Op::Cancel { name, waiter }
+                match grant {
+                    Some(grant) => Op::Revoke(grant),
+                    None => Op::Cancel { name, waiter },
+                }
             })
             .collect()
     }
@@ -880,6 +943,7 @@ impl Writer {
             internal.extend(self.dead_waiters().await);
         }
         let mut clients: Vec<Pending> = Vec::new();
+        let mut confirms: Vec<PendingConfirm> = Vec::new();
         let mut names: BTreeSet<String> = internal
             .iter()
             .filter_map(|op| op.lock_name().map(str::to_string))
@@ -909,6 +973,10 @@ impl Writer {
                     names.extend(op.lock_name().map(str::to_string));
                     internal.push(op);
                 }
+                Command::Confirm { grant, reply } => {
+                    names.insert(grant.name.clone());
+                    confirms.push(PendingConfirm { grant, reply });
+                }
                 Command::Shutdown => {}
             }
         }
@@ -918,9 +986,10 @@ impl Writer {
             .lock()
             .next_expiry()
             .is_some_and(|at| at <= SystemTime::now());
-        if clients.is_empty() && internal.is_empty() && !expire_due {
+        if clients.is_empty() && internal.is_empty() && confirms.is_empty() && !expire_due {
             return;
         }
+        let confirmed: Vec<WaiterGrant> = confirms.iter().map(|c| c.grant.clone()).collect();
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -935,15 +1004,15 @@ impl Writer {
                 }
             }
             ops.extend(clients.iter().map(|p| p.op.clone()));
-            let plan = self.plan(&names, &ops, now);
+            let plan = self.plan(&names, &ops, &confirmed, now);
             let plan = match plan {
                 Ok(plan) => plan,
                 Err(e) => {
-                    self.fail(clients, internal, e);
+                    self.fail(clients, confirms, internal, e);
                     return;
                 }
             };
-            if plan.writes.is_empty() && clients.is_empty() {
+            if plan.writes.is_empty() && clients.is_empty() && confirms.is_empty() {
                 // Internal clean-up that changed nothing (e.g. a cancel of a waiter already
                 // granted or gone): nothing to commit.
                 return;
@@ -956,11 +1025,11 @@ impl Writer {
             let response = match result {
                 Ok(Ok(response)) => response,
                 Ok(Err(e)) => {
-                    self.fail(clients, internal, e.to_string());
+                    self.fail(clients, confirms, internal, e.to_string());
                     return;
                 }
                 Err(_) => {
-                    self.fail(clients, internal, "no answer in time".into());
+                    self.fail(clients, confirms, internal, "no answer in time".into());
                     return;
                 }
             };
@@ -969,7 +1038,11 @@ impl Writer {
                 // Client operations come last in the batch.
                 let first = plan.effects.len() - clients.len();
                 let effects = plan.effects[first..].to_vec();
+                let stood = plan.confirmed.clone();
                 self.commit(plan, revision, started, ops.len());
+                for (confirm, stood) in confirms.into_iter().zip(stood) {
+                    let _ = confirm.reply.send(Ok(stood));
+                }
                 for (pending, effect) in clients.into_iter().zip(effects) {
                     let _ = pending.reply.send(Ok(effect));
                 }
@@ -980,6 +1053,7 @@ impl Writer {
             if started.elapsed() > BATCH_DEADLINE {
                 self.fail(
                     clients,
+                    confirms,
                     internal,
                     format!("still conflicting after {attempt} attempts"),
                 );
@@ -989,9 +1063,16 @@ impl Writer {
     }
 
     /// Applies `ops` to the cached locks in `names` and turns the result into a transaction.
-    fn plan(&self, names: &BTreeSet<String>, ops: &[Op], now: SystemTime) -> Result<Plan, String> {
+    fn plan(
+        &self,
+        names: &BTreeSet<String>,
+        ops: &[Op],
+        confirms: &[WaiterGrant],
+        now: SystemTime,
+    ) -> Result<Plan, String> {
         let cache = self.shared.cache.lock();
         let mut before: BTreeMap<String, Option<Lock>> = BTreeMap::new();
+        let mut unconfirmed_before: BTreeMap<String, Vec<WaiterGrant>> = BTreeMap::new();
         let mut compares = Vec::new();
         let mut reads = Vec::new();
         for name in names {
@@ -1004,6 +1085,10 @@ impl Writer {
             ));
             reads.push(TxnOp::get(key, None));
             before.insert(name.clone(), entry.and_then(|e| e.lock.clone()));
+            unconfirmed_before.insert(
+                name.clone(),
+                entry.map(|e| e.unconfirmed.clone()).unwrap_or_default(),
+            );
         }
         let parts = before
             .iter()
@@ -1024,22 +1109,58 @@ impl Writer {
                 .or_default()
                 .push(grant.clone());
         }
+        // Unconfirmed grants: new ones join; confirmed and revoked ones leave.
+        let revoked: BTreeSet<WaiterId> = ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Revoke(grant) => Some(grant.waiter),
+                _ => None,
+            })
+            .collect();
+        let mut unconfirmed_after = unconfirmed_before.clone();
+        for (name, granted) in &grants {
+            if let Some(list) = unconfirmed_after.get_mut(*name) {
+                list.extend(granted.iter().cloned());
+            }
+        }
+        let confirmed: Vec<bool> = confirms
+            .iter()
+            .map(|c| {
+                !revoked.contains(&c.waiter)
+                    && unconfirmed_after
+                        .get(&c.name)
+                        .is_some_and(|list| list.iter().any(|g| g.waiter == c.waiter))
+            })
+            .collect();
+        let confirmed_ids: BTreeSet<WaiterId> = confirms.iter().map(|c| c.waiter).collect();
+        for list in unconfirmed_after.values_mut() {
+            list.retain(|g| !revoked.contains(&g.waiter) && !confirmed_ids.contains(&g.waiter));
+        }
         let mut writes = Vec::new();
         let mut after = BTreeMap::new();
         for (name, old) in &before {
             let new = table.lock(name).cloned();
             let granted = grants.get(name.as_str()).map(Vec::as_slice).unwrap_or(&[]);
-            if &new == old && granted.is_empty() {
+            let mut unconfirmed = unconfirmed_after.remove(name).unwrap_or_default();
+            if new.is_none() {
+                unconfirmed.clear();
+            }
+            if &new == old
+                && granted.is_empty()
+                && unconfirmed_before.get(name) == Some(&unconfirmed)
+            {
                 continue;
             }
             let key = self.shared.keys.lock(name);
             match &new {
-                Some(lock) => {
-                    writes.push(TxnOp::put(key, codec::encode_lock(lock, granted)?, None))
-                }
+                Some(lock) => writes.push(TxnOp::put(
+                    key,
+                    codec::encode_lock(lock, granted, &unconfirmed)?,
+                    None,
+                )),
                 None => writes.push(TxnOp::delete(key, None)),
             }
-            after.insert(name.clone(), new);
+            after.insert(name.clone(), (new, unconfirmed));
         }
         let next_generation = table.next_generation();
         let meta_key = self.shared.keys.meta();
@@ -1063,6 +1184,7 @@ impl Writer {
             after,
             next_generation: (next_generation != start_generation).then_some(next_generation),
             effects,
+            confirmed,
         })
     }
 
@@ -1072,9 +1194,17 @@ impl Writer {
             self.shared.metrics.write(started.elapsed(), operations);
         }
         let mut cache = self.shared.cache.lock();
-        for (name, lock) in plan.after {
+        for (name, (lock, unconfirmed)) in plan.after {
             let mod_revision = if lock.is_some() { revision } else { 0 };
-            cache.set_lock(&name, lock, mod_revision, revision);
+            cache.set_lock(
+                &name,
+                Entry {
+                    lock,
+                    unconfirmed,
+                    mod_revision,
+                    as_of: revision,
+                },
+            );
         }
         if let Some(next) = plan.next_generation {
             cache.set_meta(next, revision, revision);
@@ -1111,7 +1241,13 @@ impl Writer {
         }
     }
 
-    fn fail(&mut self, clients: Vec<Pending>, internal: Vec<Op>, reason: String) {
+    fn fail(
+        &mut self,
+        clients: Vec<Pending>,
+        confirms: Vec<PendingConfirm>,
+        internal: Vec<Op>,
+        reason: String,
+    ) {
         error!(
             "etcd transaction failed: {reason}; {} request(s) answered 503",
             clients.len()
@@ -1120,6 +1256,9 @@ impl Writer {
         self.last_failure = Some(Instant::now());
         for pending in clients {
             let _ = pending.reply.send(Err(unavailable(&reason)));
+        }
+        for confirm in confirms {
+            let _ = confirm.reply.send(Err(unavailable(&reason)));
         }
         // Clean-up must not be lost: it is applied again with a later batch.
         self.retry.extend(
@@ -1135,9 +1274,11 @@ struct Plan {
     compares: Vec<Compare>,
     writes: Vec<TxnOp>,
     reads: Vec<TxnOp>,
-    after: BTreeMap<String, Option<Lock>>,
+    after: BTreeMap<String, (Option<Lock>, Vec<WaiterGrant>)>,
     next_generation: Option<u64>,
     effects: Vec<Effect>,
+    /// For each confirmation, whether its grant still stood.
+    confirmed: Vec<bool>,
 }
 
 fn log_effects(effects: &[Effect]) {
@@ -1229,7 +1370,9 @@ impl LockStore for EtcdStore {
             .await?;
         match response.kvs().first() {
             Some(kv) => {
-                let (lock, _) = codec::decode_lock(name, kv.value()).map_err(unavailable)?;
+                let lock = codec::decode_lock(name, kv.value())
+                    .map_err(unavailable)?
+                    .lock;
                 Ok(lock.is_held().then(|| view(name, &lock)))
             }
             None => Ok(None),
@@ -1252,7 +1395,9 @@ impl LockStore for EtcdStore {
             let KeyKind::Lock(name) = self.shared.keys.classify(key) else {
                 continue;
             };
-            let (lock, _) = codec::decode_lock(name, kv.value()).map_err(unavailable)?;
+            let lock = codec::decode_lock(name, kv.value())
+                .map_err(unavailable)?
+                .lock;
             if lock.is_held() {
                 views.push(view(name, &lock));
             }
@@ -1392,6 +1537,24 @@ impl Drop for WaitGuard {
                     .send(Command::Internal(Op::Revoke(grant)));
             }
             Err(_) => self.cancel(),
+        }
+    }
+}
+
+/// Gives a grant back if its client is not told about it (the confirmation failed, or the
+/// request ended while confirming).
+struct ConfirmGuard {
+    grant: Option<WaiterGrant>,
+    shared: Arc<Shared>,
+}
+
+impl Drop for ConfirmGuard {
+    fn drop(&mut self) {
+        if let Some(grant) = self.grant.take() {
+            let _ = self
+                .shared
+                .commands
+                .send(Command::Internal(Op::Revoke(grant)));
         }
     }
 }
