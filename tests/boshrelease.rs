@@ -1533,7 +1533,7 @@ fn the_etcd_ops_file_runs_several_instances_on_etcd() {
     // The paths it replaces or removes without `?` exist in the manifest it is made for.
     let group = manifest["instance_groups"]
         .as_sequence()
-        .and_then(|groups| groups.iter().find(|g| g["name"] == Yaml::from("locker")))
+        .and_then(|groups| groups.iter().find(|g| g["name"] == "locker"))
         .expect("locker instance group");
     for key in ["instances", "persistent_disk", "azs"] {
         assert!(group.get(key).is_some(), "{key}");
