@@ -9,6 +9,7 @@ use clap::{ArgAction, Parser};
 
 use crate::auth::Credentials;
 use crate::reclaim::{ConcourseAuth, ReclaimSettings};
+use crate::store::etcd::EtcdConnection;
 use crate::timefmt::parse_duration;
 
 /// A lock server for Concourse pipelines: HTTP locks with reentrancy counts, FIFO waiting,
@@ -80,6 +81,65 @@ pub struct Args {
     /// How often the builds of such holds are checked.
     #[arg(long, env = "LOCKER_RECLAIM_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     pub reclaim_interval: Duration,
+    /// Where the locks live: `file` (LOCKER_CONFIG) or `etcd` (shared by several servers).
+    #[arg(long, env = "LOCKER_STORE", default_value = "file", value_enum)]
+    pub store: StoreKind,
+
+    /// etcd endpoints, comma-separated (e.g. http://10.0.0.1:2379,http://10.0.0.2:2379).
+    #[arg(long, env = "LOCKER_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+
+    /// Prefix of every key locker keeps in etcd.
+    #[arg(long, env = "LOCKER_ETCD_PREFIX", default_value = "/locker/")]
+    pub etcd_prefix: String,
+
+    /// etcd user; requires LOCKER_ETCD_PASSWORD.
+    #[arg(long, env = "LOCKER_ETCD_USER")]
+    pub etcd_user: Option<String>,
+
+    /// Password of LOCKER_ETCD_USER.
+    #[arg(long, env = "LOCKER_ETCD_PASSWORD", hide_env_values = true)]
+    pub etcd_password: Option<String>,
+
+    /// PEM CA certificate that signed etcd's server certificates (turns on TLS to etcd).
+    #[arg(long, env = "LOCKER_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+
+    /// PEM client certificate for etcd; requires LOCKER_ETCD_KEY.
+    #[arg(long, env = "LOCKER_ETCD_CERT")]
+    pub etcd_cert: Option<PathBuf>,
+
+    /// PEM private key of LOCKER_ETCD_CERT.
+    #[arg(long, env = "LOCKER_ETCD_KEY")]
+    pub etcd_key: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// The lock store backends.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    File,
+    Etcd,
+}
+
+/// Subcommands; without one, the binary serves.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Load a YAML state file (ours or the original locker's) into etcd (LOCKER_ETCD_*).
+    Import {
+        /// The state file to read.
+        file: PathBuf,
+        /// Overwrite locks already stored in etcd under the prefix.
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Write etcd's locks (LOCKER_ETCD_*) to a YAML state file (`-` for standard output).
+    Export {
+        /// The state file to write (replaced atomically).
+        file: PathBuf,
+    },
 }
 
 /// Checked configuration.
@@ -94,6 +154,8 @@ pub struct Settings {
     pub default_ttl: Option<Duration>,
     /// Reclaiming holds of ended builds, when a Concourse URL is configured.
     pub reclaim: Option<ReclaimSettings>,
+    /// Set when the locks live in etcd (LOCKER_STORE=etcd).
+    pub etcd: Option<EtcdConnection>,
 }
 
 /// Treats an empty value like an unset one: deployment tools often render unset options as "".
@@ -105,6 +167,10 @@ impl Settings {
     /// Checks the combinations clap cannot: both auth values or neither, both TLS files or
     /// neither. The TLS files themselves are read by [`crate::tls`].
     pub fn from_args(args: Args) -> Result<Self, String> {
+        let etcd = match args.store {
+            StoreKind::Etcd => Some(etcd_connection(&args)?),
+            StoreKind::File => None,
+        };
         let credentials = match (non_empty(args.auth_user), non_empty(args.auth_pass)) {
             (Some(user), Some(password)) => Some(Credentials::new(user, password)),
             (None, None) => None,
@@ -150,6 +216,7 @@ impl Settings {
             max_waiters: args.max_waiters,
             default_ttl: args.default_ttl.filter(|ttl| !ttl.is_zero()),
             reclaim,
+            etcd,
         })
     }
 }
@@ -196,6 +263,57 @@ fn reclaim_settings(
         auth,
         interval,
     }))
+}
+
+/// The etcd settings, checked: endpoints given, user and password together, cert and key
+/// together.
+pub fn etcd_connection(args: &Args) -> Result<EtcdConnection, String> {
+    let endpoints: Vec<String> = args
+        .etcd_endpoints
+        .iter()
+        .map(|e| e.trim().to_string())
+        .filter(|e| !e.is_empty())
+        .collect();
+    if endpoints.is_empty() {
+        return Err(
+            "LOCKER_STORE=etcd needs LOCKER_ETCD_ENDPOINTS (comma-separated etcd URLs)".into(),
+        );
+    }
+    if args.etcd_prefix.is_empty() {
+        return Err("LOCKER_ETCD_PREFIX must not be empty".into());
+    }
+    let user = match (
+        non_empty(args.etcd_user.clone()),
+        non_empty(args.etcd_password.clone()),
+    ) {
+        (Some(user), Some(password)) => Some((user, password)),
+        (None, None) => None,
+        _ => {
+            return Err(
+                "LOCKER_ETCD_USER and LOCKER_ETCD_PASSWORD go together: set both, or neither"
+                    .into(),
+            );
+        }
+    };
+    let client_cert = match (
+        non_empty(args.etcd_cert.clone()),
+        non_empty(args.etcd_key.clone()),
+    ) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        _ => {
+            return Err(
+                "LOCKER_ETCD_CERT and LOCKER_ETCD_KEY go together: set both, or neither".into(),
+            );
+        }
+    };
+    Ok(EtcdConnection {
+        endpoints,
+        prefix: args.etcd_prefix.clone(),
+        user,
+        ca: non_empty(args.etcd_ca.clone()),
+        client_cert,
+    })
 }
 
 #[cfg(test)]
@@ -257,6 +375,29 @@ mod tests {
         ];
         for args in refused {
             assert!(parse(args).is_err(), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn etcd_settings_are_checked() {
+        assert!(parse(&[]).expect("defaults").etcd.is_none());
+        let error = parse(&["--store", "etcd"]).expect_err("no endpoints");
+        assert!(error.contains("LOCKER_ETCD_ENDPOINTS"), "{error}");
+        let settings = parse(&[
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            "http://127.0.0.1:2379, http://127.0.0.1:22379",
+        ])
+        .expect("valid");
+        let etcd = settings.etcd.expect("etcd settings");
+        assert_eq!(etcd.endpoints.len(), 2);
+        assert_eq!(etcd.prefix, "/locker/");
+        let half = ["--store", "etcd", "--etcd-endpoints", "e:2379"];
+        for extra in [["--etcd-user", "u"], ["--etcd-cert", "c.pem"]] {
+            let args: Vec<&str> = half.iter().chain(extra.iter()).copied().collect();
+            let error = parse(&args).expect_err("half configured");
+            assert!(error.contains("go together"), "{error}");
         }
     }
 

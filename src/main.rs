@@ -6,9 +6,11 @@ use std::sync::Arc;
 use clap::Parser;
 use log::{error, info};
 
-use locker::config::{Args, Settings};
+use locker::config::{Args, Command, Settings};
 use locker::metrics::Metrics;
 use locker::server;
+use locker::store::LockStore;
+use locker::store::etcd::{EtcdStore, EtcdStoreOptions, migrate};
 use locker::store::file::{FileStore, FileStoreOptions};
 
 fn main() -> ExitCode {
@@ -25,6 +27,9 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), String> {
+    if let Some(command) = args.command.clone() {
+        return run_command(&args, command);
+    }
     let settings = Settings::from_args(args)?;
     let tls = match &settings.tls {
         Some((cert, key)) => Some(locker::tls::server_config(cert, key)?),
@@ -33,24 +38,59 @@ fn run(args: Args) -> Result<(), String> {
     let listener = std::net::TcpListener::bind(settings.listen)
         .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
     let metrics = Arc::new(Metrics::new());
-    let store = FileStore::open(FileStoreOptions {
-        path: settings.state_file.clone(),
-        max_waiters: settings.max_waiters,
-        metrics: metrics.clone(),
-    })?;
-    info!(
-        "state file {}; {}",
-        settings.state_file.display(),
-        server::auth_summary(settings.credentials.as_ref())
-    );
+    let store: Arc<dyn LockStore> = match &settings.etcd {
+        Some(connection) => {
+            let store = EtcdStore::open(EtcdStoreOptions {
+                connection: connection.clone(),
+                max_waiters: settings.max_waiters,
+                metrics: metrics.clone(),
+            })?;
+            info!(
+                "locks in etcd at {} under {:?}; {}",
+                connection.endpoints.join(","),
+                connection.prefix,
+                server::auth_summary(settings.credentials.as_ref())
+            );
+            Arc::new(store)
+        }
+        None => {
+            let store = FileStore::open(FileStoreOptions {
+                path: settings.state_file.clone(),
+                max_waiters: settings.max_waiters,
+                metrics: metrics.clone(),
+            })?;
+            info!(
+                "state file {}; {}",
+                settings.state_file.display(),
+                server::auth_summary(settings.credentials.as_ref())
+            );
+            Arc::new(store)
+        }
+    };
     actix_web::rt::System::new()
         .block_on(server::serve(
             listener,
             &settings,
-            Arc::new(store),
+            store,
             metrics,
             tls,
             server::termination_signal(),
         ))
         .map_err(|e| format!("server failed: {e}"))
+}
+
+/// Runs a subcommand instead of serving.
+fn run_command(args: &Args, command: Command) -> Result<(), String> {
+    let summary = match command {
+        Command::Import { file, replace } => {
+            let connection = locker::config::etcd_connection(args)?;
+            migrate::import_file(&connection, &file, replace)?
+        }
+        Command::Export { file } => {
+            let connection = locker::config::etcd_connection(args)?;
+            migrate::export_file(&connection, &file)?
+        }
+    };
+    eprintln!("locker: {summary}");
+    Ok(())
 }

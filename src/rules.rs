@@ -169,6 +169,23 @@ impl Lock {
         self.queue.len()
     }
 
+    /// Queued waiters in arrival order, for backends that share the queue between servers.
+    pub fn queued(&self) -> impl Iterator<Item = (WaiterId, &Acquire)> {
+        self.queue.iter().map(|w| (w.id, &w.request))
+    }
+
+    /// Rebuilds a lock with its queue, as a backend that shares the queue stored it.
+    pub fn restore(slots: u32, holders: Vec<Holder>, queue: Vec<(WaiterId, Acquire)>) -> Self {
+        Lock {
+            slots: slots.max(1),
+            holders,
+            queue: queue
+                .into_iter()
+                .map(|(id, request)| Waiter { id, request })
+                .collect(),
+        }
+    }
+
     /// Keys of the current holders, oldest holding first.
     pub fn keys(&self) -> Vec<String> {
         self.holders.iter().map(|h| h.key.clone()).collect()

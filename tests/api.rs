@@ -177,3 +177,15 @@ fn health_answers_ok() {
     assert_eq!(reply.status, 200);
     assert_eq!(reply.json(), json!({"status": "OK"}));
 }
+
+also_on_etcd!(
+    lock_conflict_and_release_follow_the_original_api,
+    counts_are_kept_per_requestor_and_one_delete_clears_a_requestor,
+    requestor_is_read_under_all_three_names_and_defaults_to_the_key,
+    a_form_encoded_body_is_parsed_as_json_like_the_original_resource_sends_it,
+    the_status_line_carries_the_standard_reason_phrase_the_resource_greps_for,
+    bad_requests_get_400_with_a_json_error,
+    names_are_percent_decoded_and_validated,
+    unknown_routes_wrong_methods_and_big_bodies_get_json_errors,
+    health_answers_ok,
+);

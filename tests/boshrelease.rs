@@ -456,6 +456,12 @@ fn the_job_spec_documents_every_property_and_keeps_the_original_names() {
         "locker.ssl_key",
         "locker.ssl_ca",
         "locker.default_ttl",
+        "locker.etcd.endpoints",
+        "locker.etcd.user",
+        "locker.etcd.password",
+        "locker.etcd.ca",
+        "locker.etcd.client_cert",
+        "locker.etcd.client_key",
     ];
     let mut names = BTreeSet::new();
     for (name, definition) in properties {
@@ -1431,4 +1437,105 @@ fn the_pipeline_references_task_files_and_scripts_that_exist() {
         }
     });
     assert!(version_trigger, "ship runs on a version bump");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The etcd backend
+
+#[test]
+fn etcd_properties_become_etcd_env_and_drop_the_persistent_disk() {
+    let pki = pki();
+    let render = render_job(json!({"locker": {
+        "store": "etcd",
+        "etcd": {
+            "endpoints": ["https://10.0.0.5:2379", "https://10.0.0.6:2379"],
+            "user": "locker",
+            "password": "p w",
+            "ca": pki.ca,
+            "client_cert": pki.cert,
+            "client_key": pki.key,
+        },
+    }}));
+    let bpm = render.bpm();
+    let process = bpm.process();
+    assert!(!process.persistent_disk, "etcd needs no persistent disk");
+    let mut expected = default_env();
+    for (name, value) in [
+        ("LOCKER_STORE", "etcd".to_string()),
+        (
+            "LOCKER_ETCD_ENDPOINTS",
+            "https://10.0.0.5:2379,https://10.0.0.6:2379".to_string(),
+        ),
+        ("LOCKER_ETCD_PREFIX", "/locker/".to_string()),
+        ("LOCKER_ETCD_USER", "locker".to_string()),
+        ("LOCKER_ETCD_PASSWORD", "p w".to_string()),
+        ("LOCKER_ETCD_CA", destination("certs/etcd-ca.crt.erb")),
+        ("LOCKER_ETCD_CERT", destination("certs/etcd-client.crt.erb")),
+        ("LOCKER_ETCD_KEY", destination("certs/etcd-client.key.erb")),
+    ] {
+        expected.insert(name.to_string(), value);
+    }
+    assert_eq!(process.env, expected);
+    assert_eq!(
+        render.template("certs/etcd-ca.crt.erb").trim(),
+        pki.ca.trim()
+    );
+    assert_eq!(
+        render.template("certs/etcd-client.key.erb").trim(),
+        pki.key.trim()
+    );
+    // Only what is set reaches the env.
+    let bare =
+        render_job(json!({"locker": {"store": "etcd", "etcd": {"endpoints": ["http://e:2379"]}}}));
+    let env = bare.bpm().process().env.clone();
+    assert_eq!(env["LOCKER_ETCD_ENDPOINTS"], "http://e:2379");
+    assert!(!env.contains_key("LOCKER_ETCD_CA") && !env.contains_key("LOCKER_ETCD_USER"));
+    assert!(
+        !render_job(json!({}))
+            .bpm()
+            .process()
+            .env
+            .contains_key("LOCKER_STORE")
+    );
+    for (properties, message) in [
+        (json!({"store": "etcd"}), "locker.etcd.endpoints"),
+        (json!({"store": "zookeeper"}), "locker.store"),
+        (
+            json!({"store": "etcd", "etcd": {"endpoints": ["e"], "user": "u"}}),
+            "locker.etcd.user",
+        ),
+    ] {
+        let error = render_job(json!({ "locker": properties }))
+            .try_template("bpm.yml.erb")
+            .expect_err(&format!("{properties} must not render"));
+        assert!(error.contains(message), "{properties}: {error}");
+    }
+}
+
+#[test]
+fn the_etcd_ops_file_runs_several_instances_on_etcd() {
+    let ops = yaml_file(&release().join("manifests/operations/etcd-backed.yml"));
+    let ops = ops.as_sequence().expect("a list of operations");
+    let manifest = yaml_file(&release().join("manifests/locker.yml"));
+    let value_at = |path: &str| -> Yaml {
+        ops.iter()
+            .find(|op| op["path"].as_str() == Some(path))
+            .map(|op| op["value"].clone())
+            .unwrap_or_else(|| panic!("no operation on {path}"))
+    };
+    assert!(value_at("/instance_groups/name=locker/instances").as_u64() > Some(1));
+    assert_eq!(
+        value_at("/instance_groups/name=locker/jobs/name=locker/properties/locker/store?"),
+        Yaml::from("etcd")
+    );
+    let etcd = value_at("/instance_groups/name=locker/jobs/name=locker/properties/locker/etcd?");
+    assert!(etcd["endpoints"].is_string() && etcd["ca"].is_string());
+    // The paths it replaces or removes without `?` exist in the manifest it is made for.
+    let group = manifest["instance_groups"]
+        .as_sequence()
+        .and_then(|groups| groups.iter().find(|g| g["name"] == "locker"))
+        .expect("locker instance group");
+    for key in ["instances", "persistent_disk", "azs"] {
+        assert!(group.get(key).is_some(), "{key}");
+    }
 }

@@ -352,3 +352,20 @@ fn the_default_ttl_applies_when_a_request_gives_none() {
     assert!(locks["d"]["expires_at"].is_string(), "{locks}");
     assert_eq!(locks["e"]["expires_at"], Value::Null);
 }
+
+also_on_etcd!(
+    waiters_are_served_in_arrival_order,
+    a_same_key_request_does_not_jump_a_queued_waiter_with_another_key,
+    a_wait_that_runs_out_answers_423_naming_the_holder,
+    waits_are_clamped_to_the_server_maximum,
+    a_waiter_whose_client_disconnects_is_never_granted,
+    a_lease_that_runs_out_releases_the_hold_and_grants_the_next_waiter,
+    acquiring_again_renews_the_lease,
+    leases_and_generations_survive_a_restart_and_expire_while_down,
+    generations_strictly_increase_across_locks_and_holdings,
+    status_shows_holder_info_and_free_locks_are_404,
+    force_release_frees_any_key_and_grants_the_next_waiter,
+    bad_durations_and_oversized_info_are_refused,
+    too_many_waiters_get_503,
+    the_default_ttl_applies_when_a_request_gives_none,
+);

@@ -189,7 +189,10 @@ impl FileStore {
     }
 }
 
-fn acquire_result(name: &str, effect: Result<Effect, StoreError>) -> Result<Grant, StoreError> {
+pub(crate) fn acquire_result(
+    name: &str,
+    effect: Result<Effect, StoreError>,
+) -> Result<Grant, StoreError> {
     match effect? {
         Effect::Acquire(AcquireOutcome::Granted(grant)) => Ok(grant),
         Effect::Acquire(AcquireOutcome::Held(conflict)) => Err(StoreError::Held {

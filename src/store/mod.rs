@@ -3,6 +3,7 @@
 //! [`LockStore`] is the narrow interface the HTTP layer talks to; [`file::FileStore`] keeps the
 //! state in a YAML file with group commit. Handlers never know which backend they have.
 
+pub mod etcd;
 pub mod file;
 pub mod state_file;
 

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Environment variables of the server that must not leak in from the test's environment.
-const SERVER_VARIABLES: [&str; 11] = [
+const SERVER_VARIABLES: [&str; 19] = [
     "LOCKER_CONFIG",
     "PORT",
     "LOCKER_LISTEN",
@@ -29,6 +29,14 @@ const SERVER_VARIABLES: [&str; 11] = [
     "LOCKER_MAX_WAITERS",
     "LOCKER_DEFAULT_TTL",
     "RUST_LOG",
+    "LOCKER_STORE",
+    "LOCKER_ETCD_ENDPOINTS",
+    "LOCKER_ETCD_PREFIX",
+    "LOCKER_ETCD_USER",
+    "LOCKER_ETCD_PASSWORD",
+    "LOCKER_ETCD_CA",
+    "LOCKER_ETCD_CERT",
+    "LOCKER_ETCD_KEY",
 ];
 
 /// Path of the `locker` server binary.
@@ -99,8 +107,27 @@ impl ServerBuilder {
             .env("SSL_KEY", key.display().to_string())
     }
 
+    /// Keeps the locks in this etcd cluster, under a prefix of their own unless one is given
+    /// with `.env("LOCKER_ETCD_PREFIX", ..)` (servers sharing a prefix share their locks).
+    pub fn etcd(mut self, endpoints: &str) -> Self {
+        self.env
+            .retain(|(name, _)| name != "LOCKER_STORE" && name != "LOCKER_ETCD_ENDPOINTS");
+        self.env("LOCKER_STORE", "etcd")
+            .env("LOCKER_ETCD_ENDPOINTS", endpoints)
+    }
+
     /// Starts the server and waits until it listens.
-    pub fn start(self) -> Server {
+    pub fn start(mut self) -> Server {
+        if self
+            .env
+            .iter()
+            .any(|(n, v)| n == "LOCKER_STORE" && v == "etcd")
+            && !self.env.iter().any(|(n, _)| n == "LOCKER_ETCD_PREFIX")
+        {
+            // Kept in `env`, so a restart finds the same locks.
+            let prefix = etcd::unique_prefix();
+            self = self.env("LOCKER_ETCD_PREFIX", prefix);
+        }
         let (dir, state_file) = match self.state_file.clone() {
             Some(path) => (None, path),
             None => {
@@ -188,16 +215,61 @@ pub struct Server {
     builder: ServerBuilder,
 }
 
-/// A server with default settings, to be adjusted before `start()`.
+/// A server with default settings, to be adjusted before `start()`. Its backend is the file,
+/// or etcd inside [`with_backend`]`(Backend::Etcd, ..)`.
 pub fn server() -> ServerBuilder {
-    ServerBuilder {
+    let builder = ServerBuilder {
         binary: locker_binary(),
         state_file: None,
         env: Vec::new(),
         args: Vec::new(),
         https: false,
+    };
+    match backend() {
+        Backend::File => builder,
+        Backend::Etcd => builder.etcd(&etcd::shared().endpoints()),
     }
 }
+
+/// Where the servers a test starts keep their locks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    File,
+    Etcd,
+}
+
+thread_local! {
+    static BACKEND: std::cell::Cell<Backend> = const { std::cell::Cell::new(Backend::File) };
+}
+
+/// The backend of servers started by [`server`] on this thread.
+pub fn backend() -> Backend {
+    BACKEND.with(|b| b.get())
+}
+
+/// Runs a test with servers of the given backend.
+pub fn with_backend(backend: Backend, test: fn()) {
+    BACKEND.with(|b| b.set(backend));
+    test();
+}
+
+/// Runs each named test (a plain `fn()`, usually also a `#[test]` of its own against the file
+/// backend) once more against the etcd backend, as `on_etcd::<name>`: one contract for both.
+#[macro_export]
+macro_rules! also_on_etcd {
+    ($($test:ident),* $(,)?) => {
+        mod on_etcd {
+            $(
+                #[test]
+                fn $test() {
+                    $crate::common::with_backend($crate::common::Backend::Etcd, super::$test);
+                }
+            )*
+        }
+    };
+}
+
+pub mod etcd;
 
 impl Server {
     pub fn start() -> Server {
