@@ -187,6 +187,12 @@ impl Model {
 /// Per lock: holders as (key, generation, counts) sorted by key, and the queue length.
 type Visible = BTreeMap<String, (Vec<(String, u64, BTreeMap<String, u64>)>, usize)>;
 
+/// Conflict messages name the holders' keys; their order is not part of the contract.
+fn sorted(mut keys: Vec<String>) -> Vec<String> {
+    keys.sort();
+    keys
+}
+
 fn at(seconds: u64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + seconds)
 }
@@ -305,7 +311,7 @@ proptest! {
                         queued.push((name.to_string(), id));
                         "queued".to_string()
                     } else {
-                        format!("held {:?}", lock.keys())
+                        format!("held {:?}", sorted(lock.keys()))
                     };
                     if model.locks.get(name).is_some_and(|l| l.holds.is_empty() && l.queue.is_empty()) {
                         model.locks.remove(name);
@@ -321,7 +327,7 @@ proptest! {
                     let expected = match model.locks.get_mut(name) {
                         None => "not held".to_string(),
                         Some(lock) if lock.holds.is_empty() => "not held".to_string(),
-                        Some(lock) if !lock.keys().iter().any(|k| k == key) => format!("wrong key {:?}", lock.keys()),
+                        Some(lock) if !lock.keys().iter().any(|k| k == key) => format!("wrong key {:?}", sorted(lock.keys())),
                         Some(lock) => {
                             let before = lock.holds.len();
                             lock.holds.retain(|h| !(h.key == key && h.requestor == requestor));
@@ -399,10 +405,10 @@ proptest! {
             let actual = match &effect {
                 Effect::Acquire(AcquireOutcome::Granted(g)) => format!("granted {} {}", g.generation, g.count),
                 Effect::Acquire(AcquireOutcome::Queued) => "queued".to_string(),
-                Effect::Acquire(AcquireOutcome::Held(c)) => format!("held {:?}", c.keys),
+                Effect::Acquire(AcquireOutcome::Held(c)) => format!("held {:?}", sorted(c.keys.clone())),
                 Effect::Acquire(AcquireOutcome::SlotsMismatch { slots }) => format!("mismatch {slots}"),
                 Effect::Release(ReleaseOutcome::NotHeld) => "not held".to_string(),
-                Effect::Release(ReleaseOutcome::WrongKey(c)) => format!("wrong key {:?}", c.keys),
+                Effect::Release(ReleaseOutcome::WrongKey(c)) => format!("wrong key {:?}", sorted(c.keys.clone())),
                 Effect::Release(ReleaseOutcome::Released { changed, grants }) => {
                     format!("released {changed} {:?}", grant_ids(grants))
                 }
