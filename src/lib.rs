@@ -9,9 +9,11 @@
 //! - [`server`]: wires it together and shuts down cleanly.
 //! - [`metrics`]: Prometheus counters and gauges.
 //! - [`timefmt`]: RFC 3339 times and the request duration syntax.
+//! - [`cli`]: `locker lock`, `locks`, `status`, `release`, `wait-free`: the binary as a client.
 
 pub mod api;
 pub mod auth;
+pub mod cli;
 pub mod config;
 pub mod metrics;
 pub mod rules;
