@@ -96,10 +96,7 @@ impl Connection {
             builder = builder.tls_certs_merge(certs);
         }
         let http = builder.build().map_err(|e| {
-            Failure::new(
-                exit::USAGE,
-                format!("cannot set up the HTTP client: {e}"),
-            )
+            Failure::new(exit::USAGE, format!("cannot set up the HTTP client: {e}"))
         })?;
         Ok(Connection {
             http,

@@ -31,9 +31,8 @@ impl Signals {
             (libc::SIGTERM, "SIGTERM", SignalKind::terminate()),
             (libc::SIGHUP, "SIGHUP", SignalKind::hangup()),
         ] {
-            let stream = signal(kind).map_err(|e| {
-                Failure::new(exit::USAGE, format!("cannot listen for {name}: {e}"))
-            })?;
+            let stream = signal(kind)
+                .map_err(|e| Failure::new(exit::USAGE, format!("cannot listen for {name}: {e}")))?;
             streams.push((number, name, stream));
         }
         Ok(Signals { streams })
@@ -432,10 +431,7 @@ async fn run_command(
     }
     Err(Failure::new(
         exit::LOST,
-        format!(
-            "lost lock {:?} while the command ran: {lost}",
-            holding.name
-        ),
+        format!("lost lock {:?} while the command ran: {lost}", holding.name),
     ))
 }
 

@@ -320,15 +320,20 @@ mod tests {
 
     #[test]
     fn lock_takes_its_command_after_the_separator() {
-        let cli = parse(&["lock", "prod", "--ttl", "1m", "--wait", "10m", "--", "make", "-j4"])
-            .expect("valid");
+        let cli = parse(&[
+            "lock", "prod", "--ttl", "1m", "--wait", "10m", "--", "make", "-j4",
+        ])
+        .expect("valid");
         let Command::Lock(args) = cli.command else {
             panic!("not lock")
         };
         assert_eq!(args.name, "prod");
         assert_eq!(args.ttl, Duration::from_secs(60));
         assert_eq!(args.wait, Some(WaitLimit(Some(Duration::from_secs(600)))));
-        assert_eq!(args.command, [OsString::from("make"), OsString::from("-j4")]);
+        assert_eq!(
+            args.command,
+            [OsString::from("make"), OsString::from("-j4")]
+        );
         assert!(parse(&["lock", "prod"]).is_err(), "a command is required");
         assert!(parse(&["lock", "prod", "--slots", "0", "--", "true"]).is_err());
         assert!(parse(&["lock", "prod", "--ttl", "soon", "--", "true"]).is_err());

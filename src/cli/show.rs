@@ -66,7 +66,10 @@ pub fn describe_holder(status: &Value) -> String {
                 line.push_str(&format!(" since {since}"));
             }
             let info = holding.get("info").or_else(|| status.get("info"));
-            if let Some(url) = info.and_then(|i| i.get("build_url")).and_then(Value::as_str) {
+            if let Some(url) = info
+                .and_then(|i| i.get("build_url"))
+                .and_then(Value::as_str)
+            {
                 line.push_str(&format!(", build {url}"));
             }
             let expires = text(holding, "expires_at");
@@ -117,7 +120,14 @@ pub async fn locks(connection: &Connection, as_json: bool) -> Result<u8, Failure
     }
     let mut rows = vec![
         [
-            "NAME", "KEY", "LOCKED BY", "GEN", "SINCE", "EXPIRES", "SLOTS", "WAITERS",
+            "NAME",
+            "KEY",
+            "LOCKED BY",
+            "GEN",
+            "SINCE",
+            "EXPIRES",
+            "SLOTS",
+            "WAITERS",
         ]
         .map(String::from)
         .to_vec(),
