@@ -15,7 +15,13 @@ use crate::timefmt::parse_duration;
 /// A lock server for Concourse pipelines: HTTP locks with reentrancy counts, FIFO waiting,
 /// leases and fencing tokens, kept in a crash-safe YAML state file.
 #[derive(Parser, Debug, Clone)]
-#[command(name = "locker", version, disable_version_flag = true)]
+#[command(
+    name = "locker",
+    version,
+    disable_version_flag = true,
+    after_help = "Client subcommands (see `locker SUBCOMMAND --help`): lock, locks, status, \
+                  release, wait-free."
+)]
 pub struct Args {
     /// Print the version and exit.
     #[arg(short = 'v', short_alias = 'V', long = "version", action = ArgAction::Version)]

@@ -10,9 +10,11 @@
 //! - [`metrics`]: Prometheus counters and gauges.
 //! - [`reclaim`]: releases holds whose Concourse build has ended (opt-in).
 //! - [`timefmt`]: RFC 3339 times and the request duration syntax.
+//! - [`cli`]: `locker lock`, `locks`, `status`, `release`, `wait-free`: the binary as a client.
 
 pub mod api;
 pub mod auth;
+pub mod cli;
 pub mod config;
 pub mod metrics;
 pub mod reclaim;

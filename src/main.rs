@@ -14,6 +14,11 @@ use locker::store::etcd::{EtcdStore, EtcdStoreOptions, migrate};
 use locker::store::file::{FileStore, FileStoreOptions};
 
 fn main() -> ExitCode {
+    // `locker lock|locks|status|release|wait-free ...`: the client; anything else: the server.
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if locker::cli::is_client(&argv) {
+        return locker::cli::main(argv);
+    }
     let args = Args::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match run(args) {

@@ -95,6 +95,7 @@ impl Reply {
     }
 }
 
+#[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
     /// `locker_uri` without a trailing `/`.
@@ -169,6 +170,27 @@ impl Client {
         let path = format!("{}{query}", lock_path(name));
         self.locker(Method::DELETE, &path, Some(body), Duration::ZERO)
             .await
+    }
+
+    /// A copy that tries each request once, with this deadline: for the clean-up after a
+    /// signal, which must finish within a second.
+    pub fn quick(&self, timeout: Duration) -> Client {
+        Client {
+            request_timeout: timeout,
+            retry: RetryPolicy {
+                attempts: 1,
+                ..self.retry
+            },
+            ..self.clone()
+        }
+    }
+
+    /// `GET /lock/{name}?wait_free=...`: this server answers when the lock is free or the wait
+    /// ran out, with `"free"` in the body; older servers ignore the query and answer at once
+    /// (a status without `"free"`, or 404 when free), the original has no such route.
+    pub async fn wait_free(&self, name: &str, wait: Duration) -> Result<Reply, ClientError> {
+        let path = format!("{}?wait_free={}", lock_path(name), wire_duration(wait));
+        self.locker(Method::GET, &path, None, wait).await
     }
 
     /// The lock's current holding, from `GET /locks`: the one endpoint both this server and the

@@ -2,6 +2,7 @@
 //! reasons for the build log.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use reqwest::StatusCode;
@@ -14,6 +15,93 @@ use crate::models::{
     CheckRequest, ConfigError, InRequest, LockOp, LockTarget, MetadataField, OutParams, OutRequest,
     Source, VersionResponse, check_lock_name, parse_in_params,
 };
+
+/// What `out` is doing, for the clean-up when a signal stops it: whether an acquire request is
+/// in flight or was granted, and how to release it.
+#[derive(Clone, Default)]
+pub struct Abort(Arc<Mutex<Option<Pending>>>);
+
+struct Pending {
+    client: Client,
+    name: String,
+    key: String,
+    requestor: String,
+    body: Value,
+    granted: bool,
+}
+
+/// Longest the clean-up after a signal may take: Concourse kills the step soon after
+/// signalling it, and we promise to exit within a second.
+const ABORT_DEADLINE: Duration = Duration::from_millis(700);
+
+impl Abort {
+    fn set(&self, pending: Option<Pending>) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = pending;
+        }
+    }
+
+    fn mark_granted(&self) {
+        if let Ok(mut slot) = self.0.lock()
+            && let Some(pending) = slot.as_mut()
+        {
+            pending.granted = true;
+        }
+    }
+
+    /// After a signal, with the work abandoned (its requests dropped, so the server withdraws a
+    /// waiting acquire): releases what the acquire may have been granted, and says what it did.
+    pub async fn clean_up(&self, signal: &str) -> String {
+        let pending = self.0.lock().ok().and_then(|mut slot| slot.take());
+        let Some(pending) = pending else {
+            return format!("stopped by {signal}; holding no lock");
+        };
+        let Pending {
+            client,
+            name,
+            key,
+            requestor,
+            body,
+            granted,
+        } = pending;
+        // A waiter is never granted once its connection is gone, but a grant may have been
+        // on its way when the request was dropped: release key/requestor's holding either way.
+        // The key cannot be held by this requestor otherwise: it would have been granted at
+        // once, not kept waiting.
+        let what = if granted {
+            "it had been granted"
+        } else {
+            "a grant may have raced with the signal"
+        };
+        let quick = client.quick(ABORT_DEADLINE);
+        let result = tokio::time::timeout(ABORT_DEADLINE, quick.release(&name, &body, false)).await;
+        let outcome = match result {
+            Ok(Ok(reply)) if reply.status == StatusCode::OK => {
+                let said = reply
+                    .body
+                    .get("response")
+                    .and_then(Value::as_str)
+                    .unwrap_or("released");
+                format!("released key {key:?} as {requestor:?} ({said})")
+            }
+            Ok(Ok(reply)) => format!(
+                "nothing to release: the server answered {} ({})",
+                reply.status,
+                reply.error_message()
+            ),
+            Ok(Err(e)) => format!(
+                "could not release key {key:?} as {requestor:?}: {e}; the server withdraws a \
+                 grant to a client that has gone, and a ttl would end any holding"
+            ),
+            Err(_) => format!(
+                "could not release key {key:?} as {requestor:?} within {}: the server \
+                 withdraws a grant to a client that has gone",
+                humantime::format_duration(ABORT_DEADLINE)
+            ),
+        };
+        format!("stopped by {signal} while acquiring lock {name:?}; {what}: {outcome}")
+    }
+}
 
 impl From<ConfigError> for String {
     fn from(error: ConfigError) -> String {
@@ -75,8 +163,12 @@ pub async fn check(input: &str, retry: RetryPolicy) -> Result<Value, String> {
 /// `in`: writes the lock's current state into `directory`.
 pub async fn fetch(input: &str, directory: &Path, retry: RetryPolicy) -> Result<Value, String> {
     let request: InRequest = parse_request(input)?;
-    let (_, client, name) = connect(&request.source, retry).await?;
-    warn_all(parse_in_params(&request.params)?);
+    let (source, client, name) = connect(&request.source, retry).await?;
+    let (params, warnings) = parse_in_params(&request.params)?;
+    warn_all(warnings);
+    if params.wait {
+        wait_until_free(&client, &source, &name, params.wait_timeout).await?;
+    }
     let holding = client.holding(&name).await?;
     let current = version_of(holding.as_ref());
     let version = match request.version {
@@ -123,15 +215,31 @@ fn write(directory: &Path, file: &str, content: &str) -> Result<(), String> {
 }
 
 /// `out`: locks or unlocks.
-pub async fn put(input: &str, build: &BuildEnv, retry: RetryPolicy) -> Result<Value, String> {
+pub async fn put(
+    input: &str,
+    build: &BuildEnv,
+    retry: RetryPolicy,
+    abort: &Abort,
+) -> Result<Value, String> {
     let request: OutRequest = parse_request(input)?;
     // Params first: a missing key is reported before any network call.
     let (params, warnings) = OutParams::parse(&request.params)?;
     warn_all(warnings);
     let (source, client, name) = connect(&request.source, retry).await?;
     let response = match params.op {
-        LockOp::Lock => lock(&client, &source, &name, &params, build).await?,
+        LockOp::Lock => lock(&client, &source, &name, &params, build, abort).await?,
         LockOp::Unlock => unlock(&client, &name, &params).await?,
+        LockOp::Wait => {
+            let started = Instant::now();
+            wait_until_free(&client, &source, &name, params.wait_timeout).await?;
+            VersionResponse {
+                version: version_of(None),
+                metadata: vec![
+                    MetadataField::new("lock", &name),
+                    MetadataField::new("waited", since(started)),
+                ],
+            }
+        }
     };
     serde_json::to_value(response).map_err(|e| format!("cannot encode the response: {e}"))
 }
@@ -153,6 +261,14 @@ fn request_body(params: &OutParams, build: Option<&BuildEnv>) -> Value {
     if let Some(ttl) = params.ttl {
         body.insert("ttl".into(), json!(crate::client::wire_duration(ttl)));
     }
+    if build.is_some() {
+        if let Some(slots) = params.slots {
+            body.insert("slots".into(), json!(slots));
+        }
+        if params.release_when_build_ends {
+            body.insert("release_when_build_ends".into(), json!(true));
+        }
+    }
     Value::Object(body)
 }
 
@@ -172,12 +288,22 @@ async fn lock(
     name: &str,
     params: &OutParams,
     build: &BuildEnv,
+    abort: &Abort,
 ) -> Result<VersionResponse, String> {
     let body = request_body(params, Some(build));
     let requestor = params
         .locked_by
         .clone()
         .unwrap_or_else(|| params.key.clone());
+    if params.release_when_build_ends && build.build_url().is_none() && build.build_id.is_none() {
+        log!(
+            "warning: release_when_build_ends is set but the build's identity (BUILD_* and \
+             ATC_EXTERNAL_URL) is unknown: the server cannot tell when the build ends"
+        );
+    }
+    if let Some(slots) = params.slots {
+        log!("lock {name:?} is a semaphore of {slots} slots");
+    }
     let started = Instant::now();
     let deadline = params.wait_timeout.map(|timeout| started + timeout);
     let mut wait: Option<Duration> = None;
@@ -187,11 +313,30 @@ async fn lock(
         params.key
     );
     let granted = loop {
+        abort.set(Some(Pending {
+            client: client.clone(),
+            name: name.to_string(),
+            key: params.key.clone(),
+            requestor: requestor.clone(),
+            body: body.clone(),
+            granted: false,
+        }));
         let reply = client.acquire(name, &body, wait).await?;
         match reply.status {
-            StatusCode::OK => break reply.body,
-            StatusCode::LOCKED => {}
+            StatusCode::OK => {
+                abort.mark_granted();
+                break reply.body;
+            }
+            StatusCode::LOCKED => abort.set(None),
+            StatusCode::CONFLICT => {
+                abort.set(None);
+                return Err(format!(
+                    "cannot lock {name:?}: {} (params.slots must match the lock's)",
+                    reply.error_message()
+                ));
+            }
             status => {
+                abort.set(None);
                 return Err(format!(
                     "cannot lock {name:?}: the server answered {status}: {}",
                     reply.error_message()
@@ -268,6 +413,74 @@ async fn lock(
             MetadataField::new("waited", since(started)),
         ],
     })
+}
+
+/// `lock_op: wait`: returns once the lock is free, holding nothing. Long-polls
+/// `GET /lock/{name}?wait_free=`; against a server without it (no `"free"` in the answer) reads
+/// `GET /locks` every `retry_interval` instead.
+async fn wait_until_free(
+    client: &Client,
+    source: &Source,
+    name: &str,
+    wait_timeout: Option<Duration>,
+) -> Result<(), String> {
+    let started = Instant::now();
+    let deadline = wait_timeout.map(|timeout| started + timeout);
+    let mut told_fallback = false;
+    log!("waiting until lock {name:?} is free (taking nothing)");
+    loop {
+        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let asked = poll_length(source.wait_poll, remaining);
+        let reply = client.wait_free(name, asked).await?;
+        // A server that says "held" without waiting must not be asked again at once.
+        let answered_at_once = !server_waited(asked, reply.elapsed, "");
+        let free = match (
+            reply.status,
+            reply.body.get("free").and_then(Value::as_bool),
+        ) {
+            (StatusCode::OK, Some(free)) => Some(free),
+            _ => None,
+        };
+        let (free, holder) = match free {
+            Some(true) => (true, None),
+            Some(false) => (false, Holding::from_entry(&reply.body)),
+            None => {
+                if !told_fallback {
+                    log!(
+                        "the server cannot wait until a lock is free (no ?wait_free): \
+                         checking every {}",
+                        humantime::format_duration(source.retry_interval)
+                    );
+                    told_fallback = true;
+                }
+                let holding = client.holding(name).await?;
+                (holding.is_none(), holding)
+            }
+        };
+        if free {
+            log!("lock {name:?} is free after {}", since(started));
+            return Ok(());
+        }
+        let holder = holder
+            .map(|h| h.describe(SystemTime::now()))
+            .unwrap_or_else(|| "someone".to_string());
+        log!(
+            "lock {name:?} is held by {holder}; waited {} so far",
+            since(started)
+        );
+        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        if remaining == Some(Duration::ZERO) {
+            return Err(format!(
+                "gave up waiting for lock {name:?} to be free after {} (params.wait_timeout): \
+                 it is held by {holder}",
+                since(started)
+            ));
+        }
+        if told_fallback || answered_at_once {
+            let pause = remaining.map_or(source.retry_interval, |r| r.min(source.retry_interval));
+            tokio::time::sleep(pause).await;
+        }
+    }
 }
 
 /// The long-poll to ask for: `wait_poll`, or less when `wait_timeout` runs out sooner.
@@ -408,6 +621,8 @@ mod tests {
             ttl: Some(Duration::from_secs(90)),
             force: false,
             wait_timeout: None,
+            slots: Some(3),
+            release_when_build_ends: true,
         };
         let build = BuildEnv {
             job: Some("deploy".into()),
@@ -415,7 +630,8 @@ mod tests {
         };
         assert_eq!(
             request_body(&params, Some(&build)),
-            json!({"key": "k", "ttl": "90s", "info": {"job": "deploy"}})
+            json!({"key": "k", "ttl": "90s", "info": {"job": "deploy"}, "slots": 3,
+                "release_when_build_ends": true})
         );
         let unlock = OutParams {
             locked_by: Some("r".into()),

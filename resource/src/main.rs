@@ -71,6 +71,32 @@ fn parse_args(args: &[String]) -> Result<(Command, Vec<String>), String> {
     }
 }
 
+/// SIGTERM and SIGINT, listened to for the whole run.
+struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Signals, String> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let listen =
+            |kind: SignalKind| signal(kind).map_err(|e| format!("cannot listen for signals: {e}"));
+        Ok(Signals {
+            terminate: listen(SignalKind::terminate())?,
+            interrupt: listen(SignalKind::interrupt())?,
+        })
+    }
+
+    /// The name of the next signal received.
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.terminate.recv() => "SIGTERM",
+            _ = self.interrupt.recv() => "SIGINT",
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     match run(&args) {
@@ -107,18 +133,29 @@ fn run(args: &[String]) -> Result<String, String> {
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
     let environment = lock::BuildEnv::from_process();
     let retry = client::RetryPolicy::from_env();
+    let abort = commands::Abort::default();
     let response = runtime.block_on(async {
-        match command {
-            Command::Check => commands::check(&input, retry).await,
-            Command::In => {
-                commands::fetch(
-                    &input,
-                    directory.as_deref().unwrap_or(Path::new(".")),
-                    retry,
-                )
-                .await
+        let mut signals = Signals::new()?;
+        let work = async {
+            match command {
+                Command::Check => commands::check(&input, retry).await,
+                Command::In => {
+                    commands::fetch(
+                        &input,
+                        directory.as_deref().unwrap_or(Path::new(".")),
+                        retry,
+                    )
+                    .await
+                }
+                Command::Out => commands::put(&input, &environment, retry, &abort).await,
             }
-            Command::Out => commands::put(&input, &environment, retry).await,
+        };
+        // Concourse stops an aborted or timed-out step by signalling it: stop at once (the
+        // work, and its requests, are dropped), release anything a grant may have given us,
+        // and fail.
+        tokio::select! {
+            result = work => result,
+            signal = signals.next() => Err(abort.clean_up(signal).await),
         }
     })?;
     serde_json::to_string(&response).map_err(|e| format!("cannot encode the response: {e}"))

@@ -225,11 +225,14 @@ impl Source {
 pub enum LockOp {
     Lock,
     Unlock,
+    /// Wait until the lock is free, holding nothing.
+    Wait,
 }
 
 /// Validated `out` params.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutParams {
+    /// Empty for `lock_op: wait`, which takes no key.
     pub key: String,
     /// The requestor; the server defaults it to the key.
     pub locked_by: Option<String>,
@@ -238,8 +241,12 @@ pub struct OutParams {
     pub ttl: Option<Duration>,
     /// Release the lock whatever its key (unlock only).
     pub force: bool,
-    /// Give up waiting after this long (lock only).
+    /// Give up waiting after this long (lock and wait only).
     pub wait_timeout: Option<Duration>,
+    /// Semaphore: the number of holders with distinct keys the lock admits (lock only).
+    pub slots: Option<u32>,
+    /// Ask the server to release the holding once this build has finished (lock only).
+    pub release_when_build_ends: bool,
 }
 
 const OUT_FIELDS: &[&str] = &[
@@ -249,6 +256,8 @@ const OUT_FIELDS: &[&str] = &[
     "ttl",
     "force",
     "wait_timeout",
+    "slots",
+    "release_when_build_ends",
 ];
 
 impl OutParams {
@@ -261,33 +270,60 @@ impl OutParams {
         let ttl = fields.duration("ttl")?;
         let force = fields.boolean("force")?;
         let wait_timeout = fields.duration("wait_timeout")?;
+        let slots = fields.integer("slots")?;
+        let release_when_build_ends = fields.boolean("release_when_build_ends")?;
         let warnings = fields.unknown(OUT_FIELDS);
 
-        let key = key.ok_or_else(|| {
-            error("params.key is required (the key to lock or unlock the lock with)")
-        })?;
         let op = match op.as_deref() {
             Some("lock") => LockOp::Lock,
             Some("unlock") => LockOp::Unlock,
+            Some("wait") => LockOp::Wait,
             Some(other) => {
                 return Err(error(&format!(
-                    "params.lock_op must be \"lock\" or \"unlock\", not {other:?}"
+                    "params.lock_op must be \"lock\", \"unlock\" or \"wait\", not {other:?}"
                 )));
             }
-            None => return Err(error("params.lock_op is required: \"lock\" or \"unlock\"")),
+            None if key.is_none() => {
+                return Err(error(
+                    "params.key is required (the key to lock or unlock the lock with)",
+                ));
+            }
+            None => {
+                return Err(error(
+                    "params.lock_op is required: \"lock\", \"unlock\" or \"wait\"",
+                ));
+            }
+        };
+        let key = match (op, key) {
+            (LockOp::Wait, key) => key.unwrap_or_default(),
+            (_, Some(key)) => key,
+            (_, None) => {
+                return Err(error(
+                    "params.key is required (the key to lock or unlock the lock with)",
+                ));
+            }
         };
         let force = force.unwrap_or(false);
+        let release_when_build_ends = release_when_build_ends.unwrap_or(false);
+        let only =
+            |field: &str, ops: &str| Err(error(&format!("params.{field} applies only to {ops}")));
         match op {
-            LockOp::Lock if force => {
+            LockOp::Lock | LockOp::Wait if force => {
                 return Err(error(
                     "params.force applies only to lock_op: unlock (a lock cannot be taken by force)",
                 ));
             }
-            LockOp::Unlock if ttl.is_some() => {
-                return Err(error("params.ttl applies only to lock_op: lock"));
+            LockOp::Unlock | LockOp::Wait if ttl.is_some() => {
+                return only("ttl", "lock_op: lock");
             }
             LockOp::Unlock if wait_timeout.is_some() => {
-                return Err(error("params.wait_timeout applies only to lock_op: lock"));
+                return only("wait_timeout", "lock_op: lock or wait");
+            }
+            LockOp::Unlock | LockOp::Wait if slots.is_some() => {
+                return only("slots", "lock_op: lock");
+            }
+            LockOp::Unlock | LockOp::Wait if release_when_build_ends => {
+                return only("release_when_build_ends", "lock_op: lock");
             }
             _ => {}
         }
@@ -296,6 +332,15 @@ impl OutParams {
                 "params.wait_timeout must be more than 0 (leave it out to wait without limit)",
             ));
         }
+        let slots = match slots {
+            None => None,
+            Some(n) if (1..=u64::from(u32::MAX)).contains(&n) => Some(n as u32),
+            Some(_) => {
+                return Err(error(
+                    "params.slots must be at least 1 (the number of holders the lock admits)",
+                ));
+            }
+        };
         Ok((
             OutParams {
                 key,
@@ -305,15 +350,49 @@ impl OutParams {
                 ttl: ttl.filter(|t| !t.is_zero()),
                 force,
                 wait_timeout,
+                slots,
+                release_when_build_ends,
             },
             warnings,
         ))
     }
 }
 
-/// `in` takes no params yet; any given are reported as unknown.
-pub fn parse_in_params(value: &Value) -> Result<Vec<String>, ConfigError> {
-    Ok(Fields::new("params", value)?.unknown(&[]))
+/// Validated `in` (`get`) params.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InParams {
+    /// `lock_op: wait`: wait until the lock is free before writing its state.
+    pub wait: bool,
+    /// Give up waiting after this long.
+    pub wait_timeout: Option<Duration>,
+}
+
+const IN_FIELDS: &[&str] = &["lock_op", "wait_timeout"];
+
+/// Reads `in`'s params; unknown fields come back as warnings.
+pub fn parse_in_params(value: &Value) -> Result<(InParams, Vec<String>), ConfigError> {
+    let fields = Fields::new("params", value)?;
+    let op = fields.string("lock_op")?;
+    let wait_timeout = fields.duration("wait_timeout")?;
+    let warnings = fields.unknown(IN_FIELDS);
+    let wait = match op.as_deref() {
+        None => false,
+        Some("wait") => true,
+        Some(other) => {
+            return Err(error(&format!(
+                "params.lock_op of a get can only be \"wait\" (wait until the lock is free), not {other:?}"
+            )));
+        }
+    };
+    if wait_timeout.is_some() && !wait {
+        return Err(error("params.wait_timeout applies only to lock_op: wait"));
+    }
+    if wait_timeout == Some(Duration::ZERO) {
+        return Err(error(
+            "params.wait_timeout must be more than 0 (leave it out to wait without limit)",
+        ));
+    }
+    Ok((InParams { wait, wait_timeout }, warnings))
 }
 
 fn error(message: &str) -> ConfigError {
@@ -424,6 +503,25 @@ impl<'a> Fields<'a> {
             Some(other) => Err(error(&format!(
                 "{}.{name} must be true or false, not {other}",
                 self.section
+            ))),
+        }
+    }
+
+    /// A whole number, also given as a string of digits.
+    fn integer(&self, name: &str) -> Result<Option<u64>, ConfigError> {
+        let parsed = match self.get(name) {
+            None => return Ok(None),
+            Some(Value::String(s)) if s.is_empty() => return Ok(None),
+            Some(Value::String(s)) => s.trim().parse::<u64>().ok(),
+            Some(Value::Number(n)) => n.as_u64(),
+            Some(_) => None,
+        };
+        match parsed {
+            Some(n) => Ok(Some(n)),
+            None => Err(error(&format!(
+                "{}.{name} must be a whole number, not {}",
+                self.section,
+                self.get(name).map(Value::to_string).unwrap_or_default()
             ))),
         }
     }
@@ -618,8 +716,16 @@ mod tests {
                 ttl: Some(Duration::from_secs(3600)),
                 force: false,
                 wait_timeout: Some(Duration::from_secs(30)),
+                slots: None,
+                release_when_build_ends: false,
             }
         );
+        let p = params(json!({"key": "k", "lock_op": "lock", "slots": "40",
+            "release_when_build_ends": true}))
+        .unwrap();
+        assert_eq!((p.slots, p.release_when_build_ends), (Some(40), true));
+        let p = params(json!({"lock_op": "wait", "wait_timeout": "5m"})).unwrap();
+        assert_eq!((p.op, p.key.as_str()), (LockOp::Wait, ""));
         let p = params(json!({"key": "k", "lock_op": "unlock", "force": true})).unwrap();
         assert_eq!((p.op, p.force), (LockOp::Unlock, true));
         let p = params(json!({"key": "k", "lock_op": "lock", "ttl": 0})).unwrap();
@@ -664,6 +770,26 @@ mod tests {
                 "params.key must be a string",
             ),
             (json!(null), "params.key is required"),
+            (
+                json!({"key": "k", "lock_op": "lock", "slots": 0}),
+                "params.slots must be at least 1",
+            ),
+            (
+                json!({"key": "k", "lock_op": "lock", "slots": "many"}),
+                "params.slots must be a whole number",
+            ),
+            (
+                json!({"key": "k", "lock_op": "unlock", "slots": 2}),
+                "params.slots applies only",
+            ),
+            (
+                json!({"key": "k", "lock_op": "unlock", "release_when_build_ends": true}),
+                "params.release_when_build_ends applies only",
+            ),
+            (
+                json!({"lock_op": "wait", "ttl": "1m"}),
+                "params.ttl applies only",
+            ),
         ];
         for (value, expected) in cases {
             let err = params(value.clone()).expect_err(&value.to_string());
@@ -679,8 +805,18 @@ mod tests {
         let (_, warnings) =
             OutParams::parse(&json!({"key": "k", "lock_op": "lock", "lock_with": "x"})).unwrap();
         assert!(warnings[0].contains("params.lock_with"), "{warnings:?}");
-        assert_eq!(parse_in_params(&json!({"skip": true})).unwrap().len(), 1);
-        assert!(parse_in_params(&json!(null)).unwrap().is_empty());
+        assert_eq!(parse_in_params(&json!({"skip": true})).unwrap().1.len(), 1);
+        assert!(parse_in_params(&json!(null)).unwrap().1.is_empty());
+        let (p, _) = parse_in_params(&json!({"lock_op": "wait", "wait_timeout": "1m"})).unwrap();
+        assert_eq!(
+            p,
+            InParams {
+                wait: true,
+                wait_timeout: Some(Duration::from_secs(60))
+            }
+        );
+        assert!(parse_in_params(&json!({"lock_op": "lock"})).is_err());
+        assert!(parse_in_params(&json!({"wait_timeout": "1m"})).is_err());
     }
 
     #[test]

@@ -160,6 +160,13 @@ impl Running {
         self.child.try_wait().expect("try_wait").is_none()
     }
 
+    /// Sends a signal (e.g. `libc::SIGTERM`) to the process.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: plain kill(2) on our own child's pid.
+        let result = unsafe { libc::kill(self.child.id() as i32, signal) };
+        assert_eq!(result, 0, "kill failed");
+    }
+
     /// Stderr so far.
     pub fn stderr(&self) -> String {
         self.stderr.lock().expect("stderr").clone()

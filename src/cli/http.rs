@@ -1,0 +1,272 @@
+//! The connection to the server and the API calls. Every transport failure, 401 and
+//! unexpected answer becomes a [`Failure`] with its exit code; the answers a caller must
+//! interpret (200, 404, 409, 423 ...) come back as a [`Reply`].
+
+use std::time::Duration;
+
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC};
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+
+use super::{ConnectionArgs, Failure, exit};
+
+/// Characters left as they are in a URL path segment (`.` is encoded so that `.` and `..` stay
+/// names).
+const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'~');
+
+/// An answer worth interpreting.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    /// The body as JSON; `Null` when it is not JSON.
+    pub body: Value,
+}
+
+impl Reply {
+    /// The server's `{"error": ...}`, else the status.
+    pub fn error_message(&self) -> String {
+        self.body
+            .get("error")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| self.status.to_string())
+    }
+
+    /// A failure for an answer the caller did not expect.
+    pub fn refused(&self, what: &str) -> Failure {
+        Failure::new(
+            exit::REFUSED,
+            format!(
+                "{what}: the server answered {}: {}",
+                self.status,
+                self.error_message()
+            ),
+        )
+    }
+}
+
+#[derive(Clone)]
+pub struct Connection {
+    http: reqwest::Client,
+    /// The URL without a trailing `/`.
+    base: String,
+    credentials: Option<(String, String)>,
+    request_timeout: Duration,
+}
+
+impl Connection {
+    pub fn new(args: &ConnectionArgs) -> Result<Connection, Failure> {
+        let url = reqwest::Url::parse(args.url.trim()).map_err(|e| {
+            Failure::new(
+                exit::USAGE,
+                format!("--url/LOCKER_URL {:?} is not a URL: {e}", args.url),
+            )
+        })?;
+        if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+            return Err(Failure::new(
+                exit::USAGE,
+                format!(
+                    "--url/LOCKER_URL must be an http:// or https:// URL, not {:?}",
+                    args.url
+                ),
+            ));
+        }
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(args.request_timeout.min(Duration::from_secs(10)))
+            .user_agent(concat!("locker-cli/", env!("CARGO_PKG_VERSION")));
+        if let Some(path) = &args.ca_cert {
+            let pem = std::fs::read(path).map_err(|e| {
+                Failure::new(
+                    exit::USAGE,
+                    format!("cannot read the CA certificate {}: {e}", path.display()),
+                )
+            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                Failure::new(
+                    exit::USAGE,
+                    format!("{} is not a PEM certificate: {e}", path.display()),
+                )
+            })?;
+            if certs.is_empty() {
+                return Err(Failure::new(
+                    exit::USAGE,
+                    format!("{} holds no PEM certificate", path.display()),
+                ));
+            }
+            builder = builder.tls_certs_merge(certs);
+        }
+        let http = builder.build().map_err(|e| {
+            Failure::new(exit::USAGE, format!("cannot set up the HTTP client: {e}"))
+        })?;
+        Ok(Connection {
+            http,
+            base: url.as_str().trim_end_matches('/').to_string(),
+            credentials: args.credentials()?,
+            request_timeout: args.request_timeout,
+        })
+    }
+
+    /// The same connection with another per-request deadline.
+    pub fn with_timeout(&self, timeout: Duration) -> Connection {
+        Connection {
+            request_timeout: timeout,
+            ..self.clone()
+        }
+    }
+
+    /// `PUT /lock/{name}`, asking the server to wait up to `wait`.
+    pub async fn acquire(
+        &self,
+        name: &str,
+        body: &Value,
+        wait: Option<Duration>,
+    ) -> Result<Reply, Failure> {
+        let query = wait
+            .map(|w| format!("?wait={}", wire_duration(w)))
+            .unwrap_or_default();
+        self.send(
+            Method::PUT,
+            &format!("{}{query}", lock_path(name)),
+            Some(body),
+            wait.unwrap_or_default(),
+        )
+        .await
+    }
+
+    /// `DELETE /lock/{name}` (`?force=true` when forced).
+    pub async fn release(&self, name: &str, body: &Value, force: bool) -> Result<Reply, Failure> {
+        let query = if force { "?force=true" } else { "" };
+        self.send(
+            Method::DELETE,
+            &format!("{}{query}", lock_path(name)),
+            Some(body),
+            Duration::ZERO,
+        )
+        .await
+    }
+
+    /// `GET /lock/{name}`, with `?wait_free=` when asked to wait until it is free.
+    pub async fn status(&self, name: &str, wait_free: Option<Duration>) -> Result<Reply, Failure> {
+        let query = wait_free
+            .map(|w| format!("?wait_free={}", wire_duration(w)))
+            .unwrap_or_default();
+        self.send(
+            Method::GET,
+            &format!("{}{query}", lock_path(name)),
+            None,
+            wait_free.unwrap_or_default(),
+        )
+        .await
+    }
+
+    /// `GET /locks`.
+    pub async fn locks(&self) -> Result<Value, Failure> {
+        let reply = self
+            .send(Method::GET, "/locks", None, Duration::ZERO)
+            .await?;
+        if reply.status != StatusCode::OK || !reply.body.is_object() {
+            return Err(reply.refused("cannot list the locks"));
+        }
+        Ok(reply.body)
+    }
+
+    /// One request. 401 and transport errors are failures; 5xx too.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        wait: Duration,
+    ) -> Result<Reply, Failure> {
+        let url = format!("{}{path}", self.base);
+        let mut request = self
+            .http
+            .request(method.clone(), &url)
+            .timeout(self.request_timeout.saturating_add(wait));
+        if let Some((user, password)) = &self.credentials {
+            request = request.basic_auth(user, Some(password));
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await.map_err(|e| {
+            Failure::new(
+                exit::UNREACHABLE,
+                format!("cannot reach the server at {}: {}", self.base, describe(&e)),
+            )
+        })?;
+        let status = response.status();
+        if status == StatusCode::UNAUTHORIZED {
+            return Err(Failure::new(
+                exit::AUTH,
+                format!(
+                    "{} refused the credentials (401): set --user/--password or \
+                     LOCKER_USER/LOCKER_PASSWORD",
+                    self.base
+                ),
+            ));
+        }
+        let text = response.text().await.map_err(|e| {
+            Failure::new(
+                exit::UNREACHABLE,
+                format!("{method} {url}: the answer broke off: {}", describe(&e)),
+            )
+        })?;
+        let reply = Reply {
+            status,
+            body: serde_json::from_str(&text).unwrap_or(Value::Null),
+        };
+        if status.is_server_error() {
+            return Err(reply.refused(&format!("{method} {path}")));
+        }
+        Ok(reply)
+    }
+}
+
+/// `/lock/{name}` with the name percent-encoded.
+pub fn lock_path(name: &str) -> String {
+    format!(
+        "/lock/{}",
+        percent_encoding::utf8_percent_encode(name, PATH_SEGMENT)
+    )
+}
+
+/// A duration as the server reads it: whole seconds when exact, else milliseconds.
+pub fn wire_duration(duration: Duration) -> String {
+    if duration.subsec_nanos() == 0 {
+        format!("{}s", duration.as_secs())
+    } else {
+        format!("{}ms", duration.as_millis().max(1))
+    }
+}
+
+/// A transport error with its causes.
+fn describe(error: &reqwest::Error) -> String {
+    let mut text = if error.is_timeout() {
+        "timed out".to_string()
+    } else {
+        error.to_string()
+    };
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_and_durations() {
+        assert_eq!(lock_path("a/b c.d"), "/lock/a%2Fb%20c%2Ed");
+        assert_eq!(wire_duration(Duration::from_secs(60)), "60s");
+        assert_eq!(wire_duration(Duration::from_millis(1500)), "1500ms");
+    }
+}

@@ -1,0 +1,479 @@
+//! `locker lock NAME -- CMD...`: wait for the lock, run the command while holding it, renew the
+//! lease in the background, forward signals, release when the command exits.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::signal::unix::{Signal, SignalKind, signal};
+
+use super::http::Connection;
+use super::show::{POLL, describe_holder};
+use super::{Failure, LockArgs, exit};
+
+/// Shortest pause between renewals, whatever the TTL.
+const MIN_RENEWAL: Duration = Duration::from_millis(200);
+/// Deadline of the release after a signal stopped the wait.
+const ABORT_DEADLINE: Duration = Duration::from_millis(700);
+
+/// The signals `locker lock` handles: while waiting they stop the wait, while the command runs
+/// they are forwarded to it.
+struct Signals {
+    streams: Vec<(i32, &'static str, Signal)>,
+}
+
+impl Signals {
+    fn new() -> Result<Signals, Failure> {
+        let mut streams = Vec::new();
+        for (number, name, kind) in [
+            (libc::SIGINT, "SIGINT", SignalKind::interrupt()),
+            (libc::SIGTERM, "SIGTERM", SignalKind::terminate()),
+            (libc::SIGHUP, "SIGHUP", SignalKind::hangup()),
+        ] {
+            let stream = signal(kind)
+                .map_err(|e| Failure::new(exit::USAGE, format!("cannot listen for {name}: {e}")))?;
+            streams.push((number, name, stream));
+        }
+        Ok(Signals { streams })
+    }
+
+    /// The next signal: its number and name.
+    async fn next(&mut self) -> (i32, &'static str) {
+        let waits = self.streams.iter_mut().map(|(number, name, stream)| {
+            let (number, name) = (*number, *name);
+            Box::pin(async move {
+                stream.recv().await;
+                (number, name)
+            })
+        });
+        futures_util::future::select_all(waits).await.0
+    }
+}
+
+/// Something unique to this invocation: host, pid and start time.
+fn invocation_id() -> String {
+    let mut buffer = [0u8; 256];
+    // SAFETY: gethostname writes at most buffer.len() bytes into our buffer.
+    let result = unsafe { libc::gethostname(buffer.as_mut_ptr().cast(), buffer.len()) };
+    let host = if result == 0 {
+        let end = buffer.iter().position(|&b| b == 0).unwrap_or(buffer.len());
+        String::from_utf8_lossy(&buffer[..end]).into_owned()
+    } else {
+        "localhost".to_string()
+    };
+    let millis = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or_default();
+    format!("{host}/{}/{millis}", std::process::id())
+}
+
+/// What is sent with the acquire (and every renewal).
+struct Holding {
+    name: String,
+    key: String,
+    requestor: String,
+    body: Value,
+}
+
+impl Holding {
+    fn release_body(&self) -> Value {
+        json!({"key": self.key, "requestor": self.requestor})
+    }
+}
+
+fn command_line(args: &LockArgs) -> String {
+    args.command
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Holder info: who runs what, within the server's limits.
+fn info(args: &LockArgs, id: &str) -> BTreeMap<String, String> {
+    let mut command = command_line(args);
+    if command.len() > 300 {
+        let mut end = 300;
+        while !command.is_char_boundary(end) {
+            end -= 1;
+        }
+        command.truncate(end);
+        command.push('…');
+    }
+    let mut info = BTreeMap::new();
+    info.insert("client".to_string(), "locker lock".to_string());
+    info.insert("invocation".to_string(), id.chars().take(300).collect());
+    info.insert("command".to_string(), command);
+    if let Ok(user) = std::env::var("USER") {
+        info.insert("user".to_string(), user.chars().take(100).collect());
+    }
+    info
+}
+
+pub async fn run(connection: Connection, args: LockArgs) -> Result<u8, Failure> {
+    let mut signals = Signals::new()?;
+    let id = invocation_id();
+    let key = args.key.clone().unwrap_or_else(|| id.clone());
+    let requestor = args.requestor.clone().unwrap_or_else(|| id.clone());
+    let mut body = json!({"key": key, "requestor": requestor, "info": info(&args, &id)});
+    if !args.ttl.is_zero() {
+        body["ttl"] = json!(super::http::wire_duration(args.ttl));
+    }
+    if let Some(slots) = args.slots {
+        body["slots"] = json!(slots);
+    }
+    let holding = Holding {
+        name: args.name.clone(),
+        key,
+        requestor,
+        body,
+    };
+
+    // Wait for the lock, stopping at once on a signal.
+    let generation = tokio::select! {
+        result = acquire(&connection, &holding, &args) => result?,
+        (_, signal) = signals.next() => {
+            // The request in flight is dropped, so the server withdraws the waiter; a grant
+            // that raced with the signal is released here.
+            let quick = connection.with_timeout(ABORT_DEADLINE);
+            let outcome = match tokio::time::timeout(
+                ABORT_DEADLINE,
+                quick.release(&holding.name, &holding.release_body(), false),
+            )
+            .await
+            {
+                Ok(Ok(reply)) if reply.status == StatusCode::OK => "holding nothing".to_string(),
+                Ok(Ok(reply)) => format!("release answered {}", reply.error_message()),
+                Ok(Err(failure)) => format!("could not make sure: {}", failure.message),
+                Err(_) => "could not make sure: the release timed out".to_string(),
+            };
+            return Err(Failure::new(
+                128 + signal_number(signal),
+                format!(
+                    "stopped by {signal} while waiting for lock {:?}; {outcome}",
+                    holding.name
+                ),
+            ));
+        }
+    };
+
+    let status = run_command(&connection, &holding, &args, generation, &mut signals).await;
+    // Whatever happened, give the lock back (a lost lock answers "not held" or wrong key).
+    release(&connection, &holding).await;
+    status
+}
+
+fn signal_number(name: &str) -> u8 {
+    match name {
+        "SIGINT" => libc::SIGINT as u8,
+        "SIGHUP" => libc::SIGHUP as u8,
+        _ => libc::SIGTERM as u8,
+    }
+}
+
+/// Takes the lock: a first try without waiting, then long-polls until granted or `--wait`
+/// runs out. Returns the grant's generation.
+async fn acquire(
+    connection: &Connection,
+    holding: &Holding,
+    args: &LockArgs,
+) -> Result<u64, Failure> {
+    let name = &holding.name;
+    let started = Instant::now();
+    let limit = args.wait.and_then(|w| w.0);
+    let deadline = limit.map(|l| started + l);
+    let mut wait: Option<Duration> = None;
+    let mut told = false;
+    let mut failures = 0u32;
+    loop {
+        let asked_at = Instant::now();
+        let reply = match connection.acquire(name, &holding.body, wait).await {
+            Ok(reply) => {
+                failures = 0;
+                reply
+            }
+            // While waiting, ride out a server restart for a little while.
+            Err(failure) if failure.code == exit::UNREACHABLE && wait.is_some() && failures < 5 => {
+                failures += 1;
+                let pause = Duration::from_millis(500) * (1 << failures);
+                eprintln!("locker: {}; retrying in {pause:?}", failure.message);
+                tokio::time::sleep(pause).await;
+                continue;
+            }
+            Err(failure) => return Err(failure),
+        };
+        match reply.status {
+            StatusCode::OK => {
+                let generation = reply
+                    .body
+                    .get("generation")
+                    .and_then(Value::as_u64)
+                    .unwrap_or_default();
+                if told {
+                    eprintln!(
+                        "locker: acquired lock {name:?} after {} (generation {generation})",
+                        short(started.elapsed())
+                    );
+                }
+                return Ok(generation);
+            }
+            StatusCode::LOCKED => {}
+            StatusCode::CONFLICT => {
+                return Err(reply.refused(&format!(
+                    "cannot lock {name:?} (--slots must match the lock's)"
+                )));
+            }
+            _ => return Err(reply.refused(&format!("cannot lock {name:?}"))),
+        }
+        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        if remaining == Some(Duration::ZERO) {
+            let holder = holder_of(connection, name).await;
+            let waited = if limit == Some(Duration::ZERO) {
+                "(no --wait)".to_string()
+            } else {
+                format!("after waiting {}", short(started.elapsed()))
+            };
+            return Err(Failure::new(
+                exit::HELD,
+                format!("lock {name:?} is held by {holder} {waited}"),
+            ));
+        }
+        if !told {
+            eprintln!(
+                "locker: waiting for lock {name:?}, held by {}",
+                holder_of(connection, name).await
+            );
+            told = true;
+        }
+        // A server that does not long-poll answers at once: do not hammer it.
+        if let Some(asked) = wait
+            && asked_at.elapsed() < (asked / 2).min(Duration::from_secs(1))
+        {
+            let pause = Duration::from_secs(1);
+            tokio::time::sleep(remaining.map_or(pause, |r| r.min(pause))).await;
+        }
+        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        wait = Some(remaining.map_or(POLL, |r| r.min(POLL)));
+    }
+}
+
+async fn holder_of(connection: &Connection, name: &str) -> String {
+    match connection.status(name, None).await {
+        Ok(reply) if reply.status == StatusCode::OK => describe_holder(&reply.body),
+        _ => "someone".to_string(),
+    }
+}
+
+fn short(duration: Duration) -> String {
+    humantime::format_duration(Duration::from_millis(duration.as_millis() as u64)).to_string()
+}
+
+/// Why the lock was lost.
+struct Lost(String);
+
+/// Renews the lease every third of the TTL by acquiring again (same key and requestor: the
+/// server grants at once and renews the lease; one release frees the whole count). Returns only
+/// when the lock is lost.
+async fn renew(connection: Connection, holding: Holding, ttl: Duration, generation: u64) -> Lost {
+    let interval = (ttl / 3).max(MIN_RENEWAL);
+    // The lease runs from the last renewal the server accepted; counted from when it was sent.
+    let mut renewed_at = Instant::now();
+    let mut next = renewed_at + interval;
+    let connection = connection.with_timeout(interval.max(Duration::from_secs(1)));
+    loop {
+        tokio::time::sleep_until(next.into()).await;
+        let expires = renewed_at + ttl;
+        let sent = Instant::now();
+        if sent >= expires {
+            return Lost(format!(
+                "its lease ({}) ran out while the server could not be reached",
+                short(ttl)
+            ));
+        }
+        let attempt = tokio::time::timeout(
+            expires - sent,
+            connection.acquire(&holding.name, &holding.body, None),
+        )
+        .await;
+        match attempt {
+            Ok(Ok(reply)) if reply.status == StatusCode::OK => {
+                let granted = reply.body.get("generation").and_then(Value::as_u64);
+                if granted.is_some_and(|g| g != generation) {
+                    return Lost(format!(
+                        "it expired and was granted anew (generation {generation} → {}): \
+                         someone else may have held it in between",
+                        granted.unwrap_or_default()
+                    ));
+                }
+                renewed_at = sent;
+                next = sent + interval;
+            }
+            Ok(Ok(reply)) => {
+                return Lost(format!(
+                    "the renewal was refused ({}: {})",
+                    reply.status,
+                    reply.error_message()
+                ));
+            }
+            Ok(Err(failure)) => {
+                eprintln!("locker: cannot renew the lease: {}", failure.message);
+                next = (Instant::now() + interval.min(Duration::from_secs(1))).min(expires);
+            }
+            Err(_) => next = Instant::now(),
+        }
+    }
+}
+
+/// Runs the command while holding the lock. Returns the exit code for locker.
+async fn run_command(
+    connection: &Connection,
+    holding: &Holding,
+    args: &LockArgs,
+    generation: u64,
+    signals: &mut Signals,
+) -> Result<u8, Failure> {
+    let Some((program, rest)) = args.command.split_first() else {
+        return Err(Failure::new(exit::USAGE, "no command given after --"));
+    };
+    let mut command = tokio::process::Command::new(program);
+    command
+        .args(rest)
+        .env("LOCKER_LOCK_NAME", &holding.name)
+        .env("LOCKER_LOCK_KEY", &holding.key)
+        .env("LOCKER_LOCK_REQUESTOR", &holding.requestor)
+        .env("LOCKER_LOCK_GENERATION", generation.to_string());
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            let code = if e.kind() == std::io::ErrorKind::NotFound {
+                exit::NOT_FOUND
+            } else {
+                exit::CANNOT_RUN
+            };
+            return Err(Failure::new(
+                code,
+                format!("cannot run {}: {e}", program.to_string_lossy()),
+            ));
+        }
+    };
+    let pid = child.id();
+    let send = |signal: i32| {
+        if let Some(pid) = pid {
+            // SAFETY: kill(2) on our own child's pid, which is not reaped before this returns
+            // (tokio reaps it only in `wait`, which we have not seen complete).
+            unsafe { libc::kill(pid as i32, signal) };
+        }
+    };
+
+    let renewal = if args.ttl.is_zero() {
+        None
+    } else {
+        Some(tokio::spawn(renew(
+            connection.clone(),
+            Holding {
+                name: holding.name.clone(),
+                key: holding.key.clone(),
+                requestor: holding.requestor.clone(),
+                body: holding.body.clone(),
+            },
+            args.ttl,
+            generation,
+        )))
+    };
+    let lost_lock = async {
+        match renewal {
+            Some(task) => task.await.ok(),
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(lost_lock);
+
+    let lost = loop {
+        tokio::select! {
+            status = child.wait() => {
+                let status = status.map_err(|e| {
+                    Failure::new(exit::CANNOT_RUN, format!("cannot wait for the command: {e}"))
+                })?;
+                return Ok(exit_code(status));
+            }
+            (number, name) = signals.next() => {
+                eprintln!("locker: forwarding {name} to the command; the lock is released once it exits");
+                send(number);
+            }
+            lost = &mut lost_lock => {
+                break lost.map_or_else(|| "the renewal task failed".to_string(), |l| l.0);
+            }
+        }
+    };
+
+    eprintln!(
+        "locker: lost lock {:?}: {lost}; sending SIGTERM to the command",
+        holding.name
+    );
+    send(libc::SIGTERM);
+    let grace = tokio::time::sleep(args.grace);
+    tokio::pin!(grace);
+    loop {
+        tokio::select! {
+            _ = child.wait() => break,
+            (number, _) = signals.next() => send(number),
+            _ = &mut grace => {
+                eprintln!(
+                    "locker: the command is still running after {}: sending SIGKILL",
+                    short(args.grace)
+                );
+                let _ = child.kill().await;
+                break;
+            }
+        }
+    }
+    Err(Failure::new(
+        exit::LOST,
+        format!("lost lock {:?} while the command ran: {lost}", holding.name),
+    ))
+}
+
+/// The command's exit status as locker's: its code, or 128+N when killed by signal N.
+fn exit_code(status: std::process::ExitStatus) -> u8 {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => code.clamp(0, 255) as u8,
+        (None, Some(signal)) => (128 + signal).clamp(0, 255) as u8,
+        (None, None) => 1,
+    }
+}
+
+/// Releases the lock, retrying a few times if the server cannot be reached; the lease ends it
+/// otherwise.
+async fn release(connection: &Connection, holding: &Holding) {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match connection
+            .release(&holding.name, &holding.release_body(), false)
+            .await
+        {
+            Ok(reply) if reply.status == StatusCode::OK => return,
+            Ok(reply) => {
+                eprintln!(
+                    "locker: releasing lock {:?}: the server answered {}",
+                    holding.name,
+                    reply.error_message()
+                );
+                return;
+            }
+            Err(failure) if attempt < 4 && failure.code == exit::UNREACHABLE => {
+                tokio::time::sleep(Duration::from_millis(250) * attempt).await;
+            }
+            Err(failure) => {
+                eprintln!(
+                    "locker: could not release lock {:?}: {} (its lease ends it)",
+                    holding.name, failure.message
+                );
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,363 @@
+//! `locker` as a client of a locker server: `locker lock NAME -- CMD...` runs a command while
+//! holding a lock, and `locks`, `status`, `release`, `wait-free` read and change locks from a
+//! shell. `main.rs` sends here when the first argument is one of these subcommands; with none,
+//! `locker` is the server, as before.
+//!
+//! - [`http`]: the connection (URL, basic auth, CA certificate) and the API calls, with each
+//!   failure mapped to its exit code.
+//! - [`lock`]: `locker lock`: wait, run, renew, forward signals, release.
+//! - [`show`]: the human-readable tables.
+
+mod http;
+mod lock;
+mod show;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::timefmt::parse_duration;
+
+pub use http::Connection;
+
+/// The subcommands that make `locker` a client rather than the server.
+pub const SUBCOMMANDS: [&str; 5] = ["lock", "locks", "status", "release", "wait-free"];
+
+/// Exit codes of the client subcommands (besides a command's own status, which `locker lock`
+/// passes through).
+pub mod exit {
+    /// Bad usage or local configuration (clap's code for usage errors).
+    pub const USAGE: u8 = 2;
+    /// The lock is held (and no waiting was asked for, or the wait ran out); for `wait-free`,
+    /// still held when the wait ran out.
+    pub const HELD: u8 = 73;
+    /// `locker lock`: the lock was lost while the command ran (renewal refused, or the TTL ran
+    /// out while the server was unreachable); the command was signalled.
+    pub const LOST: u8 = 74;
+    /// The server cannot be reached (connection refused, timeout, TLS failure).
+    pub const UNREACHABLE: u8 = 75;
+    /// The server refused the request (bad request, wrong key, slot count mismatch, 5xx).
+    pub const REFUSED: u8 = 76;
+    /// The server refused the credentials (401).
+    pub const AUTH: u8 = 77;
+    /// `locker lock`: the command could not be run (not executable).
+    pub const CANNOT_RUN: u8 = 126;
+    /// `locker lock`: the command was not found.
+    pub const NOT_FOUND: u8 = 127;
+}
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0    success (locker lock: the command's own status is passed through,
+       128+N when it was killed by signal N)
+  2    bad usage or configuration
+  73   lock held: no wait asked for, or the wait ran out (wait-free: still held)
+  74   lock lost while the command ran; the command was sent SIGTERM (then SIGKILL)
+  75   server unreachable (connection, timeout, TLS)
+  76   server refused the request (bad request, wrong key, slots mismatch, 5xx)
+  77   server refused the credentials (401)
+  126  command could not be run;  127  command not found
+
+Connection: --url/LOCKER_URL (default http://127.0.0.1:3000),
+--user/LOCKER_USER (or AUTH_USER), --password/LOCKER_PASSWORD (or AUTH_PASS),
+--ca-cert/LOCKER_CA_CERT (PEM file of the CA that signed the server's certificate).";
+
+/// A failure: a one-line message and the exit code it maps to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(code: u8, message: impl Into<String>) -> Failure {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Client of a locker server: run a command under a lock, list, show, release and wait for
+/// locks. `locker` without a subcommand starts the server.
+#[derive(Parser, Debug)]
+#[command(name = "locker", version, after_help = EXIT_CODES)]
+struct Cli {
+    #[command(flatten)]
+    connection: ConnectionArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// How to reach the server; flags override the environment.
+#[derive(Args, Debug, Clone)]
+pub struct ConnectionArgs {
+    /// URL of the locker server.
+    #[arg(
+        long,
+        global = true,
+        env = "LOCKER_URL",
+        default_value = "http://127.0.0.1:3000"
+    )]
+    pub url: String,
+    /// User for HTTP basic auth [env: LOCKER_USER, or AUTH_USER].
+    #[arg(long, global = true)]
+    pub user: Option<String>,
+    /// Password for HTTP basic auth [env: LOCKER_PASSWORD, or AUTH_PASS].
+    #[arg(long, global = true)]
+    pub password: Option<String>,
+    /// PEM file with the CA certificate(s) to trust for an https:// URL, besides the system's.
+    #[arg(long, global = true, env = "LOCKER_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+    /// Deadline of one request (on top of any wait it asks the server for).
+    #[arg(long, global = true, default_value = "30s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+}
+
+impl ConnectionArgs {
+    /// User and password: flags, else `LOCKER_USER`/`LOCKER_PASSWORD`, else the server's
+    /// `AUTH_USER`/`AUTH_PASS`.
+    fn credentials(&self) -> Result<Option<(String, String)>, Failure> {
+        let env = |names: [&str; 2]| {
+            names
+                .iter()
+                .find_map(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+        };
+        let user = self
+            .user
+            .clone()
+            .filter(|v| !v.is_empty())
+            .or_else(|| env(["LOCKER_USER", "AUTH_USER"]));
+        let password = self
+            .password
+            .clone()
+            .filter(|v| !v.is_empty())
+            .or_else(|| env(["LOCKER_PASSWORD", "AUTH_PASS"]));
+        match (user, password) {
+            (Some(user), Some(password)) => Ok(Some((user, password))),
+            (None, None) => Ok(None),
+            (Some(_), None) => Err(Failure::new(
+                exit::USAGE,
+                "a user is set (--user, LOCKER_USER or AUTH_USER) but no password \
+                 (--password, LOCKER_PASSWORD or AUTH_PASS)",
+            )),
+            (None, Some(_)) => Err(Failure::new(
+                exit::USAGE,
+                "a password is set but no user (--user, LOCKER_USER or AUTH_USER)",
+            )),
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Wait for a lock, run a command while holding it, release it when the command exits.
+    ///
+    /// Waits (long-polling, in arrival order) for the lock, runs CMD while holding it and
+    /// renews the lease (--ttl) in the background at a third of its length. When CMD exits the
+    /// lock is released and locker exits with CMD's status. If the lock is lost (renewal
+    /// refused, or the lease ran out while the server was unreachable), CMD gets SIGTERM, then
+    /// SIGKILL after --grace, and locker exits 74. SIGINT, SIGTERM and SIGHUP sent to locker
+    /// are forwarded to CMD; the lock is released once CMD has exited. CMD sees
+    /// LOCKER_LOCK_NAME, LOCKER_LOCK_KEY, LOCKER_LOCK_REQUESTOR and LOCKER_LOCK_GENERATION
+    /// (the fencing token) in its environment.
+    #[command(after_help = EXIT_CODES)]
+    Lock(LockArgs),
+    /// List the locks the server knows (held, or with waiters).
+    #[command(after_help = EXIT_CODES)]
+    Locks {
+        /// Print the server's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one lock: holder, generation, lease, waiters, holder info.
+    #[command(after_help = EXIT_CODES)]
+    Status {
+        name: String,
+        /// Print JSON (`{"name", "free": true}` when free).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Release a lock held under KEY (the requestor's whole count), or any holder with --force.
+    #[command(after_help = EXIT_CODES)]
+    Release {
+        name: String,
+        /// The key the lock is held under.
+        #[arg(long, required_unless_present = "force")]
+        key: Option<String>,
+        /// The requestor to release (default: the key, as on the server).
+        #[arg(long)]
+        requestor: Option<String>,
+        /// Release the lock whoever holds it.
+        #[arg(long)]
+        force: bool,
+        /// Print the server's JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Wait until a lock is free, taking nothing; exits 0 when free, 73 if still held when
+    /// --wait runs out.
+    #[command(name = "wait-free", after_help = EXIT_CODES)]
+    WaitFree {
+        name: String,
+        /// Longest to wait (e.g. 10m; 0 only checks; default: no limit).
+        #[arg(long, value_parser = parse_wait)]
+        wait: Option<WaitLimit>,
+        /// Print the lock's last status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct LockArgs {
+    /// The lock's name.
+    pub name: String,
+    /// Key to hold the lock under (default: unique to this invocation: host/pid/time).
+    /// Holders with the same key share the lock.
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Requestor name (default: unique to this invocation, so releasing frees only this run's
+    /// hold even under a shared key).
+    #[arg(long)]
+    pub requestor: Option<String>,
+    /// Lease: the server releases the lock if it is not renewed for this long (0: no lease,
+    /// held until released).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub ttl: Duration,
+    /// Longest to wait for the lock (e.g. 10m; 0: do not wait; default: no limit).
+    #[arg(long, value_parser = parse_wait)]
+    pub wait: Option<WaitLimit>,
+    /// Semaphore: the lock admits up to N holders with distinct keys.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub slots: Option<u32>,
+    /// After SIGTERM to a command whose lock was lost, wait this long before SIGKILL.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub grace: Duration,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, num_args = 1.., value_name = "CMD")]
+    pub command: Vec<OsString>,
+}
+
+/// How long to wait: `None` without limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WaitLimit(pub Option<Duration>);
+
+fn parse_wait(text: &str) -> Result<WaitLimit, String> {
+    match text.trim() {
+        "forever" | "inf" | "infinite" => Ok(WaitLimit(None)),
+        other => parse_duration(other).map(|d| WaitLimit(Some(d))),
+    }
+}
+
+/// Whether these arguments ask for a client subcommand: the first argument names one.
+pub fn is_client(args: &[OsString]) -> bool {
+    args.get(1)
+        .and_then(|a| a.to_str())
+        .is_some_and(|a| SUBCOMMANDS.contains(&a))
+}
+
+/// Runs a client subcommand and returns the process's exit code.
+pub fn main(args: Vec<OsString>) -> ExitCode {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(error) => {
+            // Help and version go to stdout with 0, usage errors to stderr with 2.
+            let _ = error.print();
+            return ExitCode::from(if error.use_stderr() { exit::USAGE } else { 0 });
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("locker: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(failure) => {
+            eprintln!("locker: {}", failure.message.replace('\n', " "));
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<u8, Failure> {
+    let connection = Connection::new(&cli.connection)?;
+    match cli.command {
+        Command::Lock(args) => lock::run(connection, args).await,
+        Command::Locks { json } => show::locks(&connection, json).await,
+        Command::Status { name, json } => show::status(&connection, &name, json).await,
+        Command::Release {
+            name,
+            key,
+            requestor,
+            force,
+            json,
+        } => show::release(&connection, &name, key, requestor, force, json).await,
+        Command::WaitFree { name, wait, json } => {
+            show::wait_free(&connection, &name, wait.unwrap_or(WaitLimit(None)), json).await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, String> {
+        Cli::try_parse_from(std::iter::once("locker").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn lock_takes_its_command_after_the_separator() {
+        let cli = parse(&[
+            "lock", "prod", "--ttl", "1m", "--wait", "10m", "--", "make", "-j4",
+        ])
+        .expect("valid");
+        let Command::Lock(args) = cli.command else {
+            panic!("not lock")
+        };
+        assert_eq!(args.name, "prod");
+        assert_eq!(args.ttl, Duration::from_secs(60));
+        assert_eq!(args.wait, Some(WaitLimit(Some(Duration::from_secs(600)))));
+        assert_eq!(
+            args.command,
+            [OsString::from("make"), OsString::from("-j4")]
+        );
+        assert!(parse(&["lock", "prod"]).is_err(), "a command is required");
+        assert!(parse(&["lock", "prod", "--slots", "0", "--", "true"]).is_err());
+        assert!(parse(&["lock", "prod", "--ttl", "soon", "--", "true"]).is_err());
+        let cli = parse(&["lock", "p", "--wait", "forever", "--", "true"]).expect("valid");
+        let Command::Lock(args) = cli.command else {
+            panic!("not lock")
+        };
+        assert_eq!(args.wait, Some(WaitLimit(None)));
+    }
+
+    #[test]
+    fn release_needs_a_key_unless_forced() {
+        assert!(parse(&["release", "prod"]).is_err());
+        assert!(parse(&["release", "prod", "--force"]).is_ok());
+        assert!(parse(&["release", "prod", "--key", "k"]).is_ok());
+    }
+
+    #[test]
+    fn dispatch_is_by_the_first_argument() {
+        let args = |list: &[&str]| list.iter().map(OsString::from).collect::<Vec<_>>();
+        assert!(is_client(&args(&["locker", "lock", "x"])));
+        assert!(is_client(&args(&["locker", "wait-free", "x"])));
+        assert!(!is_client(&args(&["locker"])));
+        assert!(!is_client(&args(&["locker", "--port", "3000"])));
+        assert!(!is_client(&args(&["locker", "--config", "lock"])));
+    }
+}

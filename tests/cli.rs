@@ -1,0 +1,437 @@
+//! The `locker` binary as a client (`locker lock`, `locks`, `status`, `release`, `wait-free`)
+//! against the real server on loopback.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use common::Server;
+
+/// `locker ARGS` pointed at `server`, with no connection settings leaking in.
+fn locker(server: &Server, args: &[&str]) -> Command {
+    let mut command = Command::new(common::locker_binary());
+    for name in [
+        "LOCKER_URL",
+        "LOCKER_USER",
+        "LOCKER_PASSWORD",
+        "LOCKER_CA_CERT",
+        "AUTH_USER",
+        "AUTH_PASS",
+    ] {
+        command.env_remove(name);
+    }
+    command
+        .env("LOCKER_URL", &server.base)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
+struct Finished {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+    elapsed: Duration,
+}
+
+/// Waits for `child` up to `timeout` (then kills it and fails).
+fn finish(mut child: Child, started: Instant, timeout: Duration) -> Finished {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if child.try_wait().expect("try_wait").is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let output = child.wait_with_output().expect("output");
+            panic!(
+                "locker did not finish in {timeout:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let elapsed = started.elapsed();
+    let output = child.wait_with_output().expect("output");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    eprintln!("[locker] {stderr}");
+    Finished {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr,
+        elapsed,
+    }
+}
+
+fn run(command: &mut Command) -> Finished {
+    let started = Instant::now();
+    finish(
+        command.spawn().expect("start locker"),
+        started,
+        Duration::from_secs(30),
+    )
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn key_of(server: &Server, name: &str) -> Option<String> {
+    server.locks()[name]["key"].as_str().map(str::to_string)
+}
+
+/// Takes `name` under `key`, waiting up to 10 s.
+fn take(server: &Server, name: &str, key: &str) -> common::Reply {
+    common::call(
+        "PUT",
+        &server.url(&format!("/lock/{name}?wait=10s")),
+        Some(&json!({"key": key}).to_string()),
+    )
+}
+
+fn signal(child: &Child, signal: i32) {
+    // SAFETY: plain kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+}
+
+#[test]
+fn the_command_runs_only_while_the_lock_is_held_and_its_status_passes_through() {
+    let server = Server::start();
+    let dir = common::temp_dir();
+    let seen = dir.path().join("seen");
+    assert_eq!(server.lock("deploy", json!({"key": "other"})).status, 200);
+
+    let script = format!(
+        "echo \"$LOCKER_LOCK_NAME $LOCKER_LOCK_KEY $LOCKER_LOCK_GENERATION\" > {}; sleep 1; exit 7",
+        seen.display()
+    );
+    let started = Instant::now();
+    let child = locker(
+        &server,
+        &[
+            "lock", "deploy", "--key", "cli-key", "--wait", "20s", "--", "sh", "-c", &script,
+        ],
+    )
+    .spawn()
+    .expect("start");
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(
+        read(&seen),
+        "",
+        "the command ran while another key held the lock"
+    );
+
+    assert_eq!(server.unlock("deploy", json!({"key": "other"})).status, 200);
+    wait_until("the command to start", || !read(&seen).is_empty());
+    let line = read(&seen);
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(fields[..2], ["deploy", "cli-key"], "{line}");
+    assert!(fields[2].parse::<u64>().is_ok(), "{line}");
+    // While it runs, the lock is held under its key, with a lease and holder info.
+    let status = &server.locks()["deploy"];
+    assert_eq!(status["key"], "cli-key");
+    assert!(status["expires_at"].is_string(), "{status}");
+    assert_eq!(status["info"]["client"], "locker lock");
+
+    let done = finish(child, started, Duration::from_secs(20));
+    assert_eq!(done.code, Some(7), "{}", done.stderr);
+    assert!(
+        done.stderr.contains("waiting for lock \"deploy\""),
+        "{}",
+        done.stderr
+    );
+    assert_eq!(key_of(&server, "deploy"), None, "not released");
+}
+
+#[test]
+fn concurrent_locks_on_one_name_never_overlap() {
+    let server = Server::start();
+    let dir = common::temp_dir();
+    let log = dir.path().join("log");
+    let script = format!(
+        "echo enter >> {0}; sleep 0.3; echo exit >> {0}",
+        log.display()
+    );
+    let started = Instant::now();
+    let children: Vec<Child> = (0..3)
+        .map(|_| {
+            locker(&server, &["lock", "shared", "--", "sh", "-c", &script])
+                .spawn()
+                .expect("start")
+        })
+        .collect();
+    for child in children {
+        let done = finish(child, started, Duration::from_secs(20));
+        assert_eq!(done.code, Some(0), "{}", done.stderr);
+    }
+    let lines: Vec<String> = read(&log).lines().map(str::to_string).collect();
+    assert_eq!(
+        lines,
+        ["enter", "exit", "enter", "exit", "enter", "exit"],
+        "overlapping runs"
+    );
+    assert_eq!(key_of(&server, "shared"), None);
+}
+
+#[test]
+fn a_lost_lock_signals_the_command_and_exits_74() {
+    let server = Server::start();
+    let dir = common::temp_dir();
+    let log = dir.path().join("log");
+    let script = format!(
+        "trap 'echo TERM >> {0}; exit 0' TERM; echo started >> {0}; while true; do sleep 0.1; done",
+        log.display()
+    );
+    let started = Instant::now();
+    let child = locker(
+        &server,
+        &[
+            "lock", "lease", "--ttl", "1s", "--grace", "3s", "--", "sh", "-c", &script,
+        ],
+    )
+    .spawn()
+    .expect("start");
+    wait_until("the command to start", || read(&log).contains("started"));
+    // Taken away from outside: force-released and taken by another key.
+    let forced_at = Instant::now();
+    let forced = common::call("DELETE", &server.url("/lock/lease?force=true"), Some("{}"));
+    assert_eq!(forced.status, 200, "{}", forced.body);
+    // The renewal may re-take the freed lock first (a new generation: lost all the same);
+    // the thief then gets it once locker lets go.
+    assert_eq!(take(&server, "lease", "thief").status, 200);
+
+    let done = finish(child, started, Duration::from_secs(20));
+    assert_eq!(done.code, Some(74), "{}", done.stderr);
+    assert!(
+        forced_at.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        forced_at.elapsed()
+    );
+    assert!(
+        done.stderr.contains("lost lock \"lease\""),
+        "{}",
+        done.stderr
+    );
+    assert!(read(&log).contains("TERM"), "the command was not signalled");
+    // Its release did not free the new holder's lock.
+    assert_eq!(key_of(&server, "lease").as_deref(), Some("thief"));
+}
+
+#[test]
+fn a_command_ignoring_sigterm_is_killed_after_the_grace_period() {
+    let server = Server::start();
+    let dir = common::temp_dir();
+    let log = dir.path().join("log");
+    let script = format!(
+        "trap '' TERM; echo started >> {0}; while true; do sleep 0.1; done",
+        log.display()
+    );
+    let started = Instant::now();
+    let child = locker(
+        &server,
+        &[
+            "lock", "stubborn", "--ttl", "600ms", "--grace", "500ms", "--", "sh", "-c", &script,
+        ],
+    )
+    .spawn()
+    .expect("start");
+    wait_until("the command to start", || read(&log).contains("started"));
+    let forced = common::call(
+        "DELETE",
+        &server.url("/lock/stubborn?force=true"),
+        Some("{}"),
+    );
+    assert_eq!(forced.status, 200);
+    assert_eq!(take(&server, "stubborn", "thief").status, 200);
+    let done = finish(child, started, Duration::from_secs(20));
+    assert_eq!(done.code, Some(74), "{}", done.stderr);
+    assert!(done.stderr.contains("SIGKILL"), "{}", done.stderr);
+}
+
+#[test]
+fn sigint_is_forwarded_and_the_lock_released_after_the_command_exits() {
+    let server = Server::start();
+    let dir = common::temp_dir();
+    let log = dir.path().join("log");
+    let script = format!(
+        "trap 'echo INT >> {0}; sleep 0.3; exit 130' INT; echo started >> {0}; \
+         while true; do sleep 0.1; done",
+        log.display()
+    );
+    let started = Instant::now();
+    let child = locker(&server, &["lock", "ctrl-c", "--", "sh", "-c", &script])
+        .spawn()
+        .expect("start");
+    wait_until("the command to start", || read(&log).contains("started"));
+    signal(&child, libc::SIGINT);
+    // Still held while the command cleans up.
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(key_of(&server, "ctrl-c").is_some());
+    let done = finish(child, started, Duration::from_secs(20));
+    assert_eq!(done.code, Some(130), "{}", done.stderr);
+    assert!(read(&log).contains("INT"), "SIGINT was not forwarded");
+    assert_eq!(key_of(&server, "ctrl-c"), None, "not released");
+}
+
+#[test]
+fn a_signal_while_waiting_stops_at_once_and_holds_nothing() {
+    let server = Server::start();
+    assert_eq!(server.lock("busy", json!({"key": "holder"})).status, 200);
+    let started = Instant::now();
+    let child = locker(&server, &["lock", "busy", "--", "true"])
+        .spawn()
+        .expect("start");
+    wait_until("the waiter to queue", || {
+        server.locks()["busy"]["waiters"].as_u64() == Some(1)
+    });
+    let signalled = Instant::now();
+    signal(&child, libc::SIGTERM);
+    let done = finish(child, started, Duration::from_secs(10));
+    assert!(signalled.elapsed() < Duration::from_millis(1200));
+    assert_eq!(done.code, Some(128 + libc::SIGTERM), "{}", done.stderr);
+    assert!(
+        done.stderr.contains("stopped by SIGTERM"),
+        "{}",
+        done.stderr
+    );
+    assert_eq!(server.unlock("busy", json!({"key": "holder"})).status, 200);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(key_of(&server, "busy"), None);
+}
+
+#[test]
+fn exit_codes_name_each_failure() {
+    let server = Server::start();
+    assert_eq!(server.lock("held", json!({"key": "holder"})).status, 200);
+
+    let held = run(&mut locker(
+        &server,
+        &["lock", "held", "--wait", "0", "--", "true"],
+    ));
+    assert_eq!(held.code, Some(73), "{}", held.stderr);
+    assert!(held.stderr.contains("key \"holder\""), "{}", held.stderr);
+    let timed_out = run(&mut locker(
+        &server,
+        &["lock", "held", "--wait", "400ms", "--", "true"],
+    ));
+    assert_eq!(timed_out.code, Some(73), "{}", timed_out.stderr);
+    assert!(timed_out.elapsed >= Duration::from_millis(400));
+
+    let missing = run(&mut locker(
+        &server,
+        &["lock", "free", "--", "/nonexistent/command"],
+    ));
+    assert_eq!(missing.code, Some(127), "{}", missing.stderr);
+    assert_eq!(
+        key_of(&server, "free"),
+        None,
+        "released after a failed start"
+    );
+
+    let mut unreachable = locker(&server, &["locks"]);
+    unreachable.env("LOCKER_URL", "http://127.0.0.1:1");
+    let unreachable = run(&mut unreachable);
+    assert_eq!(unreachable.code, Some(75), "{}", unreachable.stderr);
+    assert_eq!(unreachable.stderr.trim().lines().count(), 1);
+
+    let wrong_key = run(&mut locker(&server, &["release", "held", "--key", "nope"]));
+    assert_eq!(wrong_key.code, Some(76), "{}", wrong_key.stderr);
+
+    let usage = run(&mut locker(&server, &["lock", "x"]));
+    assert_eq!(usage.code, Some(2));
+}
+
+#[test]
+fn credentials_from_either_environment_name_and_401() {
+    let server = common::server().auth("ops", "s3cret").start();
+    let refused = run(&mut locker(&server, &["locks"]));
+    assert_eq!(refused.code, Some(77), "{}", refused.stderr);
+    assert!(refused.stderr.contains("401"), "{}", refused.stderr);
+    for (user, password) in [
+        ("LOCKER_USER", "LOCKER_PASSWORD"),
+        ("AUTH_USER", "AUTH_PASS"),
+    ] {
+        let mut command = locker(&server, &["lock", "x", "--", "true"]);
+        command.env(user, "ops").env(password, "s3cret");
+        let done = run(&mut command);
+        assert_eq!(done.code, Some(0), "{user}: {}", done.stderr);
+    }
+    let flags = run(&mut locker(
+        &server,
+        &["locks", "--user", "ops", "--password", "s3cret"],
+    ));
+    assert_eq!(flags.code, Some(0), "{}", flags.stderr);
+}
+
+#[test]
+fn locks_status_release_and_wait_free() {
+    let server = Server::start();
+    assert_eq!(
+        server
+            .lock(
+                "env",
+                json!({"key": "k1", "requestor": "alice", "info": {"job": "deploy"}})
+            )
+            .status,
+        200
+    );
+    let table = run(&mut locker(&server, &["locks"]));
+    assert_eq!(table.code, Some(0));
+    assert!(table.stdout.starts_with("NAME"), "{}", table.stdout);
+    assert!(table.stdout.contains("env") && table.stdout.contains("alice"));
+    let listed: Value =
+        serde_json::from_str(&run(&mut locker(&server, &["locks", "--json"])).stdout)
+            .expect("JSON");
+    assert_eq!(listed["env"]["key"], "k1");
+
+    let status = run(&mut locker(&server, &["status", "env"]));
+    assert!(status.stdout.contains("info.job:") && status.stdout.contains("deploy"));
+    let status: Value =
+        serde_json::from_str(&run(&mut locker(&server, &["status", "env", "--json"])).stdout)
+            .expect("JSON");
+    assert_eq!(status["locked_by"]["alice"], 1);
+    let free: Value =
+        serde_json::from_str(&run(&mut locker(&server, &["status", "none", "--json"])).stdout)
+            .expect("JSON");
+    assert_eq!(free, json!({"name": "none", "free": true}));
+
+    // wait-free: still held when the wait runs out → 73; returns once released.
+    let still = run(&mut locker(
+        &server,
+        &["wait-free", "env", "--wait", "300ms"],
+    ));
+    assert_eq!(still.code, Some(73), "{}", still.stderr);
+    let started = Instant::now();
+    let waiting = locker(&server, &["wait-free", "env", "--wait", "20s"])
+        .spawn()
+        .expect("start");
+    std::thread::sleep(Duration::from_millis(500));
+    let released = run(&mut locker(
+        &server,
+        &["release", "env", "--key", "k1", "--requestor", "alice"],
+    ));
+    assert_eq!(released.code, Some(0), "{}", released.stderr);
+    let done = finish(waiting, started, Duration::from_secs(10));
+    assert_eq!(done.code, Some(0), "{}", done.stderr);
+    assert!(done.stdout.contains("is free"));
+    assert_eq!(key_of(&server, "env"), None, "wait-free took the lock");
+
+    assert_eq!(server.lock("env", json!({"key": "k2"})).status, 200);
+    let forced = run(&mut locker(&server, &["release", "env", "--force"]));
+    assert_eq!(forced.code, Some(0), "{}", forced.stderr);
+    assert_eq!(key_of(&server, "env"), None);
+}
