@@ -427,13 +427,19 @@ async fn wait_until_free(
     let started = Instant::now();
     let deadline = wait_timeout.map(|timeout| started + timeout);
     let mut told_fallback = false;
+    // The first question does not wait, so the log names the holder straight away.
+    let mut first = true;
     log!("waiting until lock {name:?} is free (taking nothing)");
     loop {
         let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        let asked = poll_length(source.wait_poll, remaining);
+        let asked = match first {
+            true => Duration::ZERO,
+            false => poll_length(source.wait_poll, remaining),
+        };
         let reply = client.wait_free(name, asked).await?;
         // A server that says "held" without waiting must not be asked again at once.
-        let answered_at_once = !server_waited(asked, reply.elapsed, "");
+        let answered_at_once = !first && !server_waited(asked, reply.elapsed, "");
+        first = false;
         let free = match (
             reply.status,
             reply.body.get("free").and_then(Value::as_bool),

@@ -202,11 +202,16 @@ fn slots_and_release_when_build_ends_are_sent_with_the_acquire() {
     assert!(body.get("slots").is_none() && body.get("release_when_build_ends").is_none());
 }
 
-/// `lock_op: wait` long-polls `?wait_free=` and returns once the lock is free, holding nothing.
+/// `lock_op: wait` asks once without waiting (to name the holder), then long-polls
+/// `?wait_free=` and returns once the lock is free, holding nothing.
 #[test]
 fn wait_op_long_polls_wait_free_and_takes_nothing() {
     let stub = Stub::start(|request| {
-        if request.target.contains("wait_free=") {
+        if request.target.ends_with("wait_free=0s") {
+            let status = json!({"name": "smoke", "free": false, "key": "busy",
+                                "locked_by": {"busy": 1}, "generation": 3});
+            (200, status.to_string())
+        } else if request.target.contains("wait_free=") {
             std::thread::sleep(Duration::from_millis(300));
             (200, json!({"name": "smoke", "free": true}).to_string())
         } else {
@@ -215,18 +220,21 @@ fn wait_op_long_polls_wait_free_and_takes_nothing() {
     });
     let src = json!({"locker_uri": stub.base, "lock_name": "smoke", "wait_poll": "30s"});
     let dir = common::temp_dir();
-    let response = run(
+    let outcome = run(
         "out",
         Some(dir.path()),
         &out(&src, json!({"lock_op": "wait"})),
         &build_env("smoke", "1"),
-    )
-    .json();
+    );
+    assert!(outcome.stderr.contains("busy"), "{}", outcome.stderr);
+    let response = outcome.json();
     assert_eq!(response["version"]["ref"], "free");
-    let requests = stub.requests();
-    assert_eq!(requests.len(), 1, "{requests:?}");
-    assert_eq!(requests[0].method, "GET");
-    assert_eq!(requests[0].target, "/lock/smoke?wait_free=30s");
+    let targets: Vec<String> = stub.requests().into_iter().map(|r| r.target).collect();
+    assert_eq!(
+        targets,
+        ["/lock/smoke?wait_free=0s", "/lock/smoke?wait_free=30s"],
+        "no sleeping between tries: one long poll"
+    );
 }
 
 /// Against a server that ignores `?wait_free` (answers the status at once, or 404 when free),
