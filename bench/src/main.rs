@@ -55,6 +55,16 @@ enum Scenario {
         #[arg(long, default_value_t = 2_000)]
         waiters: usize,
     },
+    /// The etcd backend: throughput at `clients` clients and hand-offs, through two replicas
+    /// on a 3-member etcd cluster on loopback (Debian's `etcd` binary).
+    Etcd {
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 1000)]
+        handoffs: usize,
+    },
     /// Start-up time with a state file of `held` locks.
     Startup {
         #[arg(long, default_value_t = 10_000)]
@@ -76,8 +86,14 @@ fn main() -> Result<(), Error> {
                 throughput(&server, 64, 100, 10).await?;
                 throughput(&server, 64, 10_000, 10).await?;
                 handoff(&server, 1000).await?;
-                memory(&server, 10_000, 2_000).await
+                memory(&server, 10_000, 2_000).await?;
+                etcd(&server, 64, 10, 1000).await
             }
+            Scenario::Etcd {
+                clients,
+                seconds,
+                handoffs,
+            } => etcd(&server, clients, seconds, handoffs).await,
             Scenario::Throughput {
                 clients,
                 held,
@@ -100,6 +116,14 @@ struct Server {
 
 impl Server {
     async fn start(binary: &Path, held: usize) -> Result<Server, Error> {
+        Server::start_with(binary, held, &[]).await
+    }
+
+    async fn start_with(
+        binary: &Path,
+        held: usize,
+        env: &[(&str, String)],
+    ) -> Result<Server, Error> {
         let dir = tempfile::tempdir()?;
         let state = dir.path().join("locker.yml");
         if held > 0 {
@@ -112,6 +136,7 @@ impl Server {
             .env("LOCKER_LISTEN", "127.0.0.1")
             .env("LOCKER_MAX_WAITERS", "100000")
             .env("RUST_LOG", "warn,locker::server=info")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -242,11 +267,21 @@ async fn startup(binary: &Path, held: usize) -> Result<(), Error> {
 
 async fn throughput(binary: &Path, clients: usize, held: usize, seconds: u64) -> Result<(), Error> {
     let server = Server::start(binary, held).await?;
+    let figures = load(&[server.address.clone()], clients, seconds).await?;
+    println!(
+        "throughput     {clients} clients, {held} locks held: {figures}; RSS {:.1} MiB",
+        server.rss_mib()
+    );
+    Ok(())
+}
+
+/// Lock+unlock cycles from `clients` clients, each on its own lock, spread over `addresses`.
+async fn load(addresses: &[String], clients: usize, seconds: u64) -> Result<String, Error> {
     let stop = Arc::new(AtomicBool::new(false));
     let measuring = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for client in 0..clients {
-        let address = server.address.clone();
+        let address = addresses[client % addresses.len()].clone();
         let stop = stop.clone();
         let measuring = measuring.clone();
         tasks.push(tokio::spawn(async move {
@@ -291,23 +326,29 @@ async fn throughput(binary: &Path, clients: usize, held: usize, seconds: u64) ->
     }
     acquires.sort();
     all.sort();
-    println!(
-        "throughput     {clients} clients, {held} locks held: {:.0} requests/s (lock+unlock), latency p50 {} p99 {}; acquire p50 {} p99 {}; RSS {:.1} MiB",
+    Ok(format!(
+        "{:.0} requests/s (lock+unlock), latency p50 {} p99 {}; acquire p50 {} p99 {}",
         all.len() as f64 / elapsed.as_secs_f64(),
         millis(percentile(&all, 0.5)),
         millis(percentile(&all, 0.99)),
         millis(percentile(&acquires, 0.5)),
         millis(percentile(&acquires, 0.99)),
-        server.rss_mib()
-    );
-    Ok(())
+    ))
 }
 
 async fn handoff(binary: &Path, count: usize) -> Result<(), Error> {
     let server = Server::start(binary, 0).await?;
-    let mut holder = Connection::open(&server.address).await?;
-    let mut observer = Connection::open(&server.address).await?;
-    let mut waiter = Some(Connection::open(&server.address).await?);
+    let figures = handoffs(&server.address, &server.address, count).await?;
+    println!("handoff        {count} hand-offs: {figures}");
+    Ok(())
+}
+
+/// Ping-pong of one lock between two clients, the holder on `first`, the waiter on `second`
+/// (then the other way round).
+async fn handoffs(first: &str, second: &str, count: usize) -> Result<String, Error> {
+    let mut holder = Connection::open(first).await?;
+    let mut observer = Connection::open(first).await?;
+    let mut waiter = Some(Connection::open(second).await?);
     let (mut holder_key, mut waiter_key) = ("a", "b");
     if holder
         .request("PUT", "/lock/handoff", r#"{"key":"a"}"#)
@@ -316,7 +357,7 @@ async fn handoff(binary: &Path, count: usize) -> Result<(), Error> {
     {
         return Err("first acquire refused".into());
     }
-    let mut handoffs = Vec::with_capacity(count);
+    let mut handoffs: Vec<Duration> = Vec::with_capacity(count);
     let mut end_to_end = Vec::with_capacity(count);
     for _ in 0..count {
         let mut connection = waiter.take().ok_or("no waiter connection")?;
@@ -353,15 +394,14 @@ async fn handoff(binary: &Path, count: usize) -> Result<(), Error> {
     }
     handoffs.sort();
     end_to_end.sort();
-    println!(
-        "handoff        {count} hand-offs: release answered → next waiter's 200 received: p50 {} p99 {} max {}; release sent → next waiter's 200 (includes the fsync): p50 {} p99 {}",
+    Ok(format!(
+        "release answered → next waiter's 200 received: p50 {} p99 {} max {}; release sent → next waiter's 200 (includes the durable write): p50 {} p99 {}",
         millis(percentile(&handoffs, 0.5)),
         millis(percentile(&handoffs, 0.99)),
         millis(handoffs[handoffs.len() - 1]),
         millis(percentile(&end_to_end, 0.5)),
         millis(percentile(&end_to_end, 0.99)),
-    );
-    Ok(())
+    ))
 }
 
 async fn observer_waiters(observer: &mut Connection) -> Result<u64, Error> {
@@ -432,5 +472,117 @@ async fn memory(binary: &Path, held: usize, waiters: usize) -> Result<(), Error>
     for task in tasks {
         task.abort();
     }
+    Ok(())
+}
+
+/// A 3-member etcd cluster on loopback ports with temp data dirs; killed when dropped.
+struct EtcdCluster {
+    members: Vec<Child>,
+    endpoints: String,
+    _dir: tempfile::TempDir,
+}
+
+impl EtcdCluster {
+    async fn start() -> Result<EtcdCluster, Error> {
+        let dir = tempfile::tempdir()?;
+        let ports: Vec<(u16, u16)> = (0..3)
+            .map(|_| Ok::<_, Error>((free_port()?, free_port()?)))
+            .collect::<Result<_, _>>()?;
+        let initial: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect();
+        let mut members = Vec::new();
+        for (i, (client, peer)) in ports.iter().enumerate() {
+            let child = Command::new("etcd")
+                .args(["--name", &format!("m{i}")])
+                .arg("--data-dir")
+                .arg(dir.path().join(format!("m{i}")))
+                .args([
+                    "--listen-client-urls",
+                    &format!("http://127.0.0.1:{client}"),
+                ])
+                .args([
+                    "--advertise-client-urls",
+                    &format!("http://127.0.0.1:{client}"),
+                ])
+                .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+                .args([
+                    "--initial-advertise-peer-urls",
+                    &format!("http://127.0.0.1:{peer}"),
+                ])
+                .args(["--initial-cluster", &initial.join(",")])
+                .args([
+                    "--initial-cluster-state",
+                    "new",
+                    "--log-level",
+                    "error",
+                    "--logger",
+                    "zap",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("cannot start etcd (install Debian's etcd-server): {e}"))?;
+            members.push(child);
+        }
+        let endpoints: Vec<String> = ports
+            .iter()
+            .map(|(client, _)| format!("http://127.0.0.1:{client}"))
+            .collect();
+        // Healthy when every member answers its health check.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for (client, _) in &ports {
+            loop {
+                let healthy = match Connection::open(&format!("127.0.0.1:{client}")).await {
+                    Ok(mut c) => c.request("GET", "/health", "").await.ok() == Some(200),
+                    Err(_) => false,
+                };
+                if healthy {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err("etcd did not become healthy".into());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(EtcdCluster {
+            members,
+            endpoints: endpoints.join(","),
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for member in &mut self.members {
+            let _ = member.kill();
+            let _ = member.wait();
+        }
+    }
+}
+
+fn free_port() -> Result<u16, Error> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+async fn etcd(binary: &Path, clients: usize, seconds: u64, count: usize) -> Result<(), Error> {
+    let cluster = EtcdCluster::start().await?;
+    let env = [
+        ("LOCKER_STORE", "etcd".to_string()),
+        ("LOCKER_ETCD_ENDPOINTS", cluster.endpoints.clone()),
+    ];
+    let first = Server::start_with(binary, 0, &env).await?;
+    let second = Server::start_with(binary, 0, &env).await?;
+    let addresses = [first.address.clone(), second.address.clone()];
+    let figures = load(&addresses, clients, seconds).await?;
+    println!("etcd           {clients} clients over 2 replicas, 3 etcd members: {figures}");
+    let figures = handoffs(&first.address, &second.address, count).await?;
+    println!("etcd handoff   {count} hand-offs between 2 replicas: {figures}");
     Ok(())
 }
