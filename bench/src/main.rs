@@ -267,7 +267,7 @@ async fn startup(binary: &Path, held: usize) -> Result<(), Error> {
 
 async fn throughput(binary: &Path, clients: usize, held: usize, seconds: u64) -> Result<(), Error> {
     let server = Server::start(binary, held).await?;
-    let figures = load(&[server.address.clone()], clients, seconds).await?;
+    let figures = load(std::slice::from_ref(&server.address), clients, seconds).await?;
     println!(
         "throughput     {clients} clients, {held} locks held: {figures}; RSS {:.1} MiB",
         server.rss_mib()
