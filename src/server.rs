@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::net::TcpListener;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::middleware::Logger;
 use actix_web::{App, HttpServer, web};
@@ -18,6 +19,13 @@ use crate::store::LockStore;
 
 /// Seconds in-flight requests get to finish at shutdown (waiters are answered at once).
 const DRAIN_SECONDS: u64 = 30;
+/// How long an idle keep-alive connection stays open. actix-web's default (5 s) is shorter than
+/// the idle timeout of common client pools (reqwest: 90 s), and its dispatcher checks the timer
+/// before reading: a busy server closed connections whose next request was already waiting in
+/// the socket, and clients saw resets (tests/load.rs). nginx's default.
+const KEEP_ALIVE: Duration = Duration::from_secs(75);
+/// Time a new connection gets to send its first request head (slow-header clients get 408).
+const CLIENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves the API on `listener` until `shutdown` completes, then drains and closes the store.
 pub async fn serve(
@@ -54,6 +62,8 @@ pub async fn serve(
     };
     let server = HttpServer::new(app)
         .on_connect(api::peer::record_socket)
+        .keep_alive(KEEP_ALIVE)
+        .client_request_timeout(CLIENT_REQUEST_TIMEOUT)
         .disable_signals()
         .shutdown_timeout(DRAIN_SECONDS);
     let server = match tls {
