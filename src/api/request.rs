@@ -56,14 +56,23 @@ pub fn validate_name(name: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Reads the body up to [`MAX_BODY`] bytes.
+/// Time a client gets to send the whole body: actix-web has no body timeout of its own, so a
+/// client that announces a body and never sends it would hold its connection forever.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads the body up to [`MAX_BODY`] bytes, within [`BODY_TIMEOUT`].
 pub async fn read_body(payload: web::Payload) -> Result<Bytes, ApiError> {
-    match payload.to_bytes_limited(MAX_BODY).await {
-        Ok(Ok(bytes)) => Ok(bytes),
-        Ok(Err(e)) => Err(ApiError::BadRequest(format!(
+    let read = tokio::time::timeout(BODY_TIMEOUT, payload.to_bytes_limited(MAX_BODY));
+    match read.await {
+        Ok(Ok(Ok(bytes))) => Ok(bytes),
+        Ok(Ok(Err(e))) => Err(ApiError::BadRequest(format!(
             "cannot read the request body: {e}"
         ))),
-        Err(_) => Err(ApiError::PayloadTooLarge(MAX_BODY)),
+        Ok(Err(_)) => Err(ApiError::PayloadTooLarge(MAX_BODY)),
+        Err(_) => Err(ApiError::BadRequest(format!(
+            "the request body did not arrive within {} s",
+            BODY_TIMEOUT.as_secs()
+        ))),
     }
 }
 
