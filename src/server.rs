@@ -4,9 +4,13 @@
 use std::future::Future;
 use std::net::TcpListener;
 use std::sync::Arc;
+use std::time::Duration;
 
-use actix_web::middleware::Logger;
-use actix_web::{App, HttpServer, web};
+use actix_web::body::{EitherBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::{StatusCode, header};
+use actix_web::middleware::{Logger, Next, from_fn};
+use actix_web::{App, HttpResponse, HttpServer, ResponseError, web};
 use actix_web_httpauth::middleware::HttpAuthentication;
 use log::info;
 
@@ -18,6 +22,16 @@ use crate::store::LockStore;
 
 /// Seconds in-flight requests get to finish at shutdown (waiters are answered at once).
 const DRAIN_SECONDS: u64 = 30;
+/// How long an idle keep-alive connection stays open. actix-web's default (5 s) is shorter than
+/// the idle timeout of common client pools (reqwest: 90 s), and its dispatcher checks the timer
+/// before reading: a busy server closed connections whose next request was already waiting in
+/// the socket, and clients saw resets (tests/load.rs). nginx's default.
+const KEEP_ALIVE: Duration = Duration::from_secs(75);
+/// Time a new connection gets to send its first request head (slow-header clients get 408).
+const CLIENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most bytes of header names and values a request may carry. actix-http itself only refuses a
+/// head past 128 KiB (or past 96 headers); real clients send well under 1 KiB.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 
 /// Serves the API on `listener` until `shutdown` completes, then drains and closes the store.
 pub async fn serve(
@@ -47,6 +61,7 @@ pub async fn serve(
     let app = move || {
         let mut app = App::new()
             // Method, path, status and latency; never headers (Authorization stays out of logs).
+            .wrap(from_fn(refuse_oversized))
             .wrap(Logger::new("%a \"%r\" %s %b %Dms"))
             .app_data(state.clone());
         if let Some(credentials) = &credentials {
@@ -61,6 +76,8 @@ pub async fn serve(
     };
     let server = HttpServer::new(app)
         .on_connect(api::peer::record_socket)
+        .keep_alive(KEEP_ALIVE)
+        .client_request_timeout(CLIENT_REQUEST_TIMEOUT)
         .disable_signals()
         .shutdown_timeout(DRAIN_SECONDS);
     let server = match tls {
@@ -97,6 +114,41 @@ impl Drop for AbortOnDrop {
             task.abort();
         }
     }
+}
+
+/// Refuses requests whose headers exceed [`MAX_HEADER_BYTES`] (431) or whose Content-Length
+/// announces a body over the limit (413, at once, rather than after reading 64 KiB of it or
+/// waiting for a body that never comes).
+async fn refuse_oversized(
+    request: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
+    let header_bytes: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum();
+    if header_bytes > MAX_HEADER_BYTES {
+        let response = HttpResponse::build(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE).json(
+            serde_json::json!({
+                "error": format!(
+                    "request headers are {header_bytes} bytes; at most {MAX_HEADER_BYTES} are allowed"
+                )
+            }),
+        );
+        return Ok(request.into_response(response).map_into_right_body());
+    }
+    let announced = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.trim().parse::<u64>().ok());
+    if announced.is_some_and(|length| length > api::request::MAX_BODY as u64) {
+        let response =
+            api::error::ApiError::PayloadTooLarge(api::request::MAX_BODY).error_response();
+        return Ok(request.into_response(response).map_into_right_body());
+    }
+    Ok(next.call(request).await?.map_into_left_body())
 }
 
 /// Completes on SIGTERM or SIGINT.

@@ -59,13 +59,24 @@ pub fn validate_name(name: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Reads the body up to [`MAX_BODY`] bytes. Grows the buffer with what arrives instead of
-/// reserving the limit up front: thousands of waiting requests each hold their connection, and
-/// lock bodies are a few hundred bytes.
-pub async fn read_body(
-    request: &HttpRequest,
-    mut payload: web::Payload,
-) -> Result<Bytes, ApiError> {
+/// Time a client gets to send the whole body: actix-web has no body timeout of its own, so a
+/// client that announces a body and never sends it would hold its connection forever.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads the body up to [`MAX_BODY`] bytes, within [`BODY_TIMEOUT`].
+pub async fn read_body(request: &HttpRequest, payload: web::Payload) -> Result<Bytes, ApiError> {
+    match tokio::time::timeout(BODY_TIMEOUT, collect_body(request, payload)).await {
+        Ok(body) => body,
+        Err(_) => Err(ApiError::BadRequest(format!(
+            "the request body did not arrive within {} s",
+            BODY_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+/// Grows the buffer with what arrives instead of reserving the limit up front: thousands of
+/// waiting requests each hold their connection, and lock bodies are a few hundred bytes.
+async fn collect_body(request: &HttpRequest, mut payload: web::Payload) -> Result<Bytes, ApiError> {
     let declared = request
         .headers()
         .get(actix_web::http::header::CONTENT_LENGTH)
