@@ -23,7 +23,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::{oneshot, watch};
 
 use super::state_file;
-use super::{LockStore, LockView, Released, StoreError};
+use super::{LockStore, LockView, Released, StoreError, WaiterSlot, view};
 use crate::metrics::{LockStats, Metrics};
 use crate::rules::{
     Acquire, AcquireOutcome, Effect, Grant, Holder, LockTable, Op, ReleaseOutcome, WaiterGrant,
@@ -328,35 +328,6 @@ impl LockStore for FileStore {
                 error!("the state writer did not stop cleanly");
             }
         }
-    }
-}
-
-fn view(name: &str, lock: &crate::rules::Lock) -> LockView {
-    LockView {
-        name: name.to_string(),
-        slots: lock.slots,
-        holders: lock.holders.clone(),
-        waiters: lock.waiters(),
-    }
-}
-
-/// Counts one waiting request against the limit for as long as it lives.
-struct WaiterSlot(Arc<AtomicUsize>);
-
-impl WaiterSlot {
-    fn take(waiting: &Arc<AtomicUsize>, limit: usize) -> Result<Self, StoreError> {
-        let before = waiting.fetch_add(1, Ordering::AcqRel);
-        let slot = WaiterSlot(waiting.clone());
-        if before >= limit {
-            return Err(StoreError::TooManyWaiters { limit });
-        }
-        Ok(slot)
-    }
-}
-
-impl Drop for WaiterSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

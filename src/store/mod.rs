@@ -134,3 +134,36 @@ pub fn table_stats(table: &LockTable) -> LockStats {
     }
     stats
 }
+
+/// The API's view of one lock of a table.
+pub(crate) fn view(name: &str, lock: &crate::rules::Lock) -> LockView {
+    LockView {
+        name: name.to_string(),
+        slots: lock.slots,
+        holders: lock.holders.clone(),
+        waiters: lock.waiters(),
+    }
+}
+
+/// Counts one waiting request against the limit for as long as it lives.
+pub(crate) struct WaiterSlot(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl WaiterSlot {
+    pub(crate) fn take(
+        waiting: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        limit: usize,
+    ) -> Result<Self, StoreError> {
+        let before = waiting.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let slot = WaiterSlot(waiting.clone());
+        if before >= limit {
+            return Err(StoreError::TooManyWaiters { limit });
+        }
+        Ok(slot)
+    }
+}
+
+impl Drop for WaiterSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}

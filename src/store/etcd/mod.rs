@@ -34,7 +34,7 @@ use parking_lot::Mutex;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use self::codec::{KeyKind, Keys, WAITER_BITS, waiter_replica};
-use super::{LockStore, LockView, Released, StoreError};
+use super::{LockStore, LockView, Released, StoreError, WaiterSlot, view};
 use crate::metrics::{LockStats, Metrics};
 use crate::rules::{
     Acquire, AcquireOutcome, Effect, Grant, Holder, Lock, LockTable, Op, ReleaseOutcome,
@@ -43,6 +43,13 @@ use crate::rules::{
 
 /// Longest one etcd request may take before it counts as failed.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pause before a read that could not connect is tried again.
+const CONNECT_RETRY: Duration = Duration::from_millis(50);
+
+/// Whether an etcd error means the request never left this process (no connection).
+fn is_connect_error(error: &etcd_client::Error) -> bool {
+    error.to_string().contains("tcp connect error")
+}
 /// Longest a batch keeps retrying conflicting transactions; and the age past which a queued
 /// operation is refused unapplied. Together they bound how long a request waits for etcd.
 const BATCH_DEADLINE: Duration = Duration::from_secs(4);
@@ -380,15 +387,29 @@ impl EtcdStore {
         }
     }
 
-    /// Runs an etcd read on the store's runtime, bounded in time.
-    async fn read<T, F>(&self, read: F) -> Result<T, StoreError>
+    /// Runs an etcd read on the store's runtime, bounded in time. A member that cannot be
+    /// connected to (killed, restarting) is still in the client's rotation for a while, so a
+    /// read that failed to connect is tried again, on another member, until the deadline: it
+    /// never reached etcd, so trying again is safe.
+    async fn read<T, F, Make>(&self, make: Make) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+        Make: Fn() -> F + Send + 'static,
     {
-        let task = self
-            .handle
-            .spawn(async move { tokio::time::timeout(REQUEST_TIMEOUT, read).await });
+        let task = self.handle.spawn(async move {
+            let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+            loop {
+                match tokio::time::timeout_at(deadline, make()).await {
+                    Ok(Err(e))
+                        if is_connect_error(&e) && tokio::time::Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(CONNECT_RETRY).await;
+                    }
+                    other => return other,
+                }
+            }
+        });
         match task.await {
             Ok(Ok(Ok(value))) => Ok(value),
             Ok(Ok(Err(e))) => Err(unavailable(e)),
@@ -1363,10 +1384,13 @@ impl LockStore for EtcdStore {
     }
 
     async fn status(&self, name: &str) -> Result<Option<LockView>, StoreError> {
-        let mut client = self.client.clone();
+        let client = self.client.clone();
         let key = self.shared.keys.lock(name);
         let response = self
-            .read(async move { client.get(key, None).await })
+            .read(move || {
+                let (mut client, key) = (client.clone(), key.clone());
+                async move { client.get(key, None).await }
+            })
             .await?;
         match response.kvs().first() {
             Some(kv) => {
@@ -1380,13 +1404,16 @@ impl LockStore for EtcdStore {
     }
 
     async fn list(&self) -> Result<Vec<LockView>, StoreError> {
-        let mut client = self.client.clone();
+        let client = self.client.clone();
         let prefix = self.shared.keys.locks_prefix();
         let response = self
-            .read(async move {
-                client
-                    .get(prefix, Some(GetOptions::new().with_prefix()))
-                    .await
+            .read(move || {
+                let (mut client, prefix) = (client.clone(), prefix.clone());
+                async move {
+                    client
+                        .get(prefix, Some(GetOptions::new().with_prefix()))
+                        .await
+                }
             })
             .await?;
         let mut views = Vec::new();
@@ -1424,10 +1451,13 @@ impl LockStore for EtcdStore {
         {
             error!("the etcd writer did not stop in time");
         }
-        let mut client = self.client.clone();
+        let client = self.client.clone();
         let lease = self.lease.load(Ordering::Relaxed) as i64;
         let revoked = self
-            .read(async move { client.lease_revoke(lease).await })
+            .read(move || {
+                let mut client = client.clone();
+                async move { client.lease_revoke(lease).await }
+            })
             .await;
         if let Err(e) = revoked {
             warn!("could not deregister from etcd (its lease expires by itself): {e}");
@@ -1443,35 +1473,6 @@ impl Drop for EtcdStore {
         if let Some(runtime) = self.runtime.lock().take() {
             runtime.shutdown_background();
         }
-    }
-}
-
-fn view(name: &str, lock: &Lock) -> LockView {
-    LockView {
-        name: name.to_string(),
-        slots: lock.slots,
-        holders: lock.holders.clone(),
-        waiters: lock.waiters(),
-    }
-}
-
-/// Counts one waiting request against the limit for as long as it lives.
-struct WaiterSlot(Arc<AtomicUsize>);
-
-impl WaiterSlot {
-    fn take(waiting: &Arc<AtomicUsize>, limit: usize) -> Result<Self, StoreError> {
-        let before = waiting.fetch_add(1, Ordering::AcqRel);
-        let slot = WaiterSlot(waiting.clone());
-        if before >= limit {
-            return Err(StoreError::TooManyWaiters { limit });
-        }
-        Ok(slot)
-    }
-}
-
-impl Drop for WaiterSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
