@@ -60,8 +60,8 @@ pub async fn serve(
     let address = listener.local_addr()?;
     let app = move || {
         let mut app = App::new()
-            // Method, path, status and latency; never headers (Authorization stays out of logs).
             .wrap(from_fn(refuse_oversized))
+            // Method, path, status and latency; never headers (Authorization stays out of logs).
             .wrap(Logger::new("%a \"%r\" %s %b %Dms"))
             .app_data(state.clone());
         if let Some(credentials) = &credentials {

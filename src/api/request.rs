@@ -77,15 +77,13 @@ pub async fn read_body(request: &HttpRequest, payload: web::Payload) -> Result<B
 /// Grows the buffer with what arrives instead of reserving the limit up front: thousands of
 /// waiting requests each hold their connection, and lock bodies are a few hundred bytes.
 async fn collect_body(request: &HttpRequest, mut payload: web::Payload) -> Result<Bytes, ApiError> {
+    // An announced length over the limit was refused by the server's middleware already.
     let declared = request
         .headers()
         .get(actix_web::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|length| length > MAX_BODY) {
-        return Err(ApiError::PayloadTooLarge(MAX_BODY));
-    }
-    let mut body = bytes::BytesMut::with_capacity(declared.unwrap_or(0));
+    let mut body = bytes::BytesMut::with_capacity(declared.unwrap_or(0).min(MAX_BODY));
     while let Some(chunk) = payload.next().await {
         let chunk = chunk
             .map_err(|e| ApiError::BadRequest(format!("cannot read the request body: {e}")))?;
