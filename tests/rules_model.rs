@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use locker::rules::{
-    Acquire, AcquireOutcome, Effect, LockTable, Op, ReleaseOutcome, WaiterGrant, WaiterId,
+    Acquire, AcquireOutcome, Effect, Info, LockTable, Op, ReleaseOutcome, WaiterGrant, WaiterId,
 };
 use proptest::prelude::*;
 
@@ -318,7 +318,7 @@ proptest! {
                     }
                     let request = Acquire {
                         key: key.into(), requestor: requestor.into(),
-                        ttl: ttl.map(Duration::from_secs), info: BTreeMap::new(), slots, release_with_build: None,
+                        ttl: ttl.map(Duration::from_secs), info: Info::new(), slots, release_with_build: None,
                     };
                     (Op::Acquire { name: name.into(), request, waiter }, expected)
                 }

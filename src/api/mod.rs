@@ -126,11 +126,11 @@ async fn acquire(
     let info = body.info()?;
     let release_with_build = match body.release_when_build_ends() {
         false => None,
-        true => Some(BuildRef::from_info(&info).ok_or_else(|| {
+        true => Some(Box::new(BuildRef::from_info(&info).ok_or_else(|| {
             ApiError::BadRequest(
                 "release_when_build_ends needs info naming the build: build_id, or team, pipeline, job and build_name".into(),
             )
-        })?),
+        })?)),
     };
     let acquire = Acquire {
         key: key.clone(),

@@ -214,7 +214,13 @@ impl LockBody {
 
     /// Holder info, within [`MAX_INFO_ENTRIES`] and [`MAX_INFO_BYTES`].
     pub fn info(&self) -> Result<Info, ApiError> {
-        let info = self.info.clone().unwrap_or_default();
+        // Parsed as a tree map (a JSON object, last duplicate wins), kept as the compact `Info`.
+        let info: Info = self
+            .info
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         if info.len() > MAX_INFO_ENTRIES {
             return Err(ApiError::BadRequest(format!(
                 "info has {} entries; at most {MAX_INFO_ENTRIES} are allowed",

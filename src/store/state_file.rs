@@ -23,7 +23,7 @@ use std::time::SystemTime;
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 
-use crate::rules::{Holder, Info, Lock, LockTable, RequestorHold};
+use crate::rules::{Holder, Info, Lock, LockTable, RequestorHold, Requestors};
 
 /// The `format` marker of files this server writes.
 pub const FORMAT: &str = "locker/v2";
@@ -183,7 +183,7 @@ fn from_original(original: BTreeMap<String, OriginalLock>, now: SystemTime) -> L
     let mut generation = 0;
     let mut locks = BTreeMap::new();
     for (name, lock) in original {
-        let requestors: BTreeMap<String, RequestorHold> = lock
+        let requestors: Requestors = lock
             .locked_by
             .into_iter()
             .filter(|(_, count)| *count > 0)
@@ -237,7 +237,7 @@ mod tests {
             key: key.into(),
             requestor: requestor.into(),
             ttl: ttl.map(Duration::from_secs),
-            info: [("team".to_string(), "main".to_string())].into(),
+            info: Info::from_iter([("team".to_string(), "main".to_string())]),
             slots: None,
             release_with_build: None,
         }

@@ -10,7 +10,6 @@
 //!   then dropped by any other server.
 //! - `{prefix}next-replica`: the counter replica ids are taken from.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -103,12 +102,12 @@ struct StoredWaiter {
     requestor: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     ttl_ms: Option<u64>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default, skip_serializing_if = "Info::is_empty")]
     info: Info,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     slots: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    release_with_build: Option<BuildRef>,
+    release_with_build: Option<Box<BuildRef>>,
 }
 
 /// A grant to a queued waiter, made by the transaction that wrote this value.
@@ -254,7 +253,7 @@ mod tests {
             key: key.into(),
             requestor: key.into(),
             ttl: Some(Duration::from_millis(1500)),
-            info: Info::from([("job".to_string(), "deploy".to_string())]),
+            info: Info::from_iter([("job".to_string(), "deploy".to_string())]),
             slots: None,
             release_with_build: None,
         }
