@@ -63,6 +63,11 @@ pub struct Args {
     #[arg(long, env = "LOCKER_MAX_WAITERS", default_value_t = 10_000)]
     pub max_waiters: usize,
 
+    /// Size in bytes of the journal beside the state file (preallocated); 0 turns it off and
+    /// every change rewrites the state file.
+    #[arg(long, env = "LOCKER_JOURNAL_BYTES", default_value_t = crate::store::file::DEFAULT_JOURNAL_BYTES)]
+    pub journal_bytes: u64,
+
     /// Lease applied to acquires that give no ttl (default: none, holds never expire).
     #[arg(long, env = "LOCKER_DEFAULT_TTL", value_parser = parse_duration)]
     pub default_ttl: Option<Duration>,
@@ -157,6 +162,7 @@ pub struct Settings {
     pub tls: Option<(PathBuf, PathBuf)>,
     pub max_wait: Duration,
     pub max_waiters: usize,
+    pub journal_bytes: u64,
     pub default_ttl: Option<Duration>,
     /// Reclaiming holds of ended builds, when a Concourse URL is configured.
     pub reclaim: Option<ReclaimSettings>,
@@ -220,6 +226,7 @@ impl Settings {
             tls,
             max_wait: args.max_wait,
             max_waiters: args.max_waiters,
+            journal_bytes: args.journal_bytes,
             default_ttl: args.default_ttl.filter(|ttl| !ttl.is_zero()),
             reclaim,
             etcd,

@@ -75,6 +75,7 @@ fn run(args: Args) -> Result<(), String> {
                 path: settings.state_file.clone(),
                 max_waiters: settings.max_waiters,
                 metrics: metrics.clone(),
+                journal_bytes: settings.journal_bytes,
             })?;
             info!(
                 "state file {}; {}",

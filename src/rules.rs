@@ -406,6 +406,16 @@ impl LockTable {
         }
     }
 
+    /// The held locks and the next generation, for a backend that rebuilds the table.
+    pub fn into_parts(self) -> (BTreeMap<String, Lock>, u64) {
+        let locks = self
+            .locks
+            .into_iter()
+            .map(|(name, lock)| (name, Arc::unwrap_or_clone(lock)))
+            .collect();
+        (locks, self.next_generation)
+    }
+
     pub fn locks(&self) -> &BTreeMap<String, Arc<Lock>> {
         &self.locks
     }

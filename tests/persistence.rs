@@ -137,9 +137,25 @@ enum Known {
 
 #[test]
 fn sigkill_under_load_never_loses_an_acknowledged_lock() {
+    sigkill_rounds(common::server());
+}
+
+#[test]
+fn sigkill_under_load_never_loses_an_acknowledged_lock_with_a_small_journal() {
+    // 4 KiB holds a few records: the state file is rewritten and a new epoch started all the
+    // time, so crashes land between records, rewrites and epochs.
+    sigkill_rounds(common::server().env("LOCKER_JOURNAL_BYTES", "4096"));
+}
+
+#[test]
+fn sigkill_under_load_never_loses_an_acknowledged_lock_without_a_journal() {
+    sigkill_rounds(common::server().env("LOCKER_JOURNAL_BYTES", "0"));
+}
+
+fn sigkill_rounds(builder: common::ServerBuilder) {
     const ROUNDS: usize = 8;
     const CLIENTS: usize = 6;
-    let mut server = Server::start();
+    let mut server = builder.start();
     let known: Arc<Mutex<HashMap<String, Known>>> = Arc::default();
     let mut highest_generation = 0;
     for round in 0..ROUNDS {
@@ -257,7 +273,7 @@ fn fill(path: &std::path::Path) {
 }
 
 #[test]
-fn a_full_disk_refuses_mutations_with_503_applies_nothing_and_recovers() {
+fn without_a_journal_a_full_disk_refuses_mutations_with_503_applies_nothing_and_recovers() {
     let tmpfs = match Tmpfs::mount("512k") {
         Ok(tmpfs) => tmpfs,
         Err(reason) => {
@@ -266,7 +282,10 @@ fn a_full_disk_refuses_mutations_with_503_applies_nothing_and_recovers() {
         }
     };
     let state = tmpfs.0.path().join("locker.yml");
-    let server = common::server().state_file(&state).start();
+    let server = common::server()
+        .state_file(&state)
+        .env("LOCKER_JOURNAL_BYTES", "0")
+        .start();
     assert_eq!(server.lock("before", json!({"key": "k"})).status, 200);
     let on_disk = std::fs::read(&state).expect("state");
 
@@ -296,4 +315,76 @@ fn a_full_disk_refuses_mutations_with_503_applies_nothing_and_recovers() {
     let locks = server.locks();
     assert_eq!(locks.as_object().map(|m| m.len()), Some(1), "{locks}");
     assert_eq!(locks["during"]["key"], "k");
+}
+
+#[test]
+fn on_a_full_disk_the_journal_keeps_acknowledged_locks_then_refuses_with_503_and_recovers() {
+    let tmpfs = match Tmpfs::mount("512k") {
+        Ok(tmpfs) => tmpfs,
+        Err(reason) => {
+            eprintln!("SKIPPED: cannot mount a tmpfs here ({reason}); needs root");
+            return;
+        }
+    };
+    let state = tmpfs.0.path().join("locker.yml");
+    let server = common::server()
+        .state_file(&state)
+        .env("LOCKER_JOURNAL_BYTES", "16384")
+        .start();
+    assert_eq!(server.lock("before", json!({"key": "k"})).status, 200);
+    fill(&tmpfs.0.path().join("filler"));
+
+    // The journal's space was allocated up front: acknowledged changes are durable, even across
+    // a crash and a start-up that cannot rewrite the state file.
+    assert_eq!(server.lock("during", json!({"key": "k"})).status, 200);
+    let server = server.restart();
+    assert!(
+        server.log().contains("going on with the journal"),
+        "{}",
+        server.log()
+    );
+    let locks = server.locks();
+    assert_eq!(locks["during"]["key"], "k", "{locks}");
+    assert_eq!(locks["before"]["key"], "k", "{locks}");
+
+    // Once the journal is full, changes are refused and nothing is applied.
+    let mut acknowledged = Vec::new();
+    let refused = loop {
+        let name = format!("more-{}", acknowledged.len());
+        let reply = server.lock(&name, json!({"key": "k"}));
+        if reply.status != 200 {
+            break reply;
+        }
+        acknowledged.push(name);
+        assert!(acknowledged.len() < 1000, "the journal never filled up");
+    };
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert!(
+        refused.error().contains("nothing was changed"),
+        "{}",
+        refused.body
+    );
+    let locks = server.locks();
+    assert_eq!(
+        locks.as_object().map(|m| m.len()),
+        Some(2 + acknowledged.len()),
+        "{locks}"
+    );
+
+    // With space again, the state file is rewritten and everything acknowledged is there.
+    std::fs::remove_file(tmpfs.0.path().join("filler")).expect("free space");
+    assert_eq!(server.lock("after", json!({"key": "k"})).status, 200);
+    let server = server.restart();
+    let locks = server.locks();
+    assert_eq!(
+        locks.as_object().map(|m| m.len()),
+        Some(3 + acknowledged.len()),
+        "{locks}"
+    );
+    for name in acknowledged
+        .iter()
+        .chain(["before", "during", "after"].map(String::from).iter())
+    {
+        assert_eq!(locks[name]["key"], "k", "{name}: {locks}");
+    }
 }

@@ -326,6 +326,15 @@ async fn load(addresses: &[String], clients: usize, seconds: u64) -> Result<Stri
     }
     acquires.sort();
     all.sort();
+    if std::env::var_os("BENCH_DETAIL").is_some() {
+        for p in [0.5, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0] {
+            eprintln!(
+                "acquire p{} {}",
+                p * 100.0,
+                millis(percentile(&acquires, p))
+            );
+        }
+    }
     Ok(format!(
         "{:.0} requests/s (lock+unlock), latency p50 {} p99 {}; acquire p50 {} p99 {}",
         all.len() as f64 / elapsed.as_secs_f64(),

@@ -1,8 +1,10 @@
 //! The YAML-file backend: one writer thread owns the working lock table and the state file.
 //!
 //! Group commit: the writer takes every command that queued up while it was busy, applies them
-//! all, writes the new state once (temp file, fsync, rename, fsync of the directory) and only
-//! then answers. Readers see a second, committed copy of the table, replaced by a clone of the
+//! all, makes the batch durable with one write and only then answers. The write is a record in
+//! the journal beside the state file (one in-place write and `fdatasync`, see `journal.rs`); the
+//! state file itself is rewritten (temp file, fsync, rename, fsync of the directory) when the
+//! journal is half full, a second after its first record, at start-up and at shutdown. Readers see a second, committed copy of the table, replaced by a clone of the
 //! working copy once a batch is durable (locks are shared copy-on-write, so unchanged locks are
 //! not copied); a failed write rolls the working copy back to it.
 
@@ -22,6 +24,7 @@ use log::{error, info, warn};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{oneshot, watch};
 
+use super::journal::{self, Journal};
 use super::state_file;
 use super::{LockStore, LockView, Released, StoreError, WaiterSlot, view};
 use crate::metrics::{LockStats, Metrics};
@@ -36,6 +39,11 @@ const MAX_BATCH: usize = 4096;
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 /// Longest the writer sleeps when nothing is due.
 const IDLE: Duration = Duration::from_secs(3600);
+/// How long journal records wait before the state file is rewritten to include them, so the
+/// file a person reads (or the original locker, after a downgrade) is at most this far behind.
+const COMPACT_AFTER: Duration = Duration::from_secs(1);
+/// Default journal size; `LOCKER_JOURNAL_BYTES` sets it, 0 turns the journal off.
+pub const DEFAULT_JOURNAL_BYTES: u64 = 8 << 20;
 
 /// Settings of the file backend.
 #[derive(Clone)]
@@ -43,6 +51,8 @@ pub struct FileStoreOptions {
     pub path: PathBuf,
     pub max_waiters: usize,
     pub metrics: Arc<Metrics>,
+    /// Size of the journal file; 0: every batch rewrites the state file.
+    pub journal_bytes: u64,
 }
 
 /// What a client command gets back from the writer, once its batch is durable.
@@ -80,27 +90,44 @@ impl FileStore {
         let path = options.path;
         let paths = StatePaths::new(&path)?;
         paths.remove_stale_temp()?;
-        let table = load_or_create(&paths)?;
+        let loaded = load_or_create(&paths)?;
+        if !loaded.records.is_empty() {
+            info!(
+                "replayed {} journal record(s) from {}",
+                loaded.records.len(),
+                paths.journal.display()
+            );
+        }
+        let mut writer = Writer {
+            commits: Arc::new(watch::Sender::new(0)),
+            encoder: None,
+            metrics: options.metrics.clone(),
+            paths,
+            working: loaded.table.clone(),
+            committed: Arc::new(RwLock::new(LockTable::default())),
+            waiters: HashMap::new(),
+            retry: Vec::new(),
+            last_failure: None,
+            journal: None,
+            journal_wanted: options.journal_bytes > 0,
+            epoch: loaded.epoch,
+            journal_since: None,
+            last_compaction_failure: None,
+        };
+        writer
+            .start(&loaded, options.journal_bytes)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let table = writer.working.clone();
         info!(
             "state file {}: {} lock(s) held, next generation {}",
             path.display(),
             table.locks().len(),
             table.next_generation()
         );
-        let committed = Arc::new(RwLock::new(table.clone()));
+        *writer.committed.write() = table;
+        let committed = writer.committed.clone();
+        let commits = writer.commits.clone();
         let (commands, receiver) = mpsc::channel();
-        let commits = Arc::new(watch::Sender::new(0));
-        let writer = Writer {
-            commits: commits.clone(),
-            encoder: None,
-            metrics: options.metrics.clone(),
-            paths,
-            working: table,
-            committed: committed.clone(),
-            waiters: HashMap::new(),
-            retry: Vec::new(),
-            last_failure: None,
-        };
         let handle = thread::Builder::new()
             .name("state-writer".into())
             .spawn(move || writer.run(receiver))
@@ -400,6 +427,7 @@ struct StatePaths {
     file: PathBuf,
     temp: PathBuf,
     dir: PathBuf,
+    journal: PathBuf,
 }
 
 impl StatePaths {
@@ -418,6 +446,7 @@ impl StatePaths {
             file: file.to_path_buf(),
             temp: dir.join(temp_name),
             dir,
+            journal: journal::path_for(file),
         })
     }
 
@@ -463,43 +492,54 @@ impl StatePaths {
     }
 }
 
-fn load_or_create(paths: &StatePaths) -> Result<LockTable, String> {
-    let file = paths.file.display();
-    match fs::read(&paths.file) {
-        Ok(bytes) => {
-            let text =
-                String::from_utf8(bytes).map_err(|e| format!("{file}: not UTF-8 text ({e})"))?;
-            let table =
-                state_file::decode(&text, SystemTime::now()).map_err(|e| format!("{file}: {e}"))?;
-            // Fail now, not at the first acquire, if new versions cannot be written.
-            paths
-                .write_temp_probe()
-                .map_err(|e| format!("{file}: its directory is not writable: {e}"))?;
-            Ok(table)
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let table = LockTable::default();
-            let bytes = state_file::encode(&table)?;
-            paths
-                .write_atomically(&bytes)
-                .map_err(|e| format!("{file}: cannot create the state file: {e}"))?;
-            info!("created state file {file}");
-            Ok(table)
-        }
-        Err(e) => Err(format!("{file}: cannot read the state file: {e}")),
-    }
+/// What start-up found: the table with the journal's records applied.
+struct Loaded {
+    table: LockTable,
+    /// The journal epoch the state file names.
+    epoch: u64,
+    records: Vec<Vec<u8>>,
+    file_exists: bool,
 }
 
-impl StatePaths {
-    fn write_temp_probe(&self) -> io::Result<()> {
-        OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&self.temp)?;
-        fs::remove_file(&self.temp)
-    }
+fn load_or_create(paths: &StatePaths) -> Result<Loaded, String> {
+    let file = paths.file.display();
+    let bytes = match fs::read(&paths.file) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            info!("creating state file {file}");
+            return Ok(Loaded {
+                table: LockTable::default(),
+                epoch: 0,
+                records: Vec::new(),
+                file_exists: false,
+            });
+        }
+        Err(e) => return Err(format!("{file}: cannot read the state file: {e}")),
+    };
+    let text = String::from_utf8(bytes).map_err(|e| format!("{file}: not UTF-8 text ({e})"))?;
+    let (table, epoch) = state_file::decode_with_journal(&text, SystemTime::now())
+        .map_err(|e| format!("{file}: {e}"))?;
+    let records = match epoch {
+        0 => Vec::new(),
+        epoch => journal::read(&paths.journal, epoch)
+            .map_err(|e| format!("{}: {e}", paths.journal.display()))?,
+    };
+    let table = state_file::replay(table, &records)
+        .map_err(|e| format!("{}: {e}", paths.journal.display()))?;
+    Ok(Loaded {
+        table,
+        epoch,
+        records,
+        file_exists: true,
+    })
+}
+
+/// Loads a state file with the journal records that extend it (for `locker import`): a server
+/// that stopped abruptly left its last changes there. `None` when there is no state file.
+pub fn load(path: &Path) -> Result<Option<LockTable>, String> {
+    let paths = StatePaths::new(path)?;
+    let loaded = load_or_create(&paths)?;
+    Ok(loaded.file_exists.then_some(loaded.table))
 }
 
 /// The single writer: owns the working table, the waiters' grant channels and the file.
@@ -516,6 +556,15 @@ struct Writer {
     /// Internal operations whose write failed; applied again with the next batch.
     retry: Vec<Op>,
     last_failure: Option<std::time::Instant>,
+    /// `None` when the journal is turned off: every batch rewrites the state file.
+    journal: Option<Journal>,
+    /// The journal is on (it may not be open yet at start-up).
+    journal_wanted: bool,
+    /// The journal epoch the state file names.
+    epoch: u64,
+    /// When the first record after the last rewrite of the state file was written.
+    journal_since: Option<std::time::Instant>,
+    last_compaction_failure: Option<std::time::Instant>,
 }
 
 /// One batch being applied: the operations in order, and whom to answer once it is durable.
@@ -564,6 +613,9 @@ impl Writer {
                 }
             }
             self.run_batch(incoming);
+            if self.compaction_due() || (stopping && self.journal_since.is_some()) {
+                self.compact_logged();
+            }
             if stopping {
                 if !self.retry.is_empty() {
                     warn!("state writer stopping with cleanup that could not be written");
@@ -595,7 +647,104 @@ impl Writer {
         if !self.retry.is_empty() {
             idle = idle.min(backoff);
         }
+        if let Some(since) = self.journal_since {
+            let retry = self
+                .last_compaction_failure
+                .map(|at| RETRY_AFTER_FAILURE.saturating_sub(at.elapsed()))
+                .unwrap_or(Duration::ZERO);
+            idle = idle.min(COMPACT_AFTER.saturating_sub(since.elapsed()).max(retry));
+        }
         idle
+    }
+
+    /// Whether the state file should be rewritten to absorb the journal now.
+    fn compaction_due(&self) -> bool {
+        let (Some(journal), Some(since)) = (&self.journal, self.journal_since) else {
+            return false;
+        };
+        let retry_due = self
+            .last_compaction_failure
+            .is_none_or(|at| at.elapsed() >= RETRY_AFTER_FAILURE);
+        retry_due && (since.elapsed() >= COMPACT_AFTER || journal.used() > journal.capacity() / 2)
+    }
+
+    fn compact_logged(&mut self) {
+        match self.compact() {
+            Ok(()) => self.last_compaction_failure = None,
+            Err(e) => {
+                // The journal still holds every record; this is retried.
+                warn!("cannot rewrite the state file yet: {e}");
+                self.last_compaction_failure = Some(std::time::Instant::now());
+            }
+        }
+    }
+
+    /// Opens or creates the journal and rewrites the state file to absorb what it replayed.
+    /// With a usable journal a failed rewrite is not fatal (a full disk must not stop the start):
+    /// the journal goes on after its records and the rewrite is retried.
+    fn start(&mut self, loaded: &Loaded, journal_bytes: u64) -> Result<(), String> {
+        let journal_path = self.paths.journal.clone();
+        let in_journal = |e: io::Error| format!("{}: {e}", journal_path.display());
+        if journal_bytes == 0 {
+            if !loaded.file_exists || !loaded.records.is_empty() {
+                self.compact()?;
+            }
+            return Ok(());
+        }
+        let reused = match loaded.epoch {
+            0 => None,
+            epoch => Journal::reuse(&journal_path, journal_bytes, epoch, &loaded.records)
+                .map_err(in_journal)?,
+        };
+        match reused {
+            Some(journal) => {
+                self.journal = Some(journal);
+                if let Err(e) = self.compact() {
+                    warn!(
+                        "cannot rewrite the state file at start-up, going on with the journal: {e}"
+                    );
+                    self.last_compaction_failure = Some(std::time::Instant::now());
+                    self.journal_since = Some(std::time::Instant::now());
+                }
+            }
+            None => {
+                // Nothing to go on from: the state file must hold everything before a new
+                // journal replaces the old one.
+                self.compact()?;
+                self.journal = Some(
+                    Journal::create(&journal_path, journal_bytes, self.epoch)
+                        .map_err(in_journal)?,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Rewrites the state file with the working table in a new journal epoch: from now on the
+    /// journal's older records no longer count.
+    fn compact(&mut self) -> Result<(), String> {
+        let encoder = match &self.encoder {
+            Some(encoder) => encoder,
+            None => self
+                .encoder
+                .insert(state_file::Encoder::new(&self.working)?),
+        };
+        // With the journal off, a stale journal beside the file must not match it either.
+        let epoch = if self.journal_wanted || self.paths.journal.exists() {
+            next_epoch(self.epoch)
+        } else {
+            0
+        };
+        let bytes = encoder.render(self.working.next_generation(), epoch);
+        self.paths
+            .write_atomically(&bytes)
+            .map_err(|e| format!("writing {}: {e}", self.paths.file.display()))?;
+        self.epoch = epoch;
+        if let Some(journal) = &mut self.journal {
+            journal.start_epoch(epoch);
+        }
+        self.journal_since = None;
+        Ok(())
     }
 
     fn apply(&mut self, batch: &mut Batch, op: Op, now: SystemTime) -> usize {
@@ -669,19 +818,29 @@ impl Writer {
     }
 
     fn persist(&mut self, batch: &Batch) -> Result<(), String> {
+        let touched = batch.touched();
         let encoder = match &mut self.encoder {
             Some(encoder) => {
-                encoder.update(&self.working, &batch.touched())?;
+                encoder.update(&self.working, &touched)?;
                 encoder
             }
             None => self
                 .encoder
                 .insert(state_file::Encoder::new(&self.working)?),
         };
-        let bytes = encoder.render(self.working.next_generation());
-        self.paths
-            .write_atomically(&bytes)
-            .map_err(|e| format!("writing {}: {e}", self.paths.file.display()))
+        if let Some(journal) = &mut self.journal {
+            let record = encoder.record(&touched, self.working.next_generation())?;
+            let appended = journal
+                .append(&record)
+                .map_err(|e| format!("writing {}: {e}", self.paths.journal.display()))?;
+            if appended {
+                self.journal_since
+                    .get_or_insert_with(std::time::Instant::now);
+                return Ok(());
+            }
+            // The journal is full: the rewritten state file holds this batch too.
+        }
+        self.compact()
     }
 
     fn commit(&mut self, batch: Batch) {
@@ -691,7 +850,7 @@ impl Writer {
         debug_assert!(
             self.encoder
                 .as_ref()
-                .is_none_or(|e| Ok(e.render(self.working.next_generation()))
+                .is_none_or(|e| Ok(e.render(self.working.next_generation(), 0))
                     == state_file::encode(&self.working)),
             "the incremental encoding diverged from a full one"
         );
@@ -756,6 +915,15 @@ impl Writer {
                 .filter(|op| matches!(op, Op::Cancel { .. } | Op::Revoke(_))),
         );
     }
+}
+
+/// A journal epoch newer than `previous` and unlike any a restored older state file may name.
+fn next_epoch(previous: u64) -> u64 {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
+    now.max(previous.saturating_add(1))
 }
 
 fn log_effects(batch: &Batch) {

@@ -5,6 +5,7 @@
 
 pub mod etcd;
 pub mod file;
+pub mod journal;
 pub mod state_file;
 
 use std::time::Duration;

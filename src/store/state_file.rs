@@ -34,8 +34,20 @@ struct StateIn {
     #[allow(dead_code)] // checked before this is decoded
     format: String,
     next_generation: u64,
+    /// The epoch of the journal records that extend this file (see `journal.rs`); 0: none.
+    #[serde(default)]
+    journal: u64,
     #[serde(default)]
     locks: BTreeMap<String, Lock>,
+}
+
+/// One journal record: the new state of every lock a batch changed (`None`: no longer held).
+/// Whole states, not operations, so replaying a record twice changes nothing.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecordIn {
+    next_generation: u64,
+    locks: BTreeMap<String, Option<Lock>>,
 }
 
 /// One lock of the original Go locker's file.
@@ -81,13 +93,17 @@ impl Encoder {
         Ok(())
     }
 
-    /// The complete file.
-    pub fn render(&self, next_generation: u64) -> Vec<u8> {
+    /// The complete file, naming the journal epoch that extends it (0: none).
+    pub fn render(&self, next_generation: u64, journal: u64) -> Vec<u8> {
         let size: usize = self.lines.values().map(|l| l.len() + 2).sum();
-        let mut out = String::with_capacity(size + 80);
+        let mut out = String::with_capacity(size + 100);
         out.push_str(&format!(
-            "{{\"format\":\"{FORMAT}\",\"next_generation\":{next_generation},\"locks\":{{"
+            "{{\"format\":\"{FORMAT}\",\"next_generation\":{next_generation},"
         ));
+        if journal != 0 {
+            out.push_str(&format!("\"journal\":{journal},"));
+        }
+        out.push_str("\"locks\":{");
         for (i, line) in self.lines.values().enumerate() {
             out.push_str(if i == 0 { "\n" } else { ",\n" });
             out.push_str(line);
@@ -97,28 +113,78 @@ impl Encoder {
     }
 }
 
+impl Encoder {
+    /// A journal record of the locks named in `changed`, from their current lines.
+    pub fn record<'a>(
+        &self,
+        changed: impl IntoIterator<Item = &'a String>,
+        next_generation: u64,
+    ) -> Result<Vec<u8>, String> {
+        let mut out = format!("{{\"next_generation\":{next_generation},\"locks\":{{");
+        for (i, name) in changed.into_iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            match self.lines.get(name) {
+                Some(line) => out.push_str(line),
+                None => {
+                    out.push_str(&json(name)?);
+                    out.push_str(":null");
+                }
+            }
+        }
+        out.push_str("}}");
+        Ok(out.into_bytes())
+    }
+}
+
+/// Applies journal records, in order, to a decoded table.
+pub fn replay(table: LockTable, records: &[Vec<u8>]) -> Result<LockTable, String> {
+    if records.is_empty() {
+        return Ok(table);
+    }
+    let (mut locks, mut next_generation) = table.into_parts();
+    for (index, bytes) in records.iter().enumerate() {
+        let record: RecordIn = serde_json::from_slice(bytes)
+            .map_err(|e| format!("journal record {} does not decode: {e}", index + 1))?;
+        next_generation = next_generation.max(record.next_generation);
+        for (name, lock) in record.locks {
+            match lock {
+                Some(lock) => locks.insert(name, lock),
+                None => locks.remove(&name),
+            };
+        }
+    }
+    Ok(LockTable::from_parts(locks, next_generation))
+}
+
 fn json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String, String> {
     serde_json::to_string(value).map_err(|e| format!("cannot encode state: {e}"))
 }
 
 /// Encodes the whole table as a complete file.
 pub fn encode(table: &LockTable) -> Result<Vec<u8>, String> {
-    Ok(Encoder::new(table)?.render(table.next_generation()))
+    Ok(Encoder::new(table)?.render(table.next_generation(), 0))
 }
 
 /// Decodes a state file. `now` stamps locks loaded from the original format, which has no times.
 /// Errors name the line and column where the decoder found them.
 pub fn decode(text: &str, now: SystemTime) -> Result<LockTable, String> {
+    decode_with_journal(text, now).map(|(table, _)| table)
+}
+
+/// Decodes a state file and the journal epoch it names (0 for none, and for the original format).
+pub fn decode_with_journal(text: &str, now: SystemTime) -> Result<(LockTable, u64), String> {
     if let Some(table) = decode_json(text, now) {
         return table;
     }
     let document: Value = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
     match &document {
-        Value::Null => Ok(LockTable::default()),
+        Value::Null => Ok((LockTable::default(), 0)),
         Value::Mapping(map) => match map.get("format") {
             Some(Value::String(format)) if format == FORMAT => decode_ours(document, text),
             Some(Value::String(format)) => Err(unknown_format(format)),
-            _ => decode_original(document, text, now),
+            _ => decode_original(document, text, now).map(|table| (table, 0)),
         },
         _ => Err("the state file must hold a mapping of lock names".to_string()),
     }
@@ -126,7 +192,7 @@ pub fn decode(text: &str, now: SystemTime) -> Result<LockTable, String> {
 
 /// The fast path for files that are JSON (ours, and the original locker's). `None` when the
 /// text is not JSON: the YAML parser then reads it.
-fn decode_json(text: &str, now: SystemTime) -> Option<Result<LockTable, String>> {
+fn decode_json(text: &str, now: SystemTime) -> Option<Result<(LockTable, u64), String>> {
     let text_start = text.trim_start();
     if !text_start.starts_with('{') {
         return None;
@@ -136,7 +202,7 @@ fn decode_json(text: &str, now: SystemTime) -> Option<Result<LockTable, String>>
         return Some(
             serde_json::from_str::<StateIn>(text)
                 .map_err(|e| e.to_string())
-                .map(|state| LockTable::from_parts(state.locks, state.next_generation)),
+                .map(StateIn::into_table),
         );
     }
     let document: serde_json::Value = serde_json::from_str(text).ok()?;
@@ -145,12 +211,12 @@ fn decode_json(text: &str, now: SystemTime) -> Option<Result<LockTable, String>>
         Some(serde_json::Value::String(format)) if format == FORMAT => {
             serde_json::from_value::<StateIn>(document)
                 .map_err(|_| json_located_error::<StateIn>(text))
-                .map(|state| LockTable::from_parts(state.locks, state.next_generation))
+                .map(StateIn::into_table)
         }
         Some(serde_json::Value::String(format)) => Err(unknown_format(&format)),
         _ => serde_json::from_value::<BTreeMap<String, OriginalLock>>(document)
             .map_err(|_| json_located_error::<BTreeMap<String, OriginalLock>>(text))
-            .map(|original| from_original(original, now)),
+            .map(|original| (from_original(original, now), 0)),
     })
 }
 
@@ -167,10 +233,19 @@ fn json_located_error<T: serde::de::DeserializeOwned>(text: &str) -> String {
     }
 }
 
-fn decode_ours(document: Value, text: &str) -> Result<LockTable, String> {
+fn decode_ours(document: Value, text: &str) -> Result<(LockTable, u64), String> {
     let state: StateIn =
         serde_yaml_ng::from_value(document).map_err(|_| located_error::<StateIn>(text))?;
-    Ok(LockTable::from_parts(state.locks, state.next_generation))
+    Ok(state.into_table())
+}
+
+impl StateIn {
+    fn into_table(self) -> (LockTable, u64) {
+        (
+            LockTable::from_parts(self.locks, self.next_generation),
+            self.journal,
+        )
+    }
 }
 
 fn decode_original(document: Value, text: &str, now: SystemTime) -> Result<LockTable, String> {
@@ -288,7 +363,7 @@ mod tests {
         table.acquire("new", request("k", "r", None), at(22), None);
         let changed: Vec<String> = ["l2", "l4", "new"].map(String::from).to_vec();
         encoder.update(&table, &changed).expect("updates");
-        let rendered = encoder.render(table.next_generation());
+        let rendered = encoder.render(table.next_generation(), 0);
         assert_eq!(Ok(rendered.clone()), encode(&table));
         let text = String::from_utf8(rendered).expect("utf-8");
         assert_eq!(text.lines().count(), 7, "one line per lock:\n{text}");
@@ -297,7 +372,7 @@ mod tests {
         let document: Value = serde_yaml_ng::from_str(&text).expect("valid YAML");
         assert_eq!(
             decode_ours(document, &text).expect("decodes as YAML"),
-            table
+            (table, 0)
         );
     }
 

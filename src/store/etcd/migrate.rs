@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
-use std::time::SystemTime;
 
 use etcd_client::{Client, DeleteOptions, GetOptions, Txn, TxnOp};
 
@@ -24,8 +23,9 @@ pub fn import_file(
     replace: bool,
 ) -> Result<String, String> {
     let file = path.display();
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{file}: {e}"))?;
-    let table = state_file::decode(&text, SystemTime::now()).map_err(|e| format!("{file}: {e}"))?;
+    // With the records of its journal: a server that stopped abruptly left some there.
+    let table =
+        crate::store::file::load(path)?.ok_or_else(|| format!("{file}: no such state file"))?;
     let runtime = runtime()?;
     let result = runtime.block_on(async {
         let mut client = connection.connect().await?;

@@ -1,0 +1,296 @@
+//! The journal beside the state file: each durable batch becomes one record, written in place
+//! into a preallocated file and made durable by a single `fdatasync`, instead of a new copy of
+//! the whole state file (a new file, a rename and two file-system journal commits per batch).
+//!
+//! The state file is rewritten from time to time (compaction), which starts a new *epoch*; the
+//! state file names its epoch, and on start-up the records of that epoch are replayed over it.
+//!
+//! Record layout, little-endian: `len: u32 | crc32: u32 | epoch: u64 | seq: u64 | payload`; the
+//! CRC covers epoch, seq and payload. Reading stops at the first record that is torn, of another
+//! epoch or out of sequence: what follows is zeroes or left over from an older epoch. Records are
+//! written over old ones without clearing them first, which is safe for that reason.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// Bytes before each record's payload.
+const HEADER: usize = 24;
+
+/// The journal file of a state file: `locks.yml` → `locks.yml.journal`.
+pub fn path_for(state_file: &Path) -> PathBuf {
+    let mut name = state_file.as_os_str().to_owned();
+    name.push(".journal");
+    PathBuf::from(name)
+}
+
+/// An open journal, positioned after the last record of the current epoch.
+pub struct Journal {
+    file: File,
+    capacity: u64,
+    epoch: u64,
+    next_seq: u64,
+    end: u64,
+}
+
+impl Journal {
+    /// Opens an existing journal of the right size to go on appending records of `epoch` after
+    /// `replayed`, the records read from it. `None` when there is no such journal.
+    pub fn reuse(
+        path: &Path,
+        capacity: u64,
+        epoch: u64,
+        replayed: &[Vec<u8>],
+    ) -> io::Result<Option<Journal>> {
+        let reusable = std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() == capacity);
+        if !reusable {
+            return Ok(None);
+        }
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        Ok(Some(Journal {
+            file,
+            capacity,
+            epoch,
+            next_seq: replayed.len() as u64 + 1,
+            end: replayed.iter().map(|r| (HEADER + r.len()) as u64).sum(),
+        }))
+    }
+
+    /// (Re)creates the journal, filled with zeroes, so that later writes never allocate blocks:
+    /// they cannot fail for lack of space, and `fdatasync` has no metadata to commit.
+    pub fn create(path: &Path, capacity: u64, epoch: u64) -> io::Result<Journal> {
+        Ok(Journal {
+            file: preallocate(path, capacity)?,
+            capacity,
+            epoch,
+            next_seq: 1,
+            end: 0,
+        })
+    }
+
+    /// Appends one record and makes it durable. `Ok(false)`: it does not fit in the space left
+    /// (nothing was written).
+    pub fn append(&mut self, payload: &[u8]) -> io::Result<bool> {
+        let size = (HEADER + payload.len()) as u64;
+        if self.end + size > self.capacity {
+            return Ok(false);
+        }
+        let record = encode_record(self.epoch, self.next_seq, payload)?;
+        self.file.write_all_at(&record, self.end)?;
+        self.file.sync_data()?;
+        self.end += size;
+        self.next_seq += 1;
+        Ok(true)
+    }
+
+    /// Starts a new epoch after the state file was rewritten: older records no longer count.
+    pub fn start_epoch(&mut self, epoch: u64) {
+        self.epoch = epoch;
+        self.next_seq = 1;
+        self.end = 0;
+    }
+
+    /// Bytes of records in the current epoch.
+    pub fn used(&self) -> u64 {
+        self.end
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+}
+
+/// The payloads of the records of `epoch` in the journal at `path`, in order; none when there
+/// is no journal.
+pub fn read(path: &Path, epoch: u64) -> io::Result<Vec<Vec<u8>>> {
+    let mut bytes = Vec::new();
+    match File::open(path) {
+        Ok(mut file) => file.read_to_end(&mut bytes)?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    Ok(records(&bytes, epoch))
+}
+
+fn records(bytes: &[u8], epoch: u64) -> Vec<Vec<u8>> {
+    let mut payloads = Vec::new();
+    let mut at = 0;
+    let mut seq = 1;
+    while let Some(header) = bytes.get(at..at + HEADER) {
+        let field = |range: std::ops::Range<usize>| &header[range];
+        let len = u32::from_le_bytes(field(0..4).try_into().unwrap_or_default()) as usize;
+        let crc = u32::from_le_bytes(field(4..8).try_into().unwrap_or_default());
+        let record_epoch = u64::from_le_bytes(field(8..16).try_into().unwrap_or_default());
+        let record_seq = u64::from_le_bytes(field(16..24).try_into().unwrap_or_default());
+        let Some(payload) = bytes.get(at + HEADER..at + HEADER + len) else {
+            break;
+        };
+        if len == 0 || record_epoch != epoch || record_seq != seq {
+            break;
+        }
+        if checksum(&header[8..HEADER], payload) != crc {
+            break;
+        }
+        payloads.push(payload.to_vec());
+        at += HEADER + len;
+        seq += 1;
+    }
+    payloads
+}
+
+fn encode_record(epoch: u64, seq: u64, payload: &[u8]) -> io::Result<Vec<u8>> {
+    let len = u32::try_from(payload.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "journal record too large"))?;
+    let mut ids = [0u8; 16];
+    ids[..8].copy_from_slice(&epoch.to_le_bytes());
+    ids[8..].copy_from_slice(&seq.to_le_bytes());
+    let mut record = Vec::with_capacity(HEADER + payload.len());
+    record.extend_from_slice(&len.to_le_bytes());
+    record.extend_from_slice(&checksum(&ids, payload).to_le_bytes());
+    record.extend_from_slice(&ids);
+    record.extend_from_slice(payload);
+    Ok(record)
+}
+
+fn checksum(ids: &[u8], payload: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(ids);
+    hasher.update(payload);
+    hasher.finalize()
+}
+
+/// Writes a zero-filled journal under a temp name and renames it into place, durably.
+fn preallocate(path: &Path, capacity: u64) -> io::Result<File> {
+    let mut temp_name = path.as_os_str().to_owned();
+    temp_name.push(".locker-tmp");
+    let temp = PathBuf::from(temp_name);
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temp)?;
+        let zeroes = vec![0u8; 1 << 20];
+        let mut left = capacity;
+        while left > 0 {
+            let chunk = left.min(zeroes.len() as u64) as usize;
+            file.write_all(&zeroes[..chunk])?;
+            left -= chunk as u64;
+        }
+        file.sync_all()?;
+        std::fs::rename(&temp, path)?;
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        File::open(dir)?.sync_all()?;
+        Ok(file)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn journal(dir: &Path, epoch: u64) -> Journal {
+        Journal::create(&dir.join("j"), 4096, epoch).expect("journal")
+    }
+
+    #[test]
+    fn records_of_the_epoch_are_read_back_in_order() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut j = journal(dir.path(), 7);
+        assert!(j.append(b"one").expect("append"));
+        assert!(j.append(b"two").expect("append"));
+        assert_eq!(j.used(), (2 * HEADER + 6) as u64);
+        let read = read(&dir.path().join("j"), 7).expect("read");
+        assert_eq!(read, vec![b"one".to_vec(), b"two".to_vec()]);
+        assert!(read_epoch(dir.path(), 8).is_empty());
+    }
+
+    fn read_epoch(dir: &Path, epoch: u64) -> Vec<Vec<u8>> {
+        read(&dir.join("j"), epoch).expect("read")
+    }
+
+    #[test]
+    fn a_new_epoch_hides_older_records_it_does_not_overwrite() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut j = journal(dir.path(), 1);
+        for payload in [b"aaaa", b"bbbb", b"cccc"] {
+            assert!(j.append(payload).expect("append"));
+        }
+        j.start_epoch(2);
+        assert!(j.append(b"dd").expect("append"));
+        assert_eq!(read_epoch(dir.path(), 2), vec![b"dd".to_vec()]);
+        // The old epoch's first record was overwritten; its later ones no longer form a sequence.
+        assert!(read_epoch(dir.path(), 1).is_empty());
+    }
+
+    #[test]
+    fn a_reused_journal_goes_on_after_the_records_it_holds() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("j");
+        let mut j = journal(dir.path(), 5);
+        assert!(j.append(b"first").expect("append"));
+        drop(j);
+        let replayed = read(&path, 5).expect("read");
+        let mut j = Journal::reuse(&path, 4096, 5, &replayed)
+            .expect("reuse")
+            .expect("right size");
+        assert_eq!(j.used(), (HEADER + 5) as u64);
+        assert!(j.append(b"second").expect("append"));
+        assert_eq!(
+            read(&path, 5).expect("read"),
+            vec![b"first".to_vec(), b"second".to_vec()]
+        );
+        // Another size is not reused.
+        assert!(
+            Journal::reuse(&path, 8192, 5, &[])
+                .expect("reuse")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn a_torn_or_corrupt_record_ends_the_journal() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut j = journal(dir.path(), 3);
+        assert!(j.append(b"kept").expect("append"));
+        assert!(j.append(b"damaged").expect("append"));
+        assert!(j.append(b"after").expect("append"));
+        let path = dir.path().join("j");
+        let mut bytes = std::fs::read(&path).expect("read");
+        bytes[2 * HEADER + 4 + 2] ^= 0xff;
+        std::fs::write(&path, &bytes).expect("write");
+        assert_eq!(read_epoch(dir.path(), 3), vec![b"kept".to_vec()]);
+    }
+
+    #[test]
+    fn a_record_that_does_not_fit_is_refused_without_writing() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut j = journal(dir.path(), 1);
+        assert!(!j.append(&[b'x'; 4096]).expect("append"));
+        assert_eq!(j.used(), 0);
+        assert!(j.append(&[b'x'; 4096 - HEADER]).expect("append"));
+        assert!(!j.append(b"y").expect("append"));
+        assert_eq!(read_epoch(dir.path(), 1).len(), 1);
+    }
+
+    #[test]
+    fn a_missing_journal_reads_as_empty_and_is_created_zero_filled() {
+        let dir = tempfile::tempdir().expect("dir");
+        assert!(read_epoch(dir.path(), 1).is_empty());
+        std::fs::write(dir.path().join("j"), b"short").expect("write");
+        let _j = journal(dir.path(), 1);
+        let bytes = std::fs::read(dir.path().join("j")).expect("read");
+        assert_eq!(bytes.len(), 4096);
+        assert!(bytes.iter().all(|b| *b == 0));
+    }
+}
