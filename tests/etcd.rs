@@ -542,3 +542,26 @@ fn import_then_export_round_trips_a_state_file() {
     assert_eq!(names.keys().collect::<Vec<_>>(), ["b"], "{locks}");
     assert_eq!(locks["b"]["locked_by"], json!({"k2": 1}));
 }
+
+#[test]
+fn import_includes_what_a_crashed_server_left_in_the_journal() {
+    let _serial = serial();
+    let mut file_server = Server::start();
+    assert_eq!(
+        file_server.lock("journaled", json!({"key": "k"})).status,
+        200
+    );
+    file_server.kill();
+    let state_file = file_server.state_file.clone();
+    // Killed (almost always) within the second before the state file is rewritten: then only
+    // the journal has the lock.
+
+    let prefix = etcd::unique_prefix();
+    let imported = locker_command(&prefix, &["import", &state_file.display().to_string()]);
+    assert!(imported.status.success());
+    let server = common::server()
+        .etcd(&etcd::shared().endpoints())
+        .env("LOCKER_ETCD_PREFIX", prefix)
+        .start();
+    assert_eq!(server.locks()["journaled"]["key"], "k");
+}
