@@ -330,6 +330,7 @@ fn custom_port_address_limits_lease_and_log_level_reach_the_env() {
         "bind_address": "10.0.0.7",
         "max_wait": "5m",
         "max_waiters": 50,
+        "journal_bytes": 1048576,
         "default_ttl": "2h",
         "log_level": "locker=debug",
     }}))
@@ -340,6 +341,7 @@ fn custom_port_address_limits_lease_and_log_level_reach_the_env() {
         ("LOCKER_LISTEN", "10.0.0.7"),
         ("LOCKER_MAX_WAIT", "5m"),
         ("LOCKER_MAX_WAITERS", "50"),
+        ("LOCKER_JOURNAL_BYTES", "1048576"),
         ("LOCKER_DEFAULT_TTL", "2h"),
         ("RUST_LOG", "locker=debug"),
     ]);
@@ -497,6 +499,7 @@ fn the_job_spec_documents_every_property_and_keeps_the_original_names() {
     for newer in [
         "locker.max_wait",
         "locker.max_waiters",
+        "locker.journal_bytes",
         "locker.default_ttl",
         "locker.log_level",
         "locker.bind_address",

@@ -43,6 +43,20 @@ enum Scenario {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// Acquire latency at a fixed offered load: N clients each send lock+unlock cycles on a
+    /// schedule adding up to `rate` requests/s (open loop). When a cycle starts late because the
+    /// previous one was still running, latency counts from the scheduled time, so a slow server
+    /// is not hidden by a client that waited for it.
+    Latency {
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        #[arg(long, default_value_t = 10_000)]
+        rate: u64,
+        #[arg(long, default_value_t = 100)]
+        held: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
     /// Time from a release's answer to the next waiter's grant.
     Handoff {
         #[arg(long, default_value_t = 1000)]
@@ -84,6 +98,7 @@ fn main() -> Result<(), Error> {
             Scenario::All => {
                 startup(&server, 10_000).await?;
                 throughput(&server, 64, 100, 10).await?;
+                latency(&server, 64, 10_000, 100, 10).await?;
                 throughput(&server, 64, 10_000, 10).await?;
                 handoff(&server, 1000).await?;
                 memory(&server, 10_000, 2_000).await?;
@@ -101,6 +116,12 @@ fn main() -> Result<(), Error> {
             } => throughput(&server, clients, held, seconds).await,
             Scenario::Handoff { count } => handoff(&server, count).await,
             Scenario::Memory { held, waiters } => memory(&server, held, waiters).await,
+            Scenario::Latency {
+                clients,
+                rate,
+                held,
+                seconds,
+            } => latency(&server, clients, rate, held, seconds).await,
             Scenario::Startup { held } => startup(&server, held).await,
         }
     })
@@ -271,6 +292,72 @@ async fn throughput(binary: &Path, clients: usize, held: usize, seconds: u64) ->
     println!(
         "throughput     {clients} clients, {held} locks held: {figures}; RSS {:.1} MiB",
         server.rss_mib()
+    );
+    Ok(())
+}
+
+async fn latency(
+    binary: &Path,
+    clients: usize,
+    rate: u64,
+    held: usize,
+    seconds: u64,
+) -> Result<(), Error> {
+    let server = Server::start(binary, held).await?;
+    let cycles_per_client = rate as f64 / 2.0 / clients as f64;
+    let period = Duration::from_secs_f64(1.0 / cycles_per_client);
+    let warm_up = Duration::from_secs(1);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for client in 0..clients {
+        let address = server.address.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut connection = Connection::open(&address).await?;
+            let path = format!("/lock/latency-{client}");
+            let body = format!(r#"{{"key":"client-{client}"}}"#);
+            // Clients spread evenly over the period, so the load is smooth.
+            let offset = period.mul_f64(client as f64 / clients as f64);
+            let mut schedule =
+                tokio::time::interval_at(tokio::time::Instant::from_std(started + offset), period);
+            schedule.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut acquires = Vec::new();
+            let mut previous_done = started;
+            loop {
+                let due = schedule.tick().await.into_std();
+                if due >= started + warm_up + Duration::from_secs(seconds) {
+                    return Ok::<_, Error>(acquires);
+                }
+                // The timer wakes up to a millisecond late; that lateness is not the server's.
+                let sent = if previous_done > due {
+                    due
+                } else {
+                    Instant::now()
+                };
+                let status = connection.request("PUT", &path, &body).await?;
+                let acquired = sent.elapsed();
+                let status_release = connection.request("DELETE", &path, &body).await?;
+                if status != 200 || status_release != 200 {
+                    return Err(format!("unexpected status {status}/{status_release}").into());
+                }
+                previous_done = Instant::now();
+                if due >= started + warm_up {
+                    acquires.push(acquired);
+                }
+            }
+        }));
+    }
+    let mut acquires = Vec::new();
+    for task in tasks {
+        acquires.extend(task.await??);
+    }
+    acquires.sort();
+    println!(
+        "latency        {clients} clients, {rate} requests/s offered, {held} locks held: {:.0} requests/s done; acquire p50 {} p99 {} p99.9 {} max {}",
+        acquires.len() as f64 * 2.0 / seconds as f64,
+        millis(percentile(&acquires, 0.5)),
+        millis(percentile(&acquires, 0.99)),
+        millis(percentile(&acquires, 0.999)),
+        millis(percentile(&acquires, 1.0)),
     );
     Ok(())
 }

@@ -283,6 +283,29 @@ mod tests {
         assert_eq!(read_epoch(dir.path(), 1).len(), 1);
     }
 
+    proptest::proptest! {
+        /// Whatever a crash or a disk leaves in the file, reading returns a prefix of the
+        /// records written, and never panics.
+        #[test]
+        fn any_damage_leaves_a_prefix_of_the_records(
+            payloads in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 1..40), 0..8),
+            damage_at in 0usize..400,
+            damage in proptest::collection::vec(proptest::num::u8::ANY, 0..30),
+        ) {
+            let mut bytes = Vec::new();
+            for (i, payload) in payloads.iter().enumerate() {
+                bytes.extend(encode_record(9, i as u64 + 1, payload).expect("encodes"));
+            }
+            bytes.resize(bytes.len() + 64, 0);
+            let at = damage_at.min(bytes.len());
+            let end = (at + damage.len()).min(bytes.len());
+            bytes[at..end].copy_from_slice(&damage[..end - at]);
+            let read = records(&bytes, 9);
+            proptest::prop_assert!(read.len() <= payloads.len());
+            proptest::prop_assert_eq!(&read[..], &payloads[..read.len()]);
+        }
+    }
+
     #[test]
     fn a_missing_journal_reads_as_empty_and_is_created_zero_filled() {
         let dir = tempfile::tempdir().expect("dir");
