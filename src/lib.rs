@@ -3,7 +3,8 @@
 //! # Layout
 //! - [`rules`]: the lock rules (acquire, release, counts, queues, slots, leases). Pure, no I/O.
 //! - [`store`]: the [`store::LockStore`] interface and its backends; [`store::file`] keeps the
-//!   state in a YAML file with atomic, fsynced, group-committed writes.
+//!   state in a YAML file and its journal ([`store::journal`]) with group-committed, fsynced
+//!   writes.
 //! - [`api`]: HTTP routes and thin handlers; [`auth`] basic auth; [`tls`] rustls set-up.
 //! - [`config`]: flags and environment variables, checked once into [`config::Settings`].
 //! - [`server`]: wires it together and shuts down cleanly.

@@ -458,6 +458,7 @@ fn the_job_spec_documents_every_property_and_keeps_the_original_names() {
         "locker.ssl_key",
         "locker.ssl_ca",
         "locker.default_ttl",
+        "locker.journal_bytes",
         "locker.etcd.endpoints",
         "locker.etcd.user",
         "locker.etcd.password",
