@@ -36,6 +36,9 @@ pub struct Acquire {
     /// Release this hold once this Concourse build has finished (opt-in). Boxed like
     /// [`RequestorHold::release_with_build`]: queued waiters pay for the field's size.
     pub release_with_build: Option<Box<BuildRef>>,
+    /// A lease renewal: when this requestor already holds under this key, refresh its lease
+    /// without counting up (one release still frees it). Otherwise an ordinary acquire.
+    pub renew: bool,
 }
 
 /// A Concourse build, as named in holder info: by id, or by team, pipeline, job and build name.
@@ -253,7 +256,9 @@ impl Lock {
                 expires_at: None,
                 release_with_build: None,
             });
-        hold.count += 1;
+        if !(request.renew && hold.count > 0) {
+            hold.count += 1;
+        }
         hold.expires_at = expires_at;
         hold.release_with_build = request.release_with_build.clone();
         Grant {

@@ -188,6 +188,38 @@ fn concurrent_locks_on_one_name_never_overlap() {
 }
 
 #[test]
+fn renewals_keep_the_lease_without_counting_up() {
+    let server = Server::start();
+    let child = locker(
+        &server,
+        &["lock", "renewing", "--ttl", "1s", "--", "sleep", "2.5"],
+    )
+    .spawn()
+    .expect("start");
+    let started = Instant::now();
+    wait_until("the lock to be taken", || {
+        key_of(&server, "renewing").is_some()
+    });
+    // Past the first lease's end: held thanks to the renewals (every third of the TTL).
+    std::thread::sleep(Duration::from_millis(1800));
+    let lock = server.locks()["renewing"].clone();
+    assert_eq!(
+        lock["locked_by"].as_object().map(|m| m.len()),
+        Some(1),
+        "{lock}"
+    );
+    assert!(
+        lock["locked_by"]
+            .as_object()
+            .is_some_and(|m| m.values().all(|c| c == 1)),
+        "renewals counted up: {lock}"
+    );
+    let done = finish(child, started, Duration::from_secs(20));
+    assert_eq!(done.code, Some(0), "{}", done.stderr);
+    assert_eq!(key_of(&server, "renewing"), None);
+}
+
+#[test]
 fn a_lost_lock_signals_the_command_and_exits_74() {
     let server = Server::start();
     let dir = common::temp_dir();

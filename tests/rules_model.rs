@@ -26,6 +26,7 @@ enum Step {
         ttl: Option<u64>,
         slots: Option<u32>,
         wait: bool,
+        renew: bool,
     },
     Release {
         name: usize,
@@ -52,9 +53,9 @@ enum Step {
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
         4 => (0..2usize, 0..3usize, 0..2usize, prop::option::of(1..4u64),
-              prop::option::weighted(0.2, 1..3u32), any::<bool>())
-            .prop_map(|(name, key, requestor, ttl, slots, wait)| Step::Acquire {
-                name, key, requestor, ttl, slots, wait
+              prop::option::weighted(0.2, 1..3u32), any::<bool>(), prop::bool::weighted(0.25))
+            .prop_map(|(name, key, requestor, ttl, slots, wait, renew)| Step::Acquire {
+                name, key, requestor, ttl, slots, wait, renew
             }),
         3 => (0..2usize, 0..3usize, 0..2usize)
             .prop_map(|(name, key, requestor)| Step::Release { name, key, requestor }),
@@ -80,6 +81,7 @@ struct Queued {
     key: String,
     requestor: String,
     ttl: Option<u64>,
+    renew: bool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -126,6 +128,7 @@ impl Model {
         key: &str,
         requestor: &str,
         ttl: Option<u64>,
+        renew: bool,
         now: SystemTime,
     ) -> (u64, u64) {
         let next = &mut self.next_generation;
@@ -143,7 +146,10 @@ impl Model {
             .find(|h| h.key == key && h.requestor == requestor)
         {
             Some(hold) => {
-                hold.count += 1;
+                // A renewal refreshes the lease without counting up.
+                if !renew {
+                    hold.count += 1;
+                }
                 hold.expires = expires;
                 hold.count
             }
@@ -170,7 +176,14 @@ impl Model {
                 break;
             }
             self.locks.get_mut(name).expect("lock").queue.remove(0);
-            let (generation, _) = self.grant(name, &front.key, &front.requestor, front.ttl, now);
+            let (generation, _) = self.grant(
+                name,
+                &front.key,
+                &front.requestor,
+                front.ttl,
+                front.renew,
+                now,
+            );
             grants.push((front.id, generation));
         }
         if self
@@ -295,7 +308,7 @@ proptest! {
         for step in steps {
             let now = at(clock);
             let (op, expected) = match step {
-                Step::Acquire { name, key, requestor, ttl, slots, wait } => {
+                Step::Acquire { name, key, requestor, ttl, slots, wait, renew } => {
                     let (name, key, requestor) = (NAMES[name], KEYS[key], REQUESTORS[requestor]);
                     let waiter = wait.then(|| { next_id += 1; next_id });
                     let lock = model.locks.entry(name.to_string()).or_insert_with(|| ModelLock {
@@ -304,10 +317,10 @@ proptest! {
                     let expected = if slots.is_some_and(|s| s != lock.slots) {
                         format!("mismatch {}", lock.slots)
                     } else if lock.holds_already(key, requestor) || (lock.queue.is_empty() && lock.fits(key)) {
-                        let (generation, count) = model.grant(name, key, requestor, ttl, now);
+                        let (generation, count) = model.grant(name, key, requestor, ttl, renew, now);
                         format!("granted {generation} {count}")
                     } else if let Some(id) = waiter {
-                        lock.queue.push(Queued { id, key: key.into(), requestor: requestor.into(), ttl });
+                        lock.queue.push(Queued { id, key: key.into(), requestor: requestor.into(), ttl, renew });
                         queued.push((name.to_string(), id));
                         "queued".to_string()
                     } else {
@@ -319,6 +332,7 @@ proptest! {
                     let request = Acquire {
                         key: key.into(), requestor: requestor.into(),
                         ttl: ttl.map(Duration::from_secs), info: Info::new(), slots, release_with_build: None,
+                        renew,
                     };
                     (Op::Acquire { name: name.into(), request, waiter }, expected)
                 }

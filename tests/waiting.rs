@@ -197,6 +197,32 @@ fn acquiring_again_renews_the_lease() {
 }
 
 #[test]
+fn a_renewal_refreshes_the_lease_without_counting_up_and_acquires_when_not_held() {
+    let server = Server::start();
+    let first = Instant::now();
+    let taken = server.lock("renewed", json!({"key": "k", "ttl": "3s"}));
+    let generation = taken.json()["generation"].clone();
+    thread::sleep(Duration::from_millis(500));
+    let renewed = server.lock("renewed", json!({"key": "k", "ttl": "20s", "renew": true}));
+    assert_eq!(renewed.status, 200, "{}", renewed.body);
+    assert_eq!(renewed.json()["generation"], generation);
+    // Past the first lease's end, the renewed lease still holds, and the count is still one.
+    thread::sleep((first + Duration::from_millis(3500)).saturating_duration_since(Instant::now()));
+    assert_eq!(server.locks()["renewed"]["locked_by"], json!({"k": 1}));
+    // One release frees it.
+    assert_eq!(server.unlock("renewed", json!({"key": "k"})).status, 200);
+    assert_eq!(server.locks(), json!({}));
+    // A renewal of a hold that is gone is an ordinary acquire: a new holding, count one.
+    let again = server.lock("renewed", json!({"key": "k", "renew": true}));
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert!(again.json()["generation"].as_u64() > generation.as_u64());
+    assert_eq!(server.locks()["renewed"]["locked_by"], json!({"k": 1}));
+    // Another key's renewal does not get in.
+    let other = server.lock("renewed", json!({"key": "other", "renew": true}));
+    assert_eq!(other.status, 423, "{}", other.body);
+}
+
+#[test]
 fn leases_and_generations_survive_a_restart_and_expire_while_down() {
     let server = Server::start();
     let short = server.lock("short", json!({"key": "k", "ttl": "1s"}));
@@ -361,6 +387,7 @@ also_on_etcd!(
     a_waiter_whose_client_disconnects_is_never_granted,
     a_lease_that_runs_out_releases_the_hold_and_grants_the_next_waiter,
     acquiring_again_renews_the_lease,
+    a_renewal_refreshes_the_lease_without_counting_up_and_acquires_when_not_held,
     leases_and_generations_survive_a_restart_and_expire_while_down,
     generations_strictly_increase_across_locks_and_holdings,
     status_shows_holder_info_and_free_locks_are_404,

@@ -139,6 +139,7 @@ async fn acquire(
         info,
         slots: body.slots()?,
         release_with_build,
+        renew: body.renew(),
     };
     let result = match wait {
         // A waiting client may hang up: withdraw its request rather than grant it the lock.

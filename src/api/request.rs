@@ -153,6 +153,8 @@ pub struct LockBody {
     slots: Option<u32>,
     #[serde(default)]
     release_when_build_ends: Option<bool>,
+    #[serde(default)]
+    renew: Option<bool>,
 }
 
 impl LockBody {
@@ -202,6 +204,10 @@ impl LockBody {
             ))),
             slots => Ok(slots),
         }
+    }
+
+    pub fn renew(&self) -> bool {
+        self.renew.unwrap_or(false)
     }
 
     pub fn release_when_build_ends(&self) -> bool {

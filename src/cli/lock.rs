@@ -273,15 +273,19 @@ fn short(duration: Duration) -> String {
 /// Why the lock was lost.
 struct Lost(String);
 
-/// Renews the lease every third of the TTL by acquiring again (same key and requestor: the
-/// server grants at once and renews the lease; one release frees the whole count). Returns only
-/// when the lock is lost.
+/// Renews the lease every third of the TTL by acquiring again with `"renew": true` (same key
+/// and requestor: the server refreshes the lease without counting up). Returns only when the
+/// lock is lost.
 async fn renew(connection: Connection, holding: Holding, ttl: Duration, generation: u64) -> Lost {
     let interval = (ttl / 3).max(MIN_RENEWAL);
     // The lease runs from the last renewal the server accepted; counted from when it was sent.
     let mut renewed_at = Instant::now();
     let mut next = renewed_at + interval;
     let connection = connection.with_timeout(interval.max(Duration::from_secs(1)));
+    let mut body = holding.body.clone();
+    if let Some(fields) = body.as_object_mut() {
+        fields.insert("renew".into(), Value::Bool(true));
+    }
     loop {
         tokio::time::sleep_until(next.into()).await;
         let expires = renewed_at + ttl;
@@ -294,7 +298,7 @@ async fn renew(connection: Connection, holding: Holding, ttl: Duration, generati
         }
         let attempt = tokio::time::timeout(
             expires - sent,
-            connection.acquire(&holding.name, &holding.body, None),
+            connection.acquire(&holding.name, &body, None),
         )
         .await;
         match attempt {

@@ -315,6 +315,7 @@ mod tests {
             info: Info::from_iter([("team".to_string(), "main".to_string())]),
             slots: None,
             release_with_build: None,
+            renew: false,
         }
     }
 

@@ -108,6 +108,8 @@ struct StoredWaiter {
     slots: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     release_with_build: Option<Box<BuildRef>>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    renew: bool,
 }
 
 /// A grant to a queued waiter, made by the transaction that wrote this value.
@@ -188,6 +190,7 @@ pub fn encode_lock(
                 info: request.info.clone(),
                 slots: request.slots,
                 release_with_build: request.release_with_build.clone(),
+                renew: request.renew,
             })
             .collect(),
         grants: grants.iter().map(stored_grant).collect(),
@@ -213,6 +216,7 @@ pub fn decode_lock(name: &str, bytes: &[u8]) -> Result<Decoded, String> {
                     info: w.info,
                     slots: w.slots,
                     release_with_build: w.release_with_build,
+                    renew: w.renew,
                 },
             )
         })
@@ -256,6 +260,7 @@ mod tests {
             info: Info::from_iter([("job".to_string(), "deploy".to_string())]),
             slots: None,
             release_with_build: None,
+            renew: false,
         }
     }
 
