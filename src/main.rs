@@ -52,7 +52,7 @@ fn run(args: Args) -> Result<(), String> {
         Some((cert, key)) => Some(locker::tls::server_config(cert, key)?),
         None => None,
     };
-    let listener = std::net::TcpListener::bind(settings.listen)
+    let listener = server::bind(settings.listen)
         .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
     let metrics = Arc::new(Metrics::new());
     let store: Arc<dyn LockStore> = match &settings.etcd {

@@ -33,6 +33,21 @@ const CLIENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// head past 128 KiB (or past 96 headers); real clients send well under 1 KiB.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 
+/// Connections the kernel queues before the server accepts them (std's `bind` allows 128; a
+/// thousand clients connecting at once overflowed it and waited a second for SYN retries).
+const LISTEN_BACKLOG: i32 = 2048;
+
+/// Binds the listening socket, with room for bursts of new connections.
+pub fn bind(address: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
+    // As std and actix do: a restart may bind while old connections sit in TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
 /// Serves the API on `listener` until `shutdown` completes, then drains and closes the store.
 pub async fn serve(
     listener: TcpListener,

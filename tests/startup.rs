@@ -167,3 +167,30 @@ fn bad_numbers_and_durations_in_the_environment_are_refused() {
     assert_refuses(&[("PORT", "eighty")], &["eighty"]);
     assert_refuses(&[("LOCKER_MAX_WAIT", "forever")], &["forever"]);
 }
+
+#[test]
+fn the_listener_queues_a_burst_of_new_connections() {
+    let server = common::Server::start();
+    let port = server
+        .base
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse::<u16>().ok())
+        .expect("port in the base URL");
+    // `ss` reports a listening socket's accept-queue limit as Send-Q.
+    let output = Command::new("ss")
+        .args(["-Hltn", &format!("sport = :{port}")])
+        .output()
+        .expect("run ss (iproute2)");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let backlog: Vec<u32> = text
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(2)?.parse().ok())
+        .collect();
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(4096);
+    // std's bind would give 128; the kernel caps whatever we ask at somaxconn.
+    assert_eq!(backlog, vec![2048.min(somaxconn)], "{text}");
+}
