@@ -26,7 +26,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::journal::{self, Journal};
 use super::state_file;
-use super::{LockStore, LockView, Released, StoreError, WaiterSlot, view};
+use super::{LockStore, LockView, Released, StoreError, WaitGuard, WaiterSlot, Withdraw, view};
 use crate::metrics::{LockStats, Metrics};
 use crate::rules::{
     Acquire, AcquireOutcome, Effect, Grant, Holder, LockTable, Op, ReleaseOutcome, WaiterGrant,
@@ -182,7 +182,7 @@ impl FileStore {
         let mut guard = WaitGuard {
             name: name.clone(),
             waiter,
-            commands: self.commands.clone(),
+            backend: self.commands.clone(),
             grant: Some(grant_receiver),
         };
         let op = Op::Acquire {
@@ -358,67 +358,10 @@ impl LockStore for FileStore {
     }
 }
 
-/// Withdraws a queued acquire when its request ends without the grant in hand (timeout,
-/// shutdown, or the client went away and its future was dropped). A grant that arrived in the
-/// meantime is given back, so nobody holds a lock its client never learned about.
-struct WaitGuard {
-    name: String,
-    waiter: WaiterId,
-    commands: mpsc::Sender<Command>,
-    grant: Option<oneshot::Receiver<WaiterGrant>>,
-}
-
-impl WaitGuard {
-    async fn granted(&mut self) -> Option<WaiterGrant> {
-        let receiver = self.grant.as_mut()?;
-        let grant = receiver.await.ok();
-        if grant.is_some() {
-            self.disarm();
-        }
-        grant
-    }
-
-    /// Stops waiting. Returns a grant that raced with giving up (the caller keeps it);
-    /// otherwise asks the writer to take the waiter out of the queue.
-    fn give_up(&mut self) -> Option<WaiterGrant> {
-        let mut receiver = self.grant.take()?;
-        receiver.close();
-        match receiver.try_recv() {
-            Ok(grant) => Some(grant),
-            Err(_) => {
-                self.cancel();
-                None
-            }
-        }
-    }
-
-    fn cancel(&self) {
-        let op = Op::Cancel {
-            name: self.name.clone(),
-            waiter: self.waiter,
-        };
-        let _ = self.commands.send(Command::Internal(op));
-    }
-
-    fn disarm(&mut self) {
-        self.grant = None;
-    }
-}
-
-impl Drop for WaitGuard {
-    fn drop(&mut self) {
-        let Some(mut receiver) = self.grant.take() else {
-            return;
-        };
-        receiver.close();
-        let op = match receiver.try_recv() {
-            Ok(grant) => Op::Revoke(grant),
-            Err(_) => Op::Cancel {
-                name: self.name.clone(),
-                waiter: self.waiter,
-            },
-        };
-        let _ = self.commands.send(Command::Internal(op));
+/// The writer withdraws a file-store waiter; grants go straight to the receiver.
+impl Withdraw for mpsc::Sender<Command> {
+    fn withdraw(&self, op: Op) {
+        let _ = self.send(Command::Internal(op));
     }
 }
 

@@ -168,3 +168,75 @@ impl Drop for WaiterSlot {
         self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
+
+/// How a backend takes back a queued waiter: its writer applies the operation (a cancel, or
+/// the revoke of a grant nobody received), and it forgets where the grant was to go.
+pub(crate) trait Withdraw {
+    fn withdraw(&self, op: crate::rules::Op);
+    fn forget(&self, _waiter: crate::rules::WaiterId) {}
+}
+
+/// Withdraws a queued acquire when its request ends without the grant in hand (timeout,
+/// shutdown, or the client went away and its future was dropped). A grant that arrived in the
+/// meantime is given back, so nobody holds a lock its client never learned about.
+pub(crate) struct WaitGuard<W: Withdraw> {
+    pub(crate) name: String,
+    pub(crate) waiter: crate::rules::WaiterId,
+    pub(crate) backend: W,
+    pub(crate) grant: Option<tokio::sync::oneshot::Receiver<crate::rules::WaiterGrant>>,
+}
+
+impl<W: Withdraw> WaitGuard<W> {
+    pub(crate) async fn granted(&mut self) -> Option<crate::rules::WaiterGrant> {
+        let receiver = self.grant.as_mut()?;
+        let grant = receiver.await.ok();
+        if grant.is_some() {
+            self.disarm();
+        }
+        grant
+    }
+
+    /// Stops waiting. Returns a grant that raced with giving up (the caller keeps it);
+    /// otherwise withdraws the waiter.
+    pub(crate) fn give_up(&mut self) -> Option<crate::rules::WaiterGrant> {
+        let mut receiver = self.grant.take()?;
+        receiver.close();
+        match receiver.try_recv() {
+            Ok(grant) => Some(grant),
+            Err(_) => {
+                self.cancel();
+                None
+            }
+        }
+    }
+
+    /// The request was answered without queueing, or its grant was received: nothing to undo.
+    pub(crate) fn disarm(&mut self) {
+        self.backend.forget(self.waiter);
+        self.grant = None;
+    }
+
+    fn cancel(&self) {
+        self.backend.forget(self.waiter);
+        self.backend.withdraw(crate::rules::Op::Cancel {
+            name: self.name.clone(),
+            waiter: self.waiter,
+        });
+    }
+}
+
+impl<W: Withdraw> Drop for WaitGuard<W> {
+    fn drop(&mut self) {
+        let Some(mut receiver) = self.grant.take() else {
+            return;
+        };
+        receiver.close();
+        match receiver.try_recv() {
+            Ok(grant) => {
+                self.backend.forget(self.waiter);
+                self.backend.withdraw(crate::rules::Op::Revoke(grant));
+            }
+            Err(_) => self.cancel(),
+        }
+    }
+}

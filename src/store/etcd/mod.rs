@@ -34,7 +34,7 @@ use parking_lot::Mutex;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use self::codec::{KeyKind, Keys, WAITER_BITS, waiter_replica};
-use super::{LockStore, LockView, Released, StoreError, WaiterSlot, view};
+use super::{LockStore, LockView, Released, StoreError, WaitGuard, WaiterSlot, Withdraw, view};
 use crate::metrics::{LockStats, Metrics};
 use crate::rules::{
     Acquire, AcquireOutcome, Effect, Grant, Holder, Lock, LockTable, Op, ReleaseOutcome,
@@ -483,7 +483,7 @@ impl EtcdStore {
         let mut guard = WaitGuard {
             name: name.clone(),
             waiter,
-            shared: self.shared.clone(),
+            backend: self.shared.clone(),
             grant: Some(grant_receiver),
         };
         let op = Op::Acquire {
@@ -1476,69 +1476,14 @@ impl Drop for EtcdStore {
     }
 }
 
-/// Withdraws a queued acquire when its request ends without the grant in hand (timeout,
-/// shutdown, a failed transaction, or the client went away). A grant that arrived meanwhile is
-/// given back, so nobody holds a lock its client never learned about.
-struct WaitGuard {
-    name: String,
-    waiter: WaiterId,
-    shared: Arc<Shared>,
-    grant: Option<oneshot::Receiver<WaiterGrant>>,
-}
-
-impl WaitGuard {
-    async fn granted(&mut self) -> Option<WaiterGrant> {
-        let receiver = self.grant.as_mut()?;
-        let grant = receiver.await.ok();
-        if grant.is_some() {
-            self.disarm();
-        }
-        grant
+/// An etcd-store waiter is withdrawn by the writer and forgotten by the grant dispatcher.
+impl Withdraw for Arc<Shared> {
+    fn withdraw(&self, op: Op) {
+        let _ = self.commands.send(Command::Internal(op));
     }
 
-    /// Stops waiting. Returns a grant that raced with giving up; otherwise withdraws the waiter.
-    fn give_up(&mut self) -> Option<WaiterGrant> {
-        let mut receiver = self.grant.take()?;
-        receiver.close();
-        match receiver.try_recv() {
-            Ok(grant) => Some(grant),
-            Err(_) => {
-                self.cancel();
-                None
-            }
-        }
-    }
-
-    fn cancel(&self) {
-        self.shared.waiters.lock().remove(&self.waiter);
-        let op = Op::Cancel {
-            name: self.name.clone(),
-            waiter: self.waiter,
-        };
-        let _ = self.shared.commands.send(Command::Internal(op));
-    }
-
-    fn disarm(&mut self) {
-        self.shared.waiters.lock().remove(&self.waiter);
-        self.grant = None;
-    }
-}
-
-impl Drop for WaitGuard {
-    fn drop(&mut self) {
-        let Some(mut receiver) = self.grant.take() else {
-            return;
-        };
-        receiver.close();
-        match receiver.try_recv() {
-            Ok(grant) => {
-                let _ = self
-                    .shared
-                    .commands
-                    .send(Command::Internal(Op::Revoke(grant)));
-            }
-            Err(_) => self.cancel(),
-        }
+    fn forget(&self, waiter: WaiterId) {
+        self.waiters.lock().remove(&waiter);
     }
 }
 
