@@ -272,20 +272,28 @@ fn fill(path: &std::path::Path) {
     let _ = file.sync_all();
 }
 
-#[test]
-fn without_a_journal_a_full_disk_refuses_mutations_with_503_applies_nothing_and_recovers() {
+/// A server whose state file (and journal of `journal_bytes`) is on a 512 KiB tmpfs.
+fn server_on_a_small_tmpfs(journal_bytes: &str) -> Option<(Tmpfs, Server)> {
     let tmpfs = match Tmpfs::mount("512k") {
         Ok(tmpfs) => tmpfs,
         Err(reason) => {
             eprintln!("SKIPPED: cannot mount a tmpfs here ({reason}); needs root");
-            return;
+            return None;
         }
     };
-    let state = tmpfs.0.path().join("locker.yml");
     let server = common::server()
-        .state_file(&state)
-        .env("LOCKER_JOURNAL_BYTES", "0")
+        .state_file(tmpfs.0.path().join("locker.yml"))
+        .env("LOCKER_JOURNAL_BYTES", journal_bytes)
         .start();
+    Some((tmpfs, server))
+}
+
+#[test]
+fn without_a_journal_a_full_disk_refuses_mutations_with_503_applies_nothing_and_recovers() {
+    let Some((tmpfs, server)) = server_on_a_small_tmpfs("0") else {
+        return;
+    };
+    let state = tmpfs.0.path().join("locker.yml");
     assert_eq!(server.lock("before", json!({"key": "k"})).status, 200);
     let on_disk = std::fs::read(&state).expect("state");
 
@@ -319,18 +327,9 @@ fn without_a_journal_a_full_disk_refuses_mutations_with_503_applies_nothing_and_
 
 #[test]
 fn on_a_full_disk_the_journal_keeps_acknowledged_locks_then_refuses_with_503_and_recovers() {
-    let tmpfs = match Tmpfs::mount("512k") {
-        Ok(tmpfs) => tmpfs,
-        Err(reason) => {
-            eprintln!("SKIPPED: cannot mount a tmpfs here ({reason}); needs root");
-            return;
-        }
+    let Some((tmpfs, server)) = server_on_a_small_tmpfs("16384") else {
+        return;
     };
-    let state = tmpfs.0.path().join("locker.yml");
-    let server = common::server()
-        .state_file(&state)
-        .env("LOCKER_JOURNAL_BYTES", "16384")
-        .start();
     assert_eq!(server.lock("before", json!({"key": "k"})).status, 200);
     fill(&tmpfs.0.path().join("filler"));
 

@@ -26,11 +26,13 @@ use tokio::sync::{oneshot, watch};
 
 use super::journal::{self, Journal};
 use super::state_file;
-use super::{LockStore, LockView, Released, StoreError, WaitGuard, WaiterSlot, Withdraw, view};
+use super::{
+    LockStore, LockView, Released, StoreError, WaitGuard, WaiterSlot, Withdraw, acquire_result,
+    force_release_result, release_result, view,
+};
 use crate::metrics::{LockStats, Metrics};
 use crate::rules::{
-    Acquire, AcquireOutcome, Effect, Grant, Holder, LockTable, Op, ReleaseOutcome, WaiterGrant,
-    WaiterId,
+    Acquire, AcquireOutcome, Effect, Grant, Holder, LockTable, Op, WaiterGrant, WaiterId,
 };
 
 /// Most commands folded into one write; bounds the latency a batch adds.
@@ -216,28 +218,6 @@ impl FileStore {
     }
 }
 
-pub(crate) fn acquire_result(
-    name: &str,
-    effect: Result<Effect, StoreError>,
-) -> Result<Grant, StoreError> {
-    match effect? {
-        Effect::Acquire(AcquireOutcome::Granted(grant)) => Ok(grant),
-        Effect::Acquire(AcquireOutcome::Held(conflict)) => Err(StoreError::Held {
-            name: name.to_string(),
-            keys: conflict.keys,
-        }),
-        Effect::Acquire(AcquireOutcome::SlotsMismatch { slots }) => {
-            Err(StoreError::SlotsMismatch {
-                name: name.to_string(),
-                slots,
-            })
-        }
-        other => Err(StoreError::Unavailable(format!(
-            "unexpected outcome of an acquire: {other:?}"
-        ))),
-    }
-}
-
 #[async_trait]
 impl LockStore for FileStore {
     async fn acquire(
@@ -270,29 +250,11 @@ impl LockStore for FileStore {
             key,
             requestor,
         };
-        match self.submit(op, None).await? {
-            Effect::Release(ReleaseOutcome::Released { changed: true, .. }) => {
-                Ok(Released::Released)
-            }
-            Effect::Release(ReleaseOutcome::Released { changed: false, .. })
-            | Effect::Release(ReleaseOutcome::NotHeld) => Ok(Released::NotHeld),
-            Effect::Release(ReleaseOutcome::WrongKey(conflict)) => Err(StoreError::WrongKey {
-                name,
-                keys: conflict.keys,
-            }),
-            other => Err(StoreError::Unavailable(format!(
-                "unexpected outcome of a release: {other:?}"
-            ))),
-        }
+        release_result(name, self.submit(op, None).await)
     }
 
     async fn force_release(&self, name: String) -> Result<Vec<Holder>, StoreError> {
-        match self.submit(Op::ForceRelease { name }, None).await? {
-            Effect::ForceRelease(force) => Ok(force.previous),
-            other => Err(StoreError::Unavailable(format!(
-                "unexpected outcome of a force release: {other:?}"
-            ))),
-        }
+        force_release_result(self.submit(Op::ForceRelease { name }, None).await)
     }
 
     async fn status(&self, name: &str) -> Result<Option<LockView>, StoreError> {

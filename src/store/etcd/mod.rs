@@ -34,11 +34,13 @@ use parking_lot::Mutex;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use self::codec::{KeyKind, Keys, WAITER_BITS, waiter_replica};
-use super::{LockStore, LockView, Released, StoreError, WaitGuard, WaiterSlot, Withdraw, view};
+use super::{
+    LockStore, LockView, Released, StoreError, WaitGuard, WaiterSlot, Withdraw, acquire_result,
+    force_release_result, release_result, view,
+};
 use crate::metrics::{LockStats, Metrics};
 use crate::rules::{
-    Acquire, AcquireOutcome, Effect, Grant, Holder, Lock, LockTable, Op, ReleaseOutcome,
-    WaiterGrant, WaiterId,
+    Acquire, AcquireOutcome, Effect, Grant, Holder, Lock, LockTable, Op, WaiterGrant, WaiterId,
 };
 
 /// Longest one etcd request may take before it counts as failed.
@@ -495,7 +497,7 @@ impl EtcdStore {
             Ok(Effect::Acquire(AcquireOutcome::Queued)) => {}
             Ok(other) => {
                 guard.disarm();
-                return super::file::acquire_result(&name, Ok(other));
+                return acquire_result(&name, Ok(other));
             }
             // Whether a failed transaction took effect is unknown: the guard withdraws it.
             Err(e) => return Err(e),
@@ -1342,7 +1344,7 @@ impl LockStore for EtcdStore {
                     request,
                     waiter: None,
                 };
-                super::file::acquire_result(&name, self.submit(op).await)
+                acquire_result(&name, self.submit(op).await)
             }
         }
     }
@@ -1358,29 +1360,11 @@ impl LockStore for EtcdStore {
             key,
             requestor,
         };
-        match self.submit(op).await? {
-            Effect::Release(ReleaseOutcome::Released { changed: true, .. }) => {
-                Ok(Released::Released)
-            }
-            Effect::Release(ReleaseOutcome::Released { changed: false, .. })
-            | Effect::Release(ReleaseOutcome::NotHeld) => Ok(Released::NotHeld),
-            Effect::Release(ReleaseOutcome::WrongKey(conflict)) => Err(StoreError::WrongKey {
-                name,
-                keys: conflict.keys,
-            }),
-            other => Err(StoreError::Unavailable(format!(
-                "unexpected outcome of a release: {other:?}"
-            ))),
-        }
+        release_result(name, self.submit(op).await)
     }
 
     async fn force_release(&self, name: String) -> Result<Vec<Holder>, StoreError> {
-        match self.submit(Op::ForceRelease { name }).await? {
-            Effect::ForceRelease(force) => Ok(force.previous),
-            other => Err(StoreError::Unavailable(format!(
-                "unexpected outcome of a force release: {other:?}"
-            ))),
-        }
+        force_release_result(self.submit(Op::ForceRelease { name }).await)
     }
 
     async fn status(&self, name: &str) -> Result<Option<LockView>, StoreError> {
