@@ -199,16 +199,8 @@ impl FileStore {
                 return acquire_result(&name, other);
             }
         }
-        let outcome = tokio::select! {
-            granted = guard.granted() => granted,
-            _ = tokio::time::sleep(wait) => None,
-            _ = shutdown.wait_for(|stopping| *stopping) => None,
-        };
-        if let Some(grant) = outcome.or_else(|| guard.give_up()) {
+        if let Some(grant) = guard.wait(wait, &mut shutdown).await? {
             return Ok(grant.grant);
-        }
-        if *shutdown.borrow() {
-            return Err(StoreError::ShuttingDown);
         }
         Err(StoreError::TimedOut {
             keys: self.current_keys(&name),
@@ -450,8 +442,8 @@ pub fn load(path: &Path) -> Result<Option<LockTable>, String> {
 /// The single writer: owns the working table, the waiters' grant channels and the file.
 struct Writer {
     commits: Arc<watch::Sender<u64>>,
-    /// The file's text, one line per lock, kept in step with `working`; built by the writer
-    /// thread itself so start-up does not wait for it, and rebuilt if it ever cannot be trusted.
+    /// The file's text, one line per lock, kept in step with `working`; built by the start-up
+    /// rewrite of the state file, and rebuilt if it ever cannot be trusted.
     encoder: Option<state_file::Encoder>,
     metrics: Arc<Metrics>,
     paths: StatePaths,
@@ -500,7 +492,6 @@ impl Batch {
 
 impl Writer {
     fn run(mut self, commands: mpsc::Receiver<Command>) {
-        self.encoder = state_file::Encoder::new(&self.working).ok();
         loop {
             let mut stopping = false;
             let mut incoming = Vec::new();

@@ -187,7 +187,7 @@ pub(crate) struct WaitGuard<W: Withdraw> {
 }
 
 impl<W: Withdraw> WaitGuard<W> {
-    pub(crate) async fn granted(&mut self) -> Option<crate::rules::WaiterGrant> {
+    async fn granted(&mut self) -> Option<crate::rules::WaiterGrant> {
         let receiver = self.grant.as_mut()?;
         let grant = receiver.await.ok();
         if grant.is_some() {
@@ -198,7 +198,7 @@ impl<W: Withdraw> WaitGuard<W> {
 
     /// Stops waiting. Returns a grant that raced with giving up (the caller keeps it);
     /// otherwise withdraws the waiter.
-    pub(crate) fn give_up(&mut self) -> Option<crate::rules::WaiterGrant> {
+    fn give_up(&mut self) -> Option<crate::rules::WaiterGrant> {
         let mut receiver = self.grant.take()?;
         receiver.close();
         match receiver.try_recv() {
@@ -208,6 +208,27 @@ impl<W: Withdraw> WaitGuard<W> {
                 None
             }
         }
+    }
+
+    /// Waits for the grant, up to `wait` or until shutdown. `Ok(None)`: the wait ran out and
+    /// the waiter was withdrawn.
+    pub(crate) async fn wait(
+        &mut self,
+        wait: Duration,
+        shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Option<crate::rules::WaiterGrant>, StoreError> {
+        let outcome = tokio::select! {
+            granted = self.granted() => granted,
+            _ = tokio::time::sleep(wait) => None,
+            _ = shutdown.wait_for(|stopping| *stopping) => None,
+        };
+        if let Some(grant) = outcome.or_else(|| self.give_up()) {
+            return Ok(Some(grant));
+        }
+        if *shutdown.borrow() {
+            return Err(StoreError::ShuttingDown);
+        }
+        Ok(None)
     }
 
     /// The request was answered without queueing, or its grant was received: nothing to undo.

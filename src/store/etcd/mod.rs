@@ -502,16 +502,8 @@ impl EtcdStore {
             // Whether a failed transaction took effect is unknown: the guard withdraws it.
             Err(e) => return Err(e),
         }
-        let outcome = tokio::select! {
-            granted = guard.granted() => granted,
-            _ = tokio::time::sleep(wait) => None,
-            _ = shutdown.wait_for(|stopping| *stopping) => None,
-        };
-        if let Some(grant) = outcome.or_else(|| guard.give_up()) {
+        if let Some(grant) = guard.wait(wait, &mut shutdown).await? {
             return self.confirm(grant).await;
-        }
-        if *shutdown.borrow() {
-            return Err(StoreError::ShuttingDown);
         }
         Err(StoreError::TimedOut {
             keys: self.current_keys(&name),
