@@ -2,8 +2,73 @@
 
 mod common;
 
+use std::collections::HashMap;
+
 use common::{Server, call, raw_exchange};
+use serde::Deserialize;
 use serde_json::json;
+
+/// A holding as a typed client (Go's `map[string]string`, a Rust map) reads it.
+#[derive(Debug, Deserialize)]
+#[allow(dead_code)] // Fields are read by deserializing them: their types are what is checked.
+struct TypedHolder {
+    key: String,
+    locked_by: HashMap<String, u64>,
+    generation: u64,
+    acquired_at: String,
+    expires_at: Option<String>,
+    info: HashMap<String, String>,
+}
+
+/// A lock as `GET /locks` and `GET /lock/{name}` show it, read by a typed client.
+#[derive(Debug, Deserialize)]
+#[allow(dead_code)]
+struct TypedLock {
+    key: String,
+    locked_by: HashMap<String, u64>,
+    info: HashMap<String, String>,
+    waiters: u64,
+    slots: u32,
+    holders: Vec<TypedHolder>,
+    name: Option<String>,
+    free: Option<bool>,
+}
+
+#[test]
+fn every_view_parses_into_typed_maps_with_or_without_info() {
+    let server = Server::start();
+    assert_eq!(server.lock("plain", json!({"key": "k"})).status, 200);
+    let with_info = json!({"key": "k", "info": {"team": "main"}});
+    assert_eq!(server.lock("tagged", with_info).status, 200);
+    for key in ["a", "b"] {
+        let reply = server.lock("shared", json!({"key": key, "slots": 2}));
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+
+    let listed = call("GET", &server.url("/locks"), None);
+    let locks: HashMap<String, TypedLock> = serde_json::from_str(&listed.body).expect(&listed.body);
+    assert!(locks["plain"].info.is_empty());
+    assert!(locks["plain"].holders[0].info.is_empty());
+    assert_eq!(locks["tagged"].info["team"], "main");
+    assert_eq!(locks["shared"].holders.len(), 2);
+
+    for name in ["plain", "tagged", "shared"] {
+        let reply = call("GET", &server.url(&format!("/lock/{name}")), None);
+        let lock: TypedLock = serde_json::from_str(&reply.body).expect(&reply.body);
+        assert_eq!(lock.name.as_deref(), Some(name));
+        assert!(
+            lock.holders
+                .iter()
+                .all(|h| h.key == "k" || name == "shared")
+        );
+    }
+    // A wait for the lock to be free that runs out shows the same fields.
+    let waited = call("GET", &server.url("/lock/plain?wait_free=50ms"), None);
+    let lock: TypedLock = serde_json::from_str(&waited.body).expect(&waited.body);
+    assert_eq!(lock.free, Some(false));
+    assert!(lock.info.is_empty());
+    assert!(waited.body.contains(r#""info":{}"#), "{}", waited.body);
+}
 
 #[test]
 fn lock_conflict_and_release_follow_the_original_api() {

@@ -441,6 +441,28 @@ fn locks_status_release_and_wait_free() {
             .expect("JSON");
     assert_eq!(free, json!({"name": "none", "free": true}));
 
+    // A holding without info shows `info` as an object, as typed clients read it.
+    assert_eq!(server.lock("bare", json!({"key": "k"})).status, 200);
+    type Info = std::collections::HashMap<String, String>;
+    #[derive(serde::Deserialize)]
+    struct Typed {
+        info: Info,
+        holders: Vec<TypedHolder>,
+    }
+    #[derive(serde::Deserialize)]
+    struct TypedHolder {
+        info: Info,
+    }
+    let listed = run(&mut locker(&server, &["locks", "--json"])).stdout;
+    let listed: std::collections::HashMap<String, Typed> =
+        serde_json::from_str(&listed).expect(&listed);
+    assert!(listed["bare"].info.is_empty() && listed["bare"].holders[0].info.is_empty());
+    assert_eq!(listed["env"].info["job"], "deploy");
+    let bare = run(&mut locker(&server, &["status", "bare", "--json"])).stdout;
+    let bare: Typed = serde_json::from_str(&bare).expect(&bare);
+    assert!(bare.info.is_empty() && bare.holders[0].info.is_empty());
+    assert_eq!(server.unlock("bare", json!({"key": "k"})).status, 200);
+
     // wait-free: still held when the wait runs out → 73; returns once released.
     let still = run(&mut locker(
         &server,

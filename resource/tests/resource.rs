@@ -681,3 +681,31 @@ fn server_errors_are_retried_with_a_line_per_retry() {
         outcome.stderr
     );
 }
+
+#[test]
+fn in_writes_info_as_an_object_for_a_holding_without_info() {
+    let server = common::Server::start();
+    assert_eq!(server.lock("bare", json!({"key": "k"})).status, 200);
+    let src = source(&server, "bare");
+    let versions = run("check", None, &json!({"source": src, "version": null}), &[]).json();
+    let dir = common::temp_dir();
+    run(
+        "in",
+        Some(dir.path()),
+        &json!({"source": src, "version": versions[0]}),
+        &[],
+    )
+    .json();
+    #[derive(serde::Deserialize)]
+    struct Typed {
+        info: std::collections::HashMap<String, String>,
+        holders: Vec<TypedHolder>,
+    }
+    #[derive(serde::Deserialize)]
+    struct TypedHolder {
+        info: std::collections::HashMap<String, String>,
+    }
+    let written = std::fs::read_to_string(dir.path().join("metadata.json")).expect("metadata.json");
+    let typed: Typed = serde_json::from_str(&written).expect(&written);
+    assert!(typed.info.is_empty() && typed.holders[0].info.is_empty());
+}

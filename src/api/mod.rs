@@ -91,10 +91,10 @@ async fn lock_status(
             held = state.store.wait_free(&name, wait) => held?,
             () = peer::client_gone(&request) => return Err(ApiError::ClientGone),
         };
-        return Ok(HttpResponse::Ok().json(match still_held {
-            None => json!({"name": name, "free": true}),
-            Some(lock) => views::still_held(&lock),
-        }));
+        return Ok(match still_held {
+            None => HttpResponse::Ok().json(json!({"name": name, "free": true})),
+            Some(lock) => HttpResponse::Ok().json(views::still_held(&lock)),
+        });
     }
     match state.store.status(&name).await? {
         Some(lock) => Ok(HttpResponse::Ok().json(views::lock_status(&lock))),
