@@ -1,12 +1,17 @@
 //! The YAML-file backend: one writer thread owns the working lock table and the state file.
 //!
 //! Group commit: the writer takes every command that queued up while it was busy, applies them
-//! all, makes the batch durable with one write and only then answers. The write is a record in
-//! the journal beside the state file (one in-place write and `fdatasync`, see `journal.rs`); the
-//! state file itself is rewritten (temp file, fsync, rename, fsync of the directory) when the
-//! journal is half full, a second after its first record, at start-up and at shutdown. Readers see a second, committed copy of the table, replaced by a clone of the
-//! working copy once a batch is durable (locks are shared copy-on-write, so unchanged locks are
-//! not copied); a failed write rolls the working copy back to it.
+//! all, makes the batch durable with one write and only then answers. By default that write
+//! replaces the state file (temp file, fdatasync, rename, fsync of the directory), so the file is
+//! always the record of every acknowledged change. With the journal turned on
+//! (`LOCKER_JOURNAL_BYTES`), the write is a record in the journal beside the state file (one
+//! in-place write and `fdatasync`, see `journal.rs`), and the state file is rewritten when the
+//! journal is half full, a second after its first record, at start-up and at shutdown.
+//!
+//! Readers see a second, committed copy of the table, replaced by a clone of the working copy
+//! once a batch is durable (locks are shared copy-on-write, so unchanged locks are not copied); a
+//! failed write rolls the working copy back to it, and undoes whatever the failed write may have
+//! left on disk before the refusal is sent.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -44,8 +49,9 @@ const IDLE: Duration = Duration::from_secs(3600);
 /// How long journal records wait before the state file is rewritten to include them, so the
 /// file a person reads (or the original locker, after a downgrade) is at most this far behind.
 const COMPACT_AFTER: Duration = Duration::from_secs(1);
-/// Default journal size; `LOCKER_JOURNAL_BYTES` sets it, 0 turns the journal off.
-pub const DEFAULT_JOURNAL_BYTES: u64 = 8 << 20;
+/// Default journal size: off, so the state file is the record of every acknowledged change.
+/// `LOCKER_JOURNAL_BYTES` turns it on (8 MiB is a good size; see the README's "State file").
+pub const DEFAULT_JOURNAL_BYTES: u64 = 0;
 
 /// Settings of the file backend.
 #[derive(Clone)]
@@ -112,6 +118,7 @@ impl FileStore {
             last_failure: None,
             journal: None,
             journal_wanted: options.journal_bytes > 0,
+            rewrite_pending: false,
             epoch: loaded.epoch,
             journal_since: None,
             last_compaction_failure: None,
@@ -363,16 +370,33 @@ impl StatePaths {
     }
 
     /// Replaces the state file with `bytes`, durably: whoever reads the file at any instant
-    /// sees either the complete old state or the complete new one.
-    fn write_atomically(&self, bytes: &[u8]) -> io::Result<()> {
-        let result = self.write_temp_and_rename(bytes);
-        if result.is_err() {
+    /// sees either the complete old state or the complete new one. A failure says whether the
+    /// new file had already taken the old one's place.
+    fn write_atomically(&self, bytes: &[u8]) -> Result<(), WriteFailure> {
+        let file = self.file.display();
+        let replaced = self
+            .write_temp(bytes)
+            .and_then(|()| fs::rename(&self.temp, &self.file));
+        if let Err(e) = replaced {
             let _ = fs::remove_file(&self.temp);
+            return Err(WriteFailure::io(
+                format!("writing {file}"),
+                &e,
+                Left::Nothing,
+            ));
         }
-        result
+        File::open(&self.dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(|e| {
+                WriteFailure::io(
+                    format!("syncing the directory of {file} after replacing it"),
+                    &e,
+                    Left::StateFile,
+                )
+            })
     }
 
-    fn write_temp_and_rename(&self, bytes: &[u8]) -> io::Result<()> {
+    fn write_temp(&self, bytes: &[u8]) -> io::Result<()> {
         let mut temp = OpenOptions::new()
             .write(true)
             .create(true)
@@ -381,11 +405,50 @@ impl StatePaths {
             .open(&self.temp)?;
         temp.write_all(bytes)?;
         // fdatasync: the data and the size needed to read it back; the rename and the
-        // directory's fsync below make the new name durable.
-        temp.sync_data()?;
-        drop(temp);
-        fs::rename(&self.temp, &self.file)?;
-        File::open(&self.dir)?.sync_all()
+        // directory's fsync after it make the new name durable.
+        temp.sync_data()
+    }
+}
+
+/// A write of the state file or the journal that failed, and what it may have left on disk.
+#[derive(Debug)]
+struct WriteFailure {
+    message: String,
+    left: Left,
+    /// The file system is full (or over quota): a start-up goes on without writing.
+    no_space: bool,
+}
+
+/// What a failed write may have left on disk besides the acknowledged state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Left {
+    /// Nothing: the disk holds what it held before.
+    Nothing,
+    /// A journal record after the last acknowledged one, whose write or sync failed: it may
+    /// have reached the disk, valid, and would be replayed at the next start.
+    JournalRecord,
+    /// The new state file, renamed into place, whose directory sync failed: after a crash
+    /// either the old file or the new one is there.
+    StateFile,
+}
+
+impl WriteFailure {
+    fn io(context: String, error: &io::Error, left: Left) -> Self {
+        let no_space = matches!(error.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT));
+        WriteFailure {
+            message: format!("{context}: {error}"),
+            left,
+            no_space,
+        }
+    }
+
+    /// The state could not be encoded; nothing was written.
+    fn encoding(message: String) -> Self {
+        WriteFailure {
+            message,
+            left: Left::Nothing,
+            no_space: false,
+        }
     }
 }
 
@@ -457,6 +520,10 @@ struct Writer {
     journal: Option<Journal>,
     /// The journal is on (it may not be open yet at start-up).
     journal_wanted: bool,
+    /// A rewrite of the state file replaced it but could not sync the directory: which journal
+    /// epoch survives a crash is unknown, so no journal record is written until a rewrite of the
+    /// state file succeeds (every batch rewrites it meanwhile).
+    rewrite_pending: bool,
     /// The journal epoch the state file names.
     epoch: u64,
     /// When the first record after the last rewrite of the state file was written.
@@ -569,21 +636,23 @@ impl Writer {
             Ok(()) => self.last_compaction_failure = None,
             Err(e) => {
                 // The journal still holds every record; this is retried.
-                warn!("cannot rewrite the state file yet: {e}");
+                warn!("cannot rewrite the state file yet: {}", e.message);
                 self.last_compaction_failure = Some(std::time::Instant::now());
             }
         }
     }
 
     /// Opens or creates the journal and rewrites the state file to absorb what it replayed.
-    /// With a usable journal a failed rewrite is not fatal (a full disk must not stop the start):
-    /// the journal goes on after its records and the rewrite is retried.
+    /// A full disk does not stop the start: what was loaded is on disk already, the server
+    /// serves it, and changes are refused with 503 until a write succeeds. With a usable journal
+    /// the journal goes on after its records and the rewrite is retried; without room for a new
+    /// journal the server goes on without one.
     fn start(&mut self, loaded: &Loaded, journal_bytes: u64) -> Result<(), String> {
         let journal_path = self.paths.journal.clone();
         let in_journal = |e: io::Error| format!("{}: {e}", journal_path.display());
         if journal_bytes == 0 {
             if !loaded.file_exists || !loaded.records.is_empty() {
-                self.compact()?;
+                self.compact_at_start()?;
             }
             return Ok(());
         }
@@ -597,7 +666,8 @@ impl Writer {
                 self.journal = Some(journal);
                 if let Err(e) = self.compact() {
                     warn!(
-                        "cannot rewrite the state file at start-up, going on with the journal: {e}"
+                        "cannot rewrite the state file at start-up, going on with the journal: {}",
+                        e.message
                     );
                     self.last_compaction_failure = Some(std::time::Instant::now());
                     self.journal_since = Some(std::time::Instant::now());
@@ -606,24 +676,52 @@ impl Writer {
             None => {
                 // Nothing to go on from: the state file must hold everything before a new
                 // journal replaces the old one.
-                self.compact()?;
-                self.journal = Some(
-                    Journal::create(&journal_path, journal_bytes, self.epoch)
-                        .map_err(in_journal)?,
-                );
+                if !self.compact_at_start()? {
+                    warn!(
+                        "going on without the journal {} (LOCKER_JOURNAL_BYTES={journal_bytes}): \
+                         every change rewrites the state file",
+                        journal_path.display()
+                    );
+                    return Ok(());
+                }
+                match Journal::create(&journal_path, journal_bytes, self.epoch) {
+                    Ok(journal) => self.journal = Some(journal),
+                    Err(e) => warn!(
+                        "cannot create the journal ({}), going on without it \
+                         (LOCKER_JOURNAL_BYTES={journal_bytes}): every change rewrites the state file",
+                        in_journal(e)
+                    ),
+                }
             }
         }
         Ok(())
     }
 
+    /// Rewrites the state file at start-up; `Ok(false)` when a full disk (or a directory that
+    /// could not be synced) prevented it, which does not stop the start.
+    fn compact_at_start(&mut self) -> Result<bool, String> {
+        match self.compact() {
+            Ok(()) => Ok(true),
+            Err(e) if e.no_space || e.left == Left::StateFile => {
+                warn!(
+                    "cannot rewrite the state file at start-up ({}); serving what it holds, \
+                     changes are refused until it can be written",
+                    e.message
+                );
+                Ok(false)
+            }
+            Err(e) => Err(e.message),
+        }
+    }
+
     /// Rewrites the state file with the working table in a new journal epoch: from now on the
     /// journal's older records no longer count.
-    fn compact(&mut self) -> Result<(), String> {
+    fn compact(&mut self) -> Result<(), WriteFailure> {
         let encoder = match &self.encoder {
             Some(encoder) => encoder,
             None => self
                 .encoder
-                .insert(state_file::Encoder::new(&self.working)?),
+                .insert(state_file::Encoder::new(&self.working).map_err(WriteFailure::encoding)?),
         };
         // With the journal off, a stale journal beside the file must not match it either.
         let epoch = if self.journal_wanted || self.paths.journal.exists() {
@@ -632,9 +730,15 @@ impl Writer {
             0
         };
         let bytes = encoder.render(self.working.next_generation(), epoch);
-        self.paths
-            .write_atomically(&bytes)
-            .map_err(|e| format!("writing {}: {e}", self.paths.file.display()))?;
+        if let Err(failure) = self.paths.write_atomically(&bytes) {
+            if failure.left == Left::StateFile {
+                // The file names `epoch` now, but after a crash it may be the old one.
+                self.epoch = epoch;
+                self.rewrite_pending = true;
+            }
+            return Err(failure);
+        }
+        self.rewrite_pending = false;
         self.epoch = epoch;
         if let Some(journal) = &mut self.journal {
             journal.start_epoch(epoch);
@@ -713,22 +817,27 @@ impl Writer {
         }
     }
 
-    fn persist(&mut self, batch: &Batch) -> Result<(), String> {
+    fn persist(&mut self, batch: &Batch) -> Result<(), WriteFailure> {
         let touched = batch.touched();
         let encoder = match &mut self.encoder {
             Some(encoder) => {
-                encoder.update(&self.working, &touched)?;
+                encoder
+                    .update(&self.working, &touched)
+                    .map_err(WriteFailure::encoding)?;
                 encoder
             }
             None => self
                 .encoder
-                .insert(state_file::Encoder::new(&self.working)?),
+                .insert(state_file::Encoder::new(&self.working).map_err(WriteFailure::encoding)?),
         };
-        if let Some(journal) = &mut self.journal {
-            let record = encoder.record(&touched, self.working.next_generation())?;
-            let appended = journal
-                .append(&record)
-                .map_err(|e| format!("writing {}: {e}", self.paths.journal.display()))?;
+        if let Some(journal) = self.journal.as_mut().filter(|_| !self.rewrite_pending) {
+            let record = encoder
+                .record(&touched, self.working.next_generation())
+                .map_err(WriteFailure::encoding)?;
+            let appended = journal.append(&record).map_err(|e| {
+                let journal = self.paths.journal.display();
+                WriteFailure::io(format!("writing {journal}"), &e, Left::JournalRecord)
+            })?;
             if appended {
                 self.journal_since
                     .get_or_insert_with(std::time::Instant::now);
@@ -785,7 +894,8 @@ impl Writer {
         }
     }
 
-    fn roll_back(&mut self, batch: Batch, reason: String) {
+    fn roll_back(&mut self, batch: Batch, failure: WriteFailure) {
+        let reason = failure.message;
         error!("{reason}; {} operation(s) refused", batch.replies.len());
         self.working = self.committed.read().clone();
         let restored = match &mut self.encoder {
@@ -796,6 +906,7 @@ impl Writer {
             // Rebuilt in full by the next write.
             self.encoder = None;
         }
+        self.undo(failure.left);
         self.last_failure = Some(std::time::Instant::now());
         for id in &batch.queued {
             self.waiters.remove(id);
@@ -810,6 +921,46 @@ impl Writer {
                 .into_iter()
                 .filter(|op| matches!(op, Op::Cancel { .. } | Op::Revoke(_))),
         );
+    }
+}
+
+impl Writer {
+    /// After a failed write that may have left the refused batch on disk, makes the disk hold
+    /// the acknowledged state again, before the refusal is sent: a change refused with 503 must
+    /// not come back after a crash. A journal record is erased in place (no new space needed);
+    /// otherwise, or if that fails, the state file is rewritten from the rolled-back table.
+    ///
+    /// When neither works the disk is failing and the server cannot say what it holds: it stops
+    /// without answering, so those clients learn nothing false (their connection closes), and
+    /// the next start reads whatever the disk kept, as after any crash.
+    fn undo(&mut self, left: Left) {
+        let erased = match (left, &mut self.journal) {
+            (Left::Nothing, _) => return,
+            (Left::JournalRecord, Some(journal)) => match journal.erase_unacknowledged() {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!(
+                        "cannot erase the refused journal record ({e}); rewriting the state file"
+                    );
+                    false
+                }
+            },
+            _ => false,
+        };
+        if erased {
+            return;
+        }
+        match self.compact() {
+            Ok(()) => info!("rewrote the state file without the refused change"),
+            Err(e) => {
+                error!(
+                    "cannot undo a refused write on disk ({}): stopping without answering, \
+                     so that no refused change can pass for an acknowledged one",
+                    e.message
+                );
+                std::process::exit(1);
+            }
+        }
     }
 }
 

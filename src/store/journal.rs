@@ -84,6 +84,15 @@ impl Journal {
         Ok(true)
     }
 
+    /// Overwrites, durably, the header of the record whose `append` failed, so that it is never
+    /// replayed: its write may have reached the disk although its sync failed, and the change it
+    /// holds was refused. (Zeroes end the replay, like the end of the journal.)
+    pub fn erase_unacknowledged(&mut self) -> io::Result<()> {
+        let room = self.capacity.saturating_sub(self.end).min(HEADER as u64) as usize;
+        self.file.write_all_at(&[0u8; HEADER][..room], self.end)?;
+        self.file.sync_data()
+    }
+
     /// Starts a new epoch after the state file was rewritten: older records no longer count.
     pub fn start_epoch(&mut self, epoch: u64) {
         self.epoch = epoch;
@@ -270,6 +279,31 @@ mod tests {
         bytes[2 * HEADER + 4 + 2] ^= 0xff;
         std::fs::write(&path, &bytes).expect("write");
         assert_eq!(read_epoch(dir.path(), 3), vec![b"kept".to_vec()]);
+    }
+
+    #[test]
+    fn an_erased_record_is_not_replayed_and_the_next_one_takes_its_place() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut j = journal(dir.path(), 4);
+        assert!(j.append(b"kept").expect("append"));
+        // What a record whose sync failed looks like on disk: written in full, not counted.
+        let path = dir.path().join("j");
+        let refused = encode_record(4, 2, b"refused").expect("encodes");
+        let at = j.used();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("open")
+            .write_all_at(&refused, at)
+            .expect("write");
+        assert_eq!(read_epoch(dir.path(), 4).len(), 2, "the record is readable");
+        j.erase_unacknowledged().expect("erase");
+        assert_eq!(read_epoch(dir.path(), 4), vec![b"kept".to_vec()]);
+        assert!(j.append(b"next").expect("append"));
+        assert_eq!(
+            read_epoch(dir.path(), 4),
+            vec![b"kept".to_vec(), b"next".to_vec()]
+        );
     }
 
     #[test]

@@ -1,0 +1,142 @@
+//! Disk faults in the middle of a write, injected into the real binary with libfiu (Debian's
+//! `fiu-utils`: `fiu-run` preloads its POSIX wrappers, `fiu-ctrl` makes the next `fsync` or
+//! `fdatasync` fail once with EIO). What each test checks: a change refused with 503 never comes
+//! back after a crash, and an acknowledged one is never lost.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::Server;
+use serde_json::json;
+
+const FIU_RUN: &str = "/usr/bin/fiu-run";
+const FIU_CTRL: &str = "/usr/bin/fiu-ctrl";
+
+/// The server under `fiu-run`, with remote control through FIFOs under `dir`.
+fn server_with_faults(dir: &Path, journal_bytes: &str) -> Server {
+    for tool in [FIU_RUN, FIU_CTRL] {
+        assert!(
+            Path::new(tool).exists(),
+            "{tool} is missing: install Debian's fiu-utils (ci/scripts/run-tests does)"
+        );
+    }
+    common::server()
+        .binary(FIU_RUN)
+        .arg("-x")
+        .arg("-f")
+        .arg(fifo_prefix(dir).display().to_string())
+        .arg(common::locker_binary().display().to_string())
+        .state_file(dir.join("locker.yml"))
+        .env("LOCKER_JOURNAL_BYTES", journal_bytes)
+        .start()
+}
+
+fn fifo_prefix(dir: &Path) -> std::path::PathBuf {
+    dir.join("fiu")
+}
+
+/// Makes the next call of `function` (`fsync` or `fdatasync`) in the server fail with EIO.
+fn fail_next(dir: &Path, server: &Server, function: &str) {
+    let command = format!("enable name=posix/io/sync/{function},failnum=1,failinfo=5,onetime");
+    let output = Command::new(FIU_CTRL)
+        .arg("-f")
+        .arg(fifo_prefix(dir))
+        .args(["-c", &command])
+        .arg(server.pid().to_string())
+        .output()
+        .expect("run fiu-ctrl");
+    assert!(
+        output.status.success(),
+        "fiu-ctrl failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn state_text(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("locker.yml")).expect("state file")
+}
+
+/// Polls (every 20 ms, up to 10 s) until `condition` holds.
+fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn without_the_journal_a_refused_rewrite_is_undone_on_disk_before_the_503() {
+    let dir = common::temp_dir();
+    let server = server_with_faults(dir.path(), "0");
+    assert_eq!(server.lock("kept", json!({"key": "k"})).status, 200);
+
+    // The new file is renamed into place, then the directory's fsync fails.
+    fail_next(dir.path(), &server, "fsync");
+    let refused = server.lock("refused", json!({"key": "k"}));
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    let text = state_text(dir.path());
+    assert!(
+        !text.contains("refused"),
+        "the refused change is on disk: {text}"
+    );
+    assert!(text.contains("kept"), "{text}");
+
+    let server = server.restart();
+    let locks = server.locks();
+    assert_eq!(locks["kept"]["key"], "k", "{locks}");
+    assert!(
+        locks.get("refused").is_none(),
+        "a refused lock came back: {locks}"
+    );
+    assert_eq!(server.lock("refused", json!({"key": "other"})).status, 200);
+}
+
+#[test]
+fn with_the_journal_a_record_whose_sync_failed_is_not_replayed_after_a_crash() {
+    let dir = common::temp_dir();
+    let server = server_with_faults(dir.path(), "65536");
+    assert_eq!(server.lock("kept", json!({"key": "k"})).status, 200);
+    // The state file absorbs the journal a second later; past that, the only sync a lock
+    // makes is its journal record's fdatasync.
+    wait_until("the state file holds the first lock", || {
+        state_text(dir.path()).contains("kept")
+    });
+
+    fail_next(dir.path(), &server, "fdatasync");
+    let refused = server.lock("refused", json!({"key": "k"}));
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert!(server.locks().get("refused").is_none());
+
+    let server = server.restart();
+    let locks = server.locks();
+    assert_eq!(locks["kept"]["key"], "k", "{locks}");
+    assert!(
+        locks.get("refused").is_none(),
+        "a refused lock came back: {locks}"
+    );
+}
+
+#[test]
+fn with_the_journal_a_rewrite_whose_directory_sync_failed_loses_no_later_change() {
+    let dir = common::temp_dir();
+    let server = server_with_faults(dir.path(), "65536");
+    // The next fsync is the directory's, after the rewrite that absorbs this lock's record.
+    fail_next(dir.path(), &server, "fsync");
+    assert_eq!(server.lock("first", json!({"key": "k"})).status, 200);
+    wait_until("the rewrite of the state file failed", || {
+        server.log().contains("cannot rewrite the state file yet")
+    });
+
+    assert_eq!(server.lock("later", json!({"key": "k"})).status, 200);
+    let server = server.restart();
+    let locks = server.locks();
+    assert_eq!(locks["first"]["key"], "k", "{locks}");
+    assert_eq!(
+        locks["later"]["key"], "k",
+        "an acknowledged lock was lost: {locks}"
+    );
+}
