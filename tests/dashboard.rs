@@ -295,3 +295,195 @@ fn dashboard_assets_are_served_with_a_strict_content_security_policy() {
     let guarded = common::server().auth("u", "p").start();
     assert_eq!(common::call("GET", &guarded.url("/"), None).status, 401);
 }
+
+/// Basic-auth credentials of the servers below, with characters that must be percent-encoded
+/// in a URL's userinfo.
+const USER: &str = "dash-user";
+const PASS: &str = "p@ss:w rd";
+
+/// `user:pass@` for a URL, percent-encoded.
+fn userinfo() -> String {
+    use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+    let encode = |text| utf8_percent_encode(text, NON_ALPHANUMERIC);
+    format!("{}:{}@", encode(USER), encode(PASS))
+}
+
+/// An authenticated request from the test (not the browser) to `server`.
+fn authed(
+    server: &common::Server,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> common::Reply {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+    let mut request = common::client()
+        .request(method, server.url(path))
+        .basic_auth(USER, Some(PASS));
+    if let Some(body) = body {
+        request = request.body(body.to_string());
+    }
+    let response = request.send().expect("request sent");
+    common::Reply {
+        status: response.status().as_u16(),
+        reason: response.status().to_string(),
+        headers: response.headers().clone(),
+        body: response.text().expect("body"),
+    }
+}
+
+/// A server behind basic auth holding one lock with build info and one without any.
+fn guarded_server_with_two_locks() -> common::Server {
+    let server = common::server().auth(USER, PASS).start();
+    let info = json!({"team": "main", "pipeline": "deploy", "job": "prod", "build": "7"});
+    for (name, body) in [
+        (
+            "with-info",
+            json!({"key": "k1", "requestor": "prod-job", "info": info}),
+        ),
+        ("without-info", json!({"key": "k2"})),
+    ] {
+        let reply = authed(&server, "PUT", &format!("/lock/{name}"), Some(body));
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+    server
+}
+
+/// Opens the dashboard at `page` (a URL with credentials in it): both locks of
+/// [`guarded_server_with_two_locks`] show with no error, and a force release from the page
+/// releases one on the server.
+async fn dashboard_lists_and_releases_at(page: &str, server: &common::Server) {
+    let driver = Driver::start();
+    let profile = common::temp_dir();
+    let client = browser(&driver, profile.path()).await;
+    client.goto(page).await.expect("open dashboard");
+
+    let mut rows = shown_rows(&client, |r| r.len() == 2).await;
+    rows.sort();
+    let state: serde_json::Value = client
+        .execute(
+            "const error = document.getElementById('error'); \
+             const holder = (n) => document.querySelector(`tr[data-lock=\"${n}\"] td[data-label=\"Holder\"]`); \
+             return {hidden: error.hidden, error: error.textContent, \
+                     withInfo: holder('with-info') && holder('with-info').textContent, \
+                     withoutInfo: holder('without-info') && holder('without-info').textContent, \
+                     locksLink: document.querySelector('footer a').href};",
+            vec![],
+        )
+        .await
+        .expect("read page");
+    assert_eq!(rows, ["with-info", "without-info"], "page: {state}");
+    assert_eq!(state["hidden"], true, "error banner: {}", state["error"]);
+    assert_eq!(state["withInfo"], "main / deploy / prod / 7");
+    assert_eq!(state["withoutInfo"], "—");
+    // The footer's link to GET /locks stays under the page's own path.
+    let page_dir = page.rsplit_once('/').expect("page path").0;
+    assert_eq!(state["locksLink"], format!("{page_dir}/locks"));
+
+    row_button(&client, "without-info", "force")
+        .await
+        .click()
+        .await
+        .expect("click");
+    row_button(&client, "without-info", "confirm")
+        .await
+        .click()
+        .await
+        .expect("confirm");
+    let after = shown_rows(&client, |r| r == ["with-info"]).await;
+    let error: serde_json::Value = client
+        .execute(
+            "return document.getElementById('error').textContent",
+            vec![],
+        )
+        .await
+        .expect("error text");
+    assert_eq!(after, ["with-info"], "error banner: {error}");
+    let locks = blocking(|| authed(server, "GET", "/locks", None));
+    assert_eq!(locks.status, 200, "{}", locks.body);
+    let names: Vec<String> = locks
+        .json()
+        .as_object()
+        .expect("locks")
+        .keys()
+        .cloned()
+        .collect();
+    assert_eq!(names, ["with-info"], "released on the server");
+    client.close().await.expect("close browser");
+}
+
+/// A bookmark with credentials (`http://user:pass@host/`): fetch refuses any URL with
+/// userinfo, which a relative URL inherits from such a page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_works_opened_with_credentials_in_the_url() {
+    let server = blocking(guarded_server_with_two_locks);
+    let page = server
+        .base
+        .replacen("http://", &format!("http://{}", userinfo()), 1)
+        + "/";
+    dashboard_lists_and_releases_at(&page, &server).await;
+    blocking(move || drop(server));
+}
+
+/// Behind a reverse proxy that serves the server under `/locker/` (and credentials in the
+/// URL too): every request of the page must stay under that prefix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_works_under_a_reverse_proxy_path_prefix() {
+    let server = blocking(guarded_server_with_two_locks);
+    let upstream = server
+        .base
+        .strip_prefix("http://")
+        .expect("http")
+        .to_string();
+    let port = prefix_proxy(upstream, "/locker").await;
+    let page = format!("http://{}127.0.0.1:{port}/locker/", userinfo());
+    dashboard_lists_and_releases_at(&page, &server).await;
+    blocking(move || drop(server));
+}
+
+/// A reverse proxy on a free loopback port: `{prefix}/x` goes to `upstream` as `/x`, anything
+/// else is a 404. It asks both sides to close after one exchange, so it only ever rewrites a
+/// request's first line and then copies bytes both ways.
+async fn prefix_proxy(upstream: String, prefix: &'static str) -> u16 {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind proxy");
+    let port = listener.local_addr().expect("proxy address").port();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                let mut browser = BufReader::new(socket);
+                let mut head = String::new();
+                browser.read_line(&mut head).await.ok()?;
+                let mut parts = head.split(' ');
+                let (method, target) = (parts.next()?, parts.next()?);
+                let Some(path) = target.strip_prefix(prefix).filter(|p| p.starts_with('/')) else {
+                    let refusal =
+                        "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+                    return browser.write_all(refusal.as_bytes()).await.ok();
+                };
+                let mut request = format!("{method} {path} HTTP/1.1\r\nconnection: close\r\n");
+                loop {
+                    let mut line = String::new();
+                    if browser.read_line(&mut line).await.ok()? == 0 {
+                        return None;
+                    }
+                    if !line.to_ascii_lowercase().starts_with("connection:") {
+                        request.push_str(&line);
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                }
+                let mut server = tokio::net::TcpStream::connect(&upstream).await.ok()?;
+                server.write_all(request.as_bytes()).await.ok()?;
+                tokio::io::copy_bidirectional(&mut browser, &mut server)
+                    .await
+                    .ok()?;
+                Some(())
+            });
+        }
+    });
+    port
+}

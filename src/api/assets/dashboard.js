@@ -4,6 +4,19 @@
 "use strict";
 
 const REFRESH_MS = 2000;
+
+// Every request goes to a URL built from the page's own, so the dashboard also works under a
+// reverse proxy's path prefix (https://ci.example.com/locker/ → the server's /). The userinfo of
+// a page opened as http://user:pass@host/ is removed: fetch refuses URLs with credentials (and
+// a relative URL inherits them from the document's). The browser still authenticates these
+// same-origin requests with the credentials it cached when it loaded the page.
+function api(path) {
+  const base = new URL(".", window.location.href);
+  base.username = "";
+  base.password = "";
+  return new URL(path, base);
+}
+
 let locks = {};
 let confirming = null; // name of the lock whose force release awaits confirmation
 
@@ -43,6 +56,13 @@ function safeUrl(value) {
   } catch (_) {
     return null;
   }
+}
+
+// A holding's info fields. Servers may send an empty info as [] rather than {}: anything but
+// an object counts as no info.
+function infoOf(lock) {
+  const info = lock.info;
+  return info && typeof info === "object" && !Array.isArray(info) ? info : {};
 }
 
 const BUILD_FIELDS = ["team", "pipeline", "job", "build", "build_name"];
@@ -111,7 +131,7 @@ function allRequestors(lock) {
 function matches(name, lock, filter) {
   if (!filter) return true;
   const haystack = [name, ...holders(lock).map((h) => h.key), ...Object.keys(allRequestors(lock)),
-    ...Object.values(lock.info || {})]
+    ...Object.values(infoOf(lock))]
     .join("\n").toLowerCase();
   return haystack.includes(filter);
 }
@@ -134,7 +154,7 @@ function render() {
       cell("Lock", name),
       keyCell(lock),
       requestorsCell(allRequestors(lock)),
-      holderCell(lock.info || {}),
+      holderCell(infoOf(lock)),
       cell("Held for", held),
       cell("TTL left", ttl),
       cell("Generation", lock.generation),
@@ -159,7 +179,7 @@ function showError(message) {
 
 async function refresh() {
   try {
-    const response = await fetch("/locks", { credentials: "same-origin", cache: "no-store" });
+    const response = await fetch(api("locks"), { credentials: "same-origin", cache: "no-store" });
     if (!response.ok) throw new Error("GET /locks answered " + response.status);
     locks = await response.json();
     if (confirming !== null && !(confirming in locks)) confirming = null;
@@ -173,7 +193,7 @@ async function refresh() {
 async function forceRelease(name) {
   confirming = null;
   try {
-    const response = await fetch("/lock/" + encodeURIComponent(name) + "?force=true", {
+    const response = await fetch(api("lock/" + encodeURIComponent(name) + "?force=true"), {
       method: "DELETE",
       credentials: "same-origin",
     });
