@@ -476,3 +476,40 @@ fn on_a_full_disk_the_journal_keeps_acknowledged_locks_then_refuses_with_503_and
         assert_eq!(locks[name]["key"], "k", "{name}: {locks}");
     }
 }
+
+#[test]
+fn a_symlink_planted_at_the_temp_file_path_is_not_followed() {
+    let server = Server::start();
+    let dir = server.state_file.parent().expect("dir").to_path_buf();
+    let victim = dir.join("victim");
+    std::fs::write(&victim, "precious").expect("write");
+    // Planted after start-up (which removes a stale temp file): the next write creates it.
+    std::os::unix::fs::symlink(&victim, dir.join(".locker.yml.locker-tmp")).expect("symlink");
+    assert_eq!(server.lock("planted", json!({"key": "k"})).status, 200);
+    assert_eq!(
+        std::fs::read_to_string(&victim).expect("victim"),
+        "precious"
+    );
+    let text = std::fs::read_to_string(&server.state_file).expect("state");
+    assert!(text.contains("planted"), "{text}");
+}
+
+#[test]
+fn a_symlinked_state_file_stays_a_link_and_its_target_is_updated() {
+    let dir = common::temp_dir();
+    let disk = dir.path().join("persistent-disk");
+    std::fs::create_dir(&disk).expect("dir");
+    let target = disk.join("locker.yml");
+    std::fs::write(&target, "").expect("write");
+    let link = dir.path().join("locker.yml");
+    std::os::unix::fs::symlink(&target, &link).expect("symlink");
+
+    let server = common::server().state_file(&link).start();
+    assert_eq!(server.lock("linked", json!({"key": "k"})).status, 200);
+    let meta = std::fs::symlink_metadata(&link).expect("link");
+    assert!(meta.file_type().is_symlink(), "the link was replaced");
+    let text = std::fs::read_to_string(&target).expect("target");
+    assert!(text.contains("linked"), "{text}");
+    let server = server.restart();
+    assert_eq!(server.locks()["linked"]["key"], "k");
+}

@@ -14,9 +14,8 @@
 //! left on disk before the refusal is sent.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -336,6 +335,7 @@ struct StatePaths {
 
 impl StatePaths {
     fn new(file: &Path) -> Result<Self, String> {
+        let file = &resolve_link(file)?;
         let name = file
             .file_name()
             .ok_or_else(|| format!("state file path {} names no file", file.display()))?;
@@ -397,12 +397,7 @@ impl StatePaths {
     }
 
     fn write_temp(&self, bytes: &[u8]) -> io::Result<()> {
-        let mut temp = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&self.temp)?;
+        let mut temp = super::temp_file::create_private(&self.temp)?;
         temp.write_all(bytes)?;
         // fdatasync: the data and the size needed to read it back; the rename and the
         // directory's fsync after it make the new name durable.
@@ -450,6 +445,28 @@ impl WriteFailure {
             no_space: false,
         }
     }
+}
+
+/// The file a symlinked state file points to (resolved once, at start-up), so that writes
+/// replace the link's target beside it rather than the link itself: BOSH and container setups
+/// often link `LOCKER_CONFIG` onto a persistent disk. Anything else is returned as it is.
+fn resolve_link(file: &Path) -> Result<PathBuf, String> {
+    let is_link = fs::symlink_metadata(file).is_ok_and(|m| m.file_type().is_symlink());
+    if !is_link {
+        return Ok(file.to_path_buf());
+    }
+    let target = fs::canonicalize(file).map_err(|e| {
+        format!(
+            "{}: a symbolic link whose target cannot be resolved: {e}",
+            file.display()
+        )
+    })?;
+    info!(
+        "state file {} is a link to {}: writing there",
+        file.display(),
+        target.display()
+    );
+    Ok(target)
 }
 
 /// What start-up found: the table with the journal's records applied.

@@ -12,7 +12,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// Bytes before each record's payload.
@@ -175,13 +175,7 @@ fn preallocate(path: &Path, capacity: u64) -> io::Result<File> {
     temp_name.push(".locker-tmp");
     let temp = PathBuf::from(temp_name);
     let result = (|| {
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temp)?;
+        let mut file = super::temp_file::create_private(&temp)?;
         let zeroes = vec![0u8; 1 << 20];
         let mut left = capacity;
         while left > 0 {

@@ -7,6 +7,7 @@ pub mod etcd;
 pub mod file;
 pub mod journal;
 pub mod state_file;
+mod temp_file;
 
 use std::time::Duration;
 
