@@ -9,7 +9,6 @@ use clap::{ArgAction, Parser};
 
 use crate::auth::Credentials;
 use crate::reclaim::{ConcourseAuth, ReclaimSettings};
-use crate::store::etcd::EtcdConnection;
 use crate::timefmt::parse_duration;
 
 /// A lock server for Concourse pipelines: HTTP locks with reentrancy counts, FIFO waiting,
@@ -180,7 +179,10 @@ impl Settings {
     /// neither. The TLS files themselves are read by [`crate::tls`].
     pub fn from_args(args: Args) -> Result<Self, String> {
         let etcd = match args.store {
-            StoreKind::Etcd => Some(etcd_connection(&args)?),
+            StoreKind::Etcd => {
+                require_etcd_backend("LOCKER_STORE=etcd")?;
+                Some(etcd_connection(&args)?)
+            }
             StoreKind::File => None,
         };
         let credentials = match (non_empty(args.auth_user), non_empty(args.auth_pass)) {
@@ -276,6 +278,39 @@ fn reclaim_settings(
         auth,
         interval,
     }))
+}
+
+/// How to reach etcd (LOCKER_ETCD_*). Plain data, known in every build so that the flags parse
+/// the same with or without the `etcd` feature; only the etcd backend (`store::etcd`) uses it.
+#[derive(Clone, Debug, Default)]
+pub struct EtcdConnection {
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+    pub user: Option<(String, String)>,
+    pub ca: Option<PathBuf>,
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+/// Whether this binary was built with the etcd backend (the `etcd` cargo feature).
+pub const HAS_ETCD_BACKEND: bool = cfg!(feature = "etcd");
+
+/// Refuses `what` (`LOCKER_STORE=etcd`, `locker import`, ...) in a build without the etcd
+/// backend.
+pub fn require_etcd_backend(what: &str) -> Result<(), String> {
+    if HAS_ETCD_BACKEND {
+        Ok(())
+    } else {
+        Err(no_etcd_backend(what))
+    }
+}
+
+/// Why `what` cannot run in a build without the etcd backend, and the fix, in one line.
+pub fn no_etcd_backend(what: &str) -> String {
+    format!(
+        "{what} needs the etcd backend, and this locker was built without it: build it with \
+         `cargo build --release --features etcd` (needs protoc; see README \"Building with the \
+         etcd backend\")"
+    )
 }
 
 /// The etcd settings, checked: endpoints given, user and password together, cert and key
@@ -392,6 +427,18 @@ mod tests {
     }
 
     #[test]
+    #[cfg(not(feature = "etcd"))]
+    fn etcd_store_is_refused_without_the_feature() {
+        let error = parse(&["--store", "etcd", "--etcd-endpoints", "e:2379"])
+            .expect_err("built without the etcd backend");
+        assert!(
+            error.contains("built without") && error.contains("--features etcd"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    #[cfg(feature = "etcd")]
     fn etcd_settings_are_checked() {
         assert!(parse(&[]).expect("defaults").etcd.is_none());
         let error = parse(&["--store", "etcd"]).expect_err("no endpoints");

@@ -4,7 +4,7 @@
 //! - [`rules`]: the lock rules (acquire, release, counts, queues, slots, leases). Pure, no I/O.
 //! - [`store`]: the [`store::LockStore`] interface and its backends; [`store::file`] keeps the
 //!   state in a YAML file and its journal ([`store::journal`]) with group-committed, fsynced
-//!   writes.
+//!   writes; `store::etcd` (with the `etcd` feature) shares it between servers through etcd.
 //! - [`api`]: HTTP routes and thin handlers; [`auth`] basic auth; [`tls`] rustls set-up.
 //! - [`config`]: flags and environment variables, checked once into [`config::Settings`].
 //! - [`server`]: wires it together and shuts down cleanly.

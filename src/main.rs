@@ -10,7 +10,6 @@ use locker::config::{Args, Command, Settings};
 use locker::metrics::Metrics;
 use locker::server;
 use locker::store::LockStore;
-use locker::store::etcd::{EtcdStore, EtcdStoreOptions, migrate};
 use locker::store::file::{FileStore, FileStoreOptions};
 
 /// jemalloc rather than glibc's malloc: a waiting request's fixed 8 KiB connection buffers stay
@@ -56,20 +55,7 @@ fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
     let metrics = Arc::new(Metrics::new());
     let store: Arc<dyn LockStore> = match &settings.etcd {
-        Some(connection) => {
-            let store = EtcdStore::open(EtcdStoreOptions {
-                connection: connection.clone(),
-                max_waiters: settings.max_waiters,
-                metrics: metrics.clone(),
-            })?;
-            info!(
-                "locks in etcd at {} under {:?}; {}",
-                connection.endpoints.join(","),
-                connection.prefix,
-                server::auth_summary(settings.credentials.as_ref())
-            );
-            Arc::new(store)
-        }
+        Some(connection) => etcd::open(connection, &settings, &metrics)?,
         None => {
             let store = FileStore::open(FileStoreOptions {
                 path: settings.state_file.clone(),
@@ -101,14 +87,79 @@ fn run(args: Args) -> Result<(), String> {
 fn run_command(args: &Args, command: Command) -> Result<(), String> {
     let summary = match command {
         Command::Import { file, replace } => {
+            locker::config::require_etcd_backend("`locker import`")?;
             let connection = locker::config::etcd_connection(args)?;
-            migrate::import_file(&connection, &file, replace)?
+            etcd::import_file(&connection, &file, replace)?
         }
         Command::Export { file } => {
+            locker::config::require_etcd_backend("`locker export`")?;
             let connection = locker::config::etcd_connection(args)?;
-            migrate::export_file(&connection, &file)?
+            etcd::export_file(&connection, &file)?
         }
     };
     eprintln!("locker: {summary}");
     Ok(())
+}
+
+/// The etcd backend (the `etcd` feature): opening the store, `locker import` and `export`.
+#[cfg(feature = "etcd")]
+mod etcd {
+    use std::sync::Arc;
+
+    use log::info;
+
+    use locker::config::{EtcdConnection, Settings};
+    use locker::metrics::Metrics;
+    use locker::server;
+    use locker::store::LockStore;
+    use locker::store::etcd::{EtcdStore, EtcdStoreOptions};
+
+    pub use locker::store::etcd::migrate::{export_file, import_file};
+
+    pub fn open(
+        connection: &EtcdConnection,
+        settings: &Settings,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Arc<dyn LockStore>, String> {
+        let store = EtcdStore::open(EtcdStoreOptions {
+            connection: connection.clone(),
+            max_waiters: settings.max_waiters,
+            metrics: metrics.clone(),
+        })?;
+        info!(
+            "locks in etcd at {} under {:?}; {}",
+            connection.endpoints.join(","),
+            connection.prefix,
+            server::auth_summary(settings.credentials.as_ref())
+        );
+        Ok(Arc::new(store))
+    }
+}
+
+/// Built without the etcd backend: `LOCKER_STORE=etcd`, `import` and `export` are refused at
+/// start-up (already by [`locker::config`]; these only repeat the refusal).
+#[cfg(not(feature = "etcd"))]
+mod etcd {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use locker::config::{EtcdConnection, Settings, no_etcd_backend};
+    use locker::metrics::Metrics;
+    use locker::store::LockStore;
+
+    pub fn open(
+        _: &EtcdConnection,
+        _: &Settings,
+        _: &Arc<Metrics>,
+    ) -> Result<Arc<dyn LockStore>, String> {
+        Err(no_etcd_backend("LOCKER_STORE=etcd"))
+    }
+
+    pub fn import_file(_: &EtcdConnection, _: &Path, _: bool) -> Result<String, String> {
+        Err(no_etcd_backend("`locker import`"))
+    }
+
+    pub fn export_file(_: &EtcdConnection, _: &Path) -> Result<String, String> {
+        Err(no_etcd_backend("`locker export`"))
+    }
 }

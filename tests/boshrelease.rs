@@ -78,7 +78,7 @@ fn ruby() -> &'static str {
     assert!(
         found,
         "Ruby is missing: the BOSH template tests render ERB with it. Install it \
-         (`apt-get install -y ruby`; .ci/run does this on a fresh machine)."
+         (`apt-get install -y ruby`; ci/scripts/run-tests does this on a fresh machine)."
     );
     "ruby"
 }
@@ -1243,13 +1243,34 @@ fn every_script_is_executable_and_parses() {
 }
 
 #[test]
-fn ci_run_installs_ruby_and_runs_the_test_command() {
+fn ci_run_runs_exactly_the_readme_test_command() {
     let run = read(&repo().join(".ci/run"));
-    assert!(run.contains("command -v ruby"), "{run}");
     assert_eq!(
         run.trim_end().lines().last(),
-        Some("cargo test --workspace --locked")
+        Some(r#"exec "$(dirname "$0")/../ci/scripts/run-tests""#),
+        "{run}"
     );
+    let readme = read(&repo().join("README.md"));
+    assert!(
+        readme.contains("\n    ci/scripts/run-tests\n"),
+        "README lacks the test command"
+    );
+    // It installs (or names) what the tests need, then checks and tests everything.
+    let script = read(&repo().join("ci/scripts/run-tests"));
+    for text in [
+        "set -euo pipefail",
+        "\"ruby|ruby|",
+        "\"protoc|protobuf-compiler|",
+        "\"etcd|etcd-server|",
+        "\"chromedriver|chromium-driver|",
+        "\"fiu-run|fiu-utils|",
+        "apt-get install",
+        "cargo fmt --all -- --check",
+        "cargo clippy --workspace --all-targets --locked --all-features -- -D warnings",
+        "cargo test --workspace --locked --all-features",
+    ] {
+        assert!(script.contains(text), "run-tests lacks {text:?}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -5,6 +5,10 @@
 //! migration between a state file and etcd.
 //!
 //! The tests run one at a time (they share two cores with etcd and the replicas).
+//!
+//! Only with the `etcd` feature (`cargo test --features etcd`, as `ci/scripts/run-tests` does):
+//! without it the server has no etcd backend.
+#![cfg(feature = "etcd")]
 
 mod common;
 

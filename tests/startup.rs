@@ -153,10 +153,62 @@ fn version_and_help_flags() {
         let output = run_to_exit(&[], &[flag]);
         assert!(output.status.success());
         let stdout = String::from_utf8_lossy(&output.stdout);
-        for variable in ["LOCKER_CONFIG", "PORT", "AUTH_USER", "SSL_CERT"] {
+        // The etcd flags are there with or without the `etcd` feature: the help is the same.
+        for variable in [
+            "LOCKER_CONFIG",
+            "PORT",
+            "AUTH_USER",
+            "SSL_CERT",
+            "LOCKER_STORE",
+            "LOCKER_ETCD_ENDPOINTS",
+        ] {
             assert!(
                 stdout.contains(variable),
                 "{flag} lacks {variable}: {stdout}"
+            );
+        }
+    }
+}
+
+/// Built without the `etcd` feature (the default), the etcd backend and the subcommands that
+/// only talk to etcd stop at start-up with one line naming the cause and the fix, before any
+/// other etcd setting is looked at.
+#[test]
+#[cfg(not(feature = "etcd"))]
+fn a_build_without_the_etcd_feature_refuses_the_etcd_backend() {
+    /// Environment, arguments, and what the message names as needing the backend.
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str], &'a str);
+    let endpoints = ("LOCKER_ETCD_ENDPOINTS", "http://127.0.0.1:1");
+    let cases: [Case; 5] = [
+        (
+            &[("LOCKER_STORE", "etcd"), endpoints],
+            &[],
+            "LOCKER_STORE=etcd",
+        ),
+        (&[("LOCKER_STORE", "etcd")], &[], "LOCKER_STORE=etcd"),
+        (&[endpoints], &["--store", "etcd"], "LOCKER_STORE=etcd"),
+        (&[endpoints], &["import", "state.yml"], "`locker import`"),
+        (&[], &["export", "-"], "`locker export`"),
+    ];
+    for (env, args, what) in cases {
+        let output = run_to_exit(env, args);
+        assert!(
+            !output.status.success(),
+            "{env:?} {args:?} should not start"
+        );
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let line = stderr
+            .lines()
+            .find(|l| l.starts_with("locker: "))
+            .unwrap_or_else(|| panic!("{env:?} {args:?}: no `locker: ` line:\n{stderr}"));
+        for text in [
+            what,
+            "this locker was built without it",
+            "cargo build --release --features etcd",
+        ] {
+            assert!(
+                line.contains(text),
+                "{env:?} {args:?}: {line:?} lacks {text:?}"
             );
         }
     }

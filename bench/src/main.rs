@@ -70,7 +70,9 @@ enum Scenario {
         waiters: usize,
     },
     /// The etcd backend: throughput at `clients` clients and hand-offs, through two replicas
-    /// on a 3-member etcd cluster on loopback (Debian's `etcd` binary).
+    /// on a 3-member etcd cluster on loopback (Debian's `etcd` binary). Only with the `etcd`
+    /// feature, and a server built with it (`bench/run` builds both so).
+    #[cfg(feature = "etcd")]
     Etcd {
         #[arg(long, default_value_t = 64)]
         clients: usize,
@@ -103,8 +105,11 @@ fn main() -> Result<(), Error> {
                 throughput(&server, 64, 10_000, 10).await?;
                 handoff(&server, 1000).await?;
                 memory(&server, 10_000, 2_000).await?;
-                etcd(&server, 64, 10, 1000).await
+                #[cfg(feature = "etcd")]
+                etcd(&server, 64, 10, 1000).await?;
+                Ok(())
             }
+            #[cfg(feature = "etcd")]
             Scenario::Etcd {
                 clients,
                 seconds,
@@ -564,12 +569,14 @@ async fn memory(binary: &Path, held: usize, waiters: usize) -> Result<(), Error>
 }
 
 /// A 3-member etcd cluster on loopback ports with temp data dirs; killed when dropped.
+#[cfg(feature = "etcd")]
 struct EtcdCluster {
     members: Vec<Child>,
     endpoints: String,
     _dir: tempfile::TempDir,
 }
 
+#[cfg(feature = "etcd")]
 impl EtcdCluster {
     async fn start() -> Result<EtcdCluster, Error> {
         let dir = tempfile::tempdir()?;
@@ -644,6 +651,7 @@ impl EtcdCluster {
     }
 }
 
+#[cfg(feature = "etcd")]
 impl Drop for EtcdCluster {
     fn drop(&mut self) {
         for member in &mut self.members {
@@ -653,12 +661,14 @@ impl Drop for EtcdCluster {
     }
 }
 
+#[cfg(feature = "etcd")]
 fn free_port() -> Result<u16, Error> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
 }
 
+#[cfg(feature = "etcd")]
 async fn etcd(binary: &Path, clients: usize, seconds: u64, count: usize) -> Result<(), Error> {
     let cluster = EtcdCluster::start().await?;
     let env = [

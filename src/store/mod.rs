@@ -1,8 +1,10 @@
 //! The store: where lock state lives and how mutations become durable.
 //!
 //! [`LockStore`] is the narrow interface the HTTP layer talks to; [`file::FileStore`] keeps the
-//! state in a YAML file with group commit. Handlers never know which backend they have.
+//! state in a YAML file with group commit; `etcd::EtcdStore` (only with the `etcd` feature) in
+//! an etcd cluster shared by several servers. Handlers never know which backend they have.
 
+#[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod file;
 pub mod journal;

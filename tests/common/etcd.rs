@@ -1,5 +1,5 @@
 //! A real etcd cluster on loopback ports with temporary data directories, for the etcd
-//! backend's tests. Needs the `etcd` binary (Debian's `etcd-server`, which `.ci/run` installs).
+//! backend's tests. Needs the `etcd` binary (Debian's `etcd-server`, which `ci/scripts/run-tests` installs).
 //!
 //! Members die with the thread that started them (PR_SET_PDEATHSIG), so a failed or finished
 //! test never leaves an etcd behind; [`shared`] starts its cluster from a thread that lives as
@@ -69,7 +69,7 @@ fn etcd_binary() -> PathBuf {
     }
     panic!(
         "the etcd binary is missing: install Debian's etcd-server \
-         (apt-get install etcd-server), as .ci/run does"
+         (apt-get install etcd-server), as ci/scripts/run-tests does"
     );
 }
 

@@ -6,6 +6,10 @@
 //! `locker` binary beside the test executable's target directory (`cargo test --workspace`
 //! builds it before running any test).
 #![allow(dead_code)]
+// The etcd parts need the server built with the `etcd` feature: they are compiled only with
+// `feature = "etcd"` of the including crate. The resource crate has no such feature (there they
+// are always compiled out), hence no complaint about an unknown feature name.
+#![allow(unexpected_cfgs)]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -107,6 +111,7 @@ impl ServerBuilder {
             .env("SSL_KEY", key.display().to_string())
     }
 
+    #[cfg(feature = "etcd")]
     /// Keeps the locks in this etcd cluster, under a prefix of their own unless one is given
     /// with `.env("LOCKER_ETCD_PREFIX", ..)` (servers sharing a prefix share their locks).
     pub fn etcd(mut self, endpoints: &str) -> Self {
@@ -117,17 +122,31 @@ impl ServerBuilder {
     }
 
     /// Starts the server and waits until it listens.
-    pub fn start(mut self) -> Server {
-        if self
+    pub fn start(self) -> Server {
+        self.with_own_etcd_prefix().launch()
+    }
+
+    /// An etcd server gets a prefix of its own unless one was given. Kept in `env`, so a
+    /// restart finds the same locks.
+    #[cfg(feature = "etcd")]
+    fn with_own_etcd_prefix(self) -> Self {
+        let on_etcd = self
             .env
             .iter()
-            .any(|(n, v)| n == "LOCKER_STORE" && v == "etcd")
-            && !self.env.iter().any(|(n, _)| n == "LOCKER_ETCD_PREFIX")
-        {
-            // Kept in `env`, so a restart finds the same locks.
-            let prefix = etcd::unique_prefix();
-            self = self.env("LOCKER_ETCD_PREFIX", prefix);
+            .any(|(n, v)| n == "LOCKER_STORE" && v == "etcd");
+        if on_etcd && !self.env.iter().any(|(n, _)| n == "LOCKER_ETCD_PREFIX") {
+            self.env("LOCKER_ETCD_PREFIX", etcd::unique_prefix())
+        } else {
+            self
         }
+    }
+
+    #[cfg(not(feature = "etcd"))]
+    fn with_own_etcd_prefix(self) -> Self {
+        self
+    }
+
+    fn launch(self) -> Server {
         let (dir, state_file) = match self.state_file.clone() {
             Some(path) => (None, path),
             None => {
@@ -227,6 +246,7 @@ pub fn server() -> ServerBuilder {
     };
     match backend() {
         Backend::File => builder,
+        #[cfg(feature = "etcd")]
         Backend::Etcd => builder.etcd(&etcd::shared().endpoints()),
     }
 }
@@ -235,6 +255,7 @@ pub fn server() -> ServerBuilder {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
     File,
+    #[cfg(feature = "etcd")]
     Etcd,
 }
 
@@ -255,9 +276,11 @@ pub fn with_backend(backend: Backend, test: fn()) {
 
 /// Runs each named test (a plain `fn()`, usually also a `#[test]` of its own against the file
 /// backend) once more against the etcd backend, as `on_etcd::<name>`: one contract for both.
+/// Only with the `etcd` feature (the server needs it); without, the file tests run alone.
 #[macro_export]
 macro_rules! also_on_etcd {
     ($($test:ident),* $(,)?) => {
+        #[cfg(feature = "etcd")]
         mod on_etcd {
             $(
                 #[test]
@@ -269,6 +292,7 @@ macro_rules! also_on_etcd {
     };
 }
 
+#[cfg(feature = "etcd")]
 pub mod etcd;
 
 impl Server {

@@ -18,8 +18,10 @@
 pub mod codec;
 pub mod migrate;
 
+/// How to reach etcd: checked from the flags by [`crate::config`], which knows it in every build.
+pub use crate::config::EtcdConnection;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
@@ -68,16 +70,6 @@ const PURGE_EVERY: Duration = Duration::from_secs(2);
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 /// Attempts to reach etcd at start-up, one second apart.
 const CONNECT_TRIES: u32 = 5;
-
-/// How to reach etcd.
-#[derive(Clone, Debug, Default)]
-pub struct EtcdConnection {
-    pub endpoints: Vec<String>,
-    pub prefix: String,
-    pub user: Option<(String, String)>,
-    pub ca: Option<PathBuf>,
-    pub client_cert: Option<(PathBuf, PathBuf)>,
-}
 
 impl EtcdConnection {
     fn options(&self) -> Result<ConnectOptions, String> {
