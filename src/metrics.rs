@@ -70,12 +70,12 @@ impl Metrics {
         };
         registry.register(
             "acquires",
-            "Acquire requests by outcome (granted, conflict, timed_out, unavailable, client_gone)",
+            "Acquire requests by outcome (granted, conflict, timed_out, client_gone, slots_mismatch, too_many_waiters, shutting_down, unavailable)",
             metrics.acquires.clone(),
         );
         registry.register(
             "releases",
-            "Releases by outcome (released, not_held, wrong_key, forced, expired, reclaimed, unavailable)",
+            "Releases by outcome (released, not_held, wrong_key, forced, expired, reclaimed, shutting_down, unavailable)",
             metrics.releases.clone(),
         );
         registry.register(

@@ -140,3 +140,21 @@ fn with_the_journal_a_rewrite_whose_directory_sync_failed_loses_no_later_change(
         "an acknowledged lock was lost: {locks}"
     );
 }
+
+#[test]
+fn a_force_release_that_cannot_be_written_is_refused_kept_and_counted() {
+    let dir = common::temp_dir();
+    let server = server_with_faults(dir.path(), "0");
+    assert_eq!(server.lock("held", json!({"key": "k"})).status, 200);
+    fail_next(dir.path(), &server, "fsync");
+    let forced = common::call("DELETE", &server.url("/lock/held?force=true"), None);
+    assert_eq!(forced.status, 503, "{}", forced.body);
+    assert_eq!(server.locks()["held"]["key"], "k");
+    let metrics = common::call("GET", &server.url("/metrics"), None).body;
+    assert!(
+        metrics.contains(r#"locker_releases_total{outcome="unavailable"} 1"#),
+        "{metrics}"
+    );
+    let server = server.restart();
+    assert_eq!(server.locks()["held"]["key"], "k");
+}

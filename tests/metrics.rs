@@ -118,3 +118,27 @@ fn metrics_are_behind_auth_when_auth_is_on() {
         .expect("request");
     assert_eq!(ok.status(), 200);
 }
+
+#[test]
+fn refusals_are_counted_by_kind_and_only_store_failures_as_unavailable() {
+    let server = Server::start();
+    let before = scrape(&server);
+    assert_eq!(
+        server.lock("sem", json!({"key": "a", "slots": 2})).status,
+        200
+    );
+    let mismatch = server.lock("sem", json!({"key": "b", "slots": 3}));
+    assert_eq!(mismatch.status, 409, "{}", mismatch.body);
+    let free = call("DELETE", &server.url("/lock/free?force=true"), None);
+    assert_eq!(free.status, 200, "{}", free.body);
+
+    let after = scrape(&server);
+    let count = |name: &str| value(&after, name) - value(&before, name);
+    assert_eq!(
+        count("locker_acquires_total{outcome=\"slots_mismatch\"}"),
+        1.0
+    );
+    assert_eq!(count("locker_acquires_total{outcome=\"unavailable\"}"), 0.0);
+    assert_eq!(count("locker_releases_total{outcome=\"not_held\"}"), 1.0);
+    assert_eq!(count("locker_releases_total{outcome=\"forced\"}"), 0.0);
+}

@@ -154,9 +154,7 @@ async fn acquire(
     };
     state.metrics.acquire(match &result {
         Ok(_) => "granted",
-        Err(StoreError::TimedOut { .. }) => "timed_out",
-        Err(StoreError::Held { .. }) => "conflict",
-        Err(_) => "unavailable",
+        Err(error) => error.outcome(),
     });
     let grant = result?;
     Ok(HttpResponse::Ok().json(json!({
@@ -172,10 +170,13 @@ async fn release(
 ) -> Result<HttpResponse, ApiError> {
     let (name, query, body) = parse_lock_request(&request, payload).await?;
     if query.force()? {
-        let previous = state.store.force_release(name.clone()).await?;
-        if !previous.is_empty() {
-            state.metrics.release("forced");
+        let forced = state.store.force_release(name.clone()).await;
+        match &forced {
+            Ok(previous) if previous.is_empty() => state.metrics.release("not_held"),
+            Ok(_) => state.metrics.release("forced"),
+            Err(error) => state.metrics.release(error.outcome()),
         }
+        let previous = forced?;
         let message = if previous.is_empty() {
             format!("lock {name:?} was not held")
         } else {
@@ -192,8 +193,7 @@ async fn release(
     state.metrics.release(match &result {
         Ok(Released::Released) => "released",
         Ok(Released::NotHeld) => "not_held",
-        Err(StoreError::WrongKey { .. }) => "wrong_key",
-        Err(_) => "unavailable",
+        Err(error) => error.outcome(),
     });
     let message = match result? {
         Released::Released => format!("lock {name:?} released by {requestor:?}"),

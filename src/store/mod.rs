@@ -62,6 +62,22 @@ pub enum StoreError {
     Unavailable(String),
 }
 
+impl StoreError {
+    /// The `outcome` label this refusal is counted under in the request metrics: one per kind,
+    /// so that an alert on `unavailable` fires only when the store could not do its work.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            StoreError::Held { .. } => "conflict",
+            StoreError::TimedOut { .. } => "timed_out",
+            StoreError::WrongKey { .. } => "wrong_key",
+            StoreError::SlotsMismatch { .. } => "slots_mismatch",
+            StoreError::TooManyWaiters { .. } => "too_many_waiters",
+            StoreError::ShuttingDown => "shutting_down",
+            StoreError::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
 fn keys_text(keys: &[String]) -> String {
     let quoted: Vec<String> = keys.iter().map(|k| format!("{k:?}")).collect();
     quoted.join(", ")
