@@ -15,7 +15,7 @@ use serde_json::json;
 
 use crate::metrics::{self, Metrics};
 use crate::rules::{Acquire, BuildRef};
-use crate::store::{LockStore, Released, StoreError};
+use crate::store::{LockStore, Released};
 use error::ApiError;
 use request::{LockBody, LockQuery, lock_name, read_body};
 
