@@ -91,6 +91,13 @@ pub struct Args {
     /// How often the builds of such holds are checked.
     #[arg(long, env = "LOCKER_RECLAIM_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     pub reclaim_interval: Duration,
+
+    /// Longest the server waits at shutdown (SIGTERM) for requests in flight to finish before
+    /// closing them; waiters are answered at once. A supervisor that kills after a deadline
+    /// (bpm: 15 s) needs it shorter than that deadline.
+    #[arg(long, env = "LOCKER_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+
     /// Where the locks live: `file` (LOCKER_CONFIG) or `etcd` (shared by several servers).
     #[arg(long, env = "LOCKER_STORE", default_value = "file", value_enum)]
     pub store: StoreKind,
@@ -167,6 +174,8 @@ pub struct Settings {
     pub reclaim: Option<ReclaimSettings>,
     /// Set when the locks live in etcd (LOCKER_STORE=etcd).
     pub etcd: Option<EtcdConnection>,
+    /// Longest shutdown waits for requests in flight (LOCKER_SHUTDOWN_GRACE).
+    pub shutdown_grace: Duration,
 }
 
 /// Treats an empty value like an unset one: deployment tools often render unset options as "".
@@ -232,6 +241,7 @@ impl Settings {
             default_ttl: args.default_ttl.filter(|ttl| !ttl.is_zero()),
             reclaim,
             etcd,
+            shutdown_grace: args.shutdown_grace,
         })
     }
 }
@@ -382,6 +392,7 @@ mod tests {
         assert_eq!(settings.max_wait, Duration::from_secs(60));
         assert_eq!(settings.max_waiters, 10_000);
         assert_eq!(settings.default_ttl, None);
+        assert_eq!(settings.shutdown_grace, Duration::from_secs(30));
     }
 
     #[test]
@@ -468,5 +479,14 @@ mod tests {
         let settings = parse(&["--max-wait", "5m", "--default-ttl", "1h"]).expect("valid");
         assert_eq!(settings.max_wait, Duration::from_secs(300));
         assert_eq!(settings.default_ttl, Some(Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn the_shutdown_grace_is_a_duration_and_may_be_zero() {
+        let settings = parse(&["--shutdown-grace", "10s"]).expect("valid");
+        assert_eq!(settings.shutdown_grace, Duration::from_secs(10));
+        let settings = parse(&["--shutdown-grace", "0"]).expect("valid");
+        assert_eq!(settings.shutdown_grace, Duration::ZERO);
+        assert!(parse(&["--shutdown-grace", "soon"]).is_err());
     }
 }

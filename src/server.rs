@@ -20,8 +20,6 @@ use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::store::LockStore;
 
-/// Seconds in-flight requests get to finish at shutdown (waiters are answered at once).
-const DRAIN_SECONDS: u64 = 30;
 /// How long an idle keep-alive connection stays open. actix-web's default (5 s) is shorter than
 /// the idle timeout of common client pools (reqwest: 90 s), and its dispatcher checks the timer
 /// before reading: a busy server closed connections whose next request was already waiting in
@@ -94,7 +92,9 @@ pub async fn serve(
         .keep_alive(KEEP_ALIVE)
         .client_request_timeout(CLIENT_REQUEST_TIMEOUT)
         .disable_signals()
-        .shutdown_timeout(DRAIN_SECONDS);
+        // Requests in flight get this long to finish at shutdown (waiters are answered at once);
+        // actix counts whole seconds, so a part second rounds up.
+        .shutdown_timeout(settings.shutdown_grace.as_secs_f64().ceil() as u64);
     let server = match tls {
         Some(config) => server.listen_rustls_0_23(listener, config)?,
         None => server.listen(listener)?,
