@@ -13,7 +13,7 @@ use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 use serde::Deserialize;
 
 use crate::metrics::Metrics;
-use crate::rules::BuildRef;
+use crate::rules::{BuildRef, Reclaim};
 use crate::store::{LockStore, Released};
 
 /// Builds asked about at once.
@@ -99,6 +99,8 @@ struct Candidate {
     name: String,
     key: String,
     requestor: String,
+    /// The holding's fencing generation when the list was taken.
+    generation: u64,
 }
 
 pub struct Reclaimer {
@@ -167,6 +169,7 @@ impl Reclaimer {
                                 name: lock.name.clone(),
                                 key: holder.key.clone(),
                                 requestor: requestor.clone(),
+                                generation: holder.generation,
                             });
                     }
                 }
@@ -200,23 +203,17 @@ impl Reclaimer {
     }
 
     async fn release(&self, build: &BuildRef, hold: &Candidate, status: &str) {
-        // The hold may have changed since the list was taken: only release it if it still
-        // belongs to this build.
-        let still_ours = match self.store.status(&hold.name).await {
-            Ok(Some(lock)) => lock.holders.iter().any(|h| {
-                h.key == hold.key
-                    && h.requestors
-                        .get(&hold.requestor)
-                        .is_some_and(|r| r.release_with_build.as_deref() == Some(build))
-            }),
-            _ => false,
-        };
-        if !still_ours {
-            return;
-        }
+        // Applied by the store only if the hold is still this build's, unchanged since the list
+        // was taken: a next build that took the lock again meanwhile keeps it.
         let released = self
             .store
-            .release(hold.name.clone(), hold.key.clone(), hold.requestor.clone())
+            .reclaim(Reclaim {
+                name: hold.name.clone(),
+                key: hold.key.clone(),
+                requestor: hold.requestor.clone(),
+                generation: hold.generation,
+                build: build.clone(),
+            })
             .await;
         let url = build.url.clone().unwrap_or_else(|| describe(build));
         match released {

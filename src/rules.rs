@@ -636,6 +636,20 @@ pub enum Op {
     },
     Revoke(WaiterGrant),
     Expire,
+    /// The release of a hold whose build ended: applied only if the hold is still the one the
+    /// reclaimer looked at (same generation, same build), so that a next build which took the
+    /// lock again with the same key and requestor in the meantime keeps it.
+    Reclaim(Reclaim),
+}
+
+/// A hold of a finished build, as the reclaimer saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reclaim {
+    pub name: String,
+    pub key: String,
+    pub requestor: String,
+    pub generation: u64,
+    pub build: BuildRef,
 }
 
 impl Op {
@@ -647,6 +661,7 @@ impl Op {
             | Op::ForceRelease { name }
             | Op::Cancel { name, .. } => Some(name),
             Op::Revoke(grant) => Some(&grant.name),
+            Op::Reclaim(hold) => Some(&hold.name),
             Op::Expire => None,
         }
     }
@@ -711,6 +726,99 @@ impl LockTable {
             Op::Cancel { name, waiter } => Effect::Grants(self.cancel(name, *waiter, now)),
             Op::Revoke(grant) => Effect::Revoke(self.revoke(grant, now)),
             Op::Expire => Effect::Expiry(self.expire(now)),
+            Op::Reclaim(hold) => Effect::Release(self.reclaim(hold, now)),
         }
+    }
+
+    /// Releases a finished build's hold if it is still there, unchanged.
+    fn reclaim(&mut self, hold: &Reclaim, now: SystemTime) -> ReleaseOutcome {
+        let unchanged = self
+            .lock(&hold.name)
+            .and_then(|lock| lock.holders.iter().find(|h| h.key == hold.key))
+            .is_some_and(|holder| {
+                holder.generation == hold.generation
+                    && holder
+                        .requestors
+                        .get(&hold.requestor)
+                        .is_some_and(|r| r.release_with_build.as_deref() == Some(&hold.build))
+            });
+        if !unchanged {
+            return ReleaseOutcome::NotHeld;
+        }
+        self.release(&hold.name, &hold.key, &hold.requestor, now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build(name: &str) -> BuildRef {
+        let mut info = Info::new();
+        info.insert("build_id".into(), name.into());
+        BuildRef::from_info(&info).expect("names a build")
+    }
+
+    fn take(table: &mut LockTable, build_id: &str, now: SystemTime) -> u64 {
+        let request = Acquire {
+            key: "k".into(),
+            requestor: "job".into(),
+            ttl: None,
+            info: Info::new(),
+            slots: None,
+            release_with_build: Some(Box::new(build(build_id))),
+            renew: false,
+        };
+        let op = Op::Acquire {
+            name: "env".into(),
+            request,
+            waiter: None,
+        };
+        match table.apply(&op, now) {
+            Effect::Acquire(AcquireOutcome::Granted(grant)) => grant.generation,
+            other => panic!("not granted: {other:?}"),
+        }
+    }
+
+    fn reclaim(generation: u64, build_id: &str) -> Op {
+        Op::Reclaim(Reclaim {
+            name: "env".into(),
+            key: "k".into(),
+            requestor: "job".into(),
+            generation,
+            build: build(build_id),
+        })
+    }
+
+    #[test]
+    fn a_reclaim_releases_the_hold_it_was_decided_for() {
+        let now = SystemTime::now();
+        let mut table = LockTable::default();
+        let generation = take(&mut table, "1", now);
+        table.apply(&reclaim(generation, "1"), now);
+        assert!(table.lock("env").is_none_or(|l| !l.is_held()));
+    }
+
+    #[test]
+    fn a_reclaim_leaves_a_hold_taken_again_by_the_next_build() {
+        let now = SystemTime::now();
+        let mut table = LockTable::default();
+        let first = take(&mut table, "1", now);
+        // Build 1 ended; before the reclaimer acts, it released and build 2 took the lock
+        // with the same key and requestor.
+        let release = Op::Release {
+            name: "env".into(),
+            key: "k".into(),
+            requestor: "job".into(),
+        };
+        table.apply(&release, now);
+        let second = take(&mut table, "2", now);
+        assert_ne!(first, second);
+        let effect = table.apply(&reclaim(first, "1"), now);
+        assert_eq!(effect, Effect::Release(ReleaseOutcome::NotHeld));
+        assert!(table.lock("env").is_some_and(Lock::is_held));
+        // The same generation with another build is not this hold either.
+        table.apply(&reclaim(second, "1"), now);
+        assert!(table.lock("env").is_some_and(Lock::is_held));
     }
 }

@@ -251,6 +251,11 @@ impl LockStore for FileStore {
         release_result(name, self.submit(op, None).await)
     }
 
+    async fn reclaim(&self, hold: crate::rules::Reclaim) -> Result<Released, StoreError> {
+        let name = hold.name.clone();
+        release_result(name, self.submit(Op::Reclaim(hold), None).await)
+    }
+
     async fn force_release(&self, name: String) -> Result<Vec<Holder>, StoreError> {
         force_release_result(self.submit(Op::ForceRelease { name }, None).await)
     }

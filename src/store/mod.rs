@@ -104,6 +104,12 @@ pub trait LockStore: Send + Sync + 'static {
         requestor: String,
     ) -> Result<Released, StoreError>;
 
+    /// Releases a finished build's hold, only if it is still that build's (see [`Op::Reclaim`]);
+    /// `NotHeld` when it changed meanwhile.
+    ///
+    /// [`Op::Reclaim`]: crate::rules::Op::Reclaim
+    async fn reclaim(&self, hold: crate::rules::Reclaim) -> Result<Released, StoreError>;
+
     /// Releases every holding of `name` whatever its key; returns the previous holdings.
     async fn force_release(&self, name: String) -> Result<Vec<Holder>, StoreError>;
 

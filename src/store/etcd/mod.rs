@@ -1347,6 +1347,11 @@ impl LockStore for EtcdStore {
         release_result(name, self.submit(op).await)
     }
 
+    async fn reclaim(&self, hold: crate::rules::Reclaim) -> Result<Released, StoreError> {
+        let name = hold.name.clone();
+        release_result(name, self.submit(Op::Reclaim(hold)).await)
+    }
+
     async fn force_release(&self, name: String) -> Result<Vec<Holder>, StoreError> {
         force_release_result(self.submit(Op::ForceRelease { name }).await)
     }
