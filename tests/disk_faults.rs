@@ -158,3 +158,154 @@ fn a_force_release_that_cannot_be_written_is_refused_kept_and_counted() {
     let server = server.restart();
     assert_eq!(server.locks()["held"]["key"], "k");
 }
+
+/// What a client of the load below knows: each of its own locks is held or free.
+type Model = std::collections::HashMap<String, bool>;
+
+/// Four clients lock and unlock locks of their own as fast as they can while a fault is armed,
+/// over and over, at whatever moment of a write it lands, in each function the writer uses:
+/// every failure must answer 503 with nothing applied, nothing acknowledged may be lost, nothing
+/// refused may come back after a SIGKILL, and once no fault is armed every request succeeds.
+fn faults_under_load(journal_bytes: &str, functions: &[&str]) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    const CLIENTS: usize = 4;
+    const FAULTS_PER_FUNCTION: usize = 5;
+    let dir = common::temp_dir();
+    // Request logging off: each log line is a write(2) that would take the armed fault.
+    let server = common::server()
+        .binary(FIU_RUN)
+        .arg("-x")
+        .arg("-f")
+        .arg(fifo_prefix(dir.path()).display().to_string())
+        .arg(common::locker_binary().display().to_string())
+        .state_file(dir.path().join("locker.yml"))
+        .env("LOCKER_JOURNAL_BYTES", journal_bytes)
+        .env("RUST_LOG", "warn,locker::server=info")
+        .start();
+    let base = server.base.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|client| {
+            let (base, stop) = (base.clone(), stop.clone());
+            let (answered, refused) = (answered.clone(), refused.clone());
+            std::thread::spawn(move || -> Result<Model, String> {
+                let mut model = Model::new();
+                let http = common::client();
+                let mut round = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let name = format!("c{client}-{}", round % 3);
+                    let held = model.get(&name).copied().unwrap_or(false);
+                    let method = if held { "DELETE" } else { "PUT" };
+                    let url = format!("{base}/lock/{name}");
+                    let reply = common::call_with(&http, method, &url, Some(r#"{"key":"k"}"#));
+                    match reply.status {
+                        200 => {
+                            model.insert(name, !held);
+                        }
+                        503 if reply.error().contains("nothing was changed") => {
+                            refused.fetch_add(1, Ordering::Relaxed);
+                        }
+                        other => return Err(format!("{method} {name}: {other} {}", reply.body)),
+                    }
+                    answered.fetch_add(1, Ordering::Relaxed);
+                    round += 1;
+                }
+                Ok(model)
+            })
+        })
+        .collect();
+
+    // Arms one failure of `function` and waits for 30 more answers: the writer met it.
+    let after_answers = |count: usize| {
+        let target = answered.load(Ordering::Relaxed) + count;
+        wait_until("the clients got more answers", || {
+            answered.load(Ordering::Relaxed) >= target
+        });
+    };
+    let mut refused_by = Vec::new();
+    for function in functions {
+        let before = refused.load(Ordering::Relaxed);
+        for _ in 0..FAULTS_PER_FUNCTION {
+            let point = match *function {
+                "write" | "pwrite" => format!("posix/io/rw/{function}"),
+                "rename" => "posix/io/dir/rename".to_string(),
+                sync => format!("posix/io/sync/{sync}"),
+            };
+            fail_next_at(dir.path(), &server, &point);
+            after_answers(30);
+        }
+        refused_by.push((*function, refused.load(Ordering::Relaxed) - before));
+    }
+    // No fault armed any more: every request must succeed.
+    let refused_before_recovery = refused.load(Ordering::Relaxed);
+    after_answers(200);
+    stop.store(true, Ordering::Relaxed);
+    let mut expected = serde_json::Map::new();
+    for client in clients {
+        let model = client.join().expect("client thread").expect("client");
+        for (name, held) in model {
+            if held {
+                expected.insert(name, json!("k"));
+            }
+        }
+    }
+    assert_eq!(
+        refused.load(Ordering::Relaxed),
+        refused_before_recovery,
+        "requests were refused after the faults were removed"
+    );
+    for (function, count) in &refused_by {
+        assert!(
+            *count > 0,
+            "no request was refused while {function} failed: {refused_by:?}"
+        );
+    }
+    eprintln!("refused while each function failed: {refused_by:?}");
+
+    let keys = |server: &Server| -> serde_json::Map<String, serde_json::Value> {
+        let locks = server.locks();
+        let locks = locks.as_object().cloned().unwrap_or_default();
+        locks
+            .into_iter()
+            .map(|(name, lock)| (name, lock["key"].clone()))
+            .collect()
+    };
+    assert_eq!(
+        keys(&server),
+        expected,
+        "memory differs from what was acknowledged"
+    );
+    let server = server.restart();
+    assert_eq!(
+        keys(&server),
+        expected,
+        "the disk differs from what was acknowledged"
+    );
+}
+
+/// Makes the next call through libfiu's failure point `point` fail once with EIO.
+fn fail_next_at(dir: &Path, server: &Server, point: &str) {
+    let command = format!("enable name={point},failnum=1,failinfo=5,onetime");
+    let output = Command::new(FIU_CTRL)
+        .arg("-f")
+        .arg(fifo_prefix(dir))
+        .args(["-c", &command])
+        .arg(server.pid().to_string())
+        .output()
+        .expect("run fiu-ctrl");
+    assert!(output.status.success(), "fiu-ctrl failed");
+}
+
+#[test]
+fn under_load_each_failing_write_fsync_and_rename_refuses_and_loses_nothing() {
+    faults_under_load("0", &["write", "fdatasync", "fsync", "rename"]);
+}
+
+#[test]
+fn under_load_with_the_journal_each_failing_write_and_sync_refuses_and_loses_nothing() {
+    faults_under_load("65536", &["pwrite", "fdatasync"]);
+}

@@ -43,6 +43,9 @@ use crate::rules::{
 const MAX_BATCH: usize = 4096;
 /// How soon internal work (expiry, cancels) is retried after a failed write.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
+/// Rewrites tried, a short pause apart, to undo a refused write before giving up (see `undo`).
+const UNDO_ATTEMPTS: u32 = 3;
+const UNDO_PAUSE: Duration = Duration::from_millis(50);
 /// Longest the writer sleeps when nothing is due.
 const IDLE: Duration = Duration::from_secs(3600);
 /// How long journal records wait before the state file is rewritten to include them, so the
@@ -972,17 +975,25 @@ impl Writer {
         if erased {
             return;
         }
-        match self.compact() {
-            Ok(()) => info!("rewrote the state file without the refused change"),
-            Err(e) => {
-                error!(
-                    "cannot undo a refused write on disk ({}): stopping without answering, \
-                     so that no refused change can pass for an acknowledged one",
-                    e.message
-                );
-                std::process::exit(1);
+        // A transient failure (one I/O error) should not stop the server: try a few times.
+        let mut last_error = String::new();
+        for attempt in 0..UNDO_ATTEMPTS {
+            if attempt > 0 {
+                thread::sleep(UNDO_PAUSE);
+            }
+            match self.compact() {
+                Ok(()) => {
+                    info!("rewrote the state file without the refused change");
+                    return;
+                }
+                Err(e) => last_error = e.message,
             }
         }
+        error!(
+            "cannot undo a refused write on disk ({last_error}): stopping without answering, \
+             so that no refused change can pass for an acknowledged one"
+        );
+        std::process::exit(1);
     }
 }
 
