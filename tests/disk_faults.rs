@@ -163,7 +163,7 @@ fn a_force_release_that_cannot_be_written_is_refused_kept_and_counted() {
 type Model = std::collections::HashMap<String, bool>;
 
 /// Four clients lock and unlock locks of their own as fast as they can while a fault is armed,
-/// over and over, at whatever moment of a write it lands, in each function the writer uses:
+/// over and over, at whatever moment of a write it lands, in the functions the writer uses:
 /// every failure must answer 503 with nothing applied, nothing acknowledged may be lost, nothing
 /// refused may come back after a SIGKILL, and once no fault is armed every request succeeds.
 fn faults_under_load(journal_bytes: &str, functions: &[&str]) {
@@ -231,7 +231,7 @@ fn faults_under_load(journal_bytes: &str, functions: &[&str]) {
         let before = refused.load(Ordering::Relaxed);
         for _ in 0..FAULTS_PER_FUNCTION {
             let point = match *function {
-                "write" | "pwrite" => format!("posix/io/rw/{function}"),
+                "pwrite" => "posix/io/rw/pwrite".to_string(),
                 "rename" => "posix/io/dir/rename".to_string(),
                 sync => format!("posix/io/sync/{sync}"),
             };
@@ -300,9 +300,12 @@ fn fail_next_at(dir: &Path, server: &Server, point: &str) {
     assert!(output.status.success(), "fiu-ctrl failed");
 }
 
+// `write` is not among the points: libfiu's `posix/io/rw/write` also fails the eventfd writes
+// with which tokio wakes its I/O driver, and tokio treats that as fatal. Failing writes of the
+// state file are covered by the full-disk tests in tests/persistence.rs (ENOSPC on a tmpfs).
 #[test]
-fn under_load_each_failing_write_fsync_and_rename_refuses_and_loses_nothing() {
-    faults_under_load("0", &["write", "fdatasync", "fsync", "rename"]);
+fn under_load_each_failing_fsync_and_rename_refuses_and_loses_nothing() {
+    faults_under_load("0", &["fdatasync", "fsync", "rename"]);
 }
 
 #[test]
