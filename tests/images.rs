@@ -158,10 +158,13 @@ fn build_and_unpack() -> Result<Images, String> {
         .output()
         .map_err(|e| format!("cannot run ci/scripts/build-images: {e}"))?;
     if !built.status.success() {
+        // The end of its output says why; cargo's progress lines before it do not.
+        let stderr = String::from_utf8_lossy(&built.stderr);
+        let lines: Vec<&str> = stderr.lines().collect();
         return Err(format!(
-            "ci/scripts/build-images failed ({}):\n{}",
+            "ci/scripts/build-images failed ({}); the last lines of its output:\n{}",
             built.status,
-            String::from_utf8_lossy(&built.stderr)
+            lines[lines.len().saturating_sub(40)..].join("\n")
         ));
     }
     eprintln!(
