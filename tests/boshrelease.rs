@@ -2055,7 +2055,7 @@ fn the_pipeline_references_task_files_and_scripts_that_exist() {
         .collect();
     let jobs = pipeline["jobs"].as_sequence().expect("jobs");
     let job_names: BTreeSet<&str> = jobs.iter().map(|j| j["name"].as_str().unwrap()).collect();
-    for wanted in ["test", "build-resource-image", "build-bosh-release", "ship"] {
+    for wanted in ["test", "build-images", "build-bosh-release", "ship"] {
         assert!(job_names.contains(wanted), "no {wanted} job");
     }
     assert_eq!(resources["version"], "semver");
@@ -2177,15 +2177,29 @@ fn the_pipeline_references_task_files_and_scripts_that_exist() {
         }
     }
 
-    // The image is built from the resource crate's Dockerfile.
-    let image = yaml_file(&repo().join("ci/tasks/build-resource-image.yml"));
+    // The images are built by ci/scripts/build-images (tests/images.rs runs it), and both are
+    // pushed from its docker-archives.
+    let images = yaml_file(&repo().join("ci/tasks/build-images.yml"));
     assert_eq!(
-        image["image_resource"]["source"]["repository"],
-        Yaml::from("concourse/oci-build-task")
+        images["run"]["path"],
+        Yaml::from("locker/ci/scripts/build-images-task")
     );
+    let task_script = fs::read_to_string(repo().join("ci/scripts/build-images-task")).unwrap();
+    assert!(task_script.contains("locker/ci/scripts/build-images \"${PWD}/images\""));
+    let mut pushed = BTreeSet::new();
+    for job in jobs {
+        visit_steps(job["plan"].as_sequence().unwrap(), &mut |step| {
+            if let Some(image) = step.get("params").and_then(|p| p.get("image")) {
+                pushed.insert(image.as_str().unwrap().to_string());
+            }
+        });
+    }
     assert_eq!(
-        image["params"]["DOCKERFILE"],
-        Yaml::from("locker/resource/Dockerfile")
+        pushed,
+        BTreeSet::from([
+            "images/locker-resource.docker.tar".to_string(),
+            "images/locker.docker.tar".to_string()
+        ])
     );
     // ship triggers on the version, from commits that went through both builds.
     let ship = jobs.iter().find(|j| j["name"] == "ship").unwrap();
