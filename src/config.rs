@@ -195,6 +195,13 @@ impl Settings {
             StoreKind::File => None,
         };
         let credentials = match (non_empty(args.auth_user), non_empty(args.auth_pass)) {
+            (Some(user), Some(_)) if user.contains(':') => {
+                return Err(format!(
+                    "AUTH_USER {user:?} contains ':', which basic auth cannot carry in a user \
+                     name (it separates user from password), so no client could log in: \
+                     choose a user name without ':'"
+                ));
+            }
             (Some(user), Some(password)) => Some(Credentials::new(user, password)),
             (None, None) => None,
             (Some(_), None) => {
@@ -409,6 +416,16 @@ mod tests {
         }
         assert!(parse(&["--auth-user", "u", "--auth-pass", ""]).is_err());
         assert!(parse(&["--auth-user", "", "--auth-pass", ""]).is_ok());
+    }
+
+    #[test]
+    fn a_user_name_with_a_colon_is_refused() {
+        let error = parse(&["--auth-user", "ci:bot", "--auth-pass", "p"]).expect_err("colon");
+        assert!(
+            error.contains("AUTH_USER") && error.contains("':'"),
+            "{error}"
+        );
+        assert!(parse(&["--auth-user", "ci-bot", "--auth-pass", "p:q"]).is_ok());
     }
 
     #[test]

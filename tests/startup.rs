@@ -246,3 +246,28 @@ fn the_listener_queues_a_burst_of_new_connections() {
     // std's bind would give 128; the kernel caps whatever we ask at somaxconn.
     assert_eq!(backlog, vec![2048.min(somaxconn)], "{text}");
 }
+
+/// Basic auth sends `user:password`: a user name with a colon could never log in.
+#[test]
+fn a_user_name_with_a_colon_is_refused_at_start_up() {
+    let output = run_to_exit(&[("AUTH_USER", "ci:bot"), ("AUTH_PASS", "pw")], &[]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("locker: "))
+        .collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].contains("AUTH_USER") && lines[0].contains("':'"),
+        "{stderr}"
+    );
+    // A colon in the password is fine.
+    let server = common::server().auth("ci-bot", "p:w").start();
+    let reply = common::client()
+        .get(server.url("/locks"))
+        .basic_auth("ci-bot", Some("p:w"))
+        .send()
+        .expect("request");
+    assert_eq!(reply.status(), 200);
+}
