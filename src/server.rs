@@ -76,11 +76,17 @@ pub async fn serve(
             .wrap(from_fn(refuse_oversized))
             // Method, path, status and latency; never headers (Authorization stays out of logs).
             .wrap(Logger::new("%a \"%r\" %s %b %Dms"))
+            .wrap(from_fn(api::error::json_error_bodies))
             .app_data(state.clone());
         if let Some(credentials) = &credentials {
             app = app.app_data(credentials.clone());
         }
-        app.route("/health", web::get().to(api::health)).service(
+        app.service(
+            web::resource("/health")
+                .route(web::get().to(api::health))
+                .route(web::head().to(api::health)),
+        )
+        .service(
             web::scope("")
                 .wrap(HttpAuthentication::with_fn(auth::validate))
                 .configure(api::routes)
