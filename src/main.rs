@@ -3,7 +3,6 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::Parser;
 use log::{error, info};
 
 use locker::config::{Args, Command, Settings};
@@ -30,8 +29,14 @@ fn main() -> ExitCode {
     if locker::cli::is_client(&argv) {
         return locker::cli::main(argv);
     }
-    let args = Args::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let args = locker::config::parse_args(argv);
+    let mut logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    // An empty RUST_LOG counts as unset too (env_logger would log errors only).
+    if std::env::var_os("RUST_LOG").is_some_and(|v| v.is_empty()) {
+        logger.parse_filters("info");
+    }
+    logger.init();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {

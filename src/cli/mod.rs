@@ -262,7 +262,13 @@ pub fn is_client(args: &[OsString]) -> bool {
 
 /// Runs a client subcommand and returns the process's exit code.
 pub fn main(args: Vec<OsString>) -> ExitCode {
-    let cli = match Cli::try_parse_from(args) {
+    // Empty LOCKER_URL, LOCKER_CA_CERT ... count as unset, as for the server.
+    let mut command = crate::config::ignore_empty_env(<Cli as clap::CommandFactory>::command());
+    let parsed = command
+        .try_get_matches_from_mut(args)
+        .and_then(|matches| <Cli as clap::FromArgMatches>::from_arg_matches(&matches))
+        .map_err(|error| error.format(&mut command));
+    let cli = match parsed {
         Ok(cli) => cli,
         Err(error) => {
             // Help and version go to stdout with 0, usage errors to stderr with 2.
