@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use log::{error, info};
+use log::{error, info, warn};
 
 use locker::config::{Args, Command, Settings};
 use locker::metrics::Metrics;
@@ -58,6 +58,12 @@ fn run(args: Args) -> Result<(), String> {
     };
     let listener = server::bind(settings.listen)
         .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
+    if let Some(warning) = server::exposure_warning(
+        listener.local_addr().unwrap_or(settings.listen),
+        settings.credentials.is_some(),
+    ) {
+        warn!("{warning}");
+    }
     let metrics = Arc::new(Metrics::new());
     let store: Arc<dyn LockStore> = match &settings.etcd {
         Some(connection) => etcd::open(connection, &settings, &metrics)?,

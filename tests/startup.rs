@@ -271,3 +271,32 @@ fn a_user_name_with_a_colon_is_refused_at_start_up() {
         .expect("request");
     assert_eq!(reply.status(), 200);
 }
+
+/// The Quick start's defaults (every interface, no auth) serve anyone on the network: say so.
+#[test]
+fn all_interfaces_without_auth_logs_a_warning() {
+    const WARNING: &str = "basic auth is off and the server accepts connections on all interfaces";
+    let open = common::server().env("LOCKER_LISTEN", "0.0.0.0").start();
+    let log = open.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains(WARNING))
+        .unwrap_or_else(|| panic!("no warning in:\n{log}"));
+    assert!(
+        line.contains("WARN") && line.contains("AUTH_USER") && line.contains("LOCKER_LISTEN"),
+        "{line}"
+    );
+    // The log lines before "listening on" are all in by now: absent means never logged.
+    let with_auth = common::server()
+        .env("LOCKER_LISTEN", "0.0.0.0")
+        .auth("admin", "secret")
+        .start();
+    assert!(!with_auth.log().contains(WARNING), "{}", with_auth.log());
+    let loopback = common::server().env("LOCKER_LISTEN", "127.0.0.1").start();
+    assert!(!loopback.log().contains(WARNING), "{}", loopback.log());
+    assert!(
+        loopback.log().contains("basic auth off"),
+        "{}",
+        loopback.log()
+    );
+}
