@@ -489,3 +489,49 @@ fn locks_status_release_and_wait_free() {
     assert_eq!(forced.code, Some(0), "{}", forced.stderr);
     assert_eq!(key_of(&server, "env"), None);
 }
+
+/// A pipe whose reader is already closed, as `locker locks | head -1` leaves it once `head`
+/// has read its line: the write end, to be the child's standard output.
+fn closed_pipe() -> Stdio {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) fills two new descriptors, which are owned below and nowhere else.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0, "pipe");
+    // SAFETY: fds[0] and fds[1] are open and owned by nobody else.
+    let (reader, writer) = unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    };
+    drop(reader);
+    Stdio::from(writer)
+}
+
+#[test]
+fn a_closed_standard_output_ends_the_command_quietly_with_141() {
+    let server = Server::start();
+    for i in 0..3 {
+        let reply = server.lock(&format!("piped-{i}"), json!({"key": "k"}));
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+    let cases: [&[&str]; 5] = [
+        &["locks"],
+        &["locks", "--json"],
+        &["status", "piped-0"],
+        &["status", "piped-0", "--json"],
+        &["wait-free", "free-one", "--wait", "0"],
+    ];
+    for args in cases {
+        let mut command = locker(&server, args);
+        command.stdout(closed_pipe());
+        let done = run(&mut command);
+        assert_eq!(done.code, Some(141), "{args:?}: {}", done.stderr);
+        assert_eq!(done.stderr, "", "{args:?} must exit quietly");
+    }
+    // The release is done before its answer cannot be printed.
+    let mut command = locker(&server, &["release", "piped-1", "--key", "k"]);
+    command.stdout(closed_pipe());
+    assert_eq!(run(&mut command).code, Some(141));
+    assert_eq!(key_of(&server, "piped-1"), None);
+}
