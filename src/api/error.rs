@@ -19,6 +19,9 @@ pub enum ApiError {
     Internal(String),
     #[error("method not allowed on this path")]
     MethodNotAllowed,
+    /// The request body did not arrive in time.
+    #[error("{0}")]
+    RequestTimeout(String),
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
     /// The client hung up while waiting; nobody reads this answer.
@@ -37,6 +40,7 @@ impl ResponseError for ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             // nginx's "client closed request", so the request log shows what happened.
             ApiError::ClientGone => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
             ApiError::Store(error) => match error {

@@ -102,7 +102,7 @@ pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 pub async fn read_body(request: &HttpRequest, payload: web::Payload) -> Result<Bytes, ApiError> {
     match tokio::time::timeout(BODY_TIMEOUT, collect_body(request, payload)).await {
         Ok(body) => body,
-        Err(_) => Err(ApiError::BadRequest(format!(
+        Err(_) => Err(ApiError::RequestTimeout(format!(
             "the request body did not arrive within {} s",
             BODY_TIMEOUT.as_secs()
         ))),
