@@ -63,8 +63,8 @@ Exit codes:
   75   server unreachable (connection, timeout, TLS)
   76   server refused the request (bad request, wrong key, slots mismatch, 5xx)
   77   server refused the credentials (401)
-  141  standard output was closed by its reader (`locker locks | head -1`)
   126  command could not be run;  127  command not found
+  141  standard output was closed by its reader (`locker locks | head -1`)
 
 Connection: --url/LOCKER_URL (default http://127.0.0.1:3000),
 --user/LOCKER_USER (or AUTH_USER), --password/LOCKER_PASSWORD (or AUTH_PASS),
