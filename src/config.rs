@@ -178,6 +178,34 @@ pub struct Settings {
     pub shutdown_grace: Duration,
 }
 
+/// Parses the server's flags from `argv`, reading every environment variable that is set but
+/// empty as unset (see [`ignore_empty_env`]). Like `Args::parse`, exits with clap's message on
+/// a usage error, `--help` or `--version`.
+pub fn parse_args(argv: Vec<std::ffi::OsString>) -> Args {
+    use clap::{CommandFactory, FromArgMatches};
+    let mut command = ignore_empty_env(Args::command());
+    let parsed = command
+        .try_get_matches_from_mut(argv)
+        .and_then(|matches| Args::from_arg_matches(&matches));
+    parsed.unwrap_or_else(|error| error.format(&mut command).exit())
+}
+
+/// Drops the environment fallback of every argument (of `command` and its subcommands) whose
+/// variable is set to the empty string, so that the default applies as if it were unset.
+/// BOSH templates and container environments render unset options as `NAME=`. The list of
+/// variables is clap's own, so no variable can be forgotten.
+pub fn ignore_empty_env(command: clap::Command) -> clap::Command {
+    command
+        .mut_args(|arg| {
+            let empty = arg
+                .get_env()
+                .and_then(std::env::var_os)
+                .is_some_and(|value| value.is_empty());
+            if empty { arg.env(None::<&str>) } else { arg }
+        })
+        .mut_subcommands(ignore_empty_env)
+}
+
 /// Treats an empty value like an unset one: deployment tools often render unset options as "".
 fn non_empty<T: AsRef<std::ffi::OsStr>>(value: Option<T>) -> Option<T> {
     value.filter(|v| !v.as_ref().is_empty())
@@ -195,6 +223,13 @@ impl Settings {
             StoreKind::File => None,
         };
         let credentials = match (non_empty(args.auth_user), non_empty(args.auth_pass)) {
+            (Some(user), Some(_)) if user.contains(':') => {
+                return Err(format!(
+                    "AUTH_USER {user:?} contains ':', which basic auth cannot carry in a user \
+                     name (it separates user from password), so no client could log in: \
+                     choose a user name without ':'"
+                ));
+            }
             (Some(user), Some(password)) => Some(Credentials::new(user, password)),
             (None, None) => None,
             (Some(_), None) => {
@@ -409,6 +444,16 @@ mod tests {
         }
         assert!(parse(&["--auth-user", "u", "--auth-pass", ""]).is_err());
         assert!(parse(&["--auth-user", "", "--auth-pass", ""]).is_ok());
+    }
+
+    #[test]
+    fn a_user_name_with_a_colon_is_refused() {
+        let error = parse(&["--auth-user", "ci:bot", "--auth-pass", "p"]).expect_err("colon");
+        assert!(
+            error.contains("AUTH_USER") && error.contains("':'"),
+            "{error}"
+        );
+        assert!(parse(&["--auth-user", "ci-bot", "--auth-pass", "p:q"]).is_ok());
     }
 
     #[test]

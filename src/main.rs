@@ -3,8 +3,7 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::Parser;
-use log::{error, info};
+use log::{error, info, warn};
 
 use locker::config::{Args, Command, Settings};
 use locker::metrics::Metrics;
@@ -30,8 +29,14 @@ fn main() -> ExitCode {
     if locker::cli::is_client(&argv) {
         return locker::cli::main(argv);
     }
-    let args = Args::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let args = locker::config::parse_args(argv);
+    let mut logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    // An empty RUST_LOG counts as unset too (env_logger would log errors only).
+    if std::env::var_os("RUST_LOG").is_some_and(|v| v.is_empty()) {
+        logger.parse_filters("info");
+    }
+    logger.init();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
@@ -53,6 +58,12 @@ fn run(args: Args) -> Result<(), String> {
     };
     let listener = server::bind(settings.listen)
         .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
+    if let Some(warning) = server::exposure_warning(
+        listener.local_addr().unwrap_or(settings.listen),
+        settings.credentials.is_some(),
+    ) {
+        warn!("{warning}");
+    }
     let metrics = Arc::new(Metrics::new());
     let store: Arc<dyn LockStore> = match &settings.etcd {
         Some(connection) => etcd::open(connection, &settings, &metrics)?,

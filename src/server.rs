@@ -76,11 +76,17 @@ pub async fn serve(
             .wrap(from_fn(refuse_oversized))
             // Method, path, status and latency; never headers (Authorization stays out of logs).
             .wrap(Logger::new("%a \"%r\" %s %b %Dms"))
+            .wrap(from_fn(api::error::json_error_bodies))
             .app_data(state.clone());
         if let Some(credentials) = &credentials {
             app = app.app_data(credentials.clone());
         }
-        app.route("/health", web::get().to(api::health)).service(
+        app.service(
+            web::resource("/health")
+                .route(web::get().to(api::health))
+                .route(web::head().to(api::health)),
+        )
+        .service(
             web::scope("")
                 .wrap(HttpAuthentication::with_fn(auth::validate))
                 .configure(api::routes)
@@ -186,10 +192,43 @@ pub async fn termination_signal() {
     }
 }
 
+/// The start-up warning for a server anyone on the network may use: bound to every interface
+/// (`0.0.0.0` or `::`, the default) with basic auth off. `None` when either is not so.
+pub fn exposure_warning(address: std::net::SocketAddr, auth_on: bool) -> Option<String> {
+    if auth_on || !address.ip().is_unspecified() {
+        return None;
+    }
+    Some(format!(
+        "basic auth is off and the server accepts connections on all interfaces ({address}): \
+         anyone who can reach port {} can take and release every lock; set AUTH_USER and \
+         AUTH_PASS, or LOCKER_LISTEN=127.0.0.1 to serve this machine only",
+        address.port()
+    ))
+}
+
 /// Whether the settings ask for basic auth (for the start-up message).
 pub fn auth_summary(credentials: Option<&Credentials>) -> String {
     match credentials {
         Some(c) => format!("basic auth on (user {:?})", c.user()),
         None => "basic auth off".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warns_only_when_open_to_every_interface_without_auth() {
+        let any4: std::net::SocketAddr = "0.0.0.0:3000".parse().expect("address");
+        let any6: std::net::SocketAddr = "[::]:3000".parse().expect("address");
+        let local: std::net::SocketAddr = "127.0.0.1:3000".parse().expect("address");
+        let warning = exposure_warning(any4, false).expect("warned");
+        assert!(warning.contains("all interfaces") && warning.contains("AUTH_USER"));
+        // The test fixture finds the address in the line saying "listening on ".
+        assert!(!warning.contains("listening on "));
+        assert!(exposure_warning(any6, false).is_some());
+        assert!(exposure_warning(any4, true).is_none());
+        assert!(exposure_warning(local, false).is_none());
     }
 }

@@ -489,3 +489,165 @@ fn locks_status_release_and_wait_free() {
     assert_eq!(forced.code, Some(0), "{}", forced.stderr);
     assert_eq!(key_of(&server, "env"), None);
 }
+
+/// A pipe whose reader is already closed, as `locker locks | head -1` leaves it once `head`
+/// has read its line: the write end, to be the child's standard output.
+fn closed_pipe() -> Stdio {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) fills two new descriptors, which are owned below and nowhere else.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0, "pipe");
+    // SAFETY: fds[0] and fds[1] are open and owned by nobody else.
+    let (reader, writer) = unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    };
+    drop(reader);
+    Stdio::from(writer)
+}
+
+#[test]
+fn a_closed_standard_output_ends_the_command_quietly_with_141() {
+    let server = Server::start();
+    for i in 0..3 {
+        let reply = server.lock(&format!("piped-{i}"), json!({"key": "k"}));
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+    let cases: [&[&str]; 5] = [
+        &["locks"],
+        &["locks", "--json"],
+        &["status", "piped-0"],
+        &["status", "piped-0", "--json"],
+        &["wait-free", "free-one", "--wait", "0"],
+    ];
+    for args in cases {
+        let mut command = locker(&server, args);
+        command.stdout(closed_pipe());
+        let done = run(&mut command);
+        assert_eq!(done.code, Some(141), "{args:?}: {}", done.stderr);
+        assert_eq!(done.stderr, "", "{args:?} must exit quietly");
+    }
+    // The release is done before its answer cannot be printed.
+    let mut command = locker(&server, &["release", "piped-1", "--key", "k"]);
+    command.stdout(closed_pipe());
+    assert_eq!(run(&mut command).code, Some(141));
+    assert_eq!(key_of(&server, "piped-1"), None);
+}
+
+/// The shell commands of the README's recipe "HTTPS with a certificate of your own".
+fn readme_certificate_recipe() -> String {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README.md");
+    let recipe = readme
+        .split("**HTTPS with a certificate of your own.**")
+        .nth(1)
+        .expect("the recipe in the README");
+    let block = recipe
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a sh block in the recipe");
+    block.to_string()
+}
+
+/// Runs `script` with `sh -e` in `dir`; panics with openssl's output if it fails.
+fn shell(dir: &Path, script: &str) {
+    let output = Command::new("sh")
+        .args(["-e", "-c", script])
+        .current_dir(dir)
+        .output()
+        .expect("run sh (and openssl)");
+    assert!(
+        output.status.success(),
+        "{script}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn the_readme_certificate_recipe_works_over_tls() {
+    let dir = common::temp_dir();
+    shell(dir.path(), &readme_certificate_recipe());
+    let server = common::server()
+        .tls(
+            &dir.path().join("server.pem"),
+            &dir.path().join("server.key"),
+        )
+        .start();
+    let ca = dir.path().join("ca.pem");
+    let trusting = reqwest::blocking::Client::builder()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&std::fs::read(&ca).expect("ca.pem")).expect("PEM"),
+        )
+        .build()
+        .expect("client");
+    let reply = common::call_with(
+        &trusting,
+        "PUT",
+        &server.url("/lock/tls"),
+        Some(&json!({"key": "k"}).to_string()),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let ca = ca.to_str().expect("path");
+    for host in ["localhost", "127.0.0.1"] {
+        let url = server.base.replace("127.0.0.1", host);
+        let listed = run(&mut locker(
+            &server,
+            &["locks", "--url", &url, "--ca-cert", ca],
+        ));
+        assert_eq!(listed.code, Some(0), "{host}: {}", listed.stderr);
+        assert!(listed.stdout.contains("tls"), "{}", listed.stdout);
+    }
+    // Without the CA, the client says which flag it needs.
+    let refused = run(&mut locker(&server, &["locks"]));
+    assert_eq!(refused.code, Some(75), "{}", refused.stderr);
+    assert!(refused.stderr.contains("--ca-cert"), "{}", refused.stderr);
+}
+
+#[test]
+fn a_self_signed_ca_certificate_is_refused_saying_what_is_wrong_and_how_to_fix_it() {
+    let dir = common::temp_dir();
+    // What most people type first: a self-signed certificate, which openssl makes a CA.
+    shell(
+        dir.path(),
+        "openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj /CN=localhost \
+         -keyout key.pem -out cert.pem",
+    );
+    let cert = dir.path().join("cert.pem");
+    let server = common::server()
+        .tls(&cert, &dir.path().join("key.pem"))
+        .start();
+    let url = server.base.replace("127.0.0.1", "localhost");
+    let refused = run(&mut locker(
+        &server,
+        &[
+            "locks",
+            "--url",
+            &url,
+            "--ca-cert",
+            cert.to_str().expect("path"),
+        ],
+    ));
+    assert_eq!(refused.code, Some(75), "{}", refused.stderr);
+    for text in [
+        "is a CA certificate",
+        "subjectAltName",
+        "SSL_CERT",
+        "--ca-cert",
+        "HTTPS with a certificate of your own",
+    ] {
+        assert!(
+            refused.stderr.contains(text),
+            "lacks {text:?}: {}",
+            refused.stderr
+        );
+    }
+    assert_eq!(
+        refused.stderr.trim_end().lines().count(),
+        1,
+        "{}",
+        refused.stderr
+    );
+}

@@ -213,7 +213,7 @@ fn oversized_bodies_get_413_without_waiting_for_them() {
 }
 
 #[test]
-fn a_body_that_never_arrives_is_given_up_with_400() {
+fn a_body_that_never_arrives_is_given_up_with_408() {
     let server = Server::start();
     let mut stream = TcpStream::connect(address(&server)).expect("connect");
     stream
@@ -228,8 +228,15 @@ fn a_body_that_never_arrives_is_given_up_with_400() {
         .read(&mut answer)
         .expect("an answer before the read timeout");
     let answer = String::from_utf8_lossy(&answer[..n]).into_owned();
-    assert_eq!(status_of(&answer), 400, "{answer}");
-    assert!(answer.contains("did not arrive"), "{answer}");
+    assert_eq!(status_of(&answer), 408, "{answer}");
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    let body: serde_json::Value = serde_json::from_str(body).expect("a JSON body");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("did not arrive")),
+        "{answer}"
+    );
     assert!(
         asked.elapsed() < Duration::from_secs(15),
         "{:?}",

@@ -246,3 +246,57 @@ fn the_listener_queues_a_burst_of_new_connections() {
     // std's bind would give 128; the kernel caps whatever we ask at somaxconn.
     assert_eq!(backlog, vec![2048.min(somaxconn)], "{text}");
 }
+
+/// Basic auth sends `user:password`: a user name with a colon could never log in.
+#[test]
+fn a_user_name_with_a_colon_is_refused_at_start_up() {
+    let output = run_to_exit(&[("AUTH_USER", "ci:bot"), ("AUTH_PASS", "pw")], &[]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("locker: "))
+        .collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].contains("AUTH_USER") && lines[0].contains("':'"),
+        "{stderr}"
+    );
+    // A colon in the password is fine.
+    let server = common::server().auth("ci-bot", "p:w").start();
+    let reply = common::client()
+        .get(server.url("/locks"))
+        .basic_auth("ci-bot", Some("p:w"))
+        .send()
+        .expect("request");
+    assert_eq!(reply.status(), 200);
+}
+
+/// The Quick start's defaults (every interface, no auth) serve anyone on the network: say so.
+#[test]
+fn all_interfaces_without_auth_logs_a_warning() {
+    const WARNING: &str = "basic auth is off and the server accepts connections on all interfaces";
+    let open = common::server().env("LOCKER_LISTEN", "0.0.0.0").start();
+    let log = open.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains(WARNING))
+        .unwrap_or_else(|| panic!("no warning in:\n{log}"));
+    assert!(
+        line.contains("WARN") && line.contains("AUTH_USER") && line.contains("LOCKER_LISTEN"),
+        "{line}"
+    );
+    // The log lines before "listening on" are all in by now: absent means never logged.
+    let with_auth = common::server()
+        .env("LOCKER_LISTEN", "0.0.0.0")
+        .auth("admin", "secret")
+        .start();
+    assert!(!with_auth.log().contains(WARNING), "{}", with_auth.log());
+    let loopback = common::server().env("LOCKER_LISTEN", "127.0.0.1").start();
+    assert!(!loopback.log().contains(WARNING), "{}", loopback.log());
+    assert!(
+        loopback.log().contains("basic auth off"),
+        "{}",
+        loopback.log()
+    );
+}

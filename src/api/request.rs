@@ -27,7 +27,7 @@ pub const MAX_SLOTS: u32 = 10_000;
 pub const MAX_KEY: usize = 1024;
 
 /// The lock name from `/lock/{name}`: percent-decoded, 1 to 255 bytes of UTF-8 without control
-/// characters. Decoded from the raw path, so `%2F` is part of a name, never a path separator.
+/// or format characters. Decoded from the raw path, so `%2F` is part of a name, never a path separator.
 pub fn lock_name(request: &HttpRequest) -> Result<String, ApiError> {
     let raw = request
         .uri()
@@ -56,7 +56,42 @@ pub fn validate_name(name: &str) -> Result<(), ApiError> {
             "lock name contains control characters".into(),
         ));
     }
+    if let Some(c) = name.chars().find(|&c| is_format_character(c)) {
+        return Err(ApiError::BadRequest(format!(
+            "lock name contains the invisible format character U+{:04X} (bidi controls and \
+             zero-width characters make names that look alike but differ)",
+            c as u32
+        )));
+    }
     Ok(())
+}
+
+/// Whether `c` is a Unicode format character (general category Cf: bidi overrides and
+/// isolates, zero-width spaces and joiners, the byte order mark, tags ...), as of Unicode 16.
+pub fn is_format_character(c: char) -> bool {
+    matches!(
+        c as u32,
+        0xAD | 0x600..=0x605
+            | 0x61C
+            | 0x6DD
+            | 0x70F
+            | 0x890..=0x891
+            | 0x8E2
+            | 0x180E
+            | 0x200B..=0x200F
+            | 0x202A..=0x202E
+            | 0x2060..=0x2064
+            | 0x2066..=0x206F
+            | 0xFEFF
+            | 0xFFF9..=0xFFFB
+            | 0x110BD
+            | 0x110CD
+            | 0x13430..=0x1343F
+            | 0x1BCA0..=0x1BCA3
+            | 0x1D173..=0x1D17A
+            | 0xE0001
+            | 0xE0020..=0xE007F
+    )
 }
 
 /// Time a client gets to send the whole body: actix-web has no body timeout of its own, so a
@@ -67,7 +102,7 @@ pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 pub async fn read_body(request: &HttpRequest, payload: web::Payload) -> Result<Bytes, ApiError> {
     match tokio::time::timeout(BODY_TIMEOUT, collect_body(request, payload)).await {
         Ok(body) => body,
-        Err(_) => Err(ApiError::BadRequest(format!(
+        Err(_) => Err(ApiError::RequestTimeout(format!(
             "the request body did not arrive within {} s",
             BODY_TIMEOUT.as_secs()
         ))),
@@ -243,11 +278,18 @@ impl LockBody {
     }
 }
 
+/// A key or requestor: at most [`MAX_KEY`] bytes, without control characters (they would
+/// break log lines and the CLI's tables).
 fn check_length(field: &str, value: &str) -> Result<(), ApiError> {
     if value.len() > MAX_KEY {
         return Err(ApiError::BadRequest(format!(
             "{field} is {} bytes long; at most {MAX_KEY} are allowed",
             value.len()
+        )));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(ApiError::BadRequest(format!(
+            "{field} contains control characters"
         )));
     }
     Ok(())
@@ -309,6 +351,45 @@ mod tests {
         assert!(validate_name(&"n".repeat(255)).is_ok());
         assert!(validate_name("a\nb").is_err());
         assert!(validate_name("a\u{7f}").is_err());
+    }
+
+    #[test]
+    fn names_with_invisible_format_characters_are_refused() {
+        for c in [
+            '\u{AD}',
+            '\u{200B}',
+            '\u{200D}',
+            '\u{200E}',
+            '\u{202E}',
+            '\u{2066}',
+            '\u{2069}',
+            '\u{FEFF}',
+            '\u{E0041}',
+            '\u{1343F}',
+        ] {
+            let name = format!("deploy{c}prod");
+            let error = validate_name(&name).expect_err("format character");
+            assert!(error.to_string().contains("format character"), "{error}");
+        }
+        // Letters, marks and symbols from other scripts stay allowed.
+        for name in ["déploiement", "部署", "деплой", "prod-🚀", "e\u{301}"] {
+            assert!(validate_name(name).is_ok(), "{name}");
+        }
+    }
+
+    #[test]
+    fn keys_and_requestors_without_control_characters() {
+        for field in ["key", "requestor"] {
+            for bad in ["a\nb", "a\u{0}", "tab\t", "\u{1b}[31mred", "a\u{85}"] {
+                let body = serde_json::json!({"key": "k", field: bad}).to_string();
+                let body = LockBody::parse(body.as_bytes()).expect("parses");
+                let error = body
+                    .key()
+                    .and_then(|key| body.requestor(&key))
+                    .expect_err("control character");
+                assert!(error.to_string().contains("control characters"), "{error}");
+            }
+        }
     }
 
     #[test]

@@ -190,9 +190,13 @@ impl Connection {
             request = request.json(body);
         }
         let response = request.send().await.map_err(|e| {
+            let cause = describe(&e);
+            let hint = certificate_hint(&cause, &self.base)
+                .map(|hint| format!(". {hint}"))
+                .unwrap_or_default();
             Failure::new(
                 exit::UNREACHABLE,
-                format!("cannot reach the server at {}: {}", self.base, describe(&e)),
+                format!("cannot reach the server at {}: {cause}{hint}", self.base),
             )
         })?;
         let status = response.status();
@@ -240,6 +244,48 @@ pub fn wire_duration(duration: Duration) -> String {
     }
 }
 
+/// Where the README shows how to make a certificate that works.
+const CERTIFICATE_RECIPE: &str =
+    "README, Recipes: \"HTTPS with a certificate of your own\" has the openssl commands";
+
+/// What is wrong with the server's certificate and how to make one that works, when the TLS
+/// handshake refused it (`cause` is the error with its causes, as [`describe`] gives it).
+fn certificate_hint(cause: &str, base: &str) -> Option<String> {
+    let host = reqwest::Url::parse(base)
+        .ok()
+        .and_then(|url| url.host_str().map(str::to_string))
+        .unwrap_or_else(|| base.to_string());
+    if cause.contains("CaUsedAsEndEntity") {
+        return Some(format!(
+            "The server's certificate is a CA certificate (basicConstraints CA:TRUE, which a \
+             plain `openssl req -x509` makes), and TLS clients refuse a CA certificate as a \
+             server's own. Make a CA, and a server certificate signed by it that names {host} \
+             in subjectAltName; give the server the server certificate (SSL_CERT, SSL_KEY) and \
+             this client the CA (--ca-cert or LOCKER_CA_CERT). {CERTIFICATE_RECIPE}"
+        ));
+    }
+    if cause.contains("UnknownIssuer") {
+        return Some(format!(
+            "The server's certificate is not signed by a CA this client trusts: pass the CA \
+             certificate that signed it with --ca-cert or LOCKER_CA_CERT. {CERTIFICATE_RECIPE}"
+        ));
+    }
+    if cause.contains("NotValidForName") {
+        return Some(format!(
+            "The server's certificate does not name {host} in its subjectAltName: connect with a \
+             name it has, or give the server a certificate naming {host}. {CERTIFICATE_RECIPE}"
+        ));
+    }
+    if cause.contains("Expired") || cause.contains("NotValidYet") {
+        return Some(
+            "The server's certificate is outside its validity dates: renew it, or check this \
+             machine's clock."
+                .to_string(),
+        );
+    }
+    None
+}
+
 /// A transport error with its causes.
 fn describe(error: &reqwest::Error) -> String {
     let mut text = if error.is_timeout() {
@@ -262,6 +308,31 @@ fn describe(error: &reqwest::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn certificate_refusals_say_what_is_wrong_and_how_to_fix_it() {
+        let base = "https://locker.example.com:3000";
+        let ca = certificate_hint(
+            "client error (Connect): invalid peer certificate: Other(OtherError(CaUsedAsEndEntity))",
+            base,
+        )
+        .expect("hint");
+        for text in [
+            "CA certificate",
+            "openssl req -x509",
+            "locker.example.com",
+            "--ca-cert",
+        ] {
+            assert!(ca.contains(text), "{ca} lacks {text}");
+        }
+        let unknown =
+            certificate_hint("invalid peer certificate: UnknownIssuer", base).expect("hint");
+        assert!(unknown.contains("--ca-cert"), "{unknown}");
+        let name =
+            certificate_hint("invalid peer certificate: NotValidForName", base).expect("hint");
+        assert!(name.contains("locker.example.com"), "{name}");
+        assert_eq!(certificate_hint("Connection refused", base), None);
+    }
 
     #[test]
     fn paths_and_durations() {

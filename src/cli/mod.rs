@@ -43,6 +43,10 @@ pub mod exit {
     pub const REFUSED: u8 = 76;
     /// The server refused the credentials (401).
     pub const AUTH: u8 = 77;
+    /// Standard output is a pipe nobody reads any more (`locker locks | head -1`): the command
+    /// stops quietly with 128 + SIGPIPE, the status a shell shows for `cat` or `grep` killed
+    /// by SIGPIPE, so that `set -o pipefail` treats locker like them.
+    pub const CLOSED_PIPE: u8 = 141;
     /// `locker lock`: the command could not be run (not executable).
     pub const CANNOT_RUN: u8 = 126;
     /// `locker lock`: the command was not found.
@@ -60,6 +64,7 @@ Exit codes:
   76   server refused the request (bad request, wrong key, slots mismatch, 5xx)
   77   server refused the credentials (401)
   126  command could not be run;  127  command not found
+  141  standard output was closed by its reader (`locker locks | head -1`)
 
 Connection: --url/LOCKER_URL (default http://127.0.0.1:3000),
 --user/LOCKER_USER (or AUTH_USER), --password/LOCKER_PASSWORD (or AUTH_PASS),
@@ -78,6 +83,16 @@ impl Failure {
             code,
             message: message.into(),
         }
+    }
+}
+
+/// The failure for a write to standard output that failed: a closed pipe ends the command
+/// quietly (no message) with [`exit::CLOSED_PIPE`]; anything else says what happened.
+pub fn stdout_failure(error: std::io::Error) -> Failure {
+    if error.kind() == std::io::ErrorKind::BrokenPipe {
+        Failure::new(exit::CLOSED_PIPE, "")
+    } else {
+        Failure::new(1, format!("cannot write to standard output: {error}"))
     }
 }
 
@@ -262,7 +277,13 @@ pub fn is_client(args: &[OsString]) -> bool {
 
 /// Runs a client subcommand and returns the process's exit code.
 pub fn main(args: Vec<OsString>) -> ExitCode {
-    let cli = match Cli::try_parse_from(args) {
+    // Empty LOCKER_URL, LOCKER_CA_CERT ... count as unset, as for the server.
+    let mut command = crate::config::ignore_empty_env(<Cli as clap::CommandFactory>::command());
+    let parsed = command
+        .try_get_matches_from_mut(args)
+        .and_then(|matches| <Cli as clap::FromArgMatches>::from_arg_matches(&matches))
+        .map_err(|error| error.format(&mut command));
+    let cli = match parsed {
         Ok(cli) => cli,
         Err(error) => {
             // Help and version go to stdout with 0, usage errors to stderr with 2.
@@ -284,7 +305,9 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => ExitCode::from(code),
         Err(failure) => {
-            eprintln!("locker: {}", failure.message.replace('\n', " "));
+            if !failure.message.is_empty() {
+                eprintln!("locker: {}", failure.message.replace('\n', " "));
+            }
             ExitCode::from(failure.code)
         }
     }

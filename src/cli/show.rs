@@ -87,7 +87,16 @@ pub fn describe_holder(status: &Value) -> String {
 }
 
 /// Prints rows as columns, the first row being the header.
-fn table(rows: &[Vec<String>]) {
+/// Writes a line to standard output; a closed pipe ends the command quietly (see
+/// [`super::closed_stdout`]).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write;
+        writeln!(std::io::stdout().lock(), $($arg)*).map_err(super::stdout_failure)
+    }};
+}
+
+fn table(rows: &[Vec<String>]) -> Result<(), Failure> {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
         .map(|c| {
@@ -104,8 +113,9 @@ fn table(rows: &[Vec<String>]) {
             .enumerate()
             .map(|(c, cell)| format!("{cell:<width$}", width = widths[c]))
             .collect();
-        println!("{}", line.join("  ").trim_end());
+        out!("{}", line.join("  ").trim_end())?;
     }
+    Ok(())
 }
 
 fn pretty(value: &Value) -> String {
@@ -115,7 +125,7 @@ fn pretty(value: &Value) -> String {
 pub async fn locks(connection: &Connection, as_json: bool) -> Result<u8, Failure> {
     let locks = connection.locks().await?;
     if as_json {
-        println!("{}", pretty(&locks));
+        out!("{}", pretty(&locks))?;
         return Ok(0);
     }
     let mut rows = vec![
@@ -174,9 +184,9 @@ pub async fn locks(connection: &Connection, as_json: bool) -> Result<u8, Failure
         }
     }
     if rows.len() == 1 {
-        println!("no locks held");
+        out!("no locks held")?;
     } else {
-        table(&rows);
+        table(&rows)?;
     }
     Ok(0)
 }
@@ -189,17 +199,16 @@ pub async fn status(connection: &Connection, name: &str, as_json: bool) -> Resul
         _ => return Err(reply.refused(&format!("cannot read lock {name:?}"))),
     };
     if as_json {
-        println!("{}", pretty(&status));
+        out!("{}", pretty(&status))?;
         return Ok(0);
     }
-    print_status(name, &status);
+    print_status(name, &status)?;
     Ok(0)
 }
 
-fn print_status(name: &str, status: &Value) {
+fn print_status(name: &str, status: &Value) -> Result<(), Failure> {
     if holdings(status).is_empty() {
-        println!("lock {name:?} is free");
-        return;
+        return out!("lock {name:?} is free");
     }
     let mut rows: Vec<Vec<String>> = Vec::new();
     let mut add = |label: &str, value: String| {
@@ -230,7 +239,7 @@ fn print_status(name: &str, status: &Value) {
             );
         }
     }
-    table(&rows);
+    table(&rows)
 }
 
 pub async fn release(
@@ -255,9 +264,9 @@ pub async fn release(
         return Err(reply.refused(&format!("cannot release lock {name:?}")));
     }
     if as_json {
-        println!("{}", pretty(&reply.body));
+        out!("{}", pretty(&reply.body))?;
     } else {
-        println!("{}", text(&reply.body, "response"));
+        out!("{}", text(&reply.body, "response"))?;
     }
     Ok(0)
 }
@@ -294,9 +303,9 @@ pub async fn wait_free(
         let held_status = reply.body.clone();
         if free == Some(true) || (free.is_none() && reply.status == StatusCode::NOT_FOUND) {
             if as_json {
-                println!("{}", pretty(&json!({"name": name, "free": true})));
+                out!("{}", pretty(&json!({"name": name, "free": true})))?;
             } else {
-                println!("lock {name:?} is free");
+                out!("lock {name:?} is free")?;
             }
             return Ok(0);
         }
@@ -314,7 +323,7 @@ pub async fn wait_free(
                 if let Some(map) = status.as_object_mut() {
                     map.insert("free".into(), json!(false));
                 }
-                println!("{}", pretty(&status));
+                out!("{}", pretty(&status))?;
             }
             return Err(Failure::new(
                 exit::HELD,

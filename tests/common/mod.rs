@@ -77,9 +77,17 @@ pub struct ServerBuilder {
     env: Vec<(String, String)>,
     args: Vec<String>,
     https: bool,
+    current_dir: Option<PathBuf>,
 }
 
 impl ServerBuilder {
+    /// Runs the server in this directory (relative paths, such as the default state file
+    /// `locker.yml`, land there).
+    pub fn current_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.current_dir = Some(dir.into());
+        self
+    }
+
     pub fn state_file(mut self, path: impl Into<PathBuf>) -> Self {
         self.state_file = Some(path.into());
         self
@@ -167,6 +175,9 @@ impl ServerBuilder {
         for (name, value) in &self.env {
             command.env(name, value);
         }
+        if let Some(dir) = &self.current_dir {
+            command.current_dir(dir);
+        }
         command
             .args(&self.args)
             .stdin(Stdio::null())
@@ -243,6 +254,7 @@ pub fn server() -> ServerBuilder {
         env: Vec::new(),
         args: Vec::new(),
         https: false,
+        current_dir: None,
     };
     match backend() {
         Backend::File => builder,
@@ -355,6 +367,7 @@ impl Server {
             env: self.builder.env.clone(),
             args: self.builder.args.clone(),
             https: self.builder.https,
+            current_dir: self.builder.current_dir.clone(),
         };
         let mut server = builder.start();
         server._dir = dir;
