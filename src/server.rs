@@ -80,12 +80,16 @@ pub async fn serve(
         if let Some(credentials) = &credentials {
             app = app.app_data(credentials.clone());
         }
-        app.route("/health", web::get().to(api::health)).service(
-            web::scope("")
-                .wrap(HttpAuthentication::with_fn(auth::validate))
-                .configure(api::routes)
-                .default_service(web::to(api::not_found)),
-        )
+        // Probes carry no credentials: liveness and readiness are open, like the dashboard's
+        // assets are not (they are behind auth with the rest).
+        app.route("/health", web::get().to(api::health))
+            .route("/ready", web::get().to(api::ready))
+            .service(
+                web::scope("")
+                    .wrap(HttpAuthentication::with_fn(auth::validate))
+                    .configure(api::routes)
+                    .default_service(web::to(api::not_found)),
+            )
     };
     let server = HttpServer::new(app)
         .on_connect(api::peer::record_socket)

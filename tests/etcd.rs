@@ -644,3 +644,46 @@ fn every_request_succeeds_with_the_etcd_leader_killed() {
 fn every_request_succeeds_with_an_etcd_follower_killed() {
     one_member_down_fails_no_request(Victim::Follower);
 }
+
+/// Polls `GET {path}` on `server` until it answers `status`; fails after `within`.
+fn wait_for_status(server: &Server, path: &str, status: u16, within: Duration) -> common::Reply {
+    let deadline = Instant::now() + within;
+    loop {
+        let reply = call("GET", &server.url(path), None);
+        if reply.status == status {
+            return reply;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "GET {path} never answered {status}; last: {} {}",
+            reply.status,
+            reply.body
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn readiness_follows_the_etcd_quorum_while_liveness_stays() {
+    let _serial = serial();
+    let mut cluster = EtcdCluster::start(3);
+    let servers = replicas(&cluster, 2);
+    for server in &servers {
+        let reply = call("GET", &server.url("/ready"), None);
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+    cluster.kill(1);
+    cluster.kill(2);
+    for server in &servers {
+        let reply = wait_for_status(server, "/ready", 503, Duration::from_secs(10));
+        assert!(!reply.error().is_empty(), "{}", reply.body);
+        assert_eq!(call("GET", &server.url("/health"), None).status, 200);
+        // Not ready means writes fail: the answer is not a false alarm.
+        assert_eq!(server.lock("no-quorum", json!({"key": "k"})).status, 503);
+    }
+    cluster.restart(1);
+    cluster.restart(2);
+    for server in &servers {
+        wait_for_status(server, "/ready", 200, Duration::from_secs(30));
+    }
+}

@@ -49,6 +49,8 @@ use crate::rules::{
 
 /// Longest one etcd request may take before it counts as failed.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest the readiness check waits for etcd.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(1);
 /// Longest a batch keeps retrying conflicting transactions; and the age past which a queued
 /// operation is refused unapplied. Together they bound how long a request waits for etcd.
 const BATCH_DEADLINE: Duration = Duration::from_secs(4);
@@ -1452,6 +1454,25 @@ impl LockStore for EtcdStore {
             }
         }
         Ok(views)
+    }
+
+    /// Ready when etcd answered a linearizable request (which needs a quorum) within the last
+    /// [`READY_TIMEOUT`], or answers one now within it.
+    async fn ready(&self) -> Result<(), StoreError> {
+        if self.members.answered_within(READY_TIMEOUT) {
+            return Ok(());
+        }
+        let meta = self.shared.keys.meta();
+        self.read(READY_TIMEOUT, move |mut client| {
+            let meta = meta.clone();
+            async move {
+                client
+                    .get(meta, Some(GetOptions::new().with_count_only()))
+                    .await
+            }
+        })
+        .await
+        .map(|_| ())
     }
 
     fn stats(&self) -> LockStats {
