@@ -81,11 +81,14 @@ pub async fn serve(
         if let Some(credentials) = &credentials {
             app = app.app_data(credentials.clone());
         }
+        // Probes carry no credentials: liveness and readiness are open (the dashboard's assets
+        // are behind auth with the rest).
         app.service(
             web::resource("/health")
                 .route(web::get().to(api::health))
                 .route(web::head().to(api::health)),
         )
+        .route("/ready", web::get().to(api::ready))
         .service(
             web::scope("")
                 .wrap(HttpAuthentication::with_fn(auth::validate))

@@ -243,6 +243,14 @@ fn health_answers_ok() {
     assert_eq!(reply.json(), json!({"status": "OK"}));
 }
 
+#[test]
+fn ready_answers_200_when_the_store_can_take_writes() {
+    let server = Server::start();
+    let reply = call("GET", &server.url("/ready"), None);
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.json(), json!({"status": "ready"}));
+}
+
 also_on_etcd!(
     lock_conflict_and_release_follow_the_original_api,
     counts_are_kept_per_requestor_and_one_delete_clears_a_requestor,
@@ -253,4 +261,5 @@ also_on_etcd!(
     names_are_percent_decoded_and_validated,
     unknown_routes_wrong_methods_and_big_bodies_get_json_errors,
     health_answers_ok,
+    ready_answers_200_when_the_store_can_take_writes,
 );

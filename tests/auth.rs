@@ -28,9 +28,11 @@ fn without_auth_configured_everything_is_open() {
 }
 
 #[test]
-fn every_route_but_health_requires_credentials() {
+fn every_route_but_health_and_ready_requires_credentials() {
     let server = start_with_auth();
     assert_eq!(call("GET", &server.url("/health"), None).status, 200);
+    // Probes carry no credentials; readiness tells nothing about the locks.
+    assert_eq!(call("GET", &server.url("/ready"), None).status, 200);
     assert_refused(&call("GET", &server.url("/locks"), None));
     assert_refused(&call("GET", &server.url("/lock/x"), None));
     assert_refused(&call("PUT", &server.url("/lock/x"), Some(r#"{"key":"k"}"#)));

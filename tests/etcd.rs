@@ -569,3 +569,121 @@ fn import_includes_what_a_crashed_server_left_in_the_journal() {
         .start();
     assert_eq!(server.locks()["journaled"]["key"], "k");
 }
+
+/// Which etcd member a test kills.
+#[derive(Clone, Copy, Debug)]
+enum Victim {
+    Leader,
+    Follower,
+}
+
+/// With one member of three killed, etcd keeps a quorum: once it has a leader again, every
+/// request through every replica must succeed. Each replica gets `CYCLES` rounds of a PUT, a
+/// GET and a DELETE; every failure is counted (nothing is retried) and the count must be 0.
+fn one_member_down_fails_no_request(victim: Victim) {
+    const CYCLES: usize = 100;
+    let _serial = serial();
+    let mut cluster = EtcdCluster::start(3);
+    let servers = replicas(&cluster, 2);
+    // Every replica has talked to etcd before the fault.
+    for (i, server) in servers.iter().enumerate() {
+        let name = format!("warm-{i}");
+        assert_eq!(server.lock(&name, json!({"key": "k"})).status, 200);
+        assert_eq!(server.unlock(&name, json!({"key": "k"})).status, 200);
+    }
+    let leader = cluster.leader();
+    let killed = match victim {
+        Victim::Leader => leader,
+        Victim::Follower => (leader + 1) % 3,
+    };
+    eprintln!("killing etcd member m{killed} ({victim:?})");
+    cluster.kill(killed);
+    let new_leader = cluster.leader();
+    eprintln!("etcd leader is m{new_leader}");
+    let http = common::client();
+    let mut failures = Vec::new();
+    let mut total = 0;
+    for (i, server) in servers.iter().enumerate() {
+        let body = json!({"key": format!("r{i}")}).to_string();
+        for cycle in 0..CYCLES {
+            let path = format!("/lock/down-{i}-{cycle}");
+            for method in ["PUT", "GET", "DELETE"] {
+                total += 1;
+                let started = Instant::now();
+                match try_call(&http, method, &server.url(&path), &body) {
+                    Ok((200, _)) => {}
+                    Ok((status, text)) => failures.push(format!(
+                        "replica {i} {method} {path}: {status} after {:?}: {text}",
+                        started.elapsed()
+                    )),
+                    Err(e) => failures.push(format!("replica {i} {method} {path}: {e}")),
+                }
+            }
+        }
+    }
+    eprintln!(
+        "{victim:?} killed: {} of {total} requests failed",
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {total} requests failed with one etcd member down, first: {:?}",
+        failures.len(),
+        failures.iter().take(3).collect::<Vec<_>>()
+    );
+    cluster.restart(killed);
+    cluster.wait_healthy(killed);
+}
+
+#[test]
+fn every_request_succeeds_with_the_etcd_leader_killed() {
+    one_member_down_fails_no_request(Victim::Leader);
+}
+
+#[test]
+fn every_request_succeeds_with_an_etcd_follower_killed() {
+    one_member_down_fails_no_request(Victim::Follower);
+}
+
+/// Polls `GET {path}` on `server` until it answers `status`; fails after `within`.
+fn wait_for_status(server: &Server, path: &str, status: u16, within: Duration) -> common::Reply {
+    let deadline = Instant::now() + within;
+    loop {
+        let reply = call("GET", &server.url(path), None);
+        if reply.status == status {
+            return reply;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "GET {path} never answered {status}; last: {} {}",
+            reply.status,
+            reply.body
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn readiness_follows_the_etcd_quorum_while_liveness_stays() {
+    let _serial = serial();
+    let mut cluster = EtcdCluster::start(3);
+    let servers = replicas(&cluster, 2);
+    for server in &servers {
+        let reply = call("GET", &server.url("/ready"), None);
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+    cluster.kill(1);
+    cluster.kill(2);
+    for server in &servers {
+        let reply = wait_for_status(server, "/ready", 503, Duration::from_secs(10));
+        assert!(!reply.error().is_empty(), "{}", reply.body);
+        assert_eq!(call("GET", &server.url("/health"), None).status, 200);
+        // Not ready means writes fail: the answer is not a false alarm.
+        assert_eq!(server.lock("no-quorum", json!({"key": "k"})).status, 503);
+    }
+    cluster.restart(1);
+    cluster.restart(2);
+    for server in &servers {
+        wait_for_status(server, "/ready", 200, Duration::from_secs(30));
+    }
+}

@@ -350,6 +350,27 @@ fn with_default_settings_the_server_starts_on_a_full_disk_serves_reads_and_recov
 }
 
 #[test]
+fn readiness_is_503_while_a_full_disk_refuses_writes_and_200_once_there_is_room() {
+    let tmpfs = small_tmpfs();
+    let state = tmpfs.0.path().join("locker.yml");
+    let server = common::server().state_file(&state).start();
+    assert_eq!(call("GET", &server.url("/ready"), None).status, 200);
+    let filler = tmpfs.0.path().join("filler");
+    fill(&filler);
+    assert_eq!(server.lock("during", json!({"key": "k"})).status, 503);
+    let ready = call("GET", &server.url("/ready"), None);
+    assert_eq!(ready.status, 503, "{}", ready.body);
+    assert!(ready.error().contains("no free space"), "{}", ready.body);
+    // Liveness stays: the process is fine, only its disk is not.
+    assert_eq!(call("GET", &server.url("/health"), None).status, 200);
+    std::fs::remove_file(&filler).expect("free space");
+    // Ready again before any write succeeded: a load balancer must send one to find out.
+    let ready = call("GET", &server.url("/ready"), None);
+    assert_eq!(ready.status, 200, "{}", ready.body);
+    assert_eq!(server.lock("during", json!({"key": "k"})).status, 200);
+}
+
+#[test]
 fn with_the_journal_on_and_no_room_for_it_the_server_starts_without_it_and_warns() {
     let tmpfs = small_tmpfs();
     let state = tmpfs.0.path().join("locker.yml");

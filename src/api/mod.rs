@@ -52,8 +52,18 @@ pub fn routes(config: &mut web::ServiceConfig) {
         );
 }
 
+/// Liveness: the process serves HTTP. Says nothing of the store (see [`ready`]).
 pub async fn health() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "OK"}))
+}
+
+/// Readiness: 200 when the store can take writes now, 503 with the reason when it cannot
+/// (etcd without a quorum or out of reach, a state file that cannot be written). For load
+/// balancers and Kubernetes readiness probes; open like `/health`, as probes carry no
+/// credentials, and it tells nothing about the locks.
+pub async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    state.store.ready().await?;
+    Ok(HttpResponse::Ok().json(json!({"status": "ready"})))
 }
 
 pub async fn not_found() -> Result<HttpResponse, ApiError> {

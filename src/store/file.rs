@@ -92,6 +92,10 @@ pub struct FileStore {
     /// Bumped by the writer after every commit, for those waiting for a lock to be free.
     commits: Arc<watch::Sender<u64>>,
     writer: Mutex<Option<thread::JoinHandle<()>>>,
+    /// Why the writer's last write failed; `None` once one succeeded.
+    write_failure: Arc<Mutex<Option<String>>>,
+    /// The state file's directory, checked by [`LockStore::ready`] after a failed write.
+    dir: PathBuf,
 }
 
 impl FileStore {
@@ -118,6 +122,7 @@ impl FileStore {
             waiters: HashMap::new(),
             retry: Vec::new(),
             last_failure: None,
+            write_failure: Arc::new(Mutex::new(None)),
             journal: None,
             journal_wanted: options.journal_bytes > 0,
             rewrite_pending: false,
@@ -138,6 +143,8 @@ impl FileStore {
         *writer.committed.write() = table;
         let committed = writer.committed.clone();
         let commits = writer.commits.clone();
+        let write_failure = writer.write_failure.clone();
+        let dir = writer.paths.dir.clone();
         let (commands, receiver) = mpsc::channel();
         let handle = thread::Builder::new()
             .name("state-writer".into())
@@ -153,6 +160,8 @@ impl FileStore {
             shutdown,
             commits,
             writer: Mutex::new(Some(handle)),
+            write_failure,
+            dir,
         })
     }
 
@@ -302,6 +311,22 @@ impl LockStore for FileStore {
                 () = &mut deadline => return Ok(status),
                 _ = shutdown.wait_for(|stopping| *stopping) => return Err(StoreError::ShuttingDown),
             }
+        }
+    }
+
+    /// Ready unless the last write failed and the state file's directory still cannot take
+    /// one (not writable, or no free space): then the next write is likely to fail too. Once
+    /// the directory can be written again it is ready, and the next write tells.
+    async fn ready(&self) -> Result<(), StoreError> {
+        let Some(failure) = self.write_failure.lock().clone() else {
+            return Ok(());
+        };
+        match directory_writable(&self.dir) {
+            Ok(()) => Ok(()),
+            Err(why) => Err(StoreError::Unavailable(format!(
+                "the last write failed ({failure}) and {}: {why}",
+                self.dir.display()
+            ))),
         }
     }
 
@@ -541,6 +566,8 @@ struct Writer {
     /// Internal operations whose write failed; applied again with the next batch.
     retry: Vec<Op>,
     last_failure: Option<std::time::Instant>,
+    /// Why the last write failed, for [`LockStore::ready`]; cleared by a commit.
+    write_failure: Arc<Mutex<Option<String>>>,
     /// `None` when the journal is turned off: every batch rewrites the state file.
     journal: Option<Journal>,
     /// The journal is on (it may not be open yet at start-up).
@@ -875,6 +902,7 @@ impl Writer {
 
     fn commit(&mut self, batch: Batch) {
         self.last_failure = None;
+        *self.write_failure.lock() = None;
         // Readers now see the batch. Cheap: the clone shares every lock the batch left alone.
         *self.committed.write() = self.working.clone();
         debug_assert!(
@@ -933,6 +961,7 @@ impl Writer {
         }
         self.undo(failure.left);
         self.last_failure = Some(std::time::Instant::now());
+        *self.write_failure.lock() = Some(reason.clone());
         for id in &batch.queued {
             self.waiters.remove(id);
         }
@@ -1030,4 +1059,28 @@ fn log_effects(batch: &Batch) {
             _ => {}
         }
     }
+}
+
+/// Whether `dir` can take a write now: writable by this process, with free space. Creates
+/// nothing.
+fn directory_writable(dir: &Path) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| "the path holds a NUL byte".to_string())?;
+    // SAFETY: `path` is a valid NUL-terminated string for the duration of the call.
+    if unsafe { libc::access(path.as_ptr(), libc::W_OK) } != 0 {
+        return Err(format!("not writable: {}", io::Error::last_os_error()));
+    }
+    // SAFETY: statvfs fills the zeroed struct it is given; `path` is valid as above.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return Err(format!(
+            "cannot be examined: {}",
+            io::Error::last_os_error()
+        ));
+    }
+    if stat.f_bavail == 0 {
+        return Err("no free space".into());
+    }
+    Ok(())
 }

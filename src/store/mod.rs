@@ -134,6 +134,10 @@ pub trait LockStore: Send + Sync + 'static {
         }
     }
 
+    /// Whether the store can take writes now, cheaply and within about a second: `Err` with
+    /// the reason when it cannot. Answers `GET /ready`.
+    async fn ready(&self) -> Result<(), StoreError>;
+
     /// Counts for the metrics gauges, from the committed state.
     fn stats(&self) -> LockStats;
 

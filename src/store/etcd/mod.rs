@@ -16,6 +16,7 @@
 //! the stored value: any server expires them. See `docs/scaling-out.md`.
 
 pub mod codec;
+pub mod members;
 pub mod migrate;
 
 /// How to reach etcd: checked from the flags by [`crate::config`], which knows it in every build.
@@ -36,6 +37,7 @@ use parking_lot::Mutex;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use self::codec::{KeyKind, Keys, WAITER_BITS, waiter_replica};
+use self::members::Members;
 use super::{
     LockStore, LockView, Released, StoreError, WaitGuard, WaiterSlot, Withdraw, acquire_result,
     force_release_result, release_result, view,
@@ -47,13 +49,8 @@ use crate::rules::{
 
 /// Longest one etcd request may take before it counts as failed.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
-/// Pause before a read that could not connect is tried again.
-const CONNECT_RETRY: Duration = Duration::from_millis(50);
-
-/// Whether an etcd error means the request never left this process (no connection).
-fn is_connect_error(error: &etcd_client::Error) -> bool {
-    error.to_string().contains("tcp connect error")
-}
+/// Longest the readiness check waits for etcd.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(1);
 /// Longest a batch keeps retrying conflicting transactions; and the age past which a queued
 /// operation is refused unapplied. Together they bound how long a request waits for etcd.
 const BATCH_DEADLINE: Duration = Duration::from_secs(4);
@@ -99,6 +96,38 @@ impl EtcdConnection {
             options = options.with_tls(tls);
         }
         Ok(options)
+    }
+
+    /// A client per member (see [`members`]), once the cluster answered a linearizable read;
+    /// tried a few times.
+    pub async fn members(&self) -> Result<Members, String> {
+        if self.endpoints.is_empty() {
+            return Err("LOCKER_ETCD_ENDPOINTS names no endpoint".into());
+        }
+        let members = Members::new(&self.endpoints, self.options()?);
+        let endpoints = self.endpoints.join(",");
+        let meta = format!("{}meta", self.prefix);
+        for attempt in 1..=CONNECT_TRIES {
+            let probe = members
+                .call(REQUEST_TIMEOUT * 2, |mut client| {
+                    let meta = meta.clone();
+                    async move { client.get(meta, None).await }
+                })
+                .await;
+            let last = match probe {
+                Ok(_) => return Ok(members),
+                Err(e) => e.to_string(),
+            };
+            warn!("etcd at {endpoints} not reachable (try {attempt} of {CONNECT_TRIES}): {last}");
+            if attempt < CONNECT_TRIES {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            } else {
+                return Err(format!(
+                    "cannot reach etcd at {endpoints} after {CONNECT_TRIES} tries: {last}"
+                ));
+            }
+        }
+        Err(format!("cannot reach etcd at {endpoints}"))
     }
 
     /// Connects and proves the cluster answers (a linearizable read), trying a few times.
@@ -308,7 +337,7 @@ impl Shared {
 
 pub struct EtcdStore {
     shared: Arc<Shared>,
-    client: Client,
+    members: Arc<Members>,
     runtime: Mutex<Option<tokio::runtime::Runtime>>,
     handle: tokio::runtime::Handle,
     next_waiter: AtomicU64,
@@ -339,10 +368,10 @@ impl EtcdStore {
         let connection = options.connection.clone();
         let metrics = options.metrics.clone();
         let started = runtime.block_on(async move {
-            let client = connection.connect().await?;
-            start(client, &connection, commands, receiver, metrics).await
+            let members = Arc::new(connection.members().await?);
+            start(members, &connection, commands, receiver, metrics).await
         })?;
-        let (shared, client, writer, lease) = started;
+        let (shared, members, writer, lease) = started;
         info!(
             "etcd at {}, prefix {:?}: {} lock(s) held, this server is replica {}",
             options.connection.endpoints.join(","),
@@ -354,7 +383,7 @@ impl EtcdStore {
         Ok(EtcdStore {
             next_waiter: AtomicU64::new(1),
             shared,
-            client,
+            members,
             runtime: Mutex::new(Some(runtime)),
             handle,
             waiting: Arc::new(AtomicUsize::new(0)),
@@ -381,33 +410,21 @@ impl EtcdStore {
         }
     }
 
-    /// Runs an etcd read on the store's runtime, bounded in time. A member that cannot be
-    /// connected to (killed, restarting) is still in the client's rotation for a while, so a
-    /// read that failed to connect is tried again, on another member, until the deadline: it
-    /// never reached etcd, so trying again is safe.
-    async fn read<T, F, Make>(&self, make: Make) -> Result<T, StoreError>
+    /// Runs an etcd read on the store's runtime within `timeout`, on the member in use (or
+    /// the next ones, when it cannot be connected to: see [`members`]).
+    async fn read<T, F, Make>(&self, timeout: Duration, make: Make) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
-        Make: Fn() -> F + Send + 'static,
+        Make: FnMut(Client) -> F + Send + 'static,
     {
-        let task = self.handle.spawn(async move {
-            let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
-            loop {
-                match tokio::time::timeout_at(deadline, make()).await {
-                    Ok(Err(e))
-                        if is_connect_error(&e) && tokio::time::Instant::now() < deadline =>
-                    {
-                        tokio::time::sleep(CONNECT_RETRY).await;
-                    }
-                    other => return other,
-                }
-            }
-        });
+        let members = self.members.clone();
+        let task = self
+            .handle
+            .spawn(async move { members.call(timeout, make).await });
         match task.await {
-            Ok(Ok(Ok(value))) => Ok(value),
-            Ok(Ok(Err(e))) => Err(unavailable(e)),
-            Ok(Err(_)) => Err(unavailable("no answer in time")),
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(unavailable(e)),
             Err(e) => Err(unavailable(e)),
         }
     }
@@ -507,7 +524,7 @@ impl EtcdStore {
 
 /// Registers this server and starts its watch, writer and lease keeper.
 async fn start(
-    client: Client,
+    members: Arc<Members>,
     connection: &EtcdConnection,
     commands: mpsc::UnboundedSender<Command>,
     receiver: mpsc::UnboundedReceiver<Command>,
@@ -515,14 +532,18 @@ async fn start(
 ) -> Result<
     (
         Arc<Shared>,
-        Client,
+        Arc<Members>,
         tokio::task::JoinHandle<()>,
         Arc<AtomicU64>,
     ),
     String,
 > {
     let keys = Keys::new(&connection.prefix);
-    let mut etcd = client.clone();
+    // Start-up uses the member that just answered; it fails as a whole if that member fails.
+    let (_, mut etcd) = members
+        .pinned()
+        .await
+        .map_err(|e| format!("etcd: cannot register this server: {e}"))?;
     let replica = take_replica_id(&mut etcd, &keys)
         .await
         .map_err(|e| format!("etcd: cannot register this server: {e}"))?;
@@ -542,18 +563,18 @@ async fn start(
     let revision = load_all(&mut etcd, &shared, false)
         .await
         .map_err(|e| format!("etcd: cannot load the lock state: {e}"))?;
-    tokio::spawn(keep_alive(etcd.clone(), shared.clone(), lease.clone()));
-    tokio::spawn(watch_prefix(etcd.clone(), shared.clone(), revision + 1));
+    tokio::spawn(keep_alive(members.clone(), shared.clone(), lease.clone()));
+    tokio::spawn(watch_prefix(members.clone(), shared.clone(), revision + 1));
     let writer = Writer {
         shared: shared.clone(),
-        client: etcd.clone(),
+        members: members.clone(),
         retry: Vec::new(),
         backlog: VecDeque::new(),
         last_failure: None,
         last_purge: Instant::now(),
     };
     let writer = tokio::spawn(writer.run(receiver));
-    Ok((shared, client, writer, lease))
+    Ok((shared, members, writer, lease))
 }
 
 /// Takes the next replica id from the counter.
@@ -616,10 +637,13 @@ fn hostname() -> String {
 /// Renews this server's liveness lease; registers again if it was lost (etcd unreachable for
 /// longer than the lease). Waiters queued meanwhile may have been dropped by other servers:
 /// they time out and their clients repeat.
-async fn keep_alive(mut client: Client, shared: Arc<Shared>, lease: Arc<AtomicU64>) {
+async fn keep_alive(members: Arc<Members>, shared: Arc<Shared>, lease: Arc<AtomicU64>) {
     loop {
         let id = lease.load(Ordering::Relaxed) as i64;
+        let mut member = None;
         let alive = async {
+            let (i, mut client) = members.pinned().await?;
+            member = Some(i);
             let (mut keeper, mut stream) = client.lease_keep_alive(id).await?;
             loop {
                 keeper.keep_alive().await?;
@@ -636,33 +660,43 @@ async fn keep_alive(mut client: Client, shared: Arc<Shared>, lease: Arc<AtomicU6
                 tokio::time::sleep(KEEP_ALIVE_EVERY).await;
             }
         };
-        match alive.await {
+        let result = alive.await;
+        match result {
             Ok(()) => warn!("this server's etcd lease expired; registering again"),
-            Err(e) => warn!("renewing this server's etcd lease failed: {e}"),
+            Err(e) => {
+                warn!("renewing this server's etcd lease failed: {e}");
+                if let Some(i) = member {
+                    members.failed(i);
+                }
+            }
         }
         loop {
             tokio::time::sleep(Duration::from_millis(500)).await;
             // The old lease may still be alive (a broken stream, not an expiry): keep it.
-            let still =
-                tokio::time::timeout(REQUEST_TIMEOUT, client.lease_time_to_live(id, None)).await;
-            if let Ok(Ok(ttl)) = still
+            let still = members
+                .call(REQUEST_TIMEOUT, |mut client| async move {
+                    client.lease_time_to_live(id, None).await
+                })
+                .await;
+            if let Ok(ttl) = still
                 && ttl.ttl() > 0
             {
                 break;
             }
-            match tokio::time::timeout(
-                REQUEST_TIMEOUT * 2,
-                register(&mut client, &shared.keys, shared.replica),
-            )
-            .await
-            {
-                Ok(Ok(new)) => {
+            let registered = members
+                .call(REQUEST_TIMEOUT * 2, |mut client| {
+                    let keys = shared.keys.clone();
+                    let replica = shared.replica;
+                    async move { register(&mut client, &keys, replica).await }
+                })
+                .await;
+            match registered {
+                Ok(new) => {
                     lease.store(new as u64, Ordering::Relaxed);
                     info!("registered again with etcd as replica {}", shared.replica);
                     break;
                 }
-                Ok(Err(e)) => warn!("registering with etcd failed: {e}"),
-                Err(_) => warn!("registering with etcd failed: no answer in time"),
+                Err(e) => warn!("registering with etcd failed: {e}"),
             }
         }
     }
@@ -730,8 +764,16 @@ async fn load_all(client: &mut Client, shared: &Arc<Shared>, deliver: bool) -> R
 
 /// Follows every change under the prefix: keeps the cache current, hands grants to this
 /// server's waiters, and tracks which servers are alive. Reconnects by itself.
-async fn watch_prefix(mut client: Client, shared: Arc<Shared>, mut next: i64) {
+async fn watch_prefix(members: Arc<Members>, shared: Arc<Shared>, mut next: i64) {
     loop {
+        let (member, mut client) = match members.pinned().await {
+            Ok(pinned) => pinned,
+            Err(e) => {
+                warn!("cannot watch etcd: {e}");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                continue;
+            }
+        };
         let options = WatchOptions::new().with_prefix().with_start_revision(next);
         match client.watch(shared.keys.prefix(), Some(options)).await {
             Ok(mut stream) => loop {
@@ -766,11 +808,15 @@ async fn watch_prefix(mut client: Client, shared: Arc<Shared>, mut next: i64) {
                     }
                     Err(e) => {
                         warn!("etcd watch failed: {e}; watching again");
+                        members.failed(member);
                         break;
                     }
                 }
             },
-            Err(e) => warn!("cannot watch etcd: {e}"),
+            Err(e) => {
+                warn!("cannot watch etcd: {e}");
+                members.failed(member);
+            }
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -801,7 +847,7 @@ fn apply_event(shared: &Arc<Shared>, kind: EventType, kv: &KeyValue) {
 /// The one task of this server that writes lock state to etcd.
 struct Writer {
     shared: Arc<Shared>,
-    client: Client,
+    members: Arc<Members>,
     /// Internal operations whose transaction failed; applied again with a later batch.
     retry: Vec<Op>,
     /// Commands taken from the channel that did not fit in the last batch.
@@ -908,12 +954,20 @@ impl Writer {
         if suspects.is_empty() {
             return Vec::new();
         }
-        let read = self.client.get(
-            self.shared.keys.replicas_prefix(),
-            Some(GetOptions::new().with_prefix().with_keys_only()),
-        );
-        let live: BTreeSet<u64> = match tokio::time::timeout(REQUEST_TIMEOUT, read).await {
-            Ok(Ok(response)) => response
+        let prefix = self.shared.keys.replicas_prefix();
+        let read = self.members.call(REQUEST_TIMEOUT, |mut client| {
+            let prefix = prefix.clone();
+            async move {
+                client
+                    .get(
+                        prefix,
+                        Some(GetOptions::new().with_prefix().with_keys_only()),
+                    )
+                    .await
+            }
+        });
+        let live: BTreeSet<u64> = match read.await {
+            Ok(response) => response
                 .kvs()
                 .iter()
                 .filter_map(|kv| match self.shared.keys.classify(kv.key_str().ok()?) {
@@ -1028,15 +1082,19 @@ impl Writer {
                 .when(plan.compares.clone())
                 .and_then(plan.writes.clone())
                 .or_else(plan.reads.clone());
-            let result = tokio::time::timeout(REQUEST_TIMEOUT, self.client.txn(txn)).await;
+            // Tried on another member only when it could not connect (it was never sent):
+            // a transaction that may have been applied is never sent twice.
+            let result = self
+                .members
+                .call(REQUEST_TIMEOUT, |mut client| {
+                    let txn = txn.clone();
+                    async move { client.txn(txn).await }
+                })
+                .await;
             let response = match result {
-                Ok(Ok(response)) => response,
-                Ok(Err(e)) => {
+                Ok(response) => response,
+                Err(e) => {
                     self.fail(clients, confirms, internal, e.to_string());
-                    return;
-                }
-                Err(_) => {
-                    self.fail(clients, confirms, internal, "no answer in time".into());
                     return;
                 }
             };
@@ -1357,11 +1415,10 @@ impl LockStore for EtcdStore {
     }
 
     async fn status(&self, name: &str) -> Result<Option<LockView>, StoreError> {
-        let client = self.client.clone();
         let key = self.shared.keys.lock(name);
         let response = self
-            .read(move || {
-                let (mut client, key) = (client.clone(), key.clone());
+            .read(REQUEST_TIMEOUT, move |mut client| {
+                let key = key.clone();
                 async move { client.get(key, None).await }
             })
             .await?;
@@ -1377,11 +1434,10 @@ impl LockStore for EtcdStore {
     }
 
     async fn list(&self) -> Result<Vec<LockView>, StoreError> {
-        let client = self.client.clone();
         let prefix = self.shared.keys.locks_prefix();
         let response = self
-            .read(move || {
-                let (mut client, prefix) = (client.clone(), prefix.clone());
+            .read(REQUEST_TIMEOUT, move |mut client| {
+                let prefix = prefix.clone();
                 async move {
                     client
                         .get(prefix, Some(GetOptions::new().with_prefix()))
@@ -1405,6 +1461,25 @@ impl LockStore for EtcdStore {
         Ok(views)
     }
 
+    /// Ready when etcd answered a linearizable request (which needs a quorum) within the last
+    /// [`READY_TIMEOUT`], or answers one now within it.
+    async fn ready(&self) -> Result<(), StoreError> {
+        if self.members.answered_within(READY_TIMEOUT) {
+            return Ok(());
+        }
+        let meta = self.shared.keys.meta();
+        self.read(READY_TIMEOUT, move |mut client| {
+            let meta = meta.clone();
+            async move {
+                client
+                    .get(meta, Some(GetOptions::new().with_count_only()))
+                    .await
+            }
+        })
+        .await
+        .map(|_| ())
+    }
+
     fn stats(&self) -> LockStats {
         super::table_stats(&self.shared.cache.lock().table())
     }
@@ -1424,12 +1499,10 @@ impl LockStore for EtcdStore {
         {
             error!("the etcd writer did not stop in time");
         }
-        let client = self.client.clone();
         let lease = self.lease.load(Ordering::Relaxed) as i64;
         let revoked = self
-            .read(move || {
-                let mut client = client.clone();
-                async move { client.lease_revoke(lease).await }
+            .read(REQUEST_TIMEOUT, move |mut client| async move {
+                client.lease_revoke(lease).await
             })
             .await;
         if let Err(e) = revoked {
