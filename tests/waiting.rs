@@ -370,6 +370,36 @@ fn too_many_waiters_get_503() {
 }
 
 #[test]
+fn a_waiting_acquire_of_a_free_lock_takes_no_waiter_slot() {
+    let server = common::server().env("LOCKER_MAX_WAITERS", "1").start();
+    server.lock("full", json!({"key": "holder"}));
+    let (done, _results) = mpsc::channel();
+    spawn_waiter(&server, "full", json!({"key": "w1"}), "30s", &done);
+    wait_for_waiters(&server, "full", 1);
+    // The only waiter slot is taken, but this request never has to wait.
+    let asked = Instant::now();
+    let reply = call(
+        "PUT",
+        &server.url("/lock/free?wait=10s"),
+        Some(r#"{"key":"k"}"#),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        asked.elapsed()
+    );
+    // A request that would queue is still refused.
+    let reply = call(
+        "PUT",
+        &server.url("/lock/free?wait=10s"),
+        Some(r#"{"key":"other"}"#),
+    );
+    assert_eq!(reply.status, 503, "{}", reply.body);
+    assert!(reply.error().contains("too many"), "{}", reply.body);
+}
+
+#[test]
 fn the_default_ttl_applies_when_a_request_gives_none() {
     let server = common::server().env("LOCKER_DEFAULT_TTL", "1h").start();
     server.lock("d", json!({"key": "k"}));
@@ -394,5 +424,6 @@ also_on_etcd!(
     force_release_frees_any_key_and_grants_the_next_waiter,
     bad_durations_and_oversized_info_are_refused,
     too_many_waiters_get_503,
+    a_waiting_acquire_of_a_free_lock_takes_no_waiter_slot,
     the_default_ttl_applies_when_a_request_gives_none,
 );

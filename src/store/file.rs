@@ -31,7 +31,7 @@ use tokio::sync::{oneshot, watch};
 use super::journal::{self, Journal};
 use super::state_file;
 use super::{
-    LockStore, LockView, Released, StoreError, WaitGuard, WaiterSlot, Withdraw, acquire_result,
+    Counted, LockStore, LockView, Released, StoreError, WaitGuard, Withdraw, acquire_result,
     force_release_result, release_result, view,
 };
 use crate::metrics::{LockStats, Metrics};
@@ -184,7 +184,6 @@ impl FileStore {
         if *shutdown.borrow() {
             return Err(StoreError::ShuttingDown);
         }
-        let _slot = WaiterSlot::take(&self.waiting, self.max_waiters)?;
         let waiter = self.next_waiter.fetch_add(1, Ordering::Relaxed);
         let (grant_sender, grant_receiver) = oneshot::channel();
         let mut guard = WaitGuard {
@@ -205,6 +204,10 @@ impl FileStore {
                 return acquire_result(&name, other);
             }
         }
+        let _slot = match guard.count(&self.waiting, self.max_waiters)? {
+            Counted::Waiting(slot) => slot,
+            Counted::Granted(grant) => return Ok(grant.grant),
+        };
         if let Some(grant) = guard.wait(wait, &mut shutdown).await? {
             return Ok(grant.grant);
         }

@@ -188,6 +188,12 @@ impl Drop for WaiterSlot {
     }
 }
 
+/// A queued request, counted against the waiter limit (or already granted).
+pub(crate) enum Counted {
+    Waiting(WaiterSlot),
+    Granted(crate::rules::WaiterGrant),
+}
+
 /// How a backend takes back a queued waiter: its writer applies the operation (a cancel, or
 /// the revoke of a grant nobody received), and it forgets where the grant was to go.
 pub(crate) trait Withdraw {
@@ -213,6 +219,23 @@ impl<W: Withdraw> WaitGuard<W> {
             self.disarm();
         }
         grant
+    }
+
+    /// Counts a request that has just queued against the waiter limit; requests answered
+    /// without queueing are never counted. Over the limit the waiter is withdrawn and the
+    /// request refused, unless its grant already arrived: then it never had to wait.
+    pub(crate) fn count(
+        &mut self,
+        waiting: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        limit: usize,
+    ) -> Result<Counted, StoreError> {
+        match WaiterSlot::take(waiting, limit) {
+            Ok(slot) => Ok(Counted::Waiting(slot)),
+            Err(refused) => match self.give_up() {
+                Some(grant) => Ok(Counted::Granted(grant)),
+                None => Err(refused),
+            },
+        }
     }
 
     /// Stops waiting. Returns a grant that raced with giving up (the caller keeps it);

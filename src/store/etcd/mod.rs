@@ -37,7 +37,7 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use self::codec::{KeyKind, Keys, WAITER_BITS, waiter_replica};
 use super::{
-    LockStore, LockView, Released, StoreError, WaitGuard, WaiterSlot, Withdraw, acquire_result,
+    Counted, LockStore, LockView, Released, StoreError, WaitGuard, Withdraw, acquire_result,
     force_release_result, release_result, view,
 };
 use crate::metrics::{LockStats, Metrics};
@@ -469,7 +469,6 @@ impl EtcdStore {
         if *shutdown.borrow() {
             return Err(StoreError::ShuttingDown);
         }
-        let _slot = WaiterSlot::take(&self.waiting, self.max_waiters)?;
         let counter = self.next_waiter.fetch_add(1, Ordering::Relaxed) & ((1 << WAITER_BITS) - 1);
         let waiter = (self.shared.replica << WAITER_BITS) | counter;
         let (grant_sender, grant_receiver) = oneshot::channel();
@@ -494,6 +493,10 @@ impl EtcdStore {
             // Whether a failed transaction took effect is unknown: the guard withdraws it.
             Err(e) => return Err(e),
         }
+        let _slot = match guard.count(&self.waiting, self.max_waiters)? {
+            Counted::Waiting(slot) => slot,
+            Counted::Granted(grant) => return self.confirm(grant).await,
+        };
         if let Some(grant) = guard.wait(wait, &mut shutdown).await? {
             return self.confirm(grant).await;
         }
