@@ -18,7 +18,8 @@ use async_trait::async_trait;
 use crate::metrics::LockStats;
 use crate::rules::{Acquire, AcquireOutcome, Effect, Grant, Holder, LockTable, ReleaseOutcome};
 
-/// How often the default [`LockStore::wait_free`] looks again.
+/// How often [`poll_free`] looks again.
+#[cfg(feature = "etcd")]
 const POLL_FREE: Duration = Duration::from_millis(50);
 
 /// A lock as the API shows it: its holdings (oldest first), slot count and queue length.
@@ -116,17 +117,8 @@ pub trait LockStore: Send + Sync + 'static {
     /// Waits up to `wait` for `name` to be free, holding nothing. `None` once it is free;
     /// the lock's status if it is still held when the time runs out.
     ///
-    /// The default polls [`LockStore::status`]; backends that can be told of changes do better.
-    async fn wait_free(&self, name: &str, wait: Duration) -> Result<Option<LockView>, StoreError> {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let status = self.status(name).await?;
-            if status.is_none() || tokio::time::Instant::now() >= deadline {
-                return Ok(status);
-            }
-            tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + POLL_FREE)).await;
-        }
-    }
+    /// A request that has to wait counts against the waiter limit like a waiting acquire.
+    async fn wait_free(&self, name: &str, wait: Duration) -> Result<Option<LockView>, StoreError>;
 
     /// Counts for the metrics gauges, from the committed state.
     fn stats(&self) -> LockStats;
@@ -136,6 +128,24 @@ pub trait LockStore: Send + Sync + 'static {
 
     /// Finishes pending work and makes everything durable; call after the last request ended.
     async fn close(&self);
+}
+
+/// Waits for `name` to be free by asking [`LockStore::status`] again every [`POLL_FREE`], for
+/// backends that are not told of changes.
+#[cfg(feature = "etcd")]
+pub(crate) async fn poll_free<S: LockStore + ?Sized>(
+    store: &S,
+    name: &str,
+    wait: Duration,
+) -> Result<Option<LockView>, StoreError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let status = store.status(name).await?;
+        if status.is_none() || tokio::time::Instant::now() >= deadline {
+            return Ok(status);
+        }
+        tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + POLL_FREE)).await;
+    }
 }
 
 /// Gauge values of a lock table.

@@ -37,8 +37,8 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use self::codec::{KeyKind, Keys, WAITER_BITS, waiter_replica};
 use super::{
-    Counted, LockStore, LockView, Released, StoreError, WaitGuard, Withdraw, acquire_result,
-    force_release_result, release_result, view,
+    Counted, LockStore, LockView, Released, StoreError, WaitGuard, WaiterSlot, Withdraw,
+    acquire_result, force_release_result, release_result, view,
 };
 use crate::metrics::{LockStats, Metrics};
 use crate::rules::{
@@ -1403,8 +1403,20 @@ impl LockStore for EtcdStore {
         Ok(views)
     }
 
+    async fn wait_free(&self, name: &str, wait: Duration) -> Result<Option<LockView>, StoreError> {
+        let status = self.status(name).await?;
+        if status.is_none() {
+            return Ok(None);
+        }
+        let _slot = WaiterSlot::take(&self.waiting, self.max_waiters)?;
+        super::poll_free(self, name, wait).await
+    }
+
     fn stats(&self) -> LockStats {
-        super::table_stats(&self.shared.cache.lock().table())
+        LockStats {
+            waiting_requests: self.waiting.load(Ordering::Relaxed),
+            ..super::table_stats(&self.shared.cache.lock().table())
+        }
     }
 
     fn begin_shutdown(&self) {
