@@ -511,4 +511,18 @@ mod tests {
         assert_eq!(settings.shutdown_grace, Duration::ZERO);
         assert!(parse(&["--shutdown-grace", "soon"]).is_err());
     }
+
+    #[test]
+    fn the_head_timeout_and_connection_cap_must_be_positive() {
+        let settings = parse(&[]).expect("defaults are valid");
+        assert_eq!(settings.head_timeout, Duration::from_secs(5));
+        assert_eq!(settings.max_connections, None);
+        let settings = parse(&["--head-timeout", "1s", "--max-connections", "64"]).expect("valid");
+        assert_eq!(settings.head_timeout, Duration::from_secs(1));
+        assert_eq!(settings.max_connections, Some(64));
+        let zero = parse(&["--head-timeout", "0"]).expect_err("zero head timeout");
+        assert!(zero.contains("LOCKER_HEAD_TIMEOUT"), "{zero}");
+        let zero = parse(&["--max-connections", "0"]).expect_err("zero connections");
+        assert!(zero.contains("LOCKER_MAX_CONNECTIONS"), "{zero}");
+    }
 }
