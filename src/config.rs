@@ -62,6 +62,16 @@ pub struct Args {
     #[arg(long, env = "LOCKER_MAX_WAITERS", default_value_t = 10_000)]
     pub max_waiters: usize,
 
+    /// Time a client gets to send each request head: a connection's first from when it
+    /// opened, later ones from their first byte. Slower clients get 408 and are disconnected.
+    #[arg(long, env = "LOCKER_HEAD_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub head_timeout: Duration,
+
+    /// Most client connections open at once (default 20000); more wait in the listen queue.
+    /// Each needs up to two file descriptors: checked against RLIMIT_NOFILE at start-up.
+    #[arg(long, env = "LOCKER_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+
     /// Size in bytes of the journal beside the state file (preallocated); 0 turns it off and
     /// every change rewrites the state file.
     #[arg(long, env = "LOCKER_JOURNAL_BYTES", default_value_t = crate::store::file::DEFAULT_JOURNAL_BYTES)]
@@ -168,6 +178,10 @@ pub struct Settings {
     pub tls: Option<(PathBuf, PathBuf)>,
     pub max_wait: Duration,
     pub max_waiters: usize,
+    /// Time each request head gets (LOCKER_HEAD_TIMEOUT).
+    pub head_timeout: Duration,
+    /// LOCKER_MAX_CONNECTIONS as given; `None`: the default, lowered to fit the descriptor limit.
+    pub max_connections: Option<usize>,
     pub journal_bytes: u64,
     pub default_ttl: Option<Duration>,
     /// Reclaiming holds of ended builds, when a Concourse URL is configured.
@@ -262,6 +276,12 @@ impl Settings {
             non_empty(args.concourse_password),
             args.reclaim_interval,
         )?;
+        if args.head_timeout.is_zero() {
+            return Err("LOCKER_HEAD_TIMEOUT must be longer than zero".into());
+        }
+        if args.max_connections == Some(0) {
+            return Err("LOCKER_MAX_CONNECTIONS must be at least 1".into());
+        }
         if args.max_wait.is_zero() {
             return Err("LOCKER_MAX_WAIT must be longer than zero".into());
         }
@@ -272,6 +292,8 @@ impl Settings {
             tls,
             max_wait: args.max_wait,
             max_waiters: args.max_waiters,
+            head_timeout: args.head_timeout,
+            max_connections: args.max_connections,
             journal_bytes: args.journal_bytes,
             default_ttl: args.default_ttl.filter(|ttl| !ttl.is_zero()),
             reclaim,
@@ -533,5 +555,19 @@ mod tests {
         let settings = parse(&["--shutdown-grace", "0"]).expect("valid");
         assert_eq!(settings.shutdown_grace, Duration::ZERO);
         assert!(parse(&["--shutdown-grace", "soon"]).is_err());
+    }
+
+    #[test]
+    fn the_head_timeout_and_connection_cap_must_be_positive() {
+        let settings = parse(&[]).expect("defaults are valid");
+        assert_eq!(settings.head_timeout, Duration::from_secs(5));
+        assert_eq!(settings.max_connections, None);
+        let settings = parse(&["--head-timeout", "1s", "--max-connections", "64"]).expect("valid");
+        assert_eq!(settings.head_timeout, Duration::from_secs(1));
+        assert_eq!(settings.max_connections, Some(64));
+        let zero = parse(&["--head-timeout", "0"]).expect_err("zero head timeout");
+        assert!(zero.contains("LOCKER_HEAD_TIMEOUT"), "{zero}");
+        let zero = parse(&["--max-connections", "0"]).expect_err("zero connections");
+        assert!(zero.contains("LOCKER_MAX_CONNECTIONS"), "{zero}");
     }
 }

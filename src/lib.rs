@@ -7,7 +7,8 @@
 //!   writes; `store::etcd` (with the `etcd` feature) shares it between servers through etcd.
 //! - [`api`]: HTTP routes and thin handlers; [`auth`] basic auth; [`tls`] rustls set-up.
 //! - [`config`]: flags and environment variables, checked once into [`config::Settings`].
-//! - [`server`]: wires it together and shuts down cleanly.
+//! - [`server`]: wires it together and shuts down cleanly; [`connection`] times request heads
+//!   and caps connections within the descriptor limit.
 //! - [`metrics`]: Prometheus counters and gauges.
 //! - [`reclaim`]: releases holds whose Concourse build has ended (opt-in).
 //! - [`timefmt`]: RFC 3339 times and the request duration syntax.
@@ -17,6 +18,7 @@ pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod connection;
 pub mod metrics;
 pub mod reclaim;
 pub mod rules;

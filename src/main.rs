@@ -51,7 +51,10 @@ fn run(args: Args) -> Result<(), String> {
     if let Some(command) = args.command.clone() {
         return run_command(&args, command);
     }
-    let settings = Settings::from_args(args)?;
+    let mut settings = Settings::from_args(args)?;
+    settings.max_connections = Some(locker::connection::fit_descriptor_limit(
+        settings.max_connections,
+    )?);
     let tls = match &settings.tls {
         Some((cert, key)) => Some(locker::tls::server_config(cert, key)?),
         None => None,

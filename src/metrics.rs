@@ -28,6 +28,8 @@ pub struct LockStats {
     pub slots_used: usize,
     pub slots_total: usize,
     pub oldest_acquired_at: Option<SystemTime>,
+    /// Requests counted against `LOCKER_MAX_WAITERS` now: queued acquires and `wait_free`s.
+    pub waiting_requests: usize,
 }
 
 pub struct Metrics {
@@ -38,8 +40,10 @@ pub struct Metrics {
     write_seconds: Histogram,
     write_batch_size: Histogram,
     write_failures: Counter,
+    wait_free_wakeups: Counter,
     locks_held: Gauge,
     waiters: Gauge,
+    waiting_requests: Gauge,
     slots_used: Gauge,
     slots_total: Gauge,
     oldest_lock_age: Gauge<f64, AtomicU64>,
@@ -61,8 +65,10 @@ impl Metrics {
             write_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 14)),
             write_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
             write_failures: Counter::default(),
+            wait_free_wakeups: Counter::default(),
             locks_held: Gauge::default(),
             waiters: Gauge::default(),
+            waiting_requests: Gauge::default(),
             slots_used: Gauge::default(),
             slots_total: Gauge::default(),
             oldest_lock_age: Gauge::default(),
@@ -108,6 +114,16 @@ impl Metrics {
             "waiters",
             "Requests waiting for a lock",
             metrics.waiters.clone(),
+        );
+        registry.register(
+            "waiting_requests",
+            "Requests counted against LOCKER_MAX_WAITERS: waiting acquires and wait_free requests",
+            metrics.waiting_requests.clone(),
+        );
+        registry.register(
+            "wait_free_wakeups",
+            "Times a wait_free request looked at its lock again after a change to it",
+            metrics.wait_free_wakeups.clone(),
         );
         registry.register(
             "slots_used",
@@ -157,6 +173,11 @@ impl Metrics {
         self.write_batch_size.observe(operations as f64);
     }
 
+    /// A `wait_free` request was woken to look at its lock again.
+    pub fn wait_free_woken(&self) {
+        self.wait_free_wakeups.inc();
+    }
+
     pub fn write_failed(&self) {
         self.write_failures.inc();
     }
@@ -165,6 +186,7 @@ impl Metrics {
     pub fn encode(&self, stats: LockStats, now: SystemTime) -> Result<String, std::fmt::Error> {
         self.locks_held.set(stats.held as i64);
         self.waiters.set(stats.waiters as i64);
+        self.waiting_requests.set(stats.waiting_requests as i64);
         self.slots_used.set(stats.slots_used as i64);
         self.slots_total.set(stats.slots_total as i64);
         let age = stats

@@ -2,21 +2,31 @@
 //! or without TLS, and shuts down in order: waiters answered, requests drained, state durable.
 
 use std::future::Future;
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
 
+use actix_http::{HttpService, Protocol, Request};
+use actix_server::GracefulShutdownSignal;
+use actix_service::{
+    IntoServiceFactory, ServiceFactory, ServiceFactoryExt, fn_service, map_config,
+};
+use actix_tls::accept::TlsError;
+use actix_tls::accept::rustls_0_23::{Acceptor, TlsStream};
 use actix_web::body::{EitherBody, MessageBody};
-use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::dev::{AppConfig, Extensions, ServiceRequest, ServiceResponse};
 use actix_web::http::{StatusCode, header};
 use actix_web::middleware::{Logger, Next, from_fn};
-use actix_web::{App, HttpResponse, HttpServer, ResponseError, web};
+use actix_web::rt::net::TcpStream;
+use actix_web::{App, HttpResponse, ResponseError, web};
 use actix_web_httpauth::middleware::HttpAuthentication;
 use log::info;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::api::{self, AppState};
 use crate::auth::{self, Credentials};
 use crate::config::Settings;
+use crate::connection::{self, ConnectionCap, HeadDeadline, Limits};
 use crate::metrics::Metrics;
 use crate::store::LockStore;
 
@@ -25,8 +35,6 @@ use crate::store::LockStore;
 /// before reading: a busy server closed connections whose next request was already waiting in
 /// the socket, and clients saw resets (tests/load.rs). nginx's default.
 const KEEP_ALIVE: Duration = Duration::from_secs(75);
-/// Time a new connection gets to send its first request head (slow-header clients get 408).
-const CLIENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most bytes of header names and values a request may carry. actix-http itself only refuses a
 /// head past 128 KiB (or past 96 headers); real clients send well under 1 KiB.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
@@ -95,20 +103,80 @@ pub async fn serve(
                 .configure(api::routes)
                 .default_service(web::to(api::not_found)),
         )
+        // Outermost: tells the connection's head timer that a head arrived.
+        .wrap(from_fn(connection::track_requests))
     };
-    let server = HttpServer::new(app)
-        .on_connect(api::peer::record_socket)
-        .keep_alive(KEEP_ALIVE)
-        .client_request_timeout(CLIENT_REQUEST_TIMEOUT)
+    // actix counts connections per worker thread.
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(512));
+    let cap = ConnectionCap::new(
+        settings
+            .max_connections
+            .unwrap_or(connection::DEFAULT_MAX_CONNECTIONS),
+        workers,
+    );
+    let limits = Limits::new(settings.head_timeout, KEEP_ALIVE);
+    let head_timeout = settings.head_timeout;
+    let builder = actix_server::Server::build()
+        .workers(cap.workers)
+        .max_concurrent_connections(cap.per_worker)
         .disable_signals()
         // Requests in flight get this long to finish at shutdown (waiters are answered at once);
         // actix counts whole seconds, so a part second rounds up.
         .shutdown_timeout(settings.shutdown_grace.as_secs_f64().ceil() as u64);
-    let server = match tls {
-        Some(config) => server.listen_rustls_0_23(listener, config)?,
-        None => server.listen(listener)?,
-    }
-    .run();
+    let graceful = builder.graceful_shutdown_signal();
+    let builder = match tls {
+        None => builder.listen("locker", listener, move || {
+            let limits = limits.clone();
+            fn_service(move |io: TcpStream| {
+                let peer = io.peer_addr().ok();
+                let io = HeadDeadline::new(io, limits.clone());
+                async move { Ok((io, Protocol::Http1, peer)) }
+            })
+            .and_then(http_service(
+                app.clone(),
+                graceful.clone(),
+                head_timeout,
+                address,
+            ))
+        })?,
+        Some(mut config) => {
+            // As actix-web does: HTTP/2 when the client offers it, else HTTP/1.1.
+            let mut protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            protocols.append(&mut config.alpn_protocols);
+            config.alpn_protocols = protocols;
+            let acceptor = Acceptor::new(config);
+            builder.listen("locker", listener, move || {
+                let limits = limits.clone();
+                acceptor
+                    .clone()
+                    .map_err(TlsError::into_service_error)
+                    .and_then(fn_service(move |io: TlsStream<TcpStream>| {
+                        let h2 = io
+                            .get_ref()
+                            .1
+                            .alpn_protocol()
+                            .is_some_and(|p| p.windows(2).any(|w| w == b"h2"));
+                        let protocol = if h2 { Protocol::Http2 } else { Protocol::Http1 };
+                        let peer = io.get_ref().0.peer_addr().ok();
+                        let io = HeadDeadline::new(io, limits.clone());
+                        async move { Ok((io, protocol, peer)) }
+                    }))
+                    .and_then(
+                        http_service(app.clone(), graceful.clone(), head_timeout, address)
+                            .map_err(TlsError::Service),
+                    )
+            })?
+        }
+    };
+    let server = builder.run();
+    info!(
+        "accepting at most {} connections ({} per worker, {} workers); request heads get {}",
+        cap.total(),
+        cap.per_worker,
+        cap.workers,
+        humantime::format_duration(head_timeout)
+    );
+    // Last: tests and scripts take this line to mean "ready".
     info!("locker listening on {scheme}://{address}");
     let handle = server.handle();
     let reclaiming = reclaimer.map(|r| actix_web::rt::spawn(r.run()));
@@ -127,6 +195,55 @@ pub async fn serve(
     store.close().await;
     info!("stopped; state is durable");
     result
+}
+
+/// The HTTP service of one connection, over a stream timed by [`HeadDeadline`]: actix-web's
+/// app, with the keep-alive and first-head timeouts, and the connection's socket and limits in
+/// its extensions (for `api::peer` and [`connection::track_requests`]).
+fn http_service<T, F, I, S, B>(
+    app: F,
+    graceful: GracefulShutdownSignal,
+    head_timeout: Duration,
+    address: SocketAddr,
+) -> impl ServiceFactory<
+    (HeadDeadline<T>, Protocol, Option<SocketAddr>),
+    Config = (),
+    Response = (),
+    Error = actix_http::error::DispatchError,
+    InitError = (),
+>
+where
+    T: AsyncRead + AsyncWrite + Unpin + 'static,
+    F: Fn() -> I,
+    I: IntoServiceFactory<S, Request>,
+    S: ServiceFactory<
+            Request,
+            Config = AppConfig,
+            Response = ServiceResponse<B>,
+            Error = actix_web::Error,
+        > + 'static,
+    S::InitError: std::fmt::Debug,
+    S::Service: 'static,
+    <S::Service as actix_service::Service<Request>>::Future: 'static,
+    B: MessageBody + 'static,
+{
+    HttpService::build()
+        .graceful_shutdown_signal(move || {
+            let graceful = graceful.clone();
+            async move { graceful.notified().await }
+        })
+        .keep_alive(KEEP_ALIVE)
+        // A new connection's first head: from when it opened (later heads: `HeadDeadline`).
+        .client_request_timeout(head_timeout)
+        .local_addr(address)
+        .on_connect_ext(|io: &HeadDeadline<T>, extensions: &mut Extensions| {
+            api::peer::record_socket(io.get_ref() as &dyn std::any::Any, extensions);
+            extensions.insert(io.connection_limits());
+        })
+        .finish(map_config(
+            app().into_factory().map_err(|error| error.error_response()),
+            |_| AppConfig::default(),
+        ))
 }
 
 /// Stops a background task when the server stops.

@@ -370,6 +370,102 @@ fn too_many_waiters_get_503() {
 }
 
 #[test]
+fn a_waiting_acquire_of_a_free_lock_takes_no_waiter_slot() {
+    let server = common::server().env("LOCKER_MAX_WAITERS", "1").start();
+    server.lock("full", json!({"key": "holder"}));
+    let (done, _results) = mpsc::channel();
+    spawn_waiter(&server, "full", json!({"key": "w1"}), "30s", &done);
+    wait_for_waiters(&server, "full", 1);
+    // The only waiter slot is taken, but this request never has to wait.
+    let asked = Instant::now();
+    let reply = call(
+        "PUT",
+        &server.url("/lock/free?wait=10s"),
+        Some(r#"{"key":"k"}"#),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        asked.elapsed()
+    );
+    // A request that would queue is still refused.
+    let reply = call(
+        "PUT",
+        &server.url("/lock/free?wait=10s"),
+        Some(r#"{"key":"other"}"#),
+    );
+    assert_eq!(reply.status, 503, "{}", reply.body);
+    assert!(reply.error().contains("too many"), "{}", reply.body);
+}
+
+/// The value of one unlabelled sample of `/metrics`, 0 when absent.
+fn metric(server: &Server, name: &str) -> f64 {
+    let reply = call("GET", &server.url("/metrics"), None);
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    reply
+        .body
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Polls `/metrics` until `name` reads `value` (10 s at most).
+fn wait_for_metric(server: &Server, name: &str, value: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(server, name) != value {
+        assert!(Instant::now() < deadline, "{name} never reached {value}");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn wait_free_requests_count_against_the_waiter_limit() {
+    let server = common::server().env("LOCKER_MAX_WAITERS", "1").start();
+    server.lock("busy", json!({"key": "holder"}));
+    server.lock("other", json!({"key": "holder"}));
+    let url = server.url("/lock/busy?wait_free=30s");
+    let poller = thread::spawn(move || call("GET", &url, None));
+    wait_for_metric(&server, "locker_waiting_requests", 1.0);
+    // The one slot is the poller's: neither another wait_free nor a waiting acquire gets in.
+    let refused = call("GET", &server.url("/lock/other?wait_free=10s"), None);
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert!(refused.error().contains("too many"), "{}", refused.body);
+    let refused = call(
+        "PUT",
+        &server.url("/lock/other?wait=10s"),
+        Some(r#"{"key":"w"}"#),
+    );
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    // A wait_free of a free lock answers at once, counted or not.
+    let free = call("GET", &server.url("/lock/idle?wait_free=10s"), None);
+    assert_eq!(free.status, 200, "{}", free.body);
+    assert_eq!(free.json()["free"], json!(true));
+    server.unlock("busy", json!({"key": "holder"}));
+    let reply = poller.join().expect("poller");
+    assert_eq!(reply.json()["free"], json!(true), "{}", reply.body);
+    wait_for_metric(&server, "locker_waiting_requests", 0.0);
+}
+
+#[test]
+fn a_wait_free_is_woken_only_by_changes_to_its_own_lock() {
+    let server = Server::start();
+    server.lock("a", json!({"key": "holder"}));
+    let url = server.url("/lock/a?wait_free=30s");
+    let poller = thread::spawn(move || call("GET", &url, None));
+    wait_for_metric(&server, "locker_waiting_requests", 1.0);
+    for _ in 0..20 {
+        assert_eq!(server.lock("b", json!({"key": "k"})).status, 200);
+        assert_eq!(server.unlock("b", json!({"key": "k"})).status, 200);
+    }
+    assert_eq!(metric(&server, "locker_wait_free_wakeups_total"), 0.0);
+    server.unlock("a", json!({"key": "holder"}));
+    let reply = poller.join().expect("poller");
+    assert_eq!(reply.json()["free"], json!(true), "{}", reply.body);
+    assert_eq!(metric(&server, "locker_wait_free_wakeups_total"), 1.0);
+}
+
+#[test]
 fn the_default_ttl_applies_when_a_request_gives_none() {
     let server = common::server().env("LOCKER_DEFAULT_TTL", "1h").start();
     server.lock("d", json!({"key": "k"}));
@@ -394,5 +490,7 @@ also_on_etcd!(
     force_release_frees_any_key_and_grants_the_next_waiter,
     bad_durations_and_oversized_info_are_refused,
     too_many_waiters_get_503,
+    a_waiting_acquire_of_a_free_lock_takes_no_waiter_slot,
+    wait_free_requests_count_against_the_waiter_limit,
     the_default_ttl_applies_when_a_request_gives_none,
 );

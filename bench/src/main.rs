@@ -43,6 +43,16 @@ enum Scenario {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// Throughput as in `throughput`, while `pollers` idle `wait_free` requests wait for held
+    /// locks that nobody releases (issue 16: each commit used to wake every one of them).
+    Pollers {
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        #[arg(long, default_value_t = 2_000)]
+        pollers: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
     /// Acquire latency at a fixed offered load: N clients each send lock+unlock cycles on a
     /// schedule adding up to `rate` requests/s (open loop). When a cycle starts late because the
     /// previous one was still running, latency counts from the scheduled time, so a slow server
@@ -103,6 +113,7 @@ fn main() -> Result<(), Error> {
                 latency(&server, 64, 5_000, 100, 10).await?;
                 latency(&server, 64, 10_000, 100, 10).await?;
                 throughput(&server, 64, 10_000, 10).await?;
+                pollers_beside(&server, 64, 2_000, 10).await?;
                 handoff(&server, 1000).await?;
                 memory(&server, 10_000, 2_000).await?;
                 #[cfg(feature = "etcd")]
@@ -120,6 +131,11 @@ fn main() -> Result<(), Error> {
                 held,
                 seconds,
             } => throughput(&server, clients, held, seconds).await,
+            Scenario::Pollers {
+                clients,
+                pollers,
+                seconds,
+            } => pollers_beside(&server, clients, pollers, seconds).await,
             Scenario::Handoff { count } => handoff(&server, count).await,
             Scenario::Memory { held, waiters } => memory(&server, held, waiters).await,
             Scenario::Latency {
@@ -300,6 +316,69 @@ async fn throughput(binary: &Path, clients: usize, held: usize, seconds: u64) ->
         server.rss_mib()
     );
     Ok(())
+}
+
+async fn pollers_beside(
+    binary: &Path,
+    clients: usize,
+    pollers: usize,
+    seconds: u64,
+) -> Result<(), Error> {
+    const HELD: usize = 100;
+    let server = Server::start(binary, HELD).await?;
+    let mut polling = Vec::new();
+    for i in 0..pollers {
+        let address = server.address.clone();
+        polling.push(tokio::spawn(async move {
+            let mut connection = Connection::open(&address).await?;
+            let path = format!("/lock/held-{}?wait_free=60s", i % HELD);
+            loop {
+                connection.request("GET", &path, "").await?;
+            }
+            #[allow(unreachable_code)]
+            Ok::<_, Error>(())
+        }));
+    }
+    // Every poller is waiting once the server counts them (a server that does not count
+    // wait_free requests is given two seconds instead).
+    let mut observer = Connection::open(&server.address).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let counting_since = Instant::now();
+    loop {
+        match metric(&mut observer, "locker_waiting_requests").await? {
+            Some(waiting) if waiting >= pollers as f64 => break,
+            None if counting_since.elapsed() > Duration::from_secs(2) => break,
+            _ => {}
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the {pollers} pollers never all waited").into());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let figures = load(std::slice::from_ref(&server.address), clients, seconds).await?;
+    let wakeups = metric(&mut observer, "locker_wait_free_wakeups_total").await?;
+    let wakeups = wakeups.map_or("not counted".to_string(), |w| format!("{w:.0}"));
+    println!(
+        "pollers        {clients} clients, {pollers} idle wait_free pollers: {figures}; poller wake-ups {wakeups}"
+    );
+    for task in polling {
+        task.abort();
+    }
+    Ok(())
+}
+
+/// One unlabelled sample of `/metrics`, `None` when the server has no such metric.
+async fn metric(observer: &mut Connection, name: &str) -> Result<Option<f64>, Error> {
+    observer.sender.ready().await?;
+    let request = hyper::Request::builder()
+        .uri("/metrics")
+        .header("host", "bench")
+        .body(Full::new(Bytes::new()))?;
+    let response = observer.sender.send_request(request).await?;
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok(String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok()))
 }
 
 async fn latency(

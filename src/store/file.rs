@@ -31,8 +31,8 @@ use tokio::sync::{oneshot, watch};
 use super::journal::{self, Journal};
 use super::state_file;
 use super::{
-    LockStore, LockView, Released, StoreError, WaitGuard, WaiterSlot, Withdraw, acquire_result,
-    force_release_result, release_result, view,
+    Counted, LockStore, LockView, Released, StoreError, WaitGuard, WaiterSlot, Withdraw,
+    acquire_result, force_release_result, release_result, view,
 };
 use crate::metrics::{LockStats, Metrics};
 use crate::rules::{
@@ -89,13 +89,73 @@ pub struct FileStore {
     waiting: Arc<AtomicUsize>,
     max_waiters: usize,
     shutdown: watch::Sender<bool>,
-    /// Bumped by the writer after every commit, for those waiting for a lock to be free.
-    commits: Arc<watch::Sender<u64>>,
+    /// Those waiting for a lock to be free, told by the writer of commits that touched it.
+    watchers: Arc<Watchers>,
+    metrics: Arc<Metrics>,
     writer: Mutex<Option<thread::JoinHandle<()>>>,
     /// Why the writer's last write failed; `None` once one succeeded.
     write_failure: Arc<Mutex<Option<String>>>,
     /// The state file's directory, checked by [`LockStore::ready`] after a failed write.
     dir: PathBuf,
+}
+
+/// The `wait_free` requests of each lock, woken by the writer only when a commit touched that
+/// lock: 2,000 idle pollers woken by every commit cut unrelated throughput by four fifths.
+#[derive(Default)]
+struct Watchers(Mutex<HashMap<String, Watched>>);
+
+struct Watched {
+    changed: Arc<tokio::sync::Notify>,
+    watchers: usize,
+}
+
+impl Watchers {
+    /// Registers a watcher of `name` until the returned guard is dropped.
+    fn watch(self: &Arc<Self>, name: &str) -> Watcher {
+        let mut map = self.0.lock();
+        let watched = map.entry(name.to_string()).or_insert_with(|| Watched {
+            changed: Arc::new(tokio::sync::Notify::new()),
+            watchers: 0,
+        });
+        watched.watchers += 1;
+        Watcher {
+            changed: watched.changed.clone(),
+            name: name.to_string(),
+            watchers: self.clone(),
+        }
+    }
+
+    /// Wakes the watchers of the locks a commit touched.
+    fn changed(&self, batch: &Batch) {
+        let map = self.0.lock();
+        if map.is_empty() {
+            return;
+        }
+        for name in batch.touched() {
+            if let Some(watched) = map.get(&name) {
+                watched.changed.notify_waiters();
+            }
+        }
+    }
+}
+
+/// One `wait_free` request's registration; the lock's entry goes with its last watcher.
+struct Watcher {
+    changed: Arc<tokio::sync::Notify>,
+    name: String,
+    watchers: Arc<Watchers>,
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        let mut map = self.watchers.0.lock();
+        if let Some(watched) = map.get_mut(&self.name) {
+            watched.watchers -= 1;
+            if watched.watchers == 0 {
+                map.remove(&self.name);
+            }
+        }
+    }
 }
 
 impl FileStore {
@@ -113,7 +173,7 @@ impl FileStore {
             );
         }
         let mut writer = Writer {
-            commits: Arc::new(watch::Sender::new(0)),
+            watchers: Arc::new(Watchers::default()),
             encoder: None,
             metrics: options.metrics.clone(),
             paths,
@@ -142,9 +202,9 @@ impl FileStore {
         );
         *writer.committed.write() = table;
         let committed = writer.committed.clone();
-        let commits = writer.commits.clone();
         let write_failure = writer.write_failure.clone();
         let dir = writer.paths.dir.clone();
+        let watchers = writer.watchers.clone();
         let (commands, receiver) = mpsc::channel();
         let handle = thread::Builder::new()
             .name("state-writer".into())
@@ -158,7 +218,8 @@ impl FileStore {
             waiting: Arc::new(AtomicUsize::new(0)),
             max_waiters: options.max_waiters,
             shutdown,
-            commits,
+            watchers,
+            metrics: options.metrics,
             writer: Mutex::new(Some(handle)),
             write_failure,
             dir,
@@ -196,7 +257,6 @@ impl FileStore {
         if *shutdown.borrow() {
             return Err(StoreError::ShuttingDown);
         }
-        let _slot = WaiterSlot::take(&self.waiting, self.max_waiters)?;
         let waiter = self.next_waiter.fetch_add(1, Ordering::Relaxed);
         let (grant_sender, grant_receiver) = oneshot::channel();
         let mut guard = WaitGuard {
@@ -217,6 +277,10 @@ impl FileStore {
                 return acquire_result(&name, other);
             }
         }
+        let _slot = match guard.count(&self.waiting, self.max_waiters)? {
+            Counted::Waiting(slot) => slot,
+            Counted::Granted(grant) => return Ok(grant.grant),
+        };
         if let Some(grant) = guard.wait(wait, &mut shutdown).await? {
             return Ok(grant.grant);
         }
@@ -291,23 +355,24 @@ impl LockStore for FileStore {
     }
 
     async fn wait_free(&self, name: &str, wait: Duration) -> Result<Option<LockView>, StoreError> {
-        let mut commits = self.commits.subscribe();
         let mut shutdown = self.shutdown.subscribe();
+        let watcher = self.watchers.watch(name);
+        let mut slot = None;
         let deadline = tokio::time::sleep(wait);
         tokio::pin!(deadline);
         loop {
-            // Marks the current commit as seen before looking, so no change slips between.
-            commits.borrow_and_update();
+            // Listening before looking, so no change slips between (a `Notified` receives
+            // `notify_waiters` from its creation on).
+            let changed = watcher.changed.notified();
             let status = self.status(name).await?;
             if status.is_none() {
                 return Ok(None);
             }
+            if slot.is_none() {
+                slot = Some(WaiterSlot::take(&self.waiting, self.max_waiters)?);
+            }
             tokio::select! {
-                changed = commits.changed() => {
-                    if changed.is_err() {
-                        return Err(StoreError::ShuttingDown);
-                    }
-                }
+                () = changed => self.metrics.wait_free_woken(),
                 () = &mut deadline => return Ok(status),
                 _ = shutdown.wait_for(|stopping| *stopping) => return Err(StoreError::ShuttingDown),
             }
@@ -331,7 +396,10 @@ impl LockStore for FileStore {
     }
 
     fn stats(&self) -> LockStats {
-        super::table_stats(&self.committed.read())
+        LockStats {
+            waiting_requests: self.waiting.load(Ordering::Relaxed),
+            ..super::table_stats(&self.committed.read())
+        }
     }
 
     fn begin_shutdown(&self) {
@@ -554,7 +622,7 @@ pub fn load(path: &Path) -> Result<Option<LockTable>, String> {
 
 /// The single writer: owns the working table, the waiters' grant channels and the file.
 struct Writer {
-    commits: Arc<watch::Sender<u64>>,
+    watchers: Arc<Watchers>,
     /// The file's text, one line per lock, kept in step with `working`; built by the start-up
     /// rewrite of the state file, and rebuilt if it ever cannot be trusted.
     encoder: Option<state_file::Encoder>,
@@ -912,7 +980,7 @@ impl Writer {
                     == state_file::encode(&self.working)),
             "the incremental encoding diverged from a full one"
         );
-        self.commits.send_modify(|count| *count += 1);
+        self.watchers.changed(&batch);
         log_effects(&batch);
         let expired: usize = batch
             .effects

@@ -18,7 +18,8 @@ use async_trait::async_trait;
 use crate::metrics::LockStats;
 use crate::rules::{Acquire, AcquireOutcome, Effect, Grant, Holder, LockTable, ReleaseOutcome};
 
-/// How often the default [`LockStore::wait_free`] looks again.
+/// How often [`poll_free`] looks again.
+#[cfg(feature = "etcd")]
 const POLL_FREE: Duration = Duration::from_millis(50);
 
 /// A lock as the API shows it: its holdings (oldest first), slot count and queue length.
@@ -122,17 +123,8 @@ pub trait LockStore: Send + Sync + 'static {
     /// Waits up to `wait` for `name` to be free, holding nothing. `None` once it is free;
     /// the lock's status if it is still held when the time runs out.
     ///
-    /// The default polls [`LockStore::status`]; backends that can be told of changes do better.
-    async fn wait_free(&self, name: &str, wait: Duration) -> Result<Option<LockView>, StoreError> {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let status = self.status(name).await?;
-            if status.is_none() || tokio::time::Instant::now() >= deadline {
-                return Ok(status);
-            }
-            tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + POLL_FREE)).await;
-        }
-    }
+    /// A request that has to wait counts against the waiter limit like a waiting acquire.
+    async fn wait_free(&self, name: &str, wait: Duration) -> Result<Option<LockView>, StoreError>;
 
     /// Whether the store can take writes now, cheaply and within about a second: `Err` with
     /// the reason when it cannot. Answers `GET /ready`.
@@ -146,6 +138,24 @@ pub trait LockStore: Send + Sync + 'static {
 
     /// Finishes pending work and makes everything durable; call after the last request ended.
     async fn close(&self);
+}
+
+/// Waits for `name` to be free by asking [`LockStore::status`] again every [`POLL_FREE`], for
+/// backends that are not told of changes.
+#[cfg(feature = "etcd")]
+pub(crate) async fn poll_free<S: LockStore + ?Sized>(
+    store: &S,
+    name: &str,
+    wait: Duration,
+) -> Result<Option<LockView>, StoreError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let status = store.status(name).await?;
+        if status.is_none() || tokio::time::Instant::now() >= deadline {
+            return Ok(status);
+        }
+        tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + POLL_FREE)).await;
+    }
 }
 
 /// Gauge values of a lock table.
@@ -198,6 +208,12 @@ impl Drop for WaiterSlot {
     }
 }
 
+/// A queued request, counted against the waiter limit (or already granted).
+pub(crate) enum Counted {
+    Waiting(WaiterSlot),
+    Granted(crate::rules::WaiterGrant),
+}
+
 /// How a backend takes back a queued waiter: its writer applies the operation (a cancel, or
 /// the revoke of a grant nobody received), and it forgets where the grant was to go.
 pub(crate) trait Withdraw {
@@ -223,6 +239,23 @@ impl<W: Withdraw> WaitGuard<W> {
             self.disarm();
         }
         grant
+    }
+
+    /// Counts a request that has just queued against the waiter limit; requests answered
+    /// without queueing are never counted. Over the limit the waiter is withdrawn and the
+    /// request refused, unless its grant already arrived: then it never had to wait.
+    pub(crate) fn count(
+        &mut self,
+        waiting: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        limit: usize,
+    ) -> Result<Counted, StoreError> {
+        match WaiterSlot::take(waiting, limit) {
+            Ok(slot) => Ok(Counted::Waiting(slot)),
+            Err(refused) => match self.give_up() {
+                Some(grant) => Ok(Counted::Granted(grant)),
+                None => Err(refused),
+            },
+        }
     }
 
     /// Stops waiting. Returns a grant that raced with giving up (the caller keeps it);

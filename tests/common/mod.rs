@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Environment variables of the server that must not leak in from the test's environment.
-const SERVER_VARIABLES: [&str; 19] = [
+const SERVER_VARIABLES: [&str; 21] = [
     "LOCKER_CONFIG",
     "PORT",
     "LOCKER_LISTEN",
@@ -32,6 +32,8 @@ const SERVER_VARIABLES: [&str; 19] = [
     "LOCKER_MAX_WAIT",
     "LOCKER_MAX_WAITERS",
     "LOCKER_DEFAULT_TTL",
+    "LOCKER_HEAD_TIMEOUT",
+    "LOCKER_MAX_CONNECTIONS",
     "RUST_LOG",
     "LOCKER_STORE",
     "LOCKER_ETCD_ENDPOINTS",

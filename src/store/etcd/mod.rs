@@ -39,8 +39,8 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use self::codec::{KeyKind, Keys, WAITER_BITS, waiter_replica};
 use self::members::Members;
 use super::{
-    LockStore, LockView, Released, StoreError, WaitGuard, WaiterSlot, Withdraw, acquire_result,
-    force_release_result, release_result, view,
+    Counted, LockStore, LockView, Released, StoreError, WaitGuard, WaiterSlot, Withdraw,
+    acquire_result, force_release_result, release_result, view,
 };
 use crate::metrics::{LockStats, Metrics};
 use crate::rules::{
@@ -486,7 +486,6 @@ impl EtcdStore {
         if *shutdown.borrow() {
             return Err(StoreError::ShuttingDown);
         }
-        let _slot = WaiterSlot::take(&self.waiting, self.max_waiters)?;
         let counter = self.next_waiter.fetch_add(1, Ordering::Relaxed) & ((1 << WAITER_BITS) - 1);
         let waiter = (self.shared.replica << WAITER_BITS) | counter;
         let (grant_sender, grant_receiver) = oneshot::channel();
@@ -511,6 +510,10 @@ impl EtcdStore {
             // Whether a failed transaction took effect is unknown: the guard withdraws it.
             Err(e) => return Err(e),
         }
+        let _slot = match guard.count(&self.waiting, self.max_waiters)? {
+            Counted::Waiting(slot) => slot,
+            Counted::Granted(grant) => return self.confirm(grant).await,
+        };
         if let Some(grant) = guard.wait(wait, &mut shutdown).await? {
             return self.confirm(grant).await;
         }
@@ -1480,8 +1483,20 @@ impl LockStore for EtcdStore {
         .map(|_| ())
     }
 
+    async fn wait_free(&self, name: &str, wait: Duration) -> Result<Option<LockView>, StoreError> {
+        let status = self.status(name).await?;
+        if status.is_none() {
+            return Ok(None);
+        }
+        let _slot = WaiterSlot::take(&self.waiting, self.max_waiters)?;
+        super::poll_free(self, name, wait).await
+    }
+
     fn stats(&self) -> LockStats {
-        super::table_stats(&self.shared.cache.lock().table())
+        LockStats {
+            waiting_requests: self.waiting.load(Ordering::Relaxed),
+            ..super::table_stats(&self.shared.cache.lock().table())
+        }
     }
 
     fn begin_shutdown(&self) {

@@ -1,0 +1,385 @@
+//! Connection limits: every request head must arrive in time, and the number of open
+//! connections is capped within the process's file-descriptor limit.
+//!
+//! actix-http times only a connection's first request head (`client_request_timeout`); its
+//! keep-alive timer stops at the first byte of the next request. A client could send one
+//! request, then a byte of the next head every few seconds, and keep its connection (and a
+//! descriptor) for as long as it liked, without credentials. [`HeadDeadline`] wraps each
+//! connection's stream and closes it when a head is not complete [`Limits::head_timeout`] after
+//! its first byte; [`track_requests`] tells it when a head was complete (the request reached the
+//! app) and when its response was ready. A connection with no request in progress is closed after
+//! keep-alive plus the head timeout whatever it sends, which also bounds a head whose first bytes
+//! were read while the previous request was still being handled (pipelined).
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::middleware::Next;
+use log::{info, warn};
+use parking_lot::Mutex;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// Descriptors kept for everything but client connections: the listener, the state file and
+/// its journal, the runtime's epoll and event descriptors, logging, the etcd client's channels.
+pub const RESERVED_DESCRIPTORS: u64 = 128;
+/// Descriptors a client connection may need: its socket, and the duplicate a waiting request
+/// watches to notice that its client went away (see `api::peer`).
+pub const DESCRIPTORS_PER_CONNECTION: u64 = 2;
+/// Connections when `LOCKER_MAX_CONNECTIONS` is unset: room for the default
+/// `LOCKER_MAX_WAITERS` (10,000) waiting requests and as many ordinary clients again.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
+
+/// What every connection is held to.
+pub struct Limits {
+    /// Longest a request head may take from its first byte.
+    pub head_timeout: Duration,
+    /// Longest a connection may go without a request in progress (keep-alive + head timeout).
+    pub idle_limit: Duration,
+    /// What a connection that ran out of time is told before it is closed.
+    response: Vec<u8>,
+}
+
+impl Limits {
+    pub fn new(head_timeout: Duration, keep_alive: Duration) -> Arc<Self> {
+        let body = serde_json::json!({
+            "error": format!(
+                "the request head did not arrive within {}",
+                humantime::format_duration(head_timeout)
+            )
+        })
+        .to_string();
+        let response = format!(
+            "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        Arc::new(Limits {
+            head_timeout,
+            idle_limit: keep_alive + head_timeout,
+            response: response.into_bytes(),
+        })
+    }
+}
+
+/// What a connection is doing, shared between its stream and the requests it carries.
+#[derive(Debug)]
+pub struct HeadClock(Mutex<ClockState>);
+
+#[derive(Debug)]
+struct ClockState {
+    /// Requests that reached the app and have no response yet (several with HTTP/2).
+    in_flight: usize,
+    /// When the head being received must be complete; set by its first byte.
+    head_due: Option<Instant>,
+    /// When a connection with no request in progress is closed, whatever it sends.
+    idle_due: Instant,
+}
+
+/// Counts one request as in progress until dropped (also when the client went away and its
+/// handler was dropped).
+struct InFlight {
+    clock: Arc<HeadClock>,
+    idle_limit: Duration,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut state = self.clock.0.lock();
+        state.in_flight = state.in_flight.saturating_sub(1);
+        if state.in_flight == 0 {
+            state.head_due = None;
+            state.idle_due = Instant::now() + self.idle_limit;
+        }
+    }
+}
+
+/// The middleware (outermost) that tells a connection's [`HeadDeadline`] that a head was
+/// complete and, once the handler has answered, that the next head may begin.
+pub async fn track_requests(
+    request: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let in_flight = request.conn_data::<ConnectionLimits>().map(|limits| {
+        let mut state = limits.clock.0.lock();
+        state.in_flight += 1;
+        state.head_due = None;
+        drop(state);
+        InFlight {
+            clock: limits.clock.clone(),
+            idle_limit: limits.limits.idle_limit,
+        }
+    });
+    let response = next.call(request).await;
+    drop(in_flight);
+    response
+}
+
+/// Stored in each connection's extensions by `on_connect`, for [`track_requests`].
+#[derive(Clone)]
+pub struct ConnectionLimits {
+    clock: Arc<HeadClock>,
+    limits: Arc<Limits>,
+}
+
+/// A connection's stream, closed (after a 408) when a request head takes too long.
+pub struct HeadDeadline<S> {
+    io: S,
+    clock: Arc<HeadClock>,
+    limits: Arc<Limits>,
+    timer: Pin<Box<Sleep>>,
+    expired: bool,
+}
+
+impl<S> HeadDeadline<S> {
+    pub fn new(io: S, limits: Arc<Limits>) -> Self {
+        let idle_due = Instant::now() + limits.idle_limit;
+        HeadDeadline {
+            io,
+            clock: Arc::new(HeadClock(Mutex::new(ClockState {
+                in_flight: 0,
+                head_due: None,
+                idle_due,
+            }))),
+            limits,
+            timer: Box::pin(tokio::time::sleep_until(idle_due)),
+            expired: false,
+        }
+    }
+
+    /// The wrapped stream.
+    pub fn get_ref(&self) -> &S {
+        &self.io
+    }
+
+    /// What [`track_requests`] needs, for the connection's extensions.
+    pub fn connection_limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            clock: self.clock.clone(),
+            limits: self.limits.clone(),
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> HeadDeadline<S> {
+    /// Tells the client why (best effort: a full socket buffer gets nothing), then reads end.
+    fn expire(&mut self, cx: &mut Context<'_>) {
+        self.expired = true;
+        let _ = Pin::new(&mut self.io).poll_write(cx, &self.limits.response);
+        let _ = Pin::new(&mut self.io).poll_flush(cx);
+        log::debug!("closed a connection whose request head was not complete in time");
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeadDeadline<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.expired {
+            // End of stream: the dispatcher closes the connection.
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.io).poll_read(cx, buf);
+        let now = Instant::now();
+        let due = {
+            let mut state = this.clock.0.lock();
+            if state.in_flight > 0 {
+                None
+            } else {
+                if buf.filled().len() > before && state.head_due.is_none() {
+                    state.head_due = Some(now + this.limits.head_timeout);
+                }
+                Some(
+                    state
+                        .head_due
+                        .map_or(state.idle_due, |d| d.min(state.idle_due)),
+                )
+            }
+        };
+        let Some(due) = due else {
+            return read;
+        };
+        if now >= due {
+            buf.set_filled(before);
+            this.expire(cx);
+            return Poll::Ready(Ok(()));
+        }
+        if read.is_pending() {
+            this.timer.as_mut().reset(due);
+            if this.timer.as_mut().poll(cx).is_ready() {
+                this.expire(cx);
+                return Poll::Ready(Ok(()));
+            }
+        }
+        read
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for HeadDeadline<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// How many connections each worker accepts, and what that adds up to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectionCap {
+    pub workers: usize,
+    pub per_worker: usize,
+}
+
+impl ConnectionCap {
+    /// actix counts connections per worker: `cap` is spread over at most `workers` workers
+    /// (fewer when the cap is smaller), rounded down to a multiple of their number.
+    pub fn new(cap: usize, workers: usize) -> Self {
+        let workers = workers.clamp(1, cap.max(1));
+        ConnectionCap {
+            workers,
+            per_worker: (cap / workers).max(1),
+        }
+    }
+
+    pub fn total(&self) -> usize {
+        self.workers * self.per_worker
+    }
+}
+
+/// Descriptors needed for `connections` connections.
+pub fn descriptors_for(connections: usize) -> u64 {
+    RESERVED_DESCRIPTORS + DESCRIPTORS_PER_CONNECTION * connections as u64
+}
+
+/// Connections that fit in `descriptors`.
+fn connections_within(descriptors: u64) -> usize {
+    usize::try_from(descriptors.saturating_sub(RESERVED_DESCRIPTORS) / DESCRIPTORS_PER_CONNECTION)
+        .unwrap_or(usize::MAX)
+}
+
+/// Checks the connection cap against the file-descriptor limit at start-up, raising the soft
+/// limit to the hard one when the cap needs more than the soft one. A cap that was set (`requested`) and cannot
+/// fit under the hard limit stops the start with a message; the default is lowered to fit,
+/// with a warning.
+pub fn fit_descriptor_limit(requested: Option<usize>) -> Result<usize, String> {
+    let wanted = requested.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+    let needed = descriptors_for(wanted);
+    let (soft, hard) = nofile_limit()
+        .map_err(|e| format!("cannot read the file-descriptor limit (RLIMIT_NOFILE): {e}"))?;
+    if needed <= soft {
+        return Ok(wanted);
+    }
+    if hard > soft {
+        match set_nofile_limit(hard, hard) {
+            Ok(()) => {
+                info!("raised the file-descriptor limit from {soft} to the hard limit {hard}")
+            }
+            Err(e) => warn!("cannot raise the file-descriptor limit from {soft} to {hard}: {e}"),
+        }
+    }
+    let (soft, _) = nofile_limit().unwrap_or((soft, hard));
+    if needed <= soft {
+        return Ok(wanted);
+    }
+    let fits = connections_within(soft);
+    match requested {
+        Some(cap) => Err(format!(
+            "LOCKER_MAX_CONNECTIONS={cap} needs {needed} file descriptors ({DESCRIPTORS_PER_CONNECTION} per connection \
+             and {RESERVED_DESCRIPTORS} besides), but the limit is {soft} (hard limit {hard}): raise it \
+             (`ulimit -n`, systemd's LimitNOFILE, bpm's limits.open_files) or set LOCKER_MAX_CONNECTIONS to at most {fits}"
+        )),
+        None if fits == 0 => Err(format!(
+            "the file-descriptor limit ({soft}) leaves no room for client connections: \
+             raise it to at least {}",
+            descriptors_for(1)
+        )),
+        None => {
+            warn!(
+                "the file-descriptor limit is {soft} (hard limit {hard}): connections lowered from \
+                 {wanted} to {fits} to fit; raise the limit for more"
+            );
+            Ok(fits)
+        }
+    }
+}
+
+fn nofile_limit() -> io::Result<(u64, u64)> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((limit.rlim_cur, limit.rlim_max))
+}
+
+fn set_nofile_limit(soft: u64, hard: u64) -> io::Result<()> {
+    let limit = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    // SAFETY: setrlimit reads the struct we own.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cap_is_spread_over_the_workers_and_rounded_down() {
+        assert_eq!(ConnectionCap::new(4, 2).total(), 4);
+        assert_eq!(ConnectionCap::new(1000, 3).total(), 999);
+        assert_eq!(
+            ConnectionCap::new(1, 8),
+            ConnectionCap {
+                workers: 1,
+                per_worker: 1
+            }
+        );
+        assert_eq!(ConnectionCap::new(3, 8).total(), 3);
+    }
+
+    #[test]
+    fn descriptors_and_connections_agree() {
+        assert_eq!(connections_within(descriptors_for(64)), 64);
+        assert_eq!(connections_within(256), 64);
+        assert_eq!(connections_within(100), 0);
+    }
+}
