@@ -93,20 +93,32 @@ async fn shown_rows(client: &Client, expected: impl Fn(&[String]) -> bool) -> Ve
     }
 }
 
-async fn row_button(client: &Client, name: &str, class: &str) -> fantoccini::elements::Element {
-    let rows = client
-        .find_all(Locator::Css("#locks tbody tr"))
-        .await
-        .expect("rows");
-    for row in rows {
-        if row.attr("data-lock").await.expect("attr").as_deref() == Some(name) {
-            return row
-                .find(Locator::Css(&format!("button.{class}")))
-                .await
-                .expect("button");
+/// Clicks the button of class `class` in the row of lock `name`, waiting (up to 10 s) for it to
+/// be there. Found and clicked in one script: the page re-renders its table every 2 s, so an
+/// element found in one WebDriver call may be gone (stale) by the next.
+async fn click_row_button(client: &Client, name: &str, class: &str) {
+    const CLICK: &str = "for (const row of document.querySelectorAll('#locks tbody tr')) {
+        if (row.dataset.lock === arguments[0]) {
+          const button = row.querySelector('button.' + arguments[1]);
+          if (button) { button.click(); return true; }
         }
+      }
+      return false;";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let clicked = client
+            .execute(CLICK, vec![json!(name), json!(class)])
+            .await
+            .expect("click script");
+        if clicked == json!(true) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {class} button in the row of {name}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("no row for {name}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -221,32 +233,16 @@ async fn dashboard_shows_filters_and_force_releases_locks_in_a_real_browser() {
     assert_eq!(shown_rows(&client, |r| r.len() == 3).await.len(), 3);
 
     // Force release asks first; cancelling keeps the lock.
-    row_button(&client, "deploy-prod", "force")
-        .await
-        .click()
-        .await
-        .expect("click");
-    row_button(&client, "deploy-prod", "cancel")
-        .await
-        .click()
-        .await
-        .expect("cancel");
+    click_row_button(&client, "deploy-prod", "force").await;
+    click_row_button(&client, "deploy-prod", "cancel").await;
     assert!(blocking(|| server.locks()).get("deploy-prod").is_some());
     // Confirming releases it and the row goes away.
-    row_button(&client, "deploy-prod", "force")
-        .await
-        .click()
-        .await
-        .expect("click");
+    click_row_button(&client, "deploy-prod", "force").await;
     assert!(
         blocking(|| server.locks()).get("deploy-prod").is_some(),
         "released before confirmation"
     );
-    row_button(&client, "deploy-prod", "confirm")
-        .await
-        .click()
-        .await
-        .expect("confirm");
+    click_row_button(&client, "deploy-prod", "confirm").await;
     let after = shown_rows(&client, |r| !r.contains(&"deploy-prod".to_string())).await;
     assert!(!after.contains(&"deploy-prod".to_string()), "{after:?}");
     assert!(blocking(|| server.locks()).get("deploy-prod").is_none());
@@ -379,16 +375,8 @@ async fn dashboard_lists_and_releases_at(page: &str, server: &common::Server) {
     let page_dir = page.rsplit_once('/').expect("page path").0;
     assert_eq!(state["locksLink"], format!("{page_dir}/locks"));
 
-    row_button(&client, "without-info", "force")
-        .await
-        .click()
-        .await
-        .expect("click");
-    row_button(&client, "without-info", "confirm")
-        .await
-        .click()
-        .await
-        .expect("confirm");
+    click_row_button(&client, "without-info", "force").await;
+    click_row_button(&client, "without-info", "confirm").await;
     let after = shown_rows(&client, |r| r == ["with-info"]).await;
     let error: serde_json::Value = client
         .execute(
