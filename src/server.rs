@@ -140,8 +140,9 @@ pub async fn serve(
             ))
         })?,
         Some(mut config) => {
-            // As actix-web does: HTTP/2 when the client offers it, else HTTP/1.1.
-            let mut protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            // HTTP/1.1 only, also over TLS: actix-http does not stop a handler when its HTTP/2
+            // stream is reset, so a cancelled wait would still be granted (tests/http2.rs).
+            let mut protocols = vec![b"http/1.1".to_vec()];
             protocols.append(&mut config.alpn_protocols);
             config.alpn_protocols = protocols;
             let acceptor = Acceptor::new(config);
@@ -151,12 +152,7 @@ pub async fn serve(
                     .clone()
                     .map_err(TlsError::into_service_error)
                     .and_then(fn_service(move |io: TlsStream<TcpStream>| {
-                        let h2 = io
-                            .get_ref()
-                            .1
-                            .alpn_protocol()
-                            .is_some_and(|p| p.windows(2).any(|w| w == b"h2"));
-                        let protocol = if h2 { Protocol::Http2 } else { Protocol::Http1 };
+                        let protocol = Protocol::Http1;
                         let peer = io.get_ref().0.peer_addr().ok();
                         let io = HeadDeadline::new(io, limits.clone());
                         async move { Ok((io, protocol, peer)) }

@@ -1,9 +1,9 @@
 //! TLS: loads the PEM certificate chain and private key (`SSL_CERT`, `SSL_KEY`) into a rustls
 //! server configuration. Every failure names the file and what is wrong with it.
 //!
-//! ALPN is left to actix-http, which offers `http/1.1` only: its `http2` feature is off (see
-//! Cargo.toml and the README's "Design notes"), so a client cannot cancel a waiting acquire
-//! by resetting an HTTP/2 stream while keeping its connection.
+//! ALPN offers `http/1.1` only (set in `server.rs`; actix-web's `http2` feature is off too, see
+//! Cargo.toml and the README's "Design notes"), so a client cannot cancel a waiting acquire by
+//! resetting an HTTP/2 stream while keeping its connection.
 
 use std::path::Path;
 use std::sync::Arc;
