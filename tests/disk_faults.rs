@@ -17,6 +17,10 @@ const FIU_CTRL: &str = "/usr/bin/fiu-ctrl";
 
 /// The server under `fiu-run`, with remote control through FIFOs under `dir`.
 fn server_with_faults(dir: &Path, journal_bytes: &str) -> Server {
+    builder_with_faults(dir, journal_bytes).start()
+}
+
+fn builder_with_faults(dir: &Path, journal_bytes: &str) -> common::ServerBuilder {
     for tool in [FIU_RUN, FIU_CTRL] {
         assert!(
             Path::new(tool).exists(),
@@ -31,7 +35,6 @@ fn server_with_faults(dir: &Path, journal_bytes: &str) -> Server {
         .arg(common::locker_binary().display().to_string())
         .state_file(dir.join("locker.yml"))
         .env("LOCKER_JOURNAL_BYTES", journal_bytes)
-        .start()
 }
 
 fn fifo_prefix(dir: &Path) -> std::path::PathBuf {
@@ -40,19 +43,7 @@ fn fifo_prefix(dir: &Path) -> std::path::PathBuf {
 
 /// Makes the next call of `function` (`fsync` or `fdatasync`) in the server fail with EIO.
 fn fail_next(dir: &Path, server: &Server, function: &str) {
-    let command = format!("enable name=posix/io/sync/{function},failnum=1,failinfo=5,onetime");
-    let output = Command::new(FIU_CTRL)
-        .arg("-f")
-        .arg(fifo_prefix(dir))
-        .args(["-c", &command])
-        .arg(server.pid().to_string())
-        .output()
-        .expect("run fiu-ctrl");
-    assert!(
-        output.status.success(),
-        "fiu-ctrl failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    fail_next_at(dir, server, &format!("posix/io/sync/{function}"));
 }
 
 fn state_text(dir: &Path) -> String {
@@ -174,14 +165,7 @@ fn faults_under_load(journal_bytes: &str, functions: &[&str]) {
     const FAULTS_PER_FUNCTION: usize = 5;
     let dir = common::temp_dir();
     // Request logging off: each log line is a write(2) that would take the armed fault.
-    let server = common::server()
-        .binary(FIU_RUN)
-        .arg("-x")
-        .arg("-f")
-        .arg(fifo_prefix(dir.path()).display().to_string())
-        .arg(common::locker_binary().display().to_string())
-        .state_file(dir.path().join("locker.yml"))
-        .env("LOCKER_JOURNAL_BYTES", journal_bytes)
+    let server = builder_with_faults(dir.path(), journal_bytes)
         .env("RUST_LOG", "warn,locker::server=info")
         .start();
     let base = server.base.clone();
@@ -297,7 +281,11 @@ fn fail_next_at(dir: &Path, server: &Server, point: &str) {
         .arg(server.pid().to_string())
         .output()
         .expect("run fiu-ctrl");
-    assert!(output.status.success(), "fiu-ctrl failed");
+    assert!(
+        output.status.success(),
+        "fiu-ctrl failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 // `write` is not among the points: libfiu's `posix/io/rw/write` also fails the eventfd writes
