@@ -37,8 +37,9 @@ const SOURCE: &str = "https://example.invalid/locker";
 const SERVER_UID: u32 = 65532;
 
 /// Tools the tests and the script need, with the Debian package that has each.
-const TOOLS: [(&str, &str); 11] = [
+const TOOLS: [(&str, &str); 12] = [
     ("buildah", "buildah"),
+    ("podman", "podman"),
     ("skopeo", "skopeo"),
     ("umoci", "umoci"),
     ("jq", "jq"),
@@ -712,5 +713,44 @@ fn docker_archives_name_the_images_and_carry_their_labels() {
         let config: Value = serde_json::from_slice(&inspected.stdout).expect("config");
         assert_eq!(config["config"]["Labels"], *image.runtime("Labels"));
         assert_eq!(config["config"]["Entrypoint"], *image.runtime("Entrypoint"));
+    }
+}
+
+#[test]
+fn docker_archives_load_into_podman() {
+    let images = images();
+    // A store of its own: nothing is left in the machine's, and no daemon is needed.
+    let store = common::temp_dir();
+    let podman = |args: &[&str]| {
+        let output = Command::new("podman")
+            .arg("--storage-driver=vfs")
+            .arg("--root")
+            .arg(store.path().join("root"))
+            .arg("--runroot")
+            .arg(store.path().join("run"))
+            .args(args)
+            .output()
+            .expect("run podman");
+        assert!(
+            output.status.success(),
+            "podman {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    for image in [&images.resource, &images.server] {
+        let archive = image.archive.display().to_string();
+        let loaded = podman(&["load", "-i", &archive]);
+        let name = format!("docker.io/library/{}:{}", image.name, image.version);
+        assert!(loaded.contains(&name), "{loaded}");
+        let entrypoint = podman(&[
+            "image",
+            "inspect",
+            &name,
+            "--format",
+            "{{json .Config.Entrypoint}}",
+        ]);
+        let entrypoint: Value = serde_json::from_str(entrypoint.trim()).expect("entrypoint JSON");
+        assert_eq!(entrypoint, *image.runtime("Entrypoint"), "{name}");
     }
 }
