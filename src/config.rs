@@ -62,6 +62,16 @@ pub struct Args {
     #[arg(long, env = "LOCKER_MAX_WAITERS", default_value_t = 10_000)]
     pub max_waiters: usize,
 
+    /// Most distinct locks (held, or with someone waiting); an acquire of a new lock beyond it
+    /// gets 503.
+    #[arg(long, env = "LOCKER_MAX_LOCKS", default_value_t = 100_000)]
+    pub max_locks: usize,
+
+    /// Most distinct requestors sharing one holding (one key of one lock); a new requestor
+    /// beyond it gets 409.
+    #[arg(long, env = "LOCKER_MAX_REQUESTORS", default_value_t = 1_000)]
+    pub max_requestors: usize,
+
     /// Time a client gets to send each request head: a connection's first from when it
     /// opened, later ones from their first byte. Slower clients get 408 and are disconnected.
     #[arg(long, env = "LOCKER_HEAD_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
@@ -178,6 +188,8 @@ pub struct Settings {
     pub tls: Option<(PathBuf, PathBuf)>,
     pub max_wait: Duration,
     pub max_waiters: usize,
+    /// LOCKER_MAX_LOCKS and LOCKER_MAX_REQUESTORS.
+    pub limits: crate::rules::Limits,
     /// Time each request head gets (LOCKER_HEAD_TIMEOUT).
     pub head_timeout: Duration,
     /// LOCKER_MAX_CONNECTIONS as given; `None`: the default, lowered to fit the descriptor limit.
@@ -282,6 +294,12 @@ impl Settings {
         if args.max_connections == Some(0) {
             return Err("LOCKER_MAX_CONNECTIONS must be at least 1".into());
         }
+        if args.max_locks == 0 {
+            return Err("LOCKER_MAX_LOCKS must be at least 1".into());
+        }
+        if args.max_requestors == 0 {
+            return Err("LOCKER_MAX_REQUESTORS must be at least 1".into());
+        }
         if args.max_wait.is_zero() {
             return Err("LOCKER_MAX_WAIT must be longer than zero".into());
         }
@@ -292,6 +310,10 @@ impl Settings {
             tls,
             max_wait: args.max_wait,
             max_waiters: args.max_waiters,
+            limits: crate::rules::Limits {
+                locks: args.max_locks,
+                requestors: args.max_requestors,
+            },
             head_timeout: args.head_timeout,
             max_connections: args.max_connections,
             journal_bytes: args.journal_bytes,

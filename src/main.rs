@@ -74,6 +74,7 @@ fn run(args: Args) -> Result<(), String> {
             let store = FileStore::open(FileStoreOptions {
                 path: settings.state_file.clone(),
                 max_waiters: settings.max_waiters,
+                limits: settings.limits,
                 metrics: metrics.clone(),
                 journal_bytes: settings.journal_bytes,
             })?;
@@ -138,6 +139,7 @@ mod etcd {
         let store = EtcdStore::open(EtcdStoreOptions {
             connection: connection.clone(),
             max_waiters: settings.max_waiters,
+            limits: settings.limits,
             metrics: metrics.clone(),
         })?;
         info!(

@@ -4,7 +4,7 @@
 //! Pure and deterministic: no I/O and no clock (callers pass `now`), so the property tests can
 //! check it against a model and every backend gets the same semantics.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -204,6 +204,35 @@ impl Lock {
         self.holders.is_empty() && self.queue.is_empty()
     }
 
+    /// The earliest lease expiry of any hold of this lock.
+    pub fn expires_at(&self) -> Option<SystemTime> {
+        self.holders.iter().filter_map(Holder::expires_at).min()
+    }
+
+    /// Distinct requestors holding under `key`, counting queued requests that would add one.
+    fn requestors_under(&self, key: &str) -> usize {
+        let Some(holder) = self.holders.iter().find(|h| h.key == key) else {
+            return 0;
+        };
+        let queued = self
+            .queue
+            .iter()
+            .filter(|w| {
+                w.request.key == key && !holder.requestors.contains_key(&w.request.requestor)
+            })
+            .count();
+        holder.requestors.len() + queued
+    }
+
+    /// Whether granting `request` would give its key's holding one requestor too many.
+    fn over_requestor_limit(&self, request: &Acquire, limit: usize) -> bool {
+        let known = self
+            .holders
+            .iter()
+            .any(|h| h.key == request.key && h.requestors.contains_key(&request.requestor));
+        !known && self.requestors_under(&request.key) >= limit
+    }
+
     fn holder_index(&self, key: &str) -> Option<usize> {
         self.holders.iter().position(|h| h.key == key)
     }
@@ -334,6 +363,33 @@ pub enum AcquireOutcome {
     SlotsMismatch {
         slots: u32,
     },
+    /// Refused without a change: granting or queueing it would pass one of the [`Limits`].
+    OverLimit(Limit),
+}
+
+/// Bounds on how far clients can grow the table, so that one client cannot exhaust the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Distinct locks (held, or with someone waiting).
+    pub locks: usize,
+    /// Distinct requestors sharing one holding (one key of one lock).
+    pub requestors: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            locks: usize::MAX,
+            requestors: usize::MAX,
+        }
+    }
+}
+
+/// Which of the [`Limits`] a request ran into, with its value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    Locks(usize),
+    Requestors(usize),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -373,12 +429,19 @@ pub struct Expiry {
 
 /// Every lock, plus the fencing counter. Free locks with nobody waiting are not kept.
 ///
-/// Locks are shared (`Arc`) and copied on write, so a clone of the table — the store keeps a
-/// committed copy for readers beside its working copy — shares every lock that did not change.
+/// Locks are shared (`Arc`) and copied on write: the store keeps a committed copy for readers
+/// beside its working copy, and [`LockTable::copy_locks_from`] brings it up to date by sharing
+/// the locks a batch changed, so a batch costs what it touched, not the size of the table.
+///
+/// Leases are indexed by expiry, so finding the next lease to run out (every batch does) and
+/// the expired ones does not scan the table either.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LockTable {
     locks: BTreeMap<String, Arc<Lock>>,
     next_generation: u64,
+    /// (earliest lease expiry, lock name) of every lock with a lease.
+    expiries: BTreeSet<(SystemTime, String)>,
+    limits: Limits,
 }
 
 impl Default for LockTable {
@@ -386,6 +449,8 @@ impl Default for LockTable {
         LockTable {
             locks: BTreeMap::new(),
             next_generation: 1,
+            expiries: BTreeSet::new(),
+            limits: Limits::default(),
         }
     }
 }
@@ -404,10 +469,67 @@ impl LockTable {
             // A clone has exact capacities; deserialized vectors grew in steps (JSON gives no
             // lengths), which would cost 10,000 loaded locks ~5 MiB of empty room.
             .map(|(name, lock)| (name, Arc::new(lock.clone())))
+            .collect::<BTreeMap<_, _>>();
+        let expiries = locks
+            .iter()
+            .filter_map(|(name, lock)| lock.expires_at().map(|at| (at, name.clone())))
             .collect();
         LockTable {
             locks,
             next_generation: next_generation.max(highest + 1),
+            expiries,
+            limits: Limits::default(),
+        }
+    }
+
+    /// The table with these limits on what requests may add.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Makes the locks named in `names` (and the generation counter) what they are in `other`,
+    /// sharing them: how a committed copy catches up with a batch, or a working copy is rolled
+    /// back, at the cost of the batch rather than of the table.
+    pub fn copy_locks_from<'a>(
+        &mut self,
+        other: &LockTable,
+        names: impl IntoIterator<Item = &'a String>,
+    ) {
+        for name in names {
+            let before = self.lock_expiry(name);
+            match other.locks.get(name) {
+                Some(lock) => {
+                    self.locks.insert(name.clone(), lock.clone());
+                }
+                None => {
+                    self.locks.remove(name);
+                }
+            }
+            self.reindex(name, before);
+        }
+        self.next_generation = other.next_generation;
+    }
+
+    fn lock_expiry(&self, name: &str) -> Option<SystemTime> {
+        self.locks.get(name).and_then(|lock| lock.expires_at())
+    }
+
+    /// Brings the expiry index up to date for `name`, whose earliest expiry was `before`.
+    fn reindex(&mut self, name: &str, before: Option<SystemTime>) {
+        let after = self.lock_expiry(name);
+        if before == after {
+            return;
+        }
+        if let Some(at) = before {
+            self.expiries.remove(&(at, name.to_string()));
+        }
+        if let Some(at) = after {
+            self.expiries.insert((at, name.to_string()));
         }
     }
 
@@ -455,6 +577,22 @@ impl LockTable {
         now: SystemTime,
         waiter: Option<WaiterId>,
     ) -> AcquireOutcome {
+        let before = self.lock_expiry(name);
+        let outcome = self.acquire_unindexed(name, request, now, waiter);
+        self.reindex(name, before);
+        outcome
+    }
+
+    fn acquire_unindexed(
+        &mut self,
+        name: &str,
+        request: Acquire,
+        now: SystemTime,
+        waiter: Option<WaiterId>,
+    ) -> AcquireOutcome {
+        if !self.locks.contains_key(name) && self.locks.len() >= self.limits.locks {
+            return AcquireOutcome::OverLimit(Limit::Locks(self.limits.locks));
+        }
         let lock = Arc::make_mut(
             self.locks
                 .entry(name.to_string())
@@ -464,6 +602,9 @@ impl LockTable {
             && slots != lock.slots
         {
             return AcquireOutcome::SlotsMismatch { slots: lock.slots };
+        }
+        if lock.over_requestor_limit(&request, self.limits.requestors) {
+            return AcquireOutcome::OverLimit(Limit::Requestors(self.limits.requestors));
         }
         if lock.already_holds(&request) || (lock.queue.is_empty() && lock.admits(&request)) {
             let grant = lock.grant(&request, now, &mut self.next_generation);
@@ -490,7 +631,7 @@ impl LockTable {
         requestor: &str,
         now: SystemTime,
     ) -> ReleaseOutcome {
-        let Some(lock) = self.lock_mut(name) else {
+        let Some(lock) = self.lock(name) else {
             return ReleaseOutcome::NotHeld;
         };
         if !lock.is_held() {
@@ -499,18 +640,22 @@ impl LockTable {
         let Some(index) = lock.holder_index(key) else {
             return ReleaseOutcome::WrongKey(Conflict { keys: lock.keys() });
         };
-        let changed = lock.drop_requestor(index, requestor);
-        let grants = self.serve_and_tidy(name, now);
+        let before = lock.expires_at();
+        let changed = self
+            .lock_mut(name)
+            .is_some_and(|lock| lock.drop_requestor(index, requestor));
+        let grants = self.serve_and_tidy(name, now, before);
         ReleaseOutcome::Released { changed, grants }
     }
 
     /// Releases every holding of `name`, whatever its key.
     pub fn force_release(&mut self, name: &str, now: SystemTime) -> ForceRelease {
+        let before = self.lock_expiry(name);
         let previous = match self.lock_mut(name) {
             Some(lock) => std::mem::take(&mut lock.holders),
             None => Vec::new(),
         };
-        let grants = self.serve_and_tidy(name, now);
+        let grants = self.serve_and_tidy(name, now, before);
         ForceRelease { previous, grants }
     }
 
@@ -519,6 +664,7 @@ impl LockTable {
     /// same key is never affected.
     /// Returns `None` when that grant is no longer held.
     pub fn revoke(&mut self, grant: &WaiterGrant, now: SystemTime) -> Option<Vec<WaiterGrant>> {
+        let before = self.lock_expiry(&grant.name);
         let lock = self.lock_mut(&grant.name)?;
         let index = lock
             .holders
@@ -532,17 +678,18 @@ impl LockTable {
             }
             None => return None,
         }
-        Some(self.serve_and_tidy(&grant.name, now))
+        Some(self.serve_and_tidy(&grant.name, now, before))
     }
 
     /// Takes a waiter out of the queue (it gave up or its client went away). Returns whom that
     /// lets in: a waiter stuck behind it may fit now.
     pub fn cancel(&mut self, name: &str, waiter: WaiterId, now: SystemTime) -> Vec<WaiterGrant> {
+        let before = self.lock_expiry(name);
         let Some(lock) = self.lock_mut(name) else {
             return Vec::new();
         };
         lock.queue.retain(|w| w.id != waiter);
-        self.serve_and_tidy(name, now)
+        self.serve_and_tidy(name, now, before)
     }
 
     /// Whether `waiter` is still queued on `name`.
@@ -555,13 +702,15 @@ impl LockTable {
     /// Releases every hold whose lease ran out at or before `now`, then serves the queues.
     pub fn expire(&mut self, now: SystemTime) -> Expiry {
         let mut expiry = Expiry::default();
-        let names: Vec<String> = self
-            .locks
+        // In name order, so that generations are handed out the same whatever the leases.
+        let names: BTreeSet<String> = self
+            .expiries
             .iter()
-            .filter(|(_, lock)| lock.holders.iter().any(|h| is_expired(h, now)))
-            .map(|(name, _)| name.clone())
+            .take_while(|(at, _)| *at <= now)
+            .map(|(_, name)| name.clone())
             .collect();
         for name in names {
+            let before = self.lock_expiry(&name);
             if let Some(lock) = self.lock_mut(&name) {
                 for holder in &mut lock.holders {
                     holder.requestors.retain(|requestor, hold| {
@@ -578,7 +727,7 @@ impl LockTable {
                 }
                 lock.holders.retain(|h| !h.requestors.is_empty());
             }
-            let grants = self.serve_and_tidy(&name, now);
+            let grants = self.serve_and_tidy(&name, now, before);
             expiry.grants.extend(grants);
         }
         expiry
@@ -586,14 +735,17 @@ impl LockTable {
 
     /// The earliest lease expiry of any hold.
     pub fn next_expiry(&self) -> Option<SystemTime> {
-        self.locks
-            .values()
-            .flat_map(|l| l.holders.iter().filter_map(Holder::expires_at))
-            .min()
+        self.expiries.first().map(|(at, _)| *at)
     }
 
-    /// Serves the queue of `name` and forgets the lock if nobody holds or waits for it.
-    fn serve_and_tidy(&mut self, name: &str, now: SystemTime) -> Vec<WaiterGrant> {
+    /// Serves the queue of `name`, forgets the lock if nobody holds or waits for it, and
+    /// brings the expiry index up to date (the lock's earliest expiry was `before`).
+    fn serve_and_tidy(
+        &mut self,
+        name: &str,
+        now: SystemTime,
+        before: Option<SystemTime>,
+    ) -> Vec<WaiterGrant> {
         let mut grants = Vec::new();
         // Field by field, so the lock and the generation counter can be borrowed together.
         if let Some(lock) = self.locks.get_mut(name).map(Arc::make_mut) {
@@ -602,15 +754,9 @@ impl LockTable {
                 self.locks.remove(name);
             }
         }
+        self.reindex(name, before);
         grants
     }
-}
-
-fn is_expired(holder: &Holder, now: SystemTime) -> bool {
-    holder
-        .requestors
-        .values()
-        .any(|h| h.expires_at.is_some_and(|at| at <= now))
 }
 
 /// One operation on the table, as a value: the store keeps the operations of a batch to know
@@ -820,5 +966,113 @@ mod tests {
         // The same generation with another build is not this hold either.
         table.apply(&reclaim(second, "1"), now);
         assert!(table.lock("env").is_some_and(Lock::is_held));
+    }
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+
+    fn request(key: &str, requestor: &str) -> Acquire {
+        Acquire {
+            key: key.into(),
+            requestor: requestor.into(),
+            ttl: None,
+            info: Info::new(),
+            slots: None,
+            release_with_build: None,
+            renew: false,
+        }
+    }
+
+    fn limited(locks: usize, requestors: usize) -> LockTable {
+        LockTable::default().with_limits(Limits { locks, requestors })
+    }
+
+    #[test]
+    fn a_new_lock_past_the_lock_limit_is_refused_and_nothing_is_added() {
+        let now = SystemTime::now();
+        let mut table = limited(2, 10);
+        for name in ["a", "b"] {
+            let outcome = table.acquire(name, request("k", "r"), now, None);
+            assert!(matches!(outcome, AcquireOutcome::Granted(_)), "{outcome:?}");
+        }
+        let refused = table.acquire("c", request("k", "r"), now, Some(1));
+        assert_eq!(refused, AcquireOutcome::OverLimit(Limit::Locks(2)));
+        assert!(table.lock("c").is_none());
+        // Locks that exist still take requests: a reentrant acquire and a waiter.
+        assert!(matches!(
+            table.acquire("a", request("k", "r"), now, None),
+            AcquireOutcome::Granted(_)
+        ));
+        assert_eq!(
+            table.acquire("b", request("other", "r"), now, Some(2)),
+            AcquireOutcome::Queued
+        );
+        // Once a lock is gone, a new one fits.
+        table.force_release("a", now);
+        assert!(matches!(
+            table.acquire("c", request("k", "r"), now, None),
+            AcquireOutcome::Granted(_)
+        ));
+    }
+
+    #[test]
+    fn a_new_requestor_past_the_requestor_limit_is_refused_counting_queued_ones() {
+        let now = SystemTime::now();
+        let mut table = limited(10, 2);
+        let mut shared = request("k", "r1");
+        shared.slots = Some(2);
+        assert!(matches!(
+            table.acquire("env", shared, now, None),
+            AcquireOutcome::Granted(_)
+        ));
+        // A waiter with another key blocks the queue; one under key `k` queues behind it.
+        assert_eq!(
+            table.acquire("env", request("other", "x"), now, Some(1)),
+            AcquireOutcome::Granted(Grant {
+                generation: 2,
+                count: 1
+            })
+        );
+        assert_eq!(
+            table.acquire("env", request("third", "x"), now, Some(2)),
+            AcquireOutcome::Queued
+        );
+        assert_eq!(
+            table.acquire("env", request("k", "r2"), now, Some(3)),
+            AcquireOutcome::Queued
+        );
+        // r1 and the queued r2 make two requestors under `k`: a third is refused, at once.
+        assert_eq!(
+            table.acquire("env", request("k", "r3"), now, Some(4)),
+            AcquireOutcome::OverLimit(Limit::Requestors(2))
+        );
+        // Requestors already holding still count up.
+        assert!(matches!(
+            table.acquire("env", request("k", "r1"), now, None),
+            AcquireOutcome::Granted(Grant { count: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn a_committed_copy_catches_up_with_the_locks_a_batch_touched() {
+        let now = SystemTime::now();
+        let mut working = LockTable::default();
+        let mut leased = request("k", "r");
+        leased.ttl = Some(Duration::from_secs(60));
+        working.acquire("a", leased.clone(), now, None);
+        working.acquire("b", request("k", "r"), now, None);
+        let mut committed = working.clone();
+        working.release("a", "k", "r", now);
+        working.acquire("c", leased, now, None);
+        let touched = ["a".to_string(), "c".to_string()];
+        committed.copy_locks_from(&working, &touched);
+        assert_eq!(committed, working);
+        assert_eq!(committed.next_expiry(), Some(now + Duration::from_secs(60)));
+        // And back: a working copy rolled back to the committed one.
+        working.force_release("b", now);
+        working.copy_locks_from(&committed, &["b".to_string()]);
+        assert_eq!(working, committed);
     }
 }

@@ -291,6 +291,9 @@ fn check_invariants(table: &LockTable) {
             assert!(lock.is_held(), "{name}: waiters on a free lock");
         }
     }
+    // The expiry index agrees with a scan of every lease.
+    let earliest = table.locks().values().filter_map(|l| l.expires_at()).min();
+    assert_eq!(table.next_expiry(), earliest, "expiry index out of step");
 }
 
 proptest! {
@@ -421,6 +424,7 @@ proptest! {
                 Effect::Acquire(AcquireOutcome::Queued) => "queued".to_string(),
                 Effect::Acquire(AcquireOutcome::Held(c)) => format!("held {:?}", sorted(c.keys.clone())),
                 Effect::Acquire(AcquireOutcome::SlotsMismatch { slots }) => format!("mismatch {slots}"),
+                Effect::Acquire(AcquireOutcome::OverLimit(limit)) => format!("over limit {limit:?}"),
                 Effect::Release(ReleaseOutcome::NotHeld) => "not held".to_string(),
                 Effect::Release(ReleaseOutcome::WrongKey(c)) => format!("wrong key {:?}", sorted(c.keys.clone())),
                 Effect::Release(ReleaseOutcome::Released { changed, grants }) => {

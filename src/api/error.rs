@@ -47,8 +47,11 @@ impl ResponseError for ApiError {
                 StoreError::Held { .. }
                 | StoreError::TimedOut { .. }
                 | StoreError::WrongKey { .. } => StatusCode::LOCKED,
-                StoreError::SlotsMismatch { .. } => StatusCode::CONFLICT,
+                StoreError::SlotsMismatch { .. } | StoreError::TooManyRequestors { .. } => {
+                    StatusCode::CONFLICT
+                }
                 StoreError::TooManyWaiters { .. }
+                | StoreError::TooManyLocks { .. }
                 | StoreError::ShuttingDown
                 | StoreError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             },

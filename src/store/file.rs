@@ -60,6 +60,8 @@ pub const DEFAULT_JOURNAL_BYTES: u64 = 0;
 pub struct FileStoreOptions {
     pub path: PathBuf,
     pub max_waiters: usize,
+    /// Caps on distinct locks and requestors per holding, enforced by the rules.
+    pub limits: crate::rules::Limits,
     pub metrics: Arc<Metrics>,
     /// Size of the journal file; 0: every batch rewrites the state file.
     pub journal_bytes: u64,
@@ -177,7 +179,7 @@ impl FileStore {
             encoder: None,
             metrics: options.metrics.clone(),
             paths,
-            working: loaded.table.clone(),
+            working: loaded.table.clone().with_limits(options.limits),
             committed: Arc::new(RwLock::new(LockTable::default())),
             waiters: HashMap::new(),
             retry: Vec::new(),
@@ -971,8 +973,11 @@ impl Writer {
     fn commit(&mut self, batch: Batch) {
         self.last_failure = None;
         *self.write_failure.lock() = None;
-        // Readers now see the batch. Cheap: the clone shares every lock the batch left alone.
-        *self.committed.write() = self.working.clone();
+        // Readers now see the batch: its locks are shared into the committed copy, at the cost
+        // of the batch, not of the table.
+        self.committed
+            .write()
+            .copy_locks_from(&self.working, &batch.touched());
         debug_assert!(
             self.encoder
                 .as_ref()
@@ -1018,9 +1023,11 @@ impl Writer {
     fn roll_back(&mut self, batch: Batch, failure: WriteFailure) {
         let reason = failure.message;
         error!("{reason}; {} operation(s) refused", batch.replies.len());
-        self.working = self.committed.read().clone();
+        let touched = batch.touched();
+        self.working
+            .copy_locks_from(&self.committed.read(), &touched);
         let restored = match &mut self.encoder {
-            Some(encoder) => encoder.update(&self.working, &batch.touched()),
+            Some(encoder) => encoder.update(&self.working, &touched),
             None => Ok(()),
         };
         if restored.is_err() {

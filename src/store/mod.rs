@@ -16,7 +16,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::metrics::LockStats;
-use crate::rules::{Acquire, AcquireOutcome, Effect, Grant, Holder, LockTable, ReleaseOutcome};
+use crate::rules::{
+    Acquire, AcquireOutcome, Effect, Grant, Holder, Limit, LockTable, ReleaseOutcome,
+};
 
 /// How often [`poll_free`] looks again.
 #[cfg(feature = "etcd")]
@@ -57,6 +59,16 @@ pub enum StoreError {
     SlotsMismatch { name: String, slots: u32 },
     #[error("too many waiting requests (limit {limit}); try again later")]
     TooManyWaiters { limit: usize },
+    #[error(
+        "lock {name:?} would be one lock too many: the server keeps at most {limit} \
+         (LOCKER_MAX_LOCKS); release some or raise the limit"
+    )]
+    TooManyLocks { name: String, limit: usize },
+    #[error(
+        "lock {name:?} is shared under this key by {limit} requestors, the most allowed \
+         (LOCKER_MAX_REQUESTORS); a new requestor must wait for one to release"
+    )]
+    TooManyRequestors { name: String, limit: usize },
     #[error("the server is shutting down; try again")]
     ShuttingDown,
     #[error("state could not be saved, nothing was changed: {0}")]
@@ -73,6 +85,8 @@ impl StoreError {
             StoreError::WrongKey { .. } => "wrong_key",
             StoreError::SlotsMismatch { .. } => "slots_mismatch",
             StoreError::TooManyWaiters { .. } => "too_many_waiters",
+            StoreError::TooManyLocks { .. } => "too_many_locks",
+            StoreError::TooManyRequestors { .. } => "too_many_requestors",
             StoreError::ShuttingDown => "shutting_down",
             StoreError::Unavailable(_) => "unavailable",
         }
@@ -335,6 +349,18 @@ pub(crate) fn acquire_result(
             name: name.to_string(),
             keys: conflict.keys,
         }),
+        Effect::Acquire(AcquireOutcome::OverLimit(Limit::Locks(limit))) => {
+            Err(StoreError::TooManyLocks {
+                name: name.to_string(),
+                limit,
+            })
+        }
+        Effect::Acquire(AcquireOutcome::OverLimit(Limit::Requestors(limit))) => {
+            Err(StoreError::TooManyRequestors {
+                name: name.to_string(),
+                limit,
+            })
+        }
         Effect::Acquire(AcquireOutcome::SlotsMismatch { slots }) => {
             Err(StoreError::SlotsMismatch {
                 name: name.to_string(),

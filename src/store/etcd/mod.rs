@@ -165,6 +165,10 @@ impl EtcdConnection {
 pub struct EtcdStoreOptions {
     pub connection: EtcdConnection,
     pub max_waiters: usize,
+    /// Caps on locks and requestors per holding. The lock cap is checked against this
+    /// server's view of etcd, so replicas that create locks at the same moment can pass it by
+    /// one lock each.
+    pub limits: crate::rules::Limits,
     pub metrics: Arc<Metrics>,
 }
 
@@ -195,15 +199,34 @@ struct Cache {
     replicas: BTreeSet<u64>,
     /// Last revision the watch delivered.
     watched: i64,
+    /// How many entries hold a lock (`lock` is `Some`), for the lock limit.
+    present: usize,
+    /// (earliest lease expiry, name) of every lock with a lease, so that neither the writer's
+    /// sleep nor its expiry pass scans the cache.
+    expiries: BTreeSet<(SystemTime, String)>,
+    limits: crate::rules::Limits,
 }
 
 impl Cache {
     fn set_lock(&mut self, name: &str, entry: Entry) {
-        match self.locks.get(name) {
-            Some(current) if current.as_of >= entry.as_of => {}
-            _ => {
-                self.locks.insert(name.to_string(), entry);
+        if self
+            .locks
+            .get(name)
+            .is_some_and(|current| current.as_of >= entry.as_of)
+        {
+            return;
+        }
+        let expiry = |e: &Entry| e.lock.as_ref().and_then(Lock::expires_at);
+        let after = expiry(&entry);
+        self.present += usize::from(entry.lock.is_some());
+        if let Some(old) = self.locks.insert(name.to_string(), entry) {
+            self.present -= usize::from(old.lock.is_some());
+            if let Some(at) = expiry(&old) {
+                self.expiries.remove(&(at, name.to_string()));
             }
+        }
+        if let Some(at) = after {
+            self.expiries.insert((at, name.to_string()));
         }
     }
 
@@ -234,19 +257,14 @@ impl Cache {
     }
 
     fn next_expiry(&self) -> Option<SystemTime> {
-        self.held()
-            .flat_map(|(_, l)| l.holders.iter().filter_map(Holder::expires_at))
-            .min()
+        self.expiries.first().map(|(at, _)| *at)
     }
 
     fn expired_names(&self, now: SystemTime) -> Vec<String> {
-        self.held()
-            .filter(|(_, l)| {
-                l.holders
-                    .iter()
-                    .any(|h| h.expires_at().is_some_and(|at| at <= now))
-            })
-            .map(|(n, _)| n.clone())
+        self.expiries
+            .iter()
+            .take_while(|(at, _)| *at <= now)
+            .map(|(_, name)| name.clone())
             .take(MAX_LOCKS_PER_TXN)
             .collect()
     }
@@ -372,6 +390,7 @@ impl EtcdStore {
             start(members, &connection, commands, receiver, metrics).await
         })?;
         let (shared, members, writer, lease) = started;
+        shared.cache.lock().limits = options.limits;
         info!(
             "etcd at {}, prefix {:?}: {} lock(s) held, this server is replica {}",
             options.connection.endpoints.join(","),
@@ -1162,7 +1181,17 @@ impl Writer {
             .iter()
             .filter_map(|(n, l)| l.clone().map(|l| (n.clone(), l)))
             .collect();
-        let mut table = LockTable::from_parts(parts, cache.next_generation.max(1));
+        // The table holds only the locks this batch touches: the lock limit leaves room for
+        // the ones it does not.
+        let elsewhere = cache
+            .present
+            .saturating_sub(before.values().filter(|l| l.is_some()).count());
+        let limits = crate::rules::Limits {
+            locks: cache.limits.locks.saturating_sub(elsewhere),
+            ..cache.limits
+        };
+        let mut table =
+            LockTable::from_parts(parts, cache.next_generation.max(1)).with_limits(limits);
         let start_generation = table.next_generation();
         let meta_revision = cache.meta_revision;
         drop(cache);
