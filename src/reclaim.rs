@@ -158,7 +158,12 @@ impl Reclaimer {
     /// Fails (releasing nothing for that build) when the API cannot say.
     pub async fn check_once(&self) -> Result<(), String> {
         let mut builds: HashMap<BuildRef, Vec<Candidate>> = HashMap::new();
-        for lock in self.store.list().await.map_err(|e| e.to_string())? {
+        for lock in self
+            .store
+            .list(&crate::store::Page::all())
+            .await
+            .map_err(|e| e.to_string())?
+            .locks {
             for holder in &lock.holders {
                 for (requestor, hold) in &holder.requestors {
                     if let Some(build) = &hold.release_with_build {

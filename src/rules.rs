@@ -329,6 +329,12 @@ impl Lock {
     }
 }
 
+impl AsRef<Lock> for Lock {
+    fn as_ref(&self) -> &Lock {
+        self
+    }
+}
+
 /// A successful acquire: the holding's fencing generation and the requestor's count.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Grant {

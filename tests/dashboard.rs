@@ -222,11 +222,12 @@ async fn dashboard_shows_filters_and_force_releases_locks_in_a_real_browser() {
         .await
         .expect("filter box");
     filter.send_keys("deploy").await.expect("type");
-    let filtered = shown_rows(&client, |r| r.len() == 1).await;
+    let filtered = shown_rows(&client, |r| r == ["deploy-prod"]).await;
     assert_eq!(filtered, ["deploy-prod"]);
     filter.clear().await.expect("clear");
     filter.send_keys("suite-b").await.expect("type");
-    assert_eq!(shown_rows(&client, |r| r.len() == 1).await, ["test-bed"]);
+    // (The search runs on the server once typing pauses: wait for its answer, not any one row.)
+    assert_eq!(shown_rows(&client, |r| r == ["test-bed"]).await, ["test-bed"]);
     filter.clear().await.expect("clear");
     // Clearing fires no input event in every driver; type and delete a character to be sure.
     filter.send_keys(" ").await.expect("type");
@@ -422,16 +423,31 @@ async fn dashboard_works_under_a_reverse_proxy_path_prefix() {
         .strip_prefix("http://")
         .expect("http")
         .to_string();
-    let port = prefix_proxy(upstream, "/locker").await;
+    let port = prefix_proxy(upstream, "/locker", None).await;
     let page = format!("http://{}127.0.0.1:{port}/locker/", userinfo());
     dashboard_lists_and_releases_at(&page, &server).await;
     blocking(move || drop(server));
 }
 
+/// What a proxy saw of `GET /locks` requests it held back by a delay.
+#[derive(Default)]
+struct SlowLocks {
+    delay: Duration,
+    asked: std::sync::atomic::AtomicUsize,
+    in_flight: std::sync::atomic::AtomicUsize,
+    most_at_once: std::sync::atomic::AtomicUsize,
+}
+
 /// A reverse proxy on a free loopback port: `{prefix}/x` goes to `upstream` as `/x`, anything
 /// else is a 404. It asks both sides to close after one exchange, so it only ever rewrites a
-/// request's first line and then copies bytes both ways.
-async fn prefix_proxy(upstream: String, prefix: &'static str) -> u16 {
+/// request's first line and then copies bytes both ways. With `slow`, every request for
+/// `/locks` waits its delay before it is passed on, and is counted while it is open.
+async fn prefix_proxy(
+    upstream: String,
+    prefix: &'static str,
+    slow: Option<std::sync::Arc<SlowLocks>>,
+) -> u16 {
+    use std::sync::atomic::Ordering::SeqCst;
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -440,6 +456,7 @@ async fn prefix_proxy(upstream: String, prefix: &'static str) -> u16 {
     tokio::spawn(async move {
         while let Ok((socket, _)) = listener.accept().await {
             let upstream = upstream.clone();
+            let slow = slow.clone();
             tokio::spawn(async move {
                 let mut browser = BufReader::new(socket);
                 let mut head = String::new();
@@ -464,14 +481,105 @@ async fn prefix_proxy(upstream: String, prefix: &'static str) -> u16 {
                         break;
                     }
                 }
-                let mut server = tokio::net::TcpStream::connect(&upstream).await.ok()?;
-                server.write_all(request.as_bytes()).await.ok()?;
-                tokio::io::copy_bidirectional(&mut browser, &mut server)
-                    .await
-                    .ok()?;
+                let slow = slow.filter(|_| path.starts_with("/locks"));
+                if let Some(slow) = &slow {
+                    slow.asked.fetch_add(1, SeqCst);
+                    let now = slow.in_flight.fetch_add(1, SeqCst) + 1;
+                    slow.most_at_once.fetch_max(now, SeqCst);
+                    tokio::time::sleep(slow.delay).await;
+                }
+                let mut server = tokio::net::TcpStream::connect(&upstream).await.ok();
+                if let Some(server) = &mut server
+                    && server.write_all(request.as_bytes()).await.is_ok()
+                {
+                    let _ = tokio::io::copy_bidirectional(&mut browser, server).await;
+                }
+                if let Some(slow) = &slow {
+                    slow.in_flight.fetch_sub(1, SeqCst);
+                }
                 Some(())
             });
         }
     });
     port
+}
+
+/// A large table: the page fetches one page of locks (the first 200), says how many there
+/// are, shows more on request and searches on the server; and however slow `GET /locks` is,
+/// the page never has two of them open at once (they used to pile up every 2 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_pages_a_large_table_and_never_polls_twice_at_once() {
+    use std::sync::atomic::Ordering::SeqCst;
+    const LOCKS: usize = 450;
+    let server = blocking(|| {
+        let server = common::Server::start();
+        for i in 0..LOCKS {
+            let reply = server.lock(&format!("env-{i:04}"), json!({"key": "k"}));
+            assert_eq!(reply.status, 200, "{}", reply.body);
+        }
+        let reply = server.lock("zz-special", json!({"key": "k", "requestor": "needle-job"}));
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        server
+    });
+    let upstream = server.base.strip_prefix("http://").expect("http").to_string();
+    // Slower than the page's 2 s refresh: a timer that does not wait would overlap.
+    let slow = std::sync::Arc::new(SlowLocks {
+        delay: Duration::from_millis(2500),
+        ..SlowLocks::default()
+    });
+    let port = prefix_proxy(upstream, "/locker", Some(slow.clone())).await;
+    let driver = Driver::start();
+    let profile = common::temp_dir();
+    let client = browser(&driver, profile.path()).await;
+    client
+        .goto(&format!("http://127.0.0.1:{port}/locker/"))
+        .await
+        .expect("open dashboard");
+    let summary = || async {
+        client
+            .execute("return document.getElementById('summary').textContent", vec![])
+            .await
+            .expect("summary")
+    };
+
+    let rows = shown_rows(&client, |r| r.len() == 200).await;
+    assert_eq!(rows.len(), 200, "one page of rows");
+    assert_eq!(rows[0], "env-0000");
+    let text = summary().await;
+    assert!(
+        text.as_str().is_some_and(|t| t.starts_with("451 lock(s) held, 200 shown")),
+        "{text}"
+    );
+    // "Show more" adds a page.
+    client
+        .find(Locator::Css("#more"))
+        .await
+        .expect("show more")
+        .click()
+        .await
+        .expect("click");
+    assert_eq!(shown_rows(&client, |r| r.len() == 400).await.len(), 400);
+    // The search runs on the server: it finds a lock far past the rows fetched.
+    client
+        .find(Locator::Css("#filter"))
+        .await
+        .expect("filter box")
+        .send_keys("NEEDLE")
+        .await
+        .expect("type");
+    assert_eq!(
+        shown_rows(&client, |r| r == ["zz-special"]).await,
+        ["zz-special"]
+    );
+
+    // Let several refreshes go by (each takes 2.5 s, then 2 s until the next).
+    let asked = slow.asked.load(SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while slow.asked.load(SeqCst) < asked + 3 {
+        assert!(Instant::now() < deadline, "the page stopped refreshing");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(slow.most_at_once.load(SeqCst), 1, "overlapping GET /locks");
+    client.close().await.expect("close browser");
+    blocking(move || drop(server));
 }

@@ -10,6 +10,7 @@ mod views;
 use std::sync::Arc;
 use std::time::Duration;
 
+use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde_json::json;
 
@@ -17,7 +18,7 @@ use crate::metrics::{self, Metrics};
 use crate::rules::{Acquire, BuildRef};
 use crate::store::{LockStore, Released};
 use error::ApiError;
-use request::{LockBody, LockQuery, lock_name, read_body};
+use request::{ListQuery, LockBody, LockQuery, lock_name, read_body};
 
 /// What every handler may use: the store and the server-wide limits.
 pub struct AppState {
@@ -84,9 +85,21 @@ async fn metrics_text(state: web::Data<AppState>) -> Result<HttpResponse, ApiErr
         .body(text))
 }
 
-async fn list_locks(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let locks = state.store.list().await?;
-    Ok(HttpResponse::Ok().json(views::lock_map(&locks)))
+/// `GET /locks`: every held lock, or with `limit` one page of them (see [`ListQuery`]). The
+/// body is the same name → lock map either way; `Locker-Total` says how many locks the
+/// listing has in all, and a `Link` header with `rel="next"` names the next page.
+async fn list_locks(
+    request: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let query = ListQuery::parse(request.query_string())?;
+    let page = state.store.list(&query.page()?).await?;
+    let mut response = HttpResponse::Ok();
+    response.insert_header(("Locker-Total", page.total.to_string()));
+    if let Some(next) = page.more.then(|| query.next(&page)).flatten() {
+        response.insert_header((header::LINK, format!("<locks?{next}>; rel=\"next\"")));
+    }
+    Ok(response.json(views::lock_map(&page.locks)))
 }
 
 async fn lock_status(

@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use super::error::ApiError;
 use crate::rules::Info;
+use crate::store::{LockPage, Page};
 use crate::timefmt::{BodyDuration, parse_duration};
 
 /// Largest request body accepted.
@@ -128,6 +129,62 @@ async fn collect_body(request: &HttpRequest, mut payload: web::Payload) -> Resul
         body.extend_from_slice(&chunk);
     }
     Ok(body.freeze())
+}
+
+/// Most locks one page of `GET /locks` may ask for.
+pub const MAX_PAGE: usize = 10_000;
+
+/// `GET /locks?prefix=&q=&after=&limit=`: which locks a listing shows (all without any).
+#[derive(Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default)]
+pub struct ListQuery {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prefix: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    q: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    after: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limit: Option<String>,
+}
+
+impl ListQuery {
+    pub fn parse(query: &str) -> Result<Self, ApiError> {
+        serde_urlencoded::from_str(query)
+            .map_err(|e| ApiError::BadRequest(format!("bad query string: {e}")))
+    }
+
+    pub fn page(&self) -> Result<Page, ApiError> {
+        let limit = match self.limit.as_deref() {
+            None | Some("") => None,
+            Some(text) => match text.parse::<usize>() {
+                Ok(limit @ 1..=MAX_PAGE) => Some(limit),
+                _ => {
+                    return Err(ApiError::BadRequest(format!(
+                        "limit must be a number from 1 to {MAX_PAGE}, not {text:?}"
+                    )));
+                }
+            },
+        };
+        Ok(Page {
+            prefix: self.prefix.clone().unwrap_or_default(),
+            search: self.q.clone().filter(|q| !q.is_empty()),
+            after: self.after.clone().filter(|a| !a.is_empty()),
+            limit,
+        })
+    }
+
+    /// The query string of the page after `page`, if it has a last lock to start after.
+    pub fn next(&self, page: &LockPage) -> Option<String> {
+        let last = page.locks.last()?;
+        let next = ListQuery {
+            prefix: self.prefix.clone(),
+            q: self.q.clone(),
+            after: Some(last.name.clone()),
+            limit: self.limit.clone(),
+        };
+        serde_urlencoded::to_string(&next).ok()
+    }
 }
 
 /// `?wait=<duration>`, `?wait_free=<duration>` and `?force=true`.

@@ -31,7 +31,8 @@ use tokio::sync::{oneshot, watch};
 use super::journal::{self, Journal};
 use super::state_file;
 use super::{
-    Counted, LockStore, LockView, Released, StoreError, WaitGuard, WaiterSlot, Withdraw,
+    Counted, LockPage, LockStore, LockView, Page, Released, StoreError, WaitGuard, WaiterSlot,
+    Withdraw,
     acquire_result, force_release_result, release_result, view,
 };
 use crate::metrics::{LockStats, Metrics};
@@ -346,14 +347,8 @@ impl LockStore for FileStore {
             .map(|l| view(name, l)))
     }
 
-    async fn list(&self) -> Result<Vec<LockView>, StoreError> {
-        let table = self.committed.read();
-        Ok(table
-            .locks()
-            .iter()
-            .filter(|(_, l)| l.is_held())
-            .map(|(name, l)| view(name, l))
-            .collect())
+    async fn list(&self, page: &Page) -> Result<LockPage, StoreError> {
+        Ok(super::page_of(self.committed.read().locks(), page))
     }
 
     async fn wait_free(&self, name: &str, wait: Duration) -> Result<Option<LockView>, StoreError> {

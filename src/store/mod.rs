@@ -33,6 +33,83 @@ pub struct LockView {
     pub waiters: usize,
 }
 
+/// Which held locks a listing shows, in name order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Page {
+    /// Only names starting with this.
+    pub prefix: String,
+    /// Only locks whose name, a holder's key, a requestor or an info value contains this,
+    /// ignoring case (what the dashboard's filter box searches).
+    pub search: Option<String>,
+    /// Only names after this one (the last name of the previous page).
+    pub after: Option<String>,
+    /// At most this many; `None`: all of them.
+    pub limit: Option<usize>,
+}
+
+impl Page {
+    /// Every held lock.
+    pub fn all() -> Self {
+        Page::default()
+    }
+
+    /// Whether a lock belongs to the listing, its name range aside.
+    fn shows(&self, name: &str, lock: &crate::rules::Lock) -> bool {
+        lock.is_held()
+            && name.starts_with(&self.prefix)
+            && self.search.as_deref().is_none_or(|search| found(search, name, lock))
+    }
+}
+
+/// Case-insensitive search of a lock's name, keys, requestors and info values.
+fn found(search: &str, name: &str, lock: &crate::rules::Lock) -> bool {
+    let search = search.to_lowercase();
+    let has = |text: &str| text.to_lowercase().contains(&search);
+    has(name)
+        || lock.holders.iter().any(|h| {
+            has(&h.key) || h.requestors.keys().any(|r| has(r)) || h.info.values().any(|v| has(v))
+        })
+}
+
+/// One page of a listing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LockPage {
+    pub locks: Vec<LockView>,
+    /// How many held locks the listing has over all its pages.
+    pub total: usize,
+    /// Whether locks follow this page (ask again with `after` = the last name of this one).
+    pub more: bool,
+}
+
+/// A page of the locks of a name-ordered map: the start of the range is found by the map, so a
+/// page costs its own size plus the count of what matches, not a copy of every lock.
+pub(crate) fn page_of<'a, L: AsRef<crate::rules::Lock> + 'a>(
+    locks: &'a std::collections::BTreeMap<String, L>,
+    page: &Page,
+) -> LockPage {
+    use std::ops::Bound;
+    let matching = |start: Bound<&str>| {
+        locks
+            .range::<str, _>((start, Bound::Unbounded))
+            .take_while(|(name, _)| name.starts_with(&page.prefix))
+            .filter(|(name, lock)| page.shows(name, (*lock).as_ref()))
+    };
+    let total = matching(Bound::Included(&page.prefix)).count();
+    let start = match &page.after {
+        Some(after) if after.as_str() >= page.prefix.as_str() => Bound::Excluded(after.as_str()),
+        _ => Bound::Included(page.prefix.as_str()),
+    };
+    let limit = page.limit.unwrap_or(usize::MAX);
+    let mut shown = matching(start);
+    let locks: Vec<LockView> = shown
+        .by_ref()
+        .take(limit)
+        .map(|(name, lock)| view(name, lock.as_ref()))
+        .collect();
+    let more = shown.next().is_some();
+    LockPage { locks, total, more }
+}
+
 /// The result of a release that was allowed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Released {
@@ -131,8 +208,8 @@ pub trait LockStore: Send + Sync + 'static {
     /// The committed state of one lock; `None` when free.
     async fn status(&self, name: &str) -> Result<Option<LockView>, StoreError>;
 
-    /// Every held lock, by name.
-    async fn list(&self) -> Result<Vec<LockView>, StoreError>;
+    /// The held locks of one page of a listing, by name.
+    async fn list(&self, page: &Page) -> Result<LockPage, StoreError>;
 
     /// Waits up to `wait` for `name` to be free, holding nothing. `None` once it is free;
     /// the lock's status if it is still held when the time runs out.

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Environment variables of the server that must not leak in from the test's environment.
-const SERVER_VARIABLES: [&str; 21] = [
+const SERVER_VARIABLES: [&str; 23] = [
     "LOCKER_CONFIG",
     "PORT",
     "LOCKER_LISTEN",
@@ -31,6 +31,8 @@ const SERVER_VARIABLES: [&str; 21] = [
     "SSL_KEY",
     "LOCKER_MAX_WAIT",
     "LOCKER_MAX_WAITERS",
+    "LOCKER_MAX_LOCKS",
+    "LOCKER_MAX_REQUESTORS",
     "LOCKER_DEFAULT_TTL",
     "LOCKER_HEAD_TIMEOUT",
     "LOCKER_MAX_CONNECTIONS",
@@ -528,5 +530,18 @@ pub fn wait_for_waiters(server: &Server, name: &str, count: u64) {
             reply.body
         );
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+impl Server {
+    /// The value of one sample of `/metrics` (name with its labels, as printed), 0 when absent.
+    pub fn metric(&self, sample: &str) -> f64 {
+        let reply = call("GET", &self.url("/metrics"), None);
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        reply
+            .body
+            .lines()
+            .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
     }
 }

@@ -1,9 +1,14 @@
-// locker dashboard: renders GET /locks as a table, refreshed every 2 seconds.
+// locker dashboard: renders a page of GET /locks as a table, refreshed 2 seconds after the
+// previous refresh finished (never two requests at once, however slow the server).
+// The filter box is a server-side search (GET /locks?q=), and only the first PAGE matching
+// locks are fetched ("Show more" adds a page), so the page stays usable with 100,000 locks.
 // Lock names and holder info are user data: they only ever reach the page as text nodes
 // (textContent), never as HTML, and only http(s) URLs become links.
 "use strict";
 
 const REFRESH_MS = 2000;
+const PAGE = 200;
+const MAX_PAGE = 10000; // the server's largest page
 
 // Every request goes to a URL built from the page's own, so the dashboard also works under a
 // reverse proxy's path prefix (https://ci.example.com/locker/ → the server's /). The userinfo of
@@ -18,7 +23,12 @@ function api(path) {
 }
 
 let locks = {};
+let total = 0; // locks matching the filter, over every page (Locker-Total)
+let limit = PAGE; // how many of them to show
 let confirming = null; // name of the lock whose force release awaits confirmation
+let inFlight = null; // the refresh under way, if any
+let again = false; // a refresh was asked for while one was under way
+let timer = null; // the next scheduled refresh
 
 function humanize(seconds) {
   seconds = Math.max(0, Math.floor(seconds));
@@ -128,23 +138,14 @@ function allRequestors(lock) {
   return all;
 }
 
-function matches(name, lock, filter) {
-  if (!filter) return true;
-  const haystack = [name, ...holders(lock).map((h) => h.key), ...Object.keys(allRequestors(lock)),
-    ...Object.values(infoOf(lock))]
-    .join("\n").toLowerCase();
-  return haystack.includes(filter);
-}
-
 function render() {
   const now = Date.now();
-  const filter = document.getElementById("filter").value.trim().toLowerCase();
+  const filter = document.getElementById("filter").value.trim();
   const body = document.querySelector("#locks tbody");
   const names = Object.keys(locks).sort();
   const rows = [];
   for (const name of names) {
     const lock = locks[name];
-    if (!matches(name, lock, filter)) continue;
     const tr = el("tr");
     tr.dataset.lock = name;
     const held = lock.acquired_at ? humanize((now - Date.parse(lock.acquired_at)) / 1000) : "—";
@@ -165,10 +166,12 @@ function render() {
     rows.push(tr);
   }
   body.replaceChildren(...rows);
-  document.getElementById("empty").hidden = names.length > 0;
+  document.getElementById("empty").hidden = names.length > 0 || filter !== "";
+  document.getElementById("more").hidden = names.length >= total || limit >= MAX_PAGE;
   const waiting = names.reduce((sum, n) => sum + (locks[n].waiters || 0), 0);
-  document.getElementById("summary").textContent =
-    names.length + " lock(s) held, " + waiting + " waiting" + (filter ? ", " + rows.length + " shown" : "");
+  const counted = filter ? total + " matching" : total + " lock(s) held";
+  const shown = names.length < total ? ", " + names.length + " shown" : "";
+  document.getElementById("summary").textContent = counted + shown + ", " + waiting + " waiting";
 }
 
 function showError(message) {
@@ -177,17 +180,49 @@ function showError(message) {
   node.hidden = !message;
 }
 
-async function refresh() {
+function locksUrl() {
+  const url = api("locks");
+  url.searchParams.set("limit", String(limit));
+  const filter = document.getElementById("filter").value.trim();
+  if (filter) url.searchParams.set("q", filter);
+  return url;
+}
+
+async function load() {
   try {
-    const response = await fetch(api("locks"), { credentials: "same-origin", cache: "no-store" });
+    const response = await fetch(locksUrl(), { credentials: "same-origin", cache: "no-store" });
     if (!response.ok) throw new Error("GET /locks answered " + response.status);
     locks = await response.json();
+    total = Number(response.headers.get("Locker-Total") || Object.keys(locks).length);
     if (confirming !== null && !(confirming in locks)) confirming = null;
     showError(null);
   } catch (error) {
     showError("Cannot load locks: " + error.message);
   }
   render();
+}
+
+// Refreshes now, unless a refresh is under way: then once more right after it. Either way the
+// next automatic refresh comes REFRESH_MS after the last one ends, so polls never overlap.
+async function refresh() {
+  clearTimeout(timer);
+  if (inFlight) {
+    again = true;
+    return inFlight;
+  }
+  inFlight = (async () => {
+    do {
+      again = false;
+      await load();
+    } while (again);
+  })();
+  try {
+    await inFlight;
+  } finally {
+    inFlight = null;
+    clearTimeout(timer);
+    timer = setTimeout(refresh, REFRESH_MS);
+  }
 }
 
 async function forceRelease(name) {
@@ -209,7 +244,14 @@ async function forceRelease(name) {
 }
 
 document.addEventListener("DOMContentLoaded", () => {
-  document.getElementById("filter").addEventListener("input", render);
+  let typing = null;
+  document.getElementById("filter").addEventListener("input", () => {
+    clearTimeout(typing);
+    typing = setTimeout(() => { limit = PAGE; refresh(); }, 250);
+  });
+  document.getElementById("more").addEventListener("click", () => {
+    limit = Math.min(limit + PAGE, MAX_PAGE);
+    refresh();
+  });
   refresh();
-  setInterval(refresh, REFRESH_MS);
 });

@@ -16,6 +16,7 @@
 //! the stored value: any server expires them. See `docs/scaling-out.md`.
 
 pub mod codec;
+mod listing;
 pub mod members;
 pub mod migrate;
 
@@ -39,7 +40,8 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use self::codec::{KeyKind, Keys, WAITER_BITS, waiter_replica};
 use self::members::Members;
 use super::{
-    Counted, LockStore, LockView, Released, StoreError, WaitGuard, WaiterSlot, Withdraw,
+    Counted, LockPage, LockStore, LockView, Page, Released, StoreError, WaitGuard, WaiterSlot,
+    Withdraw,
     acquire_result, force_release_result, release_result, view,
 };
 use crate::metrics::{LockStats, Metrics};
@@ -1465,32 +1467,8 @@ impl LockStore for EtcdStore {
         }
     }
 
-    async fn list(&self) -> Result<Vec<LockView>, StoreError> {
-        let prefix = self.shared.keys.locks_prefix();
-        let response = self
-            .read(REQUEST_TIMEOUT, move |mut client| {
-                let prefix = prefix.clone();
-                async move {
-                    client
-                        .get(prefix, Some(GetOptions::new().with_prefix()))
-                        .await
-                }
-            })
-            .await?;
-        let mut views = Vec::new();
-        for kv in response.kvs() {
-            let Ok(key) = kv.key_str() else { continue };
-            let KeyKind::Lock(name) = self.shared.keys.classify(key) else {
-                continue;
-            };
-            let lock = codec::decode_lock(name, kv.value())
-                .map_err(unavailable)?
-                .lock;
-            if lock.is_held() {
-                views.push(view(name, &lock));
-            }
-        }
-        Ok(views)
+    async fn list(&self, page: &Page) -> Result<LockPage, StoreError> {
+        self.list_page(page).await
     }
 
     /// Ready when etcd answered a linearizable request (which needs a quorum) within the last
