@@ -10,6 +10,11 @@
 //! app) and when its response was ready. A connection with no request in progress is closed after
 //! keep-alive plus the head timeout whatever it sends, which also bounds a head whose first bytes
 //! were read while the previous request was still being handled (pipelined).
+//!
+//! actix-http also answers a few requests itself, before any of locker's code sees them, with an
+//! empty body: 400 for a head it cannot parse, 408 when a connection's first head is late, 431 for
+//! a head over its limit. [`HeadDeadline`] gives those the API's JSON body on their way out
+//! ([`with_json_body`]), so every refusal a client meets is `{"error": ...}`.
 
 use std::io;
 use std::pin::Pin;
@@ -134,6 +139,8 @@ pub struct HeadDeadline<S> {
     limits: Arc<Limits>,
     timer: Pin<Box<Sleep>>,
     expired: bool,
+    /// Bytes of a rewritten response not yet written to `io`.
+    unsent: Vec<u8>,
 }
 
 impl<S> HeadDeadline<S> {
@@ -149,6 +156,7 @@ impl<S> HeadDeadline<S> {
             limits,
             timer: Box::pin(tokio::time::sleep_until(idle_due)),
             expired: false,
+            unsent: Vec::new(),
         }
     }
 
@@ -224,34 +232,95 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeadDeadline<S> {
     }
 }
 
+impl<S: AsyncWrite + Unpin> HeadDeadline<S> {
+    /// Writes what is left of a rewritten response.
+    fn poll_unsent(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.unsent.is_empty() {
+            match Pin::new(&mut self.io).poll_write(cx, &self.unsent) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(written)) => {
+                    self.unsent.drain(..written);
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
 impl<S: AsyncWrite + Unpin> AsyncWrite for HeadDeadline<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        let this = self.get_mut();
+        if this.poll_unsent(cx)?.is_pending() {
+            return Poll::Pending;
+        }
+        if let Some(rewritten) = with_json_body(buf) {
+            this.unsent = rewritten;
+            // Taken in full: the rest goes out with the next write or flush.
+            let _ = this.poll_unsent(cx)?;
+            return Poll::Ready(Ok(buf.len()));
+        }
+        Pin::new(&mut this.io).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        if this.poll_unsent(cx)?.is_pending() {
+            return Poll::Pending;
+        }
+        Pin::new(&mut this.io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        let this = self.get_mut();
+        if this.poll_unsent(cx)?.is_pending() {
+            return Poll::Pending;
+        }
+        Pin::new(&mut this.io).poll_shutdown(cx)
     }
+}
+
+/// actix-http's own error answer (a whole response: an HTTP/1.1 4xx or 5xx head with
+/// `content-length: 0` and nothing after it) with the API's JSON body instead. `None` for
+/// anything else: locker's own error responses always have a body (see
+/// `api::error::json_error_bodies`), so nothing of the app's is ever rewritten.
+pub fn with_json_body(response: &[u8]) -> Option<Vec<u8>> {
+    let head = response.strip_suffix(b"\r\n\r\n")?;
+    let head = std::str::from_utf8(head).ok()?;
+    if head.contains("\r\n\r\n") {
+        return None; // more than one response
+    }
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next()?;
+    let (code, reason) = status_line.strip_prefix("HTTP/1.1 ")?.split_once(' ')?;
+    if !(code.starts_with('4') || code.starts_with('5')) {
+        return None;
+    }
+    let headers: Vec<&str> = lines.collect();
+    let is_empty = |h: &&str| {
+        h.split_once(':').is_some_and(|(name, value)| {
+            name.eq_ignore_ascii_case("content-length") && value.trim() == "0"
+        })
+    };
+    if !headers.iter().any(is_empty) {
+        return None;
+    }
+    let body = serde_json::json!({ "error": reason.to_lowercase() }).to_string();
+    let mut out = format!("{status_line}\r\n");
+    for header in headers.iter().filter(|h| !is_empty(h)) {
+        out.push_str(header);
+        out.push_str("\r\n");
+    }
+    out.push_str(&format!(
+        "content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    ));
+    Some(out.into_bytes())
 }
 
 /// How many connections each worker accepts, and what that adds up to.
@@ -361,6 +430,41 @@ fn set_nofile_limit(soft: u64, hard: u64) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn actix_https_own_empty_error_answers_get_a_json_body() {
+        let own = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\
+                    date: Mon, 30 Nov 2026 16:00:00 GMT\r\n\r\n";
+        let rewritten = String::from_utf8(with_json_body(own).expect("rewritten")).expect("text");
+        let (head, body) = rewritten.split_once("\r\n\r\n").expect("head and body");
+        assert_eq!(body, r#"{"error":"bad request"}"#);
+        assert!(head.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{head}");
+        assert!(head.contains("\r\nconnection: close"), "{head}");
+        assert!(
+            head.contains("\r\ncontent-type: application/json"),
+            "{head}"
+        );
+        assert!(
+            head.ends_with(&format!("content-length: {}", body.len())),
+            "{head}"
+        );
+        assert!(!head.contains("content-length: 0"), "{head}");
+    }
+
+    #[test]
+    fn anything_else_is_written_as_it_is() {
+        for response in [
+            // The app's errors have a body; successes are left alone even when empty.
+            &b"HTTP/1.1 404 Not Found\r\ncontent-length: 17\r\n\r\n{\"error\":\"nope\"}"[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+            // Two pipelined responses in one write, or a head cut in two.
+            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\nHTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n",
+            b"\x00\xff",
+        ] {
+            assert_eq!(with_json_body(response), None, "{response:?}");
+        }
+    }
 
     #[test]
     fn the_cap_is_spread_over_the_workers_and_rounded_down() {

@@ -163,7 +163,8 @@ impl Reclaimer {
             .list(&crate::store::Page::all())
             .await
             .map_err(|e| e.to_string())?
-            .locks {
+            .locks
+        {
             for holder in &lock.holders {
                 for (requestor, hold) in &holder.requestors {
                     if let Some(build) = &hold.release_with_build {

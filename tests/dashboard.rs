@@ -227,7 +227,10 @@ async fn dashboard_shows_filters_and_force_releases_locks_in_a_real_browser() {
     filter.clear().await.expect("clear");
     filter.send_keys("suite-b").await.expect("type");
     // (The search runs on the server once typing pauses: wait for its answer, not any one row.)
-    assert_eq!(shown_rows(&client, |r| r == ["test-bed"]).await, ["test-bed"]);
+    assert_eq!(
+        shown_rows(&client, |r| r == ["test-bed"]).await,
+        ["test-bed"]
+    );
     filter.clear().await.expect("clear");
     // Clearing fires no input event in every driver; type and delete a character to be sure.
     filter.send_keys(" ").await.expect("type");
@@ -521,7 +524,11 @@ async fn dashboard_pages_a_large_table_and_never_polls_twice_at_once() {
         assert_eq!(reply.status, 200, "{}", reply.body);
         server
     });
-    let upstream = server.base.strip_prefix("http://").expect("http").to_string();
+    let upstream = server
+        .base
+        .strip_prefix("http://")
+        .expect("http")
+        .to_string();
     // Slower than the page's 2 s refresh: a timer that does not wait would overlap.
     let slow = std::sync::Arc::new(SlowLocks {
         delay: Duration::from_millis(2500),
@@ -537,7 +544,10 @@ async fn dashboard_pages_a_large_table_and_never_polls_twice_at_once() {
         .expect("open dashboard");
     let summary = || async {
         client
-            .execute("return document.getElementById('summary').textContent", vec![])
+            .execute(
+                "return document.getElementById('summary').textContent",
+                vec![],
+            )
             .await
             .expect("summary")
     };
@@ -547,7 +557,8 @@ async fn dashboard_pages_a_large_table_and_never_polls_twice_at_once() {
     assert_eq!(rows[0], "env-0000");
     let text = summary().await;
     assert!(
-        text.as_str().is_some_and(|t| t.starts_with("451 lock(s) held, 200 shown")),
+        text.as_str()
+            .is_some_and(|t| t.starts_with("451 lock(s) held, 200 shown")),
         "{text}"
     );
     // "Show more" adds a page.

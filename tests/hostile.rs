@@ -26,6 +26,25 @@ fn raw(server: &Server, request: &[u8]) -> (u16, String) {
     (status_of(&answer), answer)
 }
 
+/// Asserts that a raw answer carries the API's JSON error body (also when actix-http wrote the
+/// refusal itself: 400, 408, 431), and that its Content-Length is the body's.
+fn assert_json_error(what: &str, answer: &str) {
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("{what}: no complete head in {answer:?}"));
+    let parsed: serde_json::Value = serde_json::from_str(body)
+        .unwrap_or_else(|e| panic!("{what}: body is not JSON ({e}): {answer:?}"));
+    assert!(
+        parsed["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{what}: {answer:?}"
+    );
+    let length = format!("content-length: {}", body.len());
+    assert!(
+        head.to_ascii_lowercase().contains(&length),
+        "{what}: {head:?} lacks {length}"
+    );
+}
+
 fn address(server: &Server) -> String {
     server
         .base
@@ -112,6 +131,7 @@ fn slow_header_clients_do_not_block_others_and_are_cut_off_with_408() {
             408,
             "slow client {i} got {answer:?} instead of 408"
         );
+        assert_json_error(&format!("slow client {i}"), &answer);
         let after = first_at.expect("answered").duration_since(started);
         assert!(
             after < Duration::from_secs(8),
@@ -165,6 +185,7 @@ fn oversized_headers_are_refused_with_431() {
     for (what, request) in cases {
         let (status, answer) = raw(&server, &request);
         assert_eq!(status, 431, "{what}: {answer}");
+        assert_json_error(what, &answer);
         assert_serving(&server);
     }
     // Ordinary sizes pass.
@@ -290,6 +311,7 @@ fn garbage_on_the_socket_gets_400_and_the_server_carries_on() {
             (400..500).contains(&status),
             "{what}: expected a 4xx, got {answer:?}"
         );
+        assert_json_error(what, &answer);
         assert_serving(&server);
     }
     assert_eq!(server.locks(), json!({}));
@@ -329,6 +351,7 @@ fn invalid_and_huge_names_get_400() {
     // A raw (unencoded) 0xFF byte in the request target.
     let (status, answer) = raw(&server, b"PUT /lock/\xff HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(status, 400, "{answer}");
+    assert_json_error("a raw 0xFF in the path", &answer);
     assert_eq!(server.locks(), json!({}));
     assert_serving(&server);
 }

@@ -24,7 +24,11 @@ fn a_new_lock_past_max_locks_gets_503_and_changes_nothing() {
     }
     let refused = server.lock("d", json!({"key": "k"}));
     assert_eq!(refused.status, 503, "{}", refused.body);
-    assert!(refused.error().contains("LOCKER_MAX_LOCKS"), "{}", refused.body);
+    assert!(
+        refused.error().contains("LOCKER_MAX_LOCKS"),
+        "{}",
+        refused.body
+    );
     assert_eq!(server.metric(TOO_MANY_LOCKS), 1.0);
     let names: BTreeSet<String> = server
         .locks()
@@ -51,9 +55,7 @@ fn a_new_lock_past_max_locks_gets_503_and_changes_nothing() {
 
 #[test]
 fn a_new_requestor_past_max_requestors_gets_409_and_changes_nothing() {
-    let server = common::server()
-        .env("LOCKER_MAX_REQUESTORS", "2")
-        .start();
+    let server = common::server().env("LOCKER_MAX_REQUESTORS", "2").start();
     for requestor in ["job-1", "job-2"] {
         let reply = server.lock("shared", json!({"key": "k", "requestor": requestor}));
         assert_eq!(reply.status, 200, "{}", reply.body);

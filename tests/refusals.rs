@@ -1,5 +1,5 @@
 //! Refusals the API answers with a JSON body: lookalike lock names, control characters in keys
-//! and requestors, empty-bodied errors from actix-web itself; and `HEAD /health`.
+//! and requestors, errors actix-web answers itself get a JSON body; and `HEAD /health`.
 
 mod common;
 

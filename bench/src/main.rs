@@ -91,6 +91,16 @@ enum Scenario {
         #[arg(long, default_value_t = 1000)]
         handoffs: usize,
     },
+    /// A large table (issue 16): with `held` locks held, the latency and server CPU of `cycles`
+    /// lock+unlock cycles on another lock, one at a time; a page of `GET /locks` (200) and the
+    /// whole listing; and RSS. Without and with the journal (which leaves only the per-batch
+    /// work, the state file being rewritten about once a second).
+    Large {
+        #[arg(long, default_value_t = 100_000)]
+        held: usize,
+        #[arg(long, default_value_t = 300)]
+        cycles: usize,
+    },
     /// Start-up time with a state file of `held` locks.
     Startup {
         #[arg(long, default_value_t = 10_000)]
@@ -145,6 +155,7 @@ fn main() -> Result<(), Error> {
                 seconds,
             } => latency(&server, clients, rate, held, seconds).await,
             Scenario::Startup { held } => startup(&server, held).await,
+            Scenario::Large { held, cycles } => large(&server, held, cycles).await,
         }
     })
 }
@@ -209,6 +220,26 @@ impl Server {
         })
     }
 
+    /// CPU time the server has used so far (user + system).
+    fn cpu_time(&self) -> Duration {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the command name (which may hold spaces) in parentheses.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+        let hz = 100; // USER_HZ on Linux
+        Duration::from_millis((ticks(11) + ticks(12)) * 1000 / hz)
+    }
+
     fn rss_mib(&self) -> f64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .unwrap_or_default();
@@ -267,6 +298,16 @@ impl Connection {
     }
 
     async fn request(&mut self, method: &str, path: &str, body: &str) -> Result<u16, Error> {
+        Ok(self.exchange(method, path, body).await?.0)
+    }
+
+    /// A request's status and body.
+    async fn exchange(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: &str,
+    ) -> Result<(u16, Bytes), Error> {
         self.sender.ready().await?;
         let request = hyper::Request::builder()
             .method(method)
@@ -275,8 +316,7 @@ impl Connection {
             .body(Full::new(Bytes::from(body.to_string())))?;
         let response = self.sender.send_request(request).await?;
         let status = response.status().as_u16();
-        response.into_body().collect().await?;
-        Ok(status)
+        Ok((status, response.into_body().collect().await?.to_bytes()))
     }
 }
 
@@ -643,6 +683,79 @@ async fn memory(binary: &Path, held: usize, waiters: usize) -> Result<(), Error>
     drop(server);
     for task in tasks {
         task.abort();
+    }
+    Ok(())
+}
+
+async fn large(binary: &Path, held: usize, cycles: usize) -> Result<(), Error> {
+    let room = ("LOCKER_MAX_LOCKS", (held + 1_000).to_string());
+    for journal in [None, Some(16 << 20)] {
+        let mut env = vec![room.clone()];
+        if let Some(bytes) = journal {
+            env.push(("LOCKER_JOURNAL_BYTES", format!("{bytes}")));
+        }
+        let server = Server::start_with(binary, held, &env).await?;
+        let mut connection = Connection::open(&server.address).await?;
+        let body = r#"{"key":"large-bench"}"#;
+        let mut acquires = Vec::new();
+        let cpu_before = server.cpu_time();
+        let started = Instant::now();
+        for _ in 0..cycles {
+            let sent = Instant::now();
+            let status = connection.request("PUT", "/lock/large-bench", body).await?;
+            acquires.push(sent.elapsed());
+            let released = connection
+                .request("DELETE", "/lock/large-bench", body)
+                .await?;
+            if status != 200 || released != 200 {
+                return Err(format!("unexpected status {status}/{released}").into());
+            }
+        }
+        let elapsed = started.elapsed();
+        let cpu = server.cpu_time().saturating_sub(cpu_before);
+        acquires.sort();
+        let mode = if journal.is_some() {
+            "journal on "
+        } else {
+            "journal off"
+        };
+        println!(
+            "large          {held} locks held, {mode}: acquire of another lock p50 {} p99 {}; \
+             server CPU {:.2} ms per request ({cycles} lock+unlock cycles in {:.1} s)",
+            millis(percentile(&acquires, 0.5)),
+            millis(percentile(&acquires, 0.99)),
+            cpu.as_secs_f64() * 1000.0 / (2 * cycles) as f64,
+            elapsed.as_secs_f64(),
+        );
+        if journal.is_some() {
+            continue;
+        }
+        for path in ["/locks?limit=200", "/locks"] {
+            let cpu_before = server.cpu_time();
+            let mut times = Vec::new();
+            let mut size = 0;
+            for _ in 0..5 {
+                let sent = Instant::now();
+                let (status, bytes) = connection.exchange("GET", path, "").await?;
+                times.push(sent.elapsed());
+                if status != 200 {
+                    return Err(format!("GET {path} answered {status}").into());
+                }
+                size = bytes.len();
+            }
+            let cpu = server.cpu_time().saturating_sub(cpu_before);
+            times.sort();
+            println!(
+                "large          {held} locks held: GET {path} median {} ({:.1} MiB, server CPU {:.0} ms each)",
+                millis(percentile(&times, 0.5)),
+                size as f64 / (1 << 20) as f64,
+                cpu.as_secs_f64() * 1000.0 / 5.0,
+            );
+        }
+        println!(
+            "large          {held} locks held: RSS {:.1} MiB",
+            server.rss_mib()
+        );
     }
     Ok(())
 }

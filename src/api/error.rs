@@ -76,7 +76,8 @@ impl ResponseError for ApiError {
 ///
 /// Responses actix-http writes itself before any service runs (400 for a head it cannot parse,
 /// 408 when the head does not arrive in time, 431 for a head over 128 KiB) never pass through
-/// here: they keep their empty body (README, "HTTP API").
+/// here: `connection::with_json_body` gives them their body on the socket. It relies on this
+/// middleware: an error response of the app's always has a body, so it is never rewritten.
 pub async fn json_error_bodies(
     request: actix_web::dev::ServiceRequest,
     next: actix_web::middleware::Next<impl MessageBody + 'static>,

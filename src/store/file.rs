@@ -32,8 +32,7 @@ use super::journal::{self, Journal};
 use super::state_file;
 use super::{
     Counted, LockPage, LockStore, LockView, Page, Released, StoreError, WaitGuard, WaiterSlot,
-    Withdraw,
-    acquire_result, force_release_result, release_result, view,
+    Withdraw, acquire_result, force_release_result, release_result, view,
 };
 use crate::metrics::{LockStats, Metrics};
 use crate::rules::{

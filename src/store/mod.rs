@@ -57,7 +57,10 @@ impl Page {
     fn shows(&self, name: &str, lock: &crate::rules::Lock) -> bool {
         lock.is_held()
             && name.starts_with(&self.prefix)
-            && self.search.as_deref().is_none_or(|search| found(search, name, lock))
+            && self
+                .search
+                .as_deref()
+                .is_none_or(|search| found(search, name, lock))
     }
 }
 
@@ -94,7 +97,13 @@ pub(crate) fn page_of<'a, L: AsRef<crate::rules::Lock> + 'a>(
             .take_while(|(name, _)| name.starts_with(&page.prefix))
             .filter(|(name, lock)| page.shows(name, (*lock).as_ref()))
     };
-    let total = matching(Bound::Included(&page.prefix)).count();
+    // Every lock the table keeps is held (a free lock's queue is served at once, and a lock
+    // with neither holders nor waiters is dropped), so the whole listing's total is the map's.
+    let total = if page.prefix.is_empty() && page.search.is_none() {
+        locks.len()
+    } else {
+        matching(Bound::Included(&page.prefix)).count()
+    };
     let start = match &page.after {
         Some(after) if after.as_str() >= page.prefix.as_str() => Bound::Excluded(after.as_str()),
         _ => Bound::Included(page.prefix.as_str()),

@@ -41,8 +41,7 @@ use self::codec::{KeyKind, Keys, WAITER_BITS, waiter_replica};
 use self::members::Members;
 use super::{
     Counted, LockPage, LockStore, LockView, Page, Released, StoreError, WaitGuard, WaiterSlot,
-    Withdraw,
-    acquire_result, force_release_result, release_result, view,
+    Withdraw, acquire_result, force_release_result, release_result, view,
 };
 use crate::metrics::{LockStats, Metrics};
 use crate::rules::{
