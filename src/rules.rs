@@ -4,11 +4,12 @@
 //! Pure and deterministic: no I/O and no clock (callers pass `now`), so the property tests can
 //! check it against a model and every backend gets the same semantics.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use litemap::LiteMap;
+use rpds::QueueSync;
 use serde::{Deserialize, Serialize};
 
 /// Identifies one queued waiting acquire; chosen by the caller, unique per table.
@@ -139,9 +140,15 @@ pub struct Lock {
     #[serde(default = "one_slot", skip_serializing_if = "is_one_slot")]
     pub slots: u32,
     pub holders: Vec<Holder>,
-    /// Waiters live only as long as their connections, so they are never persisted.
+    /// Waiters, in arrival order. Not in the state file (a waiter lives only as long as its
+    /// connection); the etcd store keeps them in its own encoding ([`Lock::queued`]), since
+    /// servers share the queue there.
+    ///
+    /// A persistent queue: a lock is copied on write while the committed table shares it (see
+    /// [`LockTable`]), and copying shares the queue too, so the n-th waiter costs O(1) to queue
+    /// rather than a copy of the n-1 before it.
     #[serde(skip)]
-    queue: VecDeque<Waiter>,
+    queue: QueueSync<Waiter>,
 }
 
 fn one_slot() -> u32 {
@@ -157,7 +164,7 @@ impl Lock {
         Lock {
             slots: slots.max(1),
             holders: Vec::new(),
-            queue: VecDeque::new(),
+            queue: QueueSync::new_sync(),
         }
     }
 
@@ -166,7 +173,7 @@ impl Lock {
         Lock {
             slots: 1,
             holders: vec![holder],
-            queue: VecDeque::new(),
+            queue: QueueSync::new_sync(),
         }
     }
 
@@ -304,10 +311,13 @@ impl Lock {
         next_generation: &mut u64,
         grants: &mut Vec<WaiterGrant>,
     ) {
-        while self.queue.front().is_some_and(|w| self.admits(&w.request)) {
-            let Some(waiter) = self.queue.pop_front() else {
-                break;
-            };
+        while let Some(waiter) = self
+            .queue
+            .peek()
+            .filter(|w| self.admits(&w.request))
+            .cloned()
+        {
+            self.queue.dequeue_mut();
             let grant = self.grant(&waiter.request, now, next_generation);
             grants.push(WaiterGrant {
                 waiter: waiter.id,
@@ -618,11 +628,7 @@ impl LockTable {
         }
         match waiter {
             Some(id) => {
-                // Most queues hold one waiter; a first `push_back` would make room for four.
-                if lock.queue.capacity() == 0 {
-                    lock.queue.reserve_exact(1);
-                }
-                lock.queue.push_back(Waiter { id, request });
+                lock.queue.enqueue_mut(Waiter { id, request });
                 AcquireOutcome::Queued
             }
             None => AcquireOutcome::Held(Conflict { keys: lock.keys() }),
@@ -694,7 +700,14 @@ impl LockTable {
         let Some(lock) = self.lock_mut(name) else {
             return Vec::new();
         };
-        lock.queue.retain(|w| w.id != waiter);
+        if lock.queue.iter().any(|w| w.id == waiter) {
+            lock.queue = lock
+                .queue
+                .iter()
+                .filter(|w| w.id != waiter)
+                .cloned()
+                .collect();
+        }
         self.serve_and_tidy(name, now, before)
     }
 

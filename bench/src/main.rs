@@ -101,6 +101,16 @@ enum Scenario {
         #[arg(long, default_value_t = 300)]
         cycles: usize,
     },
+    /// A long queue (issue 18): `waiters` waiting acquires of one held lock. How long queueing
+    /// them takes and the server CPU it costs (each batch used to copy the whole queue), then the
+    /// latency of lock+unlock cycles on another lock while they wait. The default fits the
+    /// 20,000-descriptor hard limit of the project's machine (two per waiting connection).
+    Queue {
+        #[arg(long, default_value_t = 9_000)]
+        waiters: usize,
+        #[arg(long, default_value_t = 300)]
+        cycles: usize,
+    },
     /// Start-up time with a state file of `held` locks.
     Startup {
         #[arg(long, default_value_t = 10_000)]
@@ -156,6 +166,7 @@ fn main() -> Result<(), Error> {
             } => latency(&server, clients, rate, held, seconds).await,
             Scenario::Startup { held } => startup(&server, held).await,
             Scenario::Large { held, cycles } => large(&server, held, cycles).await,
+            Scenario::Queue { waiters, cycles } => queue(&server, waiters, cycles).await,
         }
     })
 }
@@ -644,38 +655,7 @@ async fn memory(binary: &Path, held: usize, waiters: usize) -> Result<(), Error>
                 .await
         }));
     }
-    // Wait until the server counts every waiter; asks the cheap /metrics, not /locks, so the
-    // observer does not inflate what it measures.
-    let mut observer = Connection::open(&server.address).await?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        observer.sender.ready().await?;
-        let request = hyper::Request::builder()
-            .uri("/metrics")
-            .header("host", "bench")
-            .body(Full::new(Bytes::new()))?;
-        let body = observer
-            .sender
-            .send_request(request)
-            .await?
-            .into_body()
-            .collect()
-            .await?
-            .to_bytes();
-        let text = String::from_utf8_lossy(&body);
-        let queued = text
-            .lines()
-            .find_map(|l| l.strip_prefix("locker_waiters "))
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .unwrap_or(0);
-        if queued >= waiters {
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(format!("only {queued} of {waiters} waiters queued").into());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_waiters(&server, waiters).await?;
     println!(
         "memory         {held} locks held: RSS {idle:.1} MiB idle, {:.1} MiB with {waiters} waiting requests",
         server.rss_mib()
@@ -756,6 +736,125 @@ async fn large(binary: &Path, held: usize, cycles: usize) -> Result<(), Error> {
             "large          {held} locks held: RSS {:.1} MiB",
             server.rss_mib()
         );
+    }
+    Ok(())
+}
+
+/// Waits until the server counts `waiters` queued waiters; asks the cheap /metrics, not /locks,
+/// so the observer does not inflate what it measures.
+async fn wait_for_waiters(server: &Server, waiters: usize) -> Result<(), Error> {
+    let mut observer = Connection::open(&server.address).await?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, body) = observer.exchange("GET", "/metrics", "").await?;
+        let text = String::from_utf8_lossy(&body);
+        let queued = text
+            .lines()
+            .find_map(|l| l.strip_prefix("locker_waiters "))
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(0);
+        if queued >= waiters {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("only {queued} of {waiters} waiters queued").into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The rules alone: `waiters` waiters queue on one lock, one per batch, with the committed copy
+/// taken after each batch as the file store does. Prints the cost of an enqueue at the start
+/// and at the end of the queue: equal when queueing costs O(1), growing when each batch copies
+/// the queue.
+fn queue_in_rules(waiters: usize) {
+    use locker::rules::{Acquire, Info, LockTable};
+    let request = |key: String| Acquire {
+        key,
+        requestor: "job".into(),
+        ttl: None,
+        info: Info::new(),
+        slots: None,
+        release_with_build: None,
+        renew: false,
+    };
+    let now = std::time::SystemTime::now();
+    let mut working = LockTable::default();
+    working.acquire("one", request("holder".into()), now, None);
+    let mut committed = working.clone();
+    let tenth = (waiters / 10).max(1);
+    let mut tenths = Vec::new();
+    let mut started = Instant::now();
+    for i in 0..waiters {
+        working.acquire("one", request(format!("waiter-{i}")), now, Some(i as u64));
+        // What a commit does: readers get a copy that shares the locks.
+        committed = working.clone();
+        if (i + 1) % tenth == 0 {
+            tenths.push(started.elapsed() / tenth as u32);
+            started = Instant::now();
+        }
+    }
+    drop(committed);
+    let micros = |d: &Duration| format!("{:.2} µs", d.as_secs_f64() * 1e6);
+    println!(
+        "queue (rules)  {waiters} waiters on one lock, one per batch: an enqueue costs {} among the first tenth, {} among the last",
+        tenths.first().map(micros).unwrap_or_default(),
+        tenths.last().map(micros).unwrap_or_default(),
+    );
+}
+
+async fn queue(binary: &Path, waiters: usize, cycles: usize) -> Result<(), Error> {
+    queue_in_rules(10_000);
+    let server = Server::start(binary, 0).await?;
+    let mut connection = Connection::open(&server.address).await?;
+    let status = connection
+        .request("PUT", "/lock/one", r#"{"key":"holder"}"#)
+        .await?;
+    if status != 200 {
+        return Err(format!("the first acquire answered {status}").into());
+    }
+    let cpu_before = server.cpu_time();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..waiters {
+        let address = server.address.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut connection = Connection::open(&address).await?;
+            let body = format!(r#"{{"key":"waiter-{i}"}}"#);
+            connection
+                .request("PUT", "/lock/one?wait=300s", &body)
+                .await
+        }));
+    }
+    wait_for_waiters(&server, waiters).await?;
+    let queued_in = started.elapsed();
+    let cpu = server.cpu_time().saturating_sub(cpu_before);
+    let mut acquires = Vec::new();
+    for _ in 0..cycles {
+        let sent = Instant::now();
+        let status = connection
+            .request("PUT", "/lock/beside", "{\"key\":\"k\"}")
+            .await?;
+        acquires.push(sent.elapsed());
+        let released = connection
+            .request("DELETE", "/lock/beside", "{\"key\":\"k\"}")
+            .await?;
+        if status != 200 || released != 200 {
+            return Err(format!("unexpected status {status}/{released}").into());
+        }
+    }
+    acquires.sort();
+    println!(
+        "queue          {waiters} waiters on one lock: queued in {:.2} s, server CPU {:.0} µs per waiter; \
+         lock+unlock of another lock beside them: acquire p50 {} p99 {}",
+        queued_in.as_secs_f64(),
+        cpu.as_secs_f64() * 1e6 / waiters as f64,
+        millis(percentile(&acquires, 0.5)),
+        millis(percentile(&acquires, 0.99)),
+    );
+    drop(server);
+    for task in tasks {
+        task.abort();
     }
     Ok(())
 }
