@@ -521,6 +521,13 @@ fn import_then_export_round_trips_a_state_file() {
     let exported_path = dir.path().join("exported.yml");
     let exported = locker_command(&prefix, &["export", &exported_path.display().to_string()]);
     assert!(exported.status.success());
+    // Private, as the state file is: it says who holds what.
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&exported_path)
+            .expect("exported file")
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "export mode {mode:o}");
     let exported: Value =
         serde_json::from_str(&std::fs::read_to_string(&exported_path).expect("export"))
             .expect("export is JSON");

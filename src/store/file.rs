@@ -14,7 +14,7 @@
 //! left on disk before the refusal is sent.
 
 use std::collections::HashMap;
-use std::fs::{self, File};
+use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,6 +28,7 @@ use log::{error, info, warn};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{oneshot, watch};
 
+use super::atomic_file::{self, ReplaceError};
 use super::journal::{self, Journal};
 use super::state_file;
 use super::{
@@ -436,17 +437,13 @@ impl StatePaths {
         let name = file
             .file_name()
             .ok_or_else(|| format!("state file path {} names no file", file.display()))?;
-        let dir = match file.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let mut temp_name = std::ffi::OsString::from(".");
-        temp_name.push(name);
-        temp_name.push(".locker-tmp");
+        if name.is_empty() {
+            return Err(format!("state file path {} names no file", file.display()));
+        }
         Ok(StatePaths {
             file: file.to_path_buf(),
-            temp: dir.join(temp_name),
-            dir,
+            temp: atomic_file::temp_path(file),
+            dir: atomic_file::directory_of(file),
             journal: journal::path_for(file),
         })
     }
@@ -471,34 +468,19 @@ impl StatePaths {
     /// new file had already taken the old one's place.
     fn write_atomically(&self, bytes: &[u8]) -> Result<(), WriteFailure> {
         let file = self.file.display();
-        let replaced = self
-            .write_temp(bytes)
-            .and_then(|()| fs::rename(&self.temp, &self.file));
-        if let Err(e) = replaced {
-            let _ = fs::remove_file(&self.temp);
-            return Err(WriteFailure::io(
+        match atomic_file::replace(&self.file, |temp| temp.write_all(bytes)) {
+            Ok(_) => Ok(()),
+            Err(ReplaceError::Unchanged(e)) => Err(WriteFailure::io(
                 format!("writing {file}"),
                 &e,
                 Left::Nothing,
-            ));
+            )),
+            Err(ReplaceError::Renamed(e)) => Err(WriteFailure::io(
+                format!("syncing the directory of {file} after replacing it"),
+                &e,
+                Left::StateFile,
+            )),
         }
-        File::open(&self.dir)
-            .and_then(|dir| dir.sync_all())
-            .map_err(|e| {
-                WriteFailure::io(
-                    format!("syncing the directory of {file} after replacing it"),
-                    &e,
-                    Left::StateFile,
-                )
-            })
-    }
-
-    fn write_temp(&self, bytes: &[u8]) -> io::Result<()> {
-        let mut temp = super::temp_file::create_private(&self.temp)?;
-        temp.write_all(bytes)?;
-        // fdatasync: the data and the size needed to read it back; the rename and the
-        // directory's fsync after it make the new name durable.
-        temp.sync_data()
     }
 }
 

@@ -169,13 +169,9 @@ fn checksum(ids: &[u8], payload: &[u8]) -> u32 {
     hasher.finalize()
 }
 
-/// Writes a zero-filled journal under a temp name and renames it into place, durably.
+/// Writes a zero-filled journal and puts it in place, durably.
 fn preallocate(path: &Path, capacity: u64) -> io::Result<File> {
-    let mut temp_name = path.as_os_str().to_owned();
-    temp_name.push(".locker-tmp");
-    let temp = PathBuf::from(temp_name);
-    let result = (|| {
-        let mut file = super::temp_file::create_private(&temp)?;
+    super::atomic_file::replace(path, |file| {
         let zeroes = vec![0u8; 1 << 20];
         let mut left = capacity;
         while left > 0 {
@@ -183,19 +179,9 @@ fn preallocate(path: &Path, capacity: u64) -> io::Result<File> {
             file.write_all(&zeroes[..chunk])?;
             left -= chunk as u64;
         }
-        file.sync_all()?;
-        std::fs::rename(&temp, path)?;
-        let dir = match path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir,
-            _ => Path::new("."),
-        };
-        File::open(dir)?.sync_all()?;
-        Ok(file)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&temp);
-    }
-    result
+        Ok(())
+    })
+    .map_err(|e| io::Error::new(e.io().kind(), e.to_string()))
 }
 
 #[cfg(test)]

@@ -4,12 +4,12 @@
 //! state in a YAML file with group commit; `etcd::EtcdStore` (only with the `etcd` feature) in
 //! an etcd cluster shared by several servers. Handlers never know which backend they have.
 
+pub mod atomic_file;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod file;
 pub mod journal;
 pub mod state_file;
-mod temp_file;
 
 use std::time::Duration;
 

@@ -61,7 +61,8 @@ pub fn export_file(connection: &EtcdConnection, path: &Path) -> Result<String, S
             .write_all(&bytes)
             .map_err(|e| format!("standard output: {e}"))?;
     } else {
-        write_atomically(path, &bytes).map_err(|e| format!("{file}: {e}"))?;
+        crate::store::atomic_file::replace(path, |out| out.write_all(&bytes))
+            .map_err(|e| format!("{file}: {e}"))?;
     }
     Ok(format!(
         "exported {} held lock(s) from etcd under {:?} to {file}; next generation {}",
@@ -69,28 +70,6 @@ pub fn export_file(connection: &EtcdConnection, path: &Path) -> Result<String, S
         connection.prefix,
         table.next_generation()
     ))
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    let mut temp_name = std::ffi::OsString::from(".");
-    temp_name.push(path.file_name().unwrap_or_default());
-    temp_name.push(".locker-export");
-    let temp = dir.join(temp_name);
-    let result = (|| {
-        let mut file = std::fs::File::create(&temp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&temp, path)?;
-        std::fs::File::open(&dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&temp);
-    }
-    result
 }
 
 /// Puts every lock of `table`; returns how many.
