@@ -29,11 +29,11 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::{oneshot, watch};
 
 use super::atomic_file::{self, ReplaceError};
+use super::flow::{self, Backend};
 use super::journal::{self, Journal};
 use super::state_file;
 use super::{
-    Counted, LockPage, LockStore, LockView, Page, Released, StoreError, WaitGuard, WaiterSlot,
-    Withdraw, acquire_result, force_release_result, release_result, view,
+    LockPage, LockStore, LockView, Page, Released, StoreError, WaiterSlot, Withdraw, view,
 };
 use crate::metrics::{LockStats, Metrics};
 use crate::rules::{
@@ -71,7 +71,7 @@ pub struct FileStoreOptions {
 /// What a client command gets back from the writer, once its batch is durable.
 type Reply = oneshot::Sender<Result<Effect, StoreError>>;
 
-enum Command {
+pub(crate) enum Command {
     /// An operation a client waits for.
     Client {
         op: Op,
@@ -228,8 +228,13 @@ impl FileStore {
             dir,
         })
     }
+}
 
-    /// Sends a client command and waits for its durable outcome.
+#[async_trait]
+impl Backend for FileStore {
+    type Withdrawer = mpsc::Sender<Command>;
+
+    /// Sends a client command to the writer and waits for its durable outcome.
     async fn submit(
         &self,
         op: Op,
@@ -242,6 +247,14 @@ impl FileStore {
         answer.await.map_err(|_| StoreError::ShuttingDown)?
     }
 
+    fn new_waiter(&self) -> WaiterId {
+        self.next_waiter.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn withdrawer(&self) -> Self::Withdrawer {
+        self.commands.clone()
+    }
+
     fn current_keys(&self, name: &str) -> Vec<String> {
         self.committed
             .read()
@@ -250,48 +263,12 @@ impl FileStore {
             .unwrap_or_default()
     }
 
-    async fn acquire_waiting(
-        &self,
-        name: String,
-        request: Acquire,
-        wait: Duration,
-    ) -> Result<Grant, StoreError> {
-        let mut shutdown = self.shutdown.subscribe();
-        if *shutdown.borrow() {
-            return Err(StoreError::ShuttingDown);
-        }
-        let waiter = self.next_waiter.fetch_add(1, Ordering::Relaxed);
-        let (grant_sender, grant_receiver) = oneshot::channel();
-        let mut guard = WaitGuard {
-            name: name.clone(),
-            waiter,
-            backend: self.commands.clone(),
-            grant: Some(grant_receiver),
-        };
-        let op = Op::Acquire {
-            name: name.clone(),
-            request,
-            waiter: Some(waiter),
-        };
-        match self.submit(op, Some(grant_sender)).await {
-            Ok(Effect::Acquire(AcquireOutcome::Queued)) => {}
-            other => {
-                guard.disarm();
-                return acquire_result(&name, other);
-            }
-        }
-        let _slot = match guard.count(&self.waiting, self.max_waiters)? {
-            Counted::Waiting(slot) => slot,
-            Counted::Granted(grant) => return Ok(grant.grant),
-        };
-        if let Some(grant) = guard.wait(wait, &mut shutdown).await? {
-            return Ok(grant.grant);
-        }
-        Err(StoreError::TimedOut {
-            keys: self.current_keys(&name),
-            name,
-            waited: wait,
-        })
+    fn waiting(&self) -> (&Arc<AtomicUsize>, usize) {
+        (&self.waiting, self.max_waiters)
+    }
+
+    fn shutdown(&self) -> &watch::Sender<bool> {
+        &self.shutdown
     }
 }
 
@@ -303,17 +280,7 @@ impl LockStore for FileStore {
         request: Acquire,
         wait: Option<Duration>,
     ) -> Result<Grant, StoreError> {
-        match wait.filter(|w| !w.is_zero()) {
-            Some(wait) => self.acquire_waiting(name, request, wait).await,
-            None => {
-                let op = Op::Acquire {
-                    name: name.clone(),
-                    request,
-                    waiter: None,
-                };
-                acquire_result(&name, self.submit(op, None).await)
-            }
-        }
+        flow::acquire(self, name, request, wait).await
     }
 
     async fn release(
@@ -322,21 +289,15 @@ impl LockStore for FileStore {
         key: String,
         requestor: String,
     ) -> Result<Released, StoreError> {
-        let op = Op::Release {
-            name: name.clone(),
-            key,
-            requestor,
-        };
-        release_result(name, self.submit(op, None).await)
+        flow::release(self, name, key, requestor).await
     }
 
     async fn reclaim(&self, hold: crate::rules::Reclaim) -> Result<Released, StoreError> {
-        let name = hold.name.clone();
-        release_result(name, self.submit(Op::Reclaim(hold), None).await)
+        flow::reclaim(self, hold).await
     }
 
     async fn force_release(&self, name: String) -> Result<Vec<Holder>, StoreError> {
-        force_release_result(self.submit(Op::ForceRelease { name }, None).await)
+        flow::force_release(self, name).await
     }
 
     async fn status(&self, name: &str) -> Result<Option<LockView>, StoreError> {

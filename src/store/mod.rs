@@ -8,6 +8,7 @@ pub mod atomic_file;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod file;
+mod flow;
 pub mod journal;
 pub mod state_file;
 
@@ -16,9 +17,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::metrics::LockStats;
-use crate::rules::{
-    Acquire, AcquireOutcome, Effect, Grant, Holder, Limit, LockTable, ReleaseOutcome,
-};
+use crate::rules::{Acquire, Grant, Holder, LockTable};
 
 /// How often [`poll_free`] looks again.
 #[cfg(feature = "etcd")]
@@ -421,71 +420,5 @@ impl<W: Withdraw> Drop for WaitGuard<W> {
             }
             Err(_) => self.cancel(),
         }
-    }
-}
-
-/// What an acquire's effect means for its client.
-pub(crate) fn acquire_result(
-    name: &str,
-    effect: Result<Effect, StoreError>,
-) -> Result<Grant, StoreError> {
-    match effect? {
-        Effect::Acquire(AcquireOutcome::Granted(grant)) => Ok(grant),
-        Effect::Acquire(AcquireOutcome::Held(conflict)) => Err(StoreError::Held {
-            name: name.to_string(),
-            keys: conflict.keys,
-        }),
-        Effect::Acquire(AcquireOutcome::OverLimit(Limit::Locks(limit))) => {
-            Err(StoreError::TooManyLocks {
-                name: name.to_string(),
-                limit,
-            })
-        }
-        Effect::Acquire(AcquireOutcome::OverLimit(Limit::Requestors(limit))) => {
-            Err(StoreError::TooManyRequestors {
-                name: name.to_string(),
-                limit,
-            })
-        }
-        Effect::Acquire(AcquireOutcome::SlotsMismatch { slots }) => {
-            Err(StoreError::SlotsMismatch {
-                name: name.to_string(),
-                slots,
-            })
-        }
-        other => Err(StoreError::Unavailable(format!(
-            "unexpected outcome of an acquire: {other:?}"
-        ))),
-    }
-}
-
-/// What a release's effect means for its client.
-pub(crate) fn release_result(
-    name: String,
-    effect: Result<Effect, StoreError>,
-) -> Result<Released, StoreError> {
-    match effect? {
-        Effect::Release(ReleaseOutcome::Released { changed: true, .. }) => Ok(Released::Released),
-        Effect::Release(ReleaseOutcome::Released { changed: false, .. })
-        | Effect::Release(ReleaseOutcome::NotHeld) => Ok(Released::NotHeld),
-        Effect::Release(ReleaseOutcome::WrongKey(conflict)) => Err(StoreError::WrongKey {
-            name,
-            keys: conflict.keys,
-        }),
-        other => Err(StoreError::Unavailable(format!(
-            "unexpected outcome of a release: {other:?}"
-        ))),
-    }
-}
-
-/// The holders a force release removed.
-pub(crate) fn force_release_result(
-    effect: Result<Effect, StoreError>,
-) -> Result<Vec<Holder>, StoreError> {
-    match effect? {
-        Effect::ForceRelease(force) => Ok(force.previous),
-        other => Err(StoreError::Unavailable(format!(
-            "unexpected outcome of a force release: {other:?}"
-        ))),
     }
 }

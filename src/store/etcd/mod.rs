@@ -39,14 +39,12 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use self::codec::{KeyKind, Keys, WAITER_BITS, waiter_replica};
 use self::members::Members;
+use super::flow::{self, Backend};
 use super::{
-    Counted, LockPage, LockStore, LockView, Page, Released, StoreError, WaitGuard, WaiterSlot,
-    Withdraw, acquire_result, force_release_result, release_result, view,
+    LockPage, LockStore, LockView, Page, Released, StoreError, WaiterSlot, Withdraw, view,
 };
 use crate::metrics::{LockStats, Metrics};
-use crate::rules::{
-    Acquire, AcquireOutcome, Effect, Grant, Holder, Lock, LockTable, Op, WaiterGrant, WaiterId,
-};
+use crate::rules::{Acquire, Effect, Grant, Holder, Lock, LockTable, Op, WaiterGrant, WaiterId};
 
 /// Longest one etcd request may take before it counts as failed.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -291,7 +289,7 @@ enum Command {
 }
 
 /// State shared by the store, its writer and its watch.
-struct Shared {
+pub(crate) struct Shared {
     keys: Keys,
     replica: u64,
     cache: Mutex<Cache>,
@@ -414,22 +412,6 @@ impl EtcdStore {
         })
     }
 
-    async fn submit(&self, op: Op) -> Result<Effect, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.shared
-            .commands
-            .send(Command::Client {
-                op,
-                reply,
-                since: Instant::now(),
-            })
-            .map_err(|_| StoreError::ShuttingDown)?;
-        match tokio::time::timeout(BATCH_DEADLINE * 3, answer).await {
-            Ok(answer) => answer.map_err(|_| StoreError::ShuttingDown)?,
-            Err(_) => Err(unavailable("no answer in time")),
-        }
-    }
-
     /// Runs an etcd read on the store's runtime within `timeout`, on the member in use (or
     /// the next ones, when it cannot be connected to: see [`members`]).
     async fn read<T, F, Make>(&self, timeout: Duration, make: Make) -> Result<T, StoreError>
@@ -447,6 +429,52 @@ impl EtcdStore {
             Ok(Err(e)) => Err(unavailable(e)),
             Err(e) => Err(unavailable(e)),
         }
+    }
+}
+
+#[async_trait]
+impl Backend for EtcdStore {
+    type Withdrawer = Arc<Shared>;
+
+    async fn submit(
+        &self,
+        op: Op,
+        grant: Option<oneshot::Sender<WaiterGrant>>,
+    ) -> Result<Effect, StoreError> {
+        // Known before the transaction runs: the watch may deliver the grant before the
+        // writer answers.
+        if let (
+            Some(grant),
+            Op::Acquire {
+                waiter: Some(id), ..
+            },
+        ) = (grant, &op)
+        {
+            self.shared.waiters.lock().insert(*id, grant);
+        }
+        let (reply, answer) = oneshot::channel();
+        self.shared
+            .commands
+            .send(Command::Client {
+                op,
+                reply,
+                since: Instant::now(),
+            })
+            .map_err(|_| StoreError::ShuttingDown)?;
+        match tokio::time::timeout(BATCH_DEADLINE * 3, answer).await {
+            Ok(answer) => answer.map_err(|_| StoreError::ShuttingDown)?,
+            Err(_) => Err(unavailable("no answer in time")),
+        }
+    }
+
+    /// This server's replica id in the high bits, so waiter ids are unique across servers.
+    fn new_waiter(&self) -> WaiterId {
+        let counter = self.next_waiter.fetch_add(1, Ordering::Relaxed) & ((1 << WAITER_BITS) - 1);
+        (self.shared.replica << WAITER_BITS) | counter
+    }
+
+    fn withdrawer(&self) -> Self::Withdrawer {
+        self.shared.clone()
     }
 
     /// Records that this server handed a grant to its waiter, before the client is answered:
@@ -496,52 +524,12 @@ impl EtcdStore {
             .unwrap_or_default()
     }
 
-    async fn acquire_waiting(
-        &self,
-        name: String,
-        request: Acquire,
-        wait: Duration,
-    ) -> Result<Grant, StoreError> {
-        let mut shutdown = self.shutdown.subscribe();
-        if *shutdown.borrow() {
-            return Err(StoreError::ShuttingDown);
-        }
-        let counter = self.next_waiter.fetch_add(1, Ordering::Relaxed) & ((1 << WAITER_BITS) - 1);
-        let waiter = (self.shared.replica << WAITER_BITS) | counter;
-        let (grant_sender, grant_receiver) = oneshot::channel();
-        self.shared.waiters.lock().insert(waiter, grant_sender);
-        let mut guard = WaitGuard {
-            name: name.clone(),
-            waiter,
-            backend: self.shared.clone(),
-            grant: Some(grant_receiver),
-        };
-        let op = Op::Acquire {
-            name: name.clone(),
-            request,
-            waiter: Some(waiter),
-        };
-        match self.submit(op).await {
-            Ok(Effect::Acquire(AcquireOutcome::Queued)) => {}
-            Ok(other) => {
-                guard.disarm();
-                return acquire_result(&name, Ok(other));
-            }
-            // Whether a failed transaction took effect is unknown: the guard withdraws it.
-            Err(e) => return Err(e),
-        }
-        let _slot = match guard.count(&self.waiting, self.max_waiters)? {
-            Counted::Waiting(slot) => slot,
-            Counted::Granted(grant) => return self.confirm(grant).await,
-        };
-        if let Some(grant) = guard.wait(wait, &mut shutdown).await? {
-            return self.confirm(grant).await;
-        }
-        Err(StoreError::TimedOut {
-            keys: self.current_keys(&name),
-            name,
-            waited: wait,
-        })
+    fn waiting(&self) -> (&Arc<AtomicUsize>, usize) {
+        (&self.waiting, self.max_waiters)
+    }
+
+    fn shutdown(&self) -> &watch::Sender<bool> {
+        &self.shutdown
     }
 }
 
@@ -1411,17 +1399,7 @@ impl LockStore for EtcdStore {
         request: Acquire,
         wait: Option<Duration>,
     ) -> Result<Grant, StoreError> {
-        match wait.filter(|w| !w.is_zero()) {
-            Some(wait) => self.acquire_waiting(name, request, wait).await,
-            None => {
-                let op = Op::Acquire {
-                    name: name.clone(),
-                    request,
-                    waiter: None,
-                };
-                acquire_result(&name, self.submit(op).await)
-            }
-        }
+        flow::acquire(self, name, request, wait).await
     }
 
     async fn release(
@@ -1430,21 +1408,15 @@ impl LockStore for EtcdStore {
         key: String,
         requestor: String,
     ) -> Result<Released, StoreError> {
-        let op = Op::Release {
-            name: name.clone(),
-            key,
-            requestor,
-        };
-        release_result(name, self.submit(op).await)
+        flow::release(self, name, key, requestor).await
     }
 
     async fn reclaim(&self, hold: crate::rules::Reclaim) -> Result<Released, StoreError> {
-        let name = hold.name.clone();
-        release_result(name, self.submit(Op::Reclaim(hold)).await)
+        flow::reclaim(self, hold).await
     }
 
     async fn force_release(&self, name: String) -> Result<Vec<Holder>, StoreError> {
-        force_release_result(self.submit(Op::ForceRelease { name }).await)
+        flow::force_release(self, name).await
     }
 
     async fn status(&self, name: &str) -> Result<Option<LockView>, StoreError> {

@@ -1,0 +1,216 @@
+//! The request flow both stores share: how an acquire (waiting or not), a release, a reclaim
+//! and a force release become operations on the lock rules, and what their effects mean for the
+//! client. A backend says only what differs ([`Backend`]): how an operation is made durable, how
+//! a waiter's grant reaches it, and how a grant is confirmed.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{oneshot, watch};
+
+use super::{Counted, Released, StoreError, WaitGuard, Withdraw};
+use crate::rules::{
+    Acquire, AcquireOutcome, Effect, Grant, Holder, Limit, Op, Reclaim, ReleaseOutcome,
+    WaiterGrant, WaiterId,
+};
+
+/// What a store does its own way; everything else of a request is [`acquire`], [`release`],
+/// [`reclaim`] and [`force_release`].
+#[async_trait]
+pub(crate) trait Backend: Send + Sync {
+    /// How this backend takes back a queued waiter.
+    type Withdrawer: Withdraw;
+
+    /// Applies one operation and makes it durable; for an acquire that may queue, `grant` is
+    /// where the waiter's grant is to be delivered later.
+    async fn submit(
+        &self,
+        op: Op,
+        grant: Option<oneshot::Sender<WaiterGrant>>,
+    ) -> Result<Effect, StoreError>;
+
+    /// An id for a new waiter, unique among every waiter of the store.
+    fn new_waiter(&self) -> WaiterId;
+
+    fn withdrawer(&self) -> Self::Withdrawer;
+
+    /// The grant a waiter received, made the client's before it is answered. The file store
+    /// has nothing to do; the etcd store records it, so a grant revoked meanwhile (this server
+    /// was taken for dead) is not given.
+    async fn confirm(&self, grant: WaiterGrant) -> Result<Grant, StoreError> {
+        Ok(grant.grant)
+    }
+
+    /// The keys holding `name` now, for a timeout's message.
+    fn current_keys(&self, name: &str) -> Vec<String>;
+
+    /// Requests counted against the waiter limit, and the limit.
+    fn waiting(&self) -> (&Arc<AtomicUsize>, usize);
+
+    /// Set to `true` when the store begins shutting down.
+    fn shutdown(&self) -> &watch::Sender<bool>;
+}
+
+/// Acquires `name`; with `wait`, queues in arrival order for up to that long.
+pub(crate) async fn acquire<B: Backend>(
+    backend: &B,
+    name: String,
+    request: Acquire,
+    wait: Option<Duration>,
+) -> Result<Grant, StoreError> {
+    match wait.filter(|w| !w.is_zero()) {
+        Some(wait) => acquire_waiting(backend, name, request, wait).await,
+        None => {
+            let op = Op::Acquire {
+                name: name.clone(),
+                request,
+                waiter: None,
+            };
+            acquire_result(&name, backend.submit(op, None).await)
+        }
+    }
+}
+
+async fn acquire_waiting<B: Backend>(
+    backend: &B,
+    name: String,
+    request: Acquire,
+    wait: Duration,
+) -> Result<Grant, StoreError> {
+    let mut shutdown = backend.shutdown().subscribe();
+    if *shutdown.borrow() {
+        return Err(StoreError::ShuttingDown);
+    }
+    let waiter = backend.new_waiter();
+    let (grant_sender, grant_receiver) = oneshot::channel();
+    let mut guard = WaitGuard {
+        name: name.clone(),
+        waiter,
+        backend: backend.withdrawer(),
+        grant: Some(grant_receiver),
+    };
+    let op = Op::Acquire {
+        name: name.clone(),
+        request,
+        waiter: Some(waiter),
+    };
+    match backend.submit(op, Some(grant_sender)).await {
+        Ok(Effect::Acquire(AcquireOutcome::Queued)) => {}
+        Ok(other) => {
+            guard.disarm();
+            return acquire_result(&name, Ok(other));
+        }
+        // Whether a failed operation left the waiter queued is the backend's to know (a file
+        // store rolled it back, an etcd transaction may have landed): the guard withdraws it,
+        // which is harmless when it is not there.
+        Err(e) => return Err(e),
+    }
+    let (waiting, limit) = backend.waiting();
+    let _slot = match guard.count(waiting, limit)? {
+        Counted::Waiting(slot) => slot,
+        Counted::Granted(grant) => return backend.confirm(grant).await,
+    };
+    if let Some(grant) = guard.wait(wait, &mut shutdown).await? {
+        return backend.confirm(grant).await;
+    }
+    Err(StoreError::TimedOut {
+        keys: backend.current_keys(&name),
+        name,
+        waited: wait,
+    })
+}
+
+/// Clears `requestor`'s count on `name` held under `key`.
+pub(crate) async fn release<B: Backend>(
+    backend: &B,
+    name: String,
+    key: String,
+    requestor: String,
+) -> Result<Released, StoreError> {
+    let op = Op::Release {
+        name: name.clone(),
+        key,
+        requestor,
+    };
+    release_result(name, backend.submit(op, None).await)
+}
+
+/// Releases a finished build's hold if it is still that build's.
+pub(crate) async fn reclaim<B: Backend>(
+    backend: &B,
+    hold: Reclaim,
+) -> Result<Released, StoreError> {
+    let name = hold.name.clone();
+    release_result(name, backend.submit(Op::Reclaim(hold), None).await)
+}
+
+/// Releases every holding of `name`; returns the previous holdings.
+pub(crate) async fn force_release<B: Backend>(
+    backend: &B,
+    name: String,
+) -> Result<Vec<Holder>, StoreError> {
+    force_release_result(backend.submit(Op::ForceRelease { name }, None).await)
+}
+
+/// What an acquire's effect means for its client.
+fn acquire_result(name: &str, effect: Result<Effect, StoreError>) -> Result<Grant, StoreError> {
+    match effect? {
+        Effect::Acquire(AcquireOutcome::Granted(grant)) => Ok(grant),
+        Effect::Acquire(AcquireOutcome::Held(conflict)) => Err(StoreError::Held {
+            name: name.to_string(),
+            keys: conflict.keys,
+        }),
+        Effect::Acquire(AcquireOutcome::OverLimit(Limit::Locks(limit))) => {
+            Err(StoreError::TooManyLocks {
+                name: name.to_string(),
+                limit,
+            })
+        }
+        Effect::Acquire(AcquireOutcome::OverLimit(Limit::Requestors(limit))) => {
+            Err(StoreError::TooManyRequestors {
+                name: name.to_string(),
+                limit,
+            })
+        }
+        Effect::Acquire(AcquireOutcome::SlotsMismatch { slots }) => {
+            Err(StoreError::SlotsMismatch {
+                name: name.to_string(),
+                slots,
+            })
+        }
+        other => Err(StoreError::Unavailable(format!(
+            "unexpected outcome of an acquire: {other:?}"
+        ))),
+    }
+}
+
+/// What a release's effect means for its client.
+fn release_result(
+    name: String,
+    effect: Result<Effect, StoreError>,
+) -> Result<Released, StoreError> {
+    match effect? {
+        Effect::Release(ReleaseOutcome::Released { changed: true, .. }) => Ok(Released::Released),
+        Effect::Release(ReleaseOutcome::Released { changed: false, .. })
+        | Effect::Release(ReleaseOutcome::NotHeld) => Ok(Released::NotHeld),
+        Effect::Release(ReleaseOutcome::WrongKey(conflict)) => Err(StoreError::WrongKey {
+            name,
+            keys: conflict.keys,
+        }),
+        other => Err(StoreError::Unavailable(format!(
+            "unexpected outcome of a release: {other:?}"
+        ))),
+    }
+}
+
+/// The holders a force release removed.
+fn force_release_result(effect: Result<Effect, StoreError>) -> Result<Vec<Holder>, StoreError> {
+    match effect? {
+        Effect::ForceRelease(force) => Ok(force.previous),
+        other => Err(StoreError::Unavailable(format!(
+            "unexpected outcome of a force release: {other:?}"
+        ))),
+    }
+}
