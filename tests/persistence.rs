@@ -389,7 +389,6 @@ fn by_default_every_acknowledged_change_is_in_the_state_file_before_the_answer()
 #[test]
 fn with_default_settings_the_server_starts_on_a_full_disk_serves_reads_and_recovers() {
     let tmpfs = small_tmpfs();
-    let state = tmpfs.outside("locker.yml");
     let server = tmpfs.server("locker.yml").start();
     assert_eq!(server.lock("before", json!({"key": "k"})).status, 200);
     drop(server);

@@ -330,6 +330,30 @@ impl Server {
         self.log.lock().expect("log").join("\n")
     }
 
+    /// How many lines of the server's log so far contain `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .expect("log")
+            .iter()
+            .filter(|line| line.contains(needle))
+            .count()
+    }
+
+    /// Waits (up to 20 s, generous for a loaded machine) until at least `count` lines of the
+    /// server's log contain `needle`: the event itself, not a sleep that hopes it happened.
+    pub fn wait_for_log(&self, needle: &str, count: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.log_count(needle) < count {
+            assert!(
+                Instant::now() < deadline,
+                "the server never logged {needle:?} {count} time(s):\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sends a signal (e.g. `libc::SIGTERM`) to the server.
     pub fn signal(&self, signal: i32) {
         // SAFETY: plain kill(2) on our own child's pid.
