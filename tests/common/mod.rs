@@ -354,6 +354,20 @@ impl Server {
         }
     }
 
+    /// Waits (up to 20 s) until `GET /metrics` has a line equal to `line` (e.g.
+    /// `locker_waiters 1`): a state the server reports, rather than a sleep.
+    pub fn wait_for_metric(&self, line: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let metrics = call("GET", &self.url("/metrics"), None).body;
+            if metrics.lines().any(|l| l == line) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "never saw {line:?}:\n{metrics}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sends a signal (e.g. `libc::SIGTERM`) to the server.
     pub fn signal(&self, signal: i32) {
         // SAFETY: plain kill(2) on our own child's pid.
