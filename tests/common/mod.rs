@@ -111,6 +111,11 @@ impl ServerBuilder {
         self
     }
 
+    pub fn args<S: Into<String>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
     pub fn auth(self, user: &str, password: &str) -> Self {
         self.env("AUTH_USER", user).env("AUTH_PASS", password)
     }
