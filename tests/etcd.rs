@@ -576,7 +576,9 @@ fn import_includes_what_a_crashed_server_left_in_the_journal() {
         let journal = std::fs::read(format!("{}.journal", state_file.display())).expect("journal");
         if !text.contains("journaled") {
             assert!(
-                journal.windows(b"journaled".len()).any(|w| w == b"journaled"),
+                journal
+                    .windows(b"journaled".len())
+                    .any(|w| w == b"journaled"),
                 "the journal lacks the lock too"
             );
             // Kept (killed) to the end: its temp dir holds the state file and journal.

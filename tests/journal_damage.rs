@@ -111,7 +111,11 @@ fn held(names: &[&str]) -> Vec<String> {
 fn a_start_replays_the_records_before_a_torn_foreign_or_out_of_sequence_one_and_none_after() {
     let crashed = crashed();
     let found = records(&crashed.journal_bytes);
-    assert_eq!(found.len(), 3, "one record per acknowledged lock: {found:?}");
+    assert_eq!(
+        found.len(),
+        3,
+        "one record per acknowledged lock: {found:?}"
+    );
     let (second_at, second_len) = found[1];
     let second = second_at..second_at + second_len;
     let epoch = field(&crashed.journal_bytes[second.clone()], 8..16);
@@ -166,7 +170,11 @@ fn a_start_replays_the_records_before_a_torn_foreign_or_out_of_sequence_one_and_
     let mut ended = crashed.journal_bytes.clone();
     ended[second_at..].fill(0);
     let (_server, names) = start_on(&crashed, &ended);
-    assert_eq!(names, held(&NAMES[..1]), "journal ending after the first record");
+    assert_eq!(
+        names,
+        held(&NAMES[..1]),
+        "journal ending after the first record"
+    );
 }
 
 #[test]
@@ -179,7 +187,7 @@ fn the_crashed_files_hold_the_locks_in_the_journal_only() {
         assert!(!text.contains(name), "{name} in {text}");
     }
     let epoch = field(&crashed.journal_bytes, 8..16);
-    let payloads = locker::store::journal::read(Path::new(&crashed.journal), epoch)
-        .expect("read the journal");
+    let payloads =
+        locker::store::journal::read(Path::new(&crashed.journal), epoch).expect("read the journal");
     assert_eq!(payloads.len(), 3);
 }

@@ -258,7 +258,10 @@ impl Tmpfs {
     fn mount(size: &str) -> Result<Tmpfs, String> {
         let dir = common::temp_dir();
         let mut reasons = Vec::new();
-        for namespaces in [&["--user", "--map-root-user", "--mount"][..], &["--mount"][..]] {
+        for namespaces in [
+            &["--user", "--map-root-user", "--mount"][..],
+            &["--mount"][..],
+        ] {
             match Tmpfs::hold(namespaces, size, dir.path()) {
                 Ok(holder) => {
                     let user_namespace = namespaces.contains(&"--user");
@@ -277,7 +280,8 @@ impl Tmpfs {
     /// Starts the holder and waits until its tmpfs is mounted.
     fn hold(namespaces: &[&str], size: &str, dir: &Path) -> Result<std::process::Child, String> {
         use std::io::Read;
-        let script = r#"mount -t tmpfs -o "size=$1" tmpfs "$2" && echo mounted && exec sleep 100000"#;
+        let script =
+            r#"mount -t tmpfs -o "size=$1" tmpfs "$2" && echo mounted && exec sleep 100000"#;
         let mut holder = Command::new("unshare")
             .args(namespaces)
             .args(["--propagation", "private", "sh", "-c", script, "sh", size])

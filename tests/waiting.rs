@@ -191,7 +191,9 @@ fn a_lease_that_runs_out_releases_the_hold_and_grants_the_next_waiter() {
 fn acquiring_again_renews_the_lease() {
     let server = Server::start();
     assert_eq!(
-        server.lock("renew", json!({"key": "k", "ttl": "3s"})).status,
+        server
+            .lock("renew", json!({"key": "k", "ttl": "3s"}))
+            .status,
         200
     );
     // The first lease started before its answer came: it ends by 3 s past this instant.

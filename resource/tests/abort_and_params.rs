@@ -125,7 +125,11 @@ fn a_grant_racing_the_signal_is_released() {
     // The real server granted the acquire: the race is on.
     let deadline = Instant::now() + Duration::from_secs(20);
     while held_key(&server, "race").as_deref() != Some("k1") {
-        assert!(Instant::now() < deadline, "never granted: {}", server.locks());
+        assert!(
+            Instant::now() < deadline,
+            "never granted: {}",
+            server.locks()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     waiting.signal(libc::SIGTERM);
@@ -198,7 +202,11 @@ fn slots_and_release_when_build_ends_reach_the_server_and_take_effect() {
     assert_eq!(status["key"], "k", "{status}");
     assert_eq!(status["info"]["job"], "deploy", "{status}");
     // Without release_when_build_ends nobody asks Concourse about the holding.
-    assert!(concourse.requests().is_empty(), "{:?}", concourse.requests());
+    assert!(
+        concourse.requests().is_empty(),
+        "{:?}",
+        concourse.requests()
+    );
 
     run(
         "out",

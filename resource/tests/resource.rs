@@ -87,7 +87,11 @@ fn lock_then_a_second_key_waits_and_gets_it_within_a_second_of_the_release() {
     assert!(second.running(), "the second lock did not wait");
     let deadline = Instant::now() + Duration::from_secs(20);
     while !second.stderr().contains("is held by key") {
-        assert!(Instant::now() < deadline, "no wait line:\n{}", second.stderr());
+        assert!(
+            Instant::now() < deadline,
+            "no wait line:\n{}",
+            second.stderr()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let log = second.stderr();
@@ -112,7 +116,10 @@ fn lock_then_a_second_key_waits_and_gets_it_within_a_second_of_the_release() {
     let generation = |m: &std::collections::BTreeMap<String, String>| {
         m["generation"].parse::<u64>().expect("generation")
     };
-    assert!(generation(&second_meta) > generation(&meta), "{second_meta:?}");
+    assert!(
+        generation(&second_meta) > generation(&meta),
+        "{second_meta:?}"
+    );
     // Long-polled: no "trying again every" sleep loop.
     assert!(
         !second.stderr.contains("trying again every"),
