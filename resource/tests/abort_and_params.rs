@@ -31,11 +31,12 @@ fn wait_for_log(running: &support::Running, text: &str) {
     }
 }
 
-/// Forwards a request the stub received to the real server and answers what it answered: a
-/// stub in front of the real server, to delay or withhold what the real server would say.
-fn forward(server: &common::Server, request: &support::StubRequest) -> (u16, String) {
+/// Forwards a request the stub received to the real server at `base` and answers what it
+/// answered: a stub in front of the real server, to delay or withhold what it would say. (The
+/// stub keeps only the address: the test owns the server, which is killed when it ends.)
+fn forward(base: &str, request: &support::StubRequest) -> (u16, String) {
     let body = Some(request.body.as_str()).filter(|b| !b.is_empty());
-    let reply = common::call(&request.method, &server.url(&request.target), body);
+    let reply = common::call(&request.method, &format!("{base}{}", request.target), body);
     (reply.status, reply.body)
 }
 
@@ -97,9 +98,9 @@ fn a_grant_racing_the_signal_is_released() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    let server = Arc::new(common::Server::start());
+    let server = common::Server::start();
     let exited = Arc::new(AtomicBool::new(false));
-    let (real, answer_now) = (server.clone(), exited.clone());
+    let (real, answer_now) = (server.base.clone(), exited.clone());
     let stub = Stub::start(move |request| {
         let answer = forward(&real, request);
         if request.method == "PUT" {
@@ -300,8 +301,8 @@ fn wait_op_long_polls_wait_free_and_takes_nothing() {
 /// the rest.
 #[test]
 fn wait_op_falls_back_to_polling_and_works_as_a_get_param() {
-    let server = std::sync::Arc::new(common::Server::start());
-    let real = server.clone();
+    let server = common::Server::start();
+    let real = server.base.clone();
     let original = Stub::start(move |request| {
         if request.method == "GET" && request.path().starts_with("/lock/") {
             (404, "404 page not found".to_string())

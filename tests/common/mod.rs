@@ -206,7 +206,15 @@ impl ServerBuilder {
                     log.lock().expect("log").join("\n")
                 );
             }
-            assert!(Instant::now() < deadline, "server did not start in time");
+            if Instant::now() >= deadline {
+                // Not left running after the test.
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "server did not start in time:\n{}",
+                    log.lock().expect("log").join("\n")
+                );
+            }
         };
         Server {
             child: Some(child),
