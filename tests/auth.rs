@@ -42,6 +42,19 @@ fn every_route_but_health_and_ready_requires_credentials() {
         Some(r#"{"key":"k"}"#),
     ));
     assert_refused(&call("GET", &server.url("/unknown"), None));
+    // The dashboard and its assets, and the metrics (they name locks), are behind auth too.
+    for path in ["/", "/dashboard.css", "/dashboard.js", "/metrics"] {
+        assert_refused(&call("GET", &server.url(path), None));
+        let reply = call_with(&client(), "GET", &authorized(&server, path), None);
+        assert_eq!(reply.status, 200, "{path} with credentials: {}", reply.body);
+    }
+}
+
+/// `server`'s URL of `path` with the test credentials in the userinfo.
+fn authorized(server: &Server, path: &str) -> String {
+    server
+        .url(path)
+        .replacen("http://", "http://admin:s3cret-pass@", 1)
 }
 
 #[test]
@@ -100,8 +113,8 @@ fn neither_the_password_nor_the_authorization_header_is_logged() {
             .send()
             .expect("request");
     }
-    // The request log is written when the response is; give the last line a moment.
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    // The request log is written when the response is: wait for both lines.
+    server.wait_for_log("PUT /lock/x", 2);
     let log = server.log();
     assert!(log.contains("PUT /lock/x"), "requests are logged:\n{log}");
     for secret in ["s3cret-pass", "guessed-pass", "YWRtaW4", "Basic "] {

@@ -1,5 +1,6 @@
 //! Mutual exclusion: 32 clients with distinct keys contend for one lock with waiting acquires.
-//! Each holder records its entry and exit; over at least 2,000 hand-offs no two holdings
+//! Each holder records its entry and exit, and asks the server inside its section that the
+//! lock is held under its key and generation; over at least 2,000 hand-offs no two holdings
 //! overlap, and the fencing generations strictly increase in the order of the holdings.
 
 mod common;
@@ -43,7 +44,9 @@ fn thirty_two_waiting_clients_never_hold_the_lock_together() {
             );
             std::thread::spawn(move || -> Result<usize, String> {
                 let http = common::client();
-                let body = serde_json::json!({"key": format!("key-{client}")}).to_string();
+                let key = format!("key-{client}");
+                let body = serde_json::json!({"key": key}).to_string();
+                let status_url = url.replace("?wait=20s", "");
                 let mut timeouts = 0;
                 while granted.load(Ordering::SeqCst) < HANDOFFS {
                     if started.elapsed() > DEADLINE {
@@ -70,7 +73,20 @@ fn thirty_two_waiting_clients_never_hold_the_lock_together() {
                         .as_u64()
                         .ok_or_else(|| format!("no generation in {}", reply.body))?;
                     granted.fetch_add(1, Ordering::SeqCst);
-                    std::thread::yield_now();
+                    // The marker above lasts microseconds; the server's own view lasts a round
+                    // trip: inside the section, the lock is held by this key and this grant.
+                    let status = common::call_with(&http, "GET", &status_url, None);
+                    let view = status.json();
+                    if status.status != 200
+                        || view["key"] != key.as_str()
+                        || view["generation"] != generation
+                    {
+                        return Err(format!(
+                            "client {client} (generation {generation}) is inside, but the server \
+                             says {} {}",
+                            status.status, status.body
+                        ));
+                    }
                     let after = inside.fetch_sub(1, Ordering::SeqCst);
                     let left = Instant::now();
                     if after != 1 {

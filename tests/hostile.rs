@@ -113,17 +113,14 @@ fn slow_header_clients_do_not_block_others_and_are_cut_off_with_408() {
     // Meanwhile ordinary clients are served promptly.
     std::thread::sleep(Duration::from_millis(500));
     let mut slowest = Duration::ZERO;
-    for i in 0..40 {
+    for i in 0..10 {
         let asked = Instant::now();
         let reply = server.lock(&format!("fast-{i}"), json!({"key": "k"}));
         assert_eq!(reply.status, 200, "{}", reply.body);
         slowest = slowest.max(asked.elapsed());
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(
-        slowest < Duration::from_secs(2),
-        "an ordinary request took {slowest:?} while slow clients trickled"
-    );
+    let ordinary_done = Instant::now();
     for (i, thread) in slow.into_iter().enumerate() {
         let (answer, first_at) = thread.join().expect("slow client");
         assert_eq!(
@@ -132,7 +129,15 @@ fn slow_header_clients_do_not_block_others_and_are_cut_off_with_408() {
             "slow client {i} got {answer:?} instead of 408"
         );
         assert_json_error(&format!("slow client {i}"), &answer);
-        let after = first_at.expect("answered").duration_since(started);
+        let first_at = first_at.expect("answered");
+        // Served while the slow clients still held their connections (not once they were cut
+        // off): an order, whatever the machine's speed.
+        assert!(
+            ordinary_done < first_at,
+            "ordinary requests (slowest {slowest:?}) were served only after slow client {i} \
+             was cut off"
+        );
+        let after = first_at.duration_since(started);
         assert!(
             after < Duration::from_secs(8),
             "slow client {i} was cut off only after {after:?}"

@@ -279,13 +279,33 @@ async fn run_connection(
                         }
                     }
                 }
+                // A shared lock this connection holds is listed under its key with its counts;
+                // one it does not hold is absent or another key's.
+                for name in &shared {
+                    let expected = held.get(name);
+                    let actual = locks.get(name);
+                    let agrees = match (expected, actual) {
+                        (Some(counts), Some(lock)) => {
+                            lock["key"] == key.as_str() && &locked_by(lock) == counts
+                        }
+                        (Some(_), None) => false,
+                        (None, Some(lock)) => lock["key"] != key.as_str(),
+                        (None, None) => true,
+                    };
+                    if !agrees {
+                        return Err(format!(
+                            "connection {id}: GET /locks shows {name} as {actual:?}, model {expected:?}"
+                        ));
+                    }
+                }
             }
             "GET" => match (answer.status, held.get(&name)) {
                 (404, None) => {}
                 (200, Some(counts))
                     if answer.body["key"] == key.as_str() && &locked_by(&answer.body) == counts => {
                 }
-                (404, _) | (200, _) if !is_own => {}
+                // A shared lock this connection does not hold: free, or another key's.
+                (200, None) if !is_own && answer.body["key"] != key.as_str() => {}
                 _ => return Err(unexpected("status disagrees with the model")),
             },
             "PUT" => {

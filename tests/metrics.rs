@@ -79,9 +79,20 @@ fn counters_and_gauges_follow_the_operations() {
     server.lock("c", json!({"key": "k3"}));
     server.unlock("c", json!({"key": "wrong"}));
     call("DELETE", &server.url("/lock/c?force=true"), None);
-    std::thread::sleep(Duration::from_millis(1500));
-
-    let after = scrape(&server);
+    // The 1 s lease of "b" runs out: wait for the server to count it, not for a fixed time.
+    let expired = "locker_releases_total{outcome=\"expired\"}";
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let after = loop {
+        let after = scrape(&server);
+        if value(&after, expired) - value(&before, expired) >= 1.0 {
+            break after;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lease never expired"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
     let count = |name: &str| value(&after, name) - value(&before, name);
     assert_eq!(count("locker_acquires_total{outcome=\"granted\"}"), 3.0);
     assert_eq!(count("locker_acquires_total{outcome=\"conflict\"}"), 1.0);

@@ -4,6 +4,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -240,27 +241,98 @@ fn hammer(base: &str, client: usize, known: &Mutex<HashMap<String, Known>>) {
     }
 }
 
-/// A small tmpfs, unmounted when dropped.
-struct Tmpfs(tempfile::TempDir);
+/// A small tmpfs in a mount namespace of its own, held open by a `sleep` process and gone when
+/// that process is killed (on drop). Made with util-linux's `unshare`: as any user through a
+/// user namespace (`-Urm`, no privilege needed where user namespaces are allowed, as on Debian
+/// and in rootless containers), else with a plain mount namespace (`-m`, root). The servers run
+/// inside it through `nsenter`; the test reaches its files through `/proc/<holder>/root`.
+struct Tmpfs {
+    holder: std::process::Child,
+    /// Whether the holder has a user namespace of its own (servers must enter it too).
+    user_namespace: bool,
+    /// The mount point, as the servers inside see it (an empty temp dir outside).
+    dir: tempfile::TempDir,
+}
 
 impl Tmpfs {
     fn mount(size: &str) -> Result<Tmpfs, String> {
         let dir = common::temp_dir();
-        let output = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .output()
-            .map_err(|e| format!("cannot run mount: {e}"))?;
-        if !output.status.success() {
-            return Err(String::from_utf8_lossy(&output.stderr).trim().to_string());
+        let mut reasons = Vec::new();
+        for namespaces in [
+            &["--user", "--map-root-user", "--mount"][..],
+            &["--mount"][..],
+        ] {
+            match Tmpfs::hold(namespaces, size, dir.path()) {
+                Ok(holder) => {
+                    let user_namespace = namespaces.contains(&"--user");
+                    return Ok(Tmpfs {
+                        holder,
+                        user_namespace,
+                        dir,
+                    });
+                }
+                Err(reason) => reasons.push(format!("unshare {}: {reason}", namespaces.join(" "))),
+            }
         }
-        Ok(Tmpfs(dir))
+        Err(reasons.join("; "))
+    }
+
+    /// Starts the holder and waits until its tmpfs is mounted.
+    fn hold(namespaces: &[&str], size: &str, dir: &Path) -> Result<std::process::Child, String> {
+        use std::io::Read;
+        let script =
+            r#"mount -t tmpfs -o "size=$1" tmpfs "$2" && echo mounted && exec sleep 100000"#;
+        let mut holder = Command::new("unshare")
+            .args(namespaces)
+            .args(["--propagation", "private", "sh", "-c", script, "sh", size])
+            .arg(dir)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot run unshare (util-linux): {e}"))?;
+        let mut word = [0u8; 7];
+        let stdout = holder.stdout.as_mut().expect("holder stdout");
+        if stdout.read_exact(&mut word).is_ok() && &word == b"mounted" {
+            return Ok(holder);
+        }
+        let _ = holder.kill();
+        let output = holder.wait_with_output().map_err(|e| e.to_string())?;
+        Err(String::from_utf8_lossy(&output.stderr).trim().to_string())
+    }
+
+    /// `name` in the tmpfs, as the servers inside see it.
+    fn inside(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// `name` in the tmpfs, as this test reaches it.
+    fn outside(&self, name: &str) -> PathBuf {
+        let inside = self.inside(name);
+        let relative = inside.strip_prefix("/").expect("absolute temp dir");
+        PathBuf::from(format!("/proc/{}/root", self.holder.id())).join(relative)
+    }
+
+    /// A server that runs inside the tmpfs's namespaces, its state file `name` in the tmpfs.
+    fn server(&self, name: &str) -> common::ServerBuilder {
+        let mut builder = common::server()
+            .binary("nsenter")
+            .arg("--target")
+            .arg(self.holder.id().to_string())
+            .arg("--mount");
+        if self.user_namespace {
+            builder = builder.arg("--user").arg("--preserve-credentials");
+        }
+        builder
+            .arg("--")
+            .arg(common::locker_binary().display().to_string())
+            .state_file(self.inside(name))
     }
 }
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.0.path()).status();
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
     }
 }
 
@@ -273,21 +345,26 @@ fn fill(path: &std::path::Path) {
     let _ = file.sync_all();
 }
 
-/// A 512 KiB tmpfs: a disk that fills up. Mounting needs root, which `ci/scripts/run-tests`
-/// (and so CI) has; elsewhere these tests fail with the reason rather than pass untested.
+/// A 512 KiB tmpfs: a disk that fills up. No privilege is needed where user namespaces are
+/// allowed; where neither they nor a mount as root are, these tests fail with the reason rather
+/// than pass untested.
 fn small_tmpfs() -> Tmpfs {
-    Tmpfs::mount("512k")
-        .unwrap_or_else(|reason| panic!("cannot mount a tmpfs ({reason}): run the tests as root"))
+    Tmpfs::mount("512k").unwrap_or_else(|reason| {
+        panic!(
+            "cannot mount a tmpfs in a namespace of its own ({reason}): allow unprivileged user \
+             namespaces (sysctl kernel.unprivileged_userns_clone=1) or run the tests as root"
+        )
+    })
 }
 
 /// A server whose state file (and journal of `journal_bytes`) is on a 512 KiB tmpfs.
-fn server_on_a_small_tmpfs(journal_bytes: &str) -> Option<(Tmpfs, Server)> {
+fn server_on_a_small_tmpfs(journal_bytes: &str) -> (Tmpfs, Server) {
     let tmpfs = small_tmpfs();
-    let server = common::server()
-        .state_file(tmpfs.0.path().join("locker.yml"))
+    let server = tmpfs
+        .server("locker.yml")
         .env("LOCKER_JOURNAL_BYTES", journal_bytes)
         .start();
-    Some((tmpfs, server))
+    (tmpfs, server)
 }
 
 #[test]
@@ -316,14 +393,13 @@ fn by_default_every_acknowledged_change_is_in_the_state_file_before_the_answer()
 #[test]
 fn with_default_settings_the_server_starts_on_a_full_disk_serves_reads_and_recovers() {
     let tmpfs = small_tmpfs();
-    let state = tmpfs.0.path().join("locker.yml");
-    let server = common::server().state_file(&state).start();
+    let server = tmpfs.server("locker.yml").start();
     assert_eq!(server.lock("before", json!({"key": "k"})).status, 200);
     drop(server);
-    let filler = tmpfs.0.path().join("filler");
+    let filler = tmpfs.outside("filler");
     fill(&filler);
 
-    let server = common::server().state_file(&state).start();
+    let server = tmpfs.server("locker.yml").start();
     assert_eq!(server.locks()["before"]["key"], "k");
     let refused = server.lock("during", json!({"key": "k"}));
     assert_eq!(refused.status, 503, "{}", refused.body);
@@ -333,8 +409,7 @@ fn with_default_settings_the_server_starts_on_a_full_disk_serves_reads_and_recov
         refused.body
     );
     // A state file that cannot even be created does not stop a start either.
-    let missing = tmpfs.0.path().join("new.yml");
-    let empty = common::server().state_file(&missing).start();
+    let empty = tmpfs.server("new.yml").start();
     assert_eq!(empty.locks(), json!({}));
     assert!(
         empty
@@ -352,10 +427,9 @@ fn with_default_settings_the_server_starts_on_a_full_disk_serves_reads_and_recov
 #[test]
 fn readiness_is_503_while_a_full_disk_refuses_writes_and_200_once_there_is_room() {
     let tmpfs = small_tmpfs();
-    let state = tmpfs.0.path().join("locker.yml");
-    let server = common::server().state_file(&state).start();
+    let server = tmpfs.server("locker.yml").start();
     assert_eq!(call("GET", &server.url("/ready"), None).status, 200);
-    let filler = tmpfs.0.path().join("filler");
+    let filler = tmpfs.outside("filler");
     fill(&filler);
     assert_eq!(server.lock("during", json!({"key": "k"})).status, 503);
     let ready = call("GET", &server.url("/ready"), None);
@@ -373,15 +447,15 @@ fn readiness_is_503_while_a_full_disk_refuses_writes_and_200_once_there_is_room(
 #[test]
 fn with_the_journal_on_and_no_room_for_it_the_server_starts_without_it_and_warns() {
     let tmpfs = small_tmpfs();
-    let state = tmpfs.0.path().join("locker.yml");
-    let server = common::server().state_file(&state).start();
+    let state = tmpfs.outside("locker.yml");
+    let server = tmpfs.server("locker.yml").start();
     assert_eq!(server.lock("before", json!({"key": "k"})).status, 200);
     drop(server);
-    let filler = tmpfs.0.path().join("filler");
+    let filler = tmpfs.outside("filler");
     fill(&filler);
 
-    let server = common::server()
-        .state_file(&state)
+    let server = tmpfs
+        .server("locker.yml")
         .env("LOCKER_JOURNAL_BYTES", "8388608")
         .start();
     assert!(
@@ -400,14 +474,12 @@ fn with_the_journal_on_and_no_room_for_it_the_server_starts_without_it_and_warns
 
 #[test]
 fn without_a_journal_a_full_disk_refuses_mutations_with_503_applies_nothing_and_recovers() {
-    let Some((tmpfs, server)) = server_on_a_small_tmpfs("0") else {
-        return;
-    };
-    let state = tmpfs.0.path().join("locker.yml");
+    let (tmpfs, server) = server_on_a_small_tmpfs("0");
+    let state = tmpfs.outside("locker.yml");
     assert_eq!(server.lock("before", json!({"key": "k"})).status, 200);
     let on_disk = std::fs::read(&state).expect("state");
 
-    let filler = tmpfs.0.path().join("filler");
+    let filler = tmpfs.outside("filler");
     fill(&filler);
     let refused = server.lock("during", json!({"key": "k"}));
     assert_eq!(refused.status, 503, "{}", refused.body);
@@ -437,11 +509,9 @@ fn without_a_journal_a_full_disk_refuses_mutations_with_503_applies_nothing_and_
 
 #[test]
 fn on_a_full_disk_the_journal_keeps_acknowledged_locks_then_refuses_with_503_and_recovers() {
-    let Some((tmpfs, server)) = server_on_a_small_tmpfs("16384") else {
-        return;
-    };
+    let (tmpfs, server) = server_on_a_small_tmpfs("16384");
     assert_eq!(server.lock("before", json!({"key": "k"})).status, 200);
-    fill(&tmpfs.0.path().join("filler"));
+    fill(&tmpfs.outside("filler"));
 
     // The journal's space was allocated up front: acknowledged changes are durable, even across
     // a crash and a start-up that cannot rewrite the state file.
@@ -481,7 +551,7 @@ fn on_a_full_disk_the_journal_keeps_acknowledged_locks_then_refuses_with_503_and
     );
 
     // With space again, the state file is rewritten and everything acknowledged is there.
-    std::fs::remove_file(tmpfs.0.path().join("filler")).expect("free space");
+    std::fs::remove_file(tmpfs.outside("filler")).expect("free space");
     assert_eq!(server.lock("after", json!({"key": "k"})).status, 200);
     let server = server.restart();
     let locks = server.locks();

@@ -14,11 +14,19 @@ use common::{Server, call};
 use serde_json::json;
 
 /// Path → (status code, body); unknown paths get 404. Remembers the Authorization headers seen.
+/// `POST /sky/issuer/token` signs in like Concourse's (a password grant, answered with a new
+/// `access_token` each time: `token-1`, `token-2`, ...); once `require_token` is set, build
+/// requests without that bearer token get 401, as when a token expired.
 #[derive(Clone, Default)]
 struct FakeConcourse {
     answers: Arc<Mutex<HashMap<String, (u16, String)>>>,
     authorization: Arc<Mutex<Vec<String>>>,
     requests: Arc<Mutex<usize>>,
+    /// The path of every request, in order.
+    paths: Arc<Mutex<Vec<String>>>,
+    /// (Authorization header, form body) of each sign-in.
+    sign_ins: Arc<Mutex<Vec<(String, String)>>>,
+    require_token: Arc<Mutex<Option<String>>>,
 }
 
 impl FakeConcourse {
@@ -58,26 +66,58 @@ impl FakeConcourse {
             .nth(1)
             .unwrap_or("")
             .to_string();
+        let mut authorization = String::new();
+        let mut length = 0usize;
         loop {
             let mut header = String::new();
             if reader.read_line(&mut header).is_err() || header.trim().is_empty() {
                 break;
             }
-            if let Some(value) = header.to_ascii_lowercase().strip_prefix("authorization:") {
-                self.authorization
-                    .lock()
-                    .expect("auth")
-                    .push(value.trim().to_string());
+            let lower = header.to_ascii_lowercase();
+            if let Some(value) = lower.strip_prefix("authorization:") {
+                // The scheme is case-insensitive; the credentials are not.
+                let value = header[header.len() - value.len()..].trim();
+                let (scheme, credentials) = value.split_once(' ').unwrap_or((value, ""));
+                authorization = format!("{} {credentials}", scheme.to_ascii_lowercase());
+            }
+            if let Some(value) = lower.strip_prefix("content-length:") {
+                length = value.trim().parse().unwrap_or(0);
             }
         }
+        let mut body = vec![0u8; length];
+        if std::io::Read::read_exact(&mut reader, &mut body).is_err() {
+            return;
+        }
+        self.paths.lock().expect("paths").push(path.clone());
         *self.requests.lock().expect("count") += 1;
-        let (code, body) = self
-            .answers
-            .lock()
-            .expect("answers")
-            .get(&path)
-            .cloned()
-            .unwrap_or((404, r#"{"error":"not found"}"#.to_string()));
+        let (code, body) = if path == "/sky/issuer/token" {
+            let mut sign_ins = self.sign_ins.lock().expect("sign-ins");
+            sign_ins.push((authorization, String::from_utf8_lossy(&body).into_owned()));
+            let token = format!("token-{}", sign_ins.len());
+            (
+                200,
+                json!({"access_token": token, "token_type": "bearer", "expires_in": 86400})
+                    .to_string(),
+            )
+        } else {
+            self.authorization
+                .lock()
+                .expect("auth")
+                .push(authorization.clone());
+            let required = self.require_token.lock().expect("token").clone();
+            match required {
+                Some(token) if authorization != format!("bearer {token}") => {
+                    (401, r#"{"error":"not authorized"}"#.to_string())
+                }
+                _ => self
+                    .answers
+                    .lock()
+                    .expect("answers")
+                    .get(&path)
+                    .cloned()
+                    .unwrap_or((404, r#"{"error":"not found"}"#.to_string())),
+            }
+        };
         let mut stream = stream;
         let _ = write!(
             stream,
@@ -126,15 +166,10 @@ fn a_hold_of_a_running_build_is_kept_and_the_token_is_sent() {
     assert_eq!(reply.status, 200, "{}", reply.body);
     wait_for_checks(&fake, fake.requests(), 3);
     assert_eq!(server.locks()["env"]["key"], "k");
-    assert!(
-        fake.authorization
-            .lock()
-            .expect("auth")
-            .iter()
-            .all(|a| a == "bearer test-token"),
-        "{:?}",
-        fake.authorization.lock().expect("auth")
-    );
+    let sent = fake.authorization.lock().expect("auth").clone();
+    // Not empty: `all` of nothing would pass with no token ever sent.
+    assert!(sent.len() >= 3, "{sent:?}");
+    assert!(sent.iter().all(|a| a == "bearer test-token"), "{sent:?}");
     assert!(!server.log().contains("test-token"), "the token was logged");
 }
 
@@ -176,6 +211,9 @@ fn an_unreachable_or_failing_api_releases_nothing() {
         json!({"key": "k", "info": build_info(), "release_when_build_ends": true}),
     );
     wait_for_checks(&fake, fake.requests(), 2);
+    // The server asked, was refused, and said so: the check ran and released nothing.
+    server.wait_for_log("reclaim check failed (nothing released)", 2);
+    assert!(server.log().contains("500"), "{}", server.log());
     assert_eq!(server.locks()["env"]["key"], "k");
 
     // Nothing listening at all.
@@ -187,8 +225,70 @@ fn an_unreachable_or_failing_api_releases_nothing() {
         "env",
         json!({"key": "k", "info": build_info(), "release_when_build_ends": true}),
     );
-    std::thread::sleep(Duration::from_millis(800));
+    server.wait_for_log("reclaim check failed (nothing released)", 2);
     assert_eq!(server.locks()["env"]["key"], "k");
+    let metrics = call("GET", &server.url("/metrics"), None).body;
+    assert!(
+        !metrics.contains("outcome=\"reclaimed\""),
+        "something was reclaimed: {metrics}"
+    );
+}
+
+#[test]
+fn a_local_user_signs_in_at_the_token_endpoint_and_again_when_the_token_expires() {
+    let (fake, url) = FakeConcourse::start();
+    fake.set(BUILD_PATH, 200, "started");
+    *fake.require_token.lock().expect("token") = Some("token-1".into());
+    let server = common::server()
+        .env("LOCKER_CONCOURSE_URL", &url)
+        .env("LOCKER_CONCOURSE_USER", "reclaimer")
+        .env("LOCKER_CONCOURSE_PASSWORD", "s3cret pass")
+        .env("LOCKER_RECLAIM_INTERVAL", "200ms")
+        .start();
+    let reply = server.lock(
+        "env",
+        json!({"key": "k", "info": build_info(), "release_when_build_ends": true}),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    wait_for_checks(&fake, fake.requests(), 3);
+
+    // One sign-in, as fly does it: its public client (basic fly:Zmx5) and a password grant.
+    let sign_ins = fake.sign_ins.lock().expect("sign-ins").clone();
+    assert_eq!(sign_ins.len(), 1, "{sign_ins:?}");
+    let (authorization, form) = &sign_ins[0];
+    assert_eq!(authorization, "basic Zmx5OlpteDU=", "fly:Zmx5");
+    for field in [
+        "grant_type=password",
+        "username=reclaimer",
+        "password=s3cret+pass",
+    ] {
+        assert!(form.split('&').any(|f| f == field), "{field} in {form}");
+    }
+    // Then every build request carries the token it was given.
+    let sent = fake.authorization.lock().expect("auth").clone();
+    assert!(!sent.is_empty());
+    assert!(sent.iter().all(|a| a == "bearer token-1"), "{sent:?}");
+    assert_eq!(server.locks()["env"]["key"], "k");
+
+    // The token expires: a 401, a second sign-in, and the build answers again.
+    *fake.require_token.lock().expect("token") = Some("token-2".into());
+    fake.set(BUILD_PATH, 200, "aborted");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.locks().get("env").is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the hold of the aborted build was kept: {:?}\n{}",
+            fake.sign_ins.lock().expect("sign-ins"),
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(fake.sign_ins.lock().expect("sign-ins").len(), 2);
+    let sent = fake.authorization.lock().expect("auth").clone();
+    assert_eq!(sent.last().map(String::as_str), Some("bearer token-2"));
+    let log = server.log();
+    assert!(!log.contains("s3cret"), "the password was logged: {log}");
+    assert!(!log.contains("token-1"), "a token was logged: {log}");
 }
 
 #[test]
@@ -210,7 +310,11 @@ fn holds_that_did_not_opt_in_are_untouched() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    std::thread::sleep(Duration::from_millis(500));
+    // Every round that released "by-id" also listed "plain" (taken first), and never asked
+    // about its build.
+    let paths = fake.paths.lock().expect("paths").clone();
+    assert!(paths.iter().any(|p| p == "/api/v1/builds/77"), "{paths:?}");
+    assert!(!paths.iter().any(|p| p == BUILD_PATH), "{paths:?}");
     assert_eq!(server.locks()["plain"]["key"], "k");
 }
 

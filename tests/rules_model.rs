@@ -4,18 +4,50 @@
 //! queue, a slot count) and serves the queue by rescanning from scratch; the rules keep
 //! structured holders. Both see the same random operations; every outcome and the visible
 //! state after every step must agree, and the invariants must hold throughout.
+//!
+//! The operations: acquires (waiting or not, leases, renewals, semaphores of up to 4 slots,
+//! holder info naming a build, release with the build), releases, force releases, cancels and
+//! revokes of waiters, lease expiry, the reclaimer's release of a finished build's hold, and a
+//! restart (the table written as a state file and read back; queued waiters are gone).
+//!
+//! 400 cases by default; `LOCKER_PROPTEST_CASES=N` runs N (e.g. 20000 in a nightly run).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use locker::rules::{
-    Acquire, AcquireOutcome, Effect, Info, LockTable, Op, ReleaseOutcome, WaiterGrant, WaiterId,
+    Acquire, AcquireOutcome, BuildRef, Effect, Info, LockTable, Op, Reclaim, ReleaseOutcome,
+    WaiterGrant, WaiterId,
 };
+use locker::store::state_file;
 use proptest::prelude::*;
 
 const NAMES: [&str; 2] = ["a", "b"];
-const KEYS: [&str; 3] = ["k1", "k2", "k3"];
+const KEYS: [&str; 4] = ["k1", "k2", "k3", "k4"];
 const REQUESTORS: [&str; 2] = ["r1", "r2"];
+/// Builds named by holder info (`build_id`).
+const BUILDS: [&str; 2] = ["b1", "b2"];
+
+/// Cases to run: `LOCKER_PROPTEST_CASES`, else 400.
+fn cases() -> u32 {
+    match std::env::var("LOCKER_PROPTEST_CASES") {
+        Ok(value) => value
+            .parse()
+            .unwrap_or_else(|_| panic!("LOCKER_PROPTEST_CASES={value:?} is not a number")),
+        Err(_) => 400,
+    }
+}
+
+/// Holder info naming build `BUILDS[index]`.
+fn build_info(index: usize) -> Info {
+    let mut info = Info::new();
+    info.insert("build_id".into(), BUILDS[index].into());
+    info
+}
+
+fn build_ref(index: usize) -> BuildRef {
+    BuildRef::from_info(&build_info(index)).expect("names a build")
+}
 
 #[derive(Clone, Debug)]
 enum Step {
@@ -27,6 +59,8 @@ enum Step {
         slots: Option<u32>,
         wait: bool,
         renew: bool,
+        /// Holder info naming `BUILDS[i]`, and whether the hold goes with that build.
+        build: Option<(usize, bool)>,
     },
     Release {
         name: usize,
@@ -48,17 +82,34 @@ enum Step {
     Tick {
         seconds: u64,
     },
+    /// The reclaimer releases a hold of `BUILDS[build]`, as seen at the key's current
+    /// generation (or, `stale`, the one before).
+    Reclaim {
+        name: usize,
+        key: usize,
+        requestor: usize,
+        build: usize,
+        stale: bool,
+    },
+    /// The server restarts: the table is written as a state file and read back.
+    Restart,
 }
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        4 => (0..2usize, 0..3usize, 0..2usize, prop::option::of(1..4u64),
-              prop::option::weighted(0.2, 1..3u32), any::<bool>(), prop::bool::weighted(0.25))
-            .prop_map(|(name, key, requestor, ttl, slots, wait, renew)| Step::Acquire {
-                name, key, requestor, ttl, slots, wait, renew
+        4 => (0..2usize, 0..4usize, 0..2usize, prop::option::of(1..4u64),
+              prop::option::weighted(0.3, 1..5u32), any::<bool>(), prop::bool::weighted(0.25),
+              prop::option::weighted(0.4, (0..2usize, any::<bool>())))
+            .prop_map(|(name, key, requestor, ttl, slots, wait, renew, build)| Step::Acquire {
+                name, key, requestor, ttl, slots, wait, renew, build
             }),
-        3 => (0..2usize, 0..3usize, 0..2usize)
+        3 => (0..2usize, 0..4usize, 0..2usize)
             .prop_map(|(name, key, requestor)| Step::Release { name, key, requestor }),
+        1 => (0..2usize, 0..4usize, 0..2usize, 0..2usize, prop::bool::weighted(0.2))
+            .prop_map(|(name, key, requestor, build, stale)| Step::Reclaim {
+                name, key, requestor, build, stale
+            }),
+        1 => Just(Step::Restart),
         1 => (0..2usize).prop_map(|name| Step::Force { name }),
         1 => (0..8usize).prop_map(|nth| Step::Cancel { nth }),
         1 => (0..8usize).prop_map(|nth| Step::Revoke { nth }),
@@ -73,6 +124,8 @@ struct Hold {
     requestor: String,
     count: u64,
     expires: Option<SystemTime>,
+    /// Released with this build (index into `BUILDS`).
+    build: Option<usize>,
 }
 
 #[derive(Clone, Debug)]
@@ -82,6 +135,8 @@ struct Queued {
     requestor: String,
     ttl: Option<u64>,
     renew: bool,
+    info: Option<usize>,
+    with_build: bool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -89,6 +144,8 @@ struct ModelLock {
     slots: u32,
     holds: Vec<Hold>,
     generations: BTreeMap<String, u64>,
+    /// Holder info per key: the build it names, if any.
+    infos: BTreeMap<String, usize>,
     queue: Vec<Queued>,
 }
 
@@ -122,6 +179,7 @@ struct Model {
 }
 
 impl Model {
+    #[allow(clippy::too_many_arguments)]
     fn grant(
         &mut self,
         name: &str,
@@ -129,6 +187,8 @@ impl Model {
         requestor: &str,
         ttl: Option<u64>,
         renew: bool,
+        info: Option<usize>,
+        with_build: bool,
         now: SystemTime,
     ) -> (u64, u64) {
         let next = &mut self.next_generation;
@@ -137,8 +197,14 @@ impl Model {
             // A new holding: drop the old generation of this key (its holding ended).
             lock.generations.insert(key.to_string(), *next);
             *next += 1;
-            // Keep generations in the order holdings started.
+            // Keep generations in the order holdings started. A new holding has no info.
+            lock.infos.remove(key);
         }
+        // Info, when given, replaces the holding's; the build goes with every grant.
+        if let Some(info) = info {
+            lock.infos.insert(key.to_string(), info);
+        }
+        let build = info.filter(|_| with_build);
         let expires = ttl.map(|s| now + Duration::from_secs(s));
         let count = match lock
             .holds
@@ -151,6 +217,7 @@ impl Model {
                     hold.count += 1;
                 }
                 hold.expires = expires;
+                hold.build = build;
                 hold.count
             }
             None => {
@@ -159,6 +226,7 @@ impl Model {
                     requestor: requestor.into(),
                     count: 1,
                     expires,
+                    build,
                 });
                 1
             }
@@ -182,6 +250,8 @@ impl Model {
                 &front.requestor,
                 front.ttl,
                 front.renew,
+                front.info,
+                front.with_build,
                 now,
             );
             grants.push((front.id, generation));
@@ -197,8 +267,11 @@ impl Model {
     }
 }
 
-/// Per lock: holders as (key, generation, counts) sorted by key, and the queue length.
-type Visible = BTreeMap<String, (Vec<(String, u64, BTreeMap<String, u64>)>, usize)>;
+/// Requestor → (count, the build its hold goes with).
+type Counts = BTreeMap<String, (u64, Option<String>)>;
+/// Per lock: slots, holders as (key, generation, counts, the build the info names) sorted by
+/// key, and the queue length.
+type Visible = BTreeMap<String, (u32, Vec<(String, u64, Counts, Option<String>)>, usize)>;
 
 /// Conflict messages name the holders' keys; their order is not part of the contract.
 fn sorted(mut keys: Vec<String>) -> Vec<String> {
@@ -227,10 +300,21 @@ fn visible(table: &LockTable) -> Visible {
             let mut holders: Vec<_> = lock
                 .holders
                 .iter()
-                .map(|h| (h.key.clone(), h.generation, h.counts()))
+                .map(|h| {
+                    let counts = h
+                        .requestors
+                        .iter()
+                        .map(|(requestor, hold)| {
+                            let build = hold.release_with_build.as_ref().and_then(|b| b.id.clone());
+                            (requestor.clone(), (hold.count, build))
+                        })
+                        .collect();
+                    let info = BuildRef::from_info(&h.info).and_then(|b| b.id);
+                    (h.key.clone(), h.generation, counts, info)
+                })
                 .collect();
             holders.sort();
-            (name.clone(), (holders, lock.waiters()))
+            (name.clone(), (lock.slots, holders, lock.waiters()))
         })
         .collect()
 }
@@ -248,14 +332,18 @@ fn visible_model(model: &Model) -> Visible {
                         .holds
                         .iter()
                         .filter(|h| h.key == key)
-                        .map(|h| (h.requestor.clone(), h.count))
+                        .map(|h| {
+                            let build = h.build.map(|b| BUILDS[b].to_string());
+                            (h.requestor.clone(), (h.count, build))
+                        })
                         .collect();
                     let generation = lock.generations[&key];
-                    (key, generation, counts)
+                    let info = lock.infos.get(&key).map(|b| BUILDS[*b].to_string());
+                    (key, generation, counts, info)
                 })
                 .collect();
             holders.sort();
-            (name.clone(), (holders, lock.queue.len()))
+            (name.clone(), (lock.slots, holders, lock.queue.len()))
         })
         .collect()
 }
@@ -297,10 +385,10 @@ fn check_invariants(table: &LockTable) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
 
     #[test]
-    fn rules_agree_with_the_model(steps in prop::collection::vec(step(), 1..60)) {
+    fn rules_agree_with_the_model(steps in prop::collection::vec(step(), 1..80)) {
         let mut table = LockTable::default();
         let mut model = Model { next_generation: 1, ..Model::default() };
         let mut clock = 0u64;
@@ -311,7 +399,9 @@ proptest! {
         for step in steps {
             let now = at(clock);
             let (op, expected) = match step {
-                Step::Acquire { name, key, requestor, ttl, slots, wait, renew } => {
+                Step::Acquire { name, key, requestor, ttl, slots, wait, renew, build } => {
+                    let info = build.map(|(b, _)| b);
+                    let with_build = build.is_some_and(|(_, w)| w);
                     let (name, key, requestor) = (NAMES[name], KEYS[key], REQUESTORS[requestor]);
                     let waiter = wait.then(|| { next_id += 1; next_id });
                     let lock = model.locks.entry(name.to_string()).or_insert_with(|| ModelLock {
@@ -320,10 +410,13 @@ proptest! {
                     let expected = if slots.is_some_and(|s| s != lock.slots) {
                         format!("mismatch {}", lock.slots)
                     } else if lock.holds_already(key, requestor) || (lock.queue.is_empty() && lock.fits(key)) {
-                        let (generation, count) = model.grant(name, key, requestor, ttl, renew, now);
+                        let (generation, count) =
+                            model.grant(name, key, requestor, ttl, renew, info, with_build, now);
                         format!("granted {generation} {count}")
                     } else if let Some(id) = waiter {
-                        lock.queue.push(Queued { id, key: key.into(), requestor: requestor.into(), ttl, renew });
+                        lock.queue.push(Queued {
+                            id, key: key.into(), requestor: requestor.into(), ttl, renew, info, with_build,
+                        });
                         queued.push((name.to_string(), id));
                         "queued".to_string()
                     } else {
@@ -334,7 +427,10 @@ proptest! {
                     }
                     let request = Acquire {
                         key: key.into(), requestor: requestor.into(),
-                        ttl: ttl.map(Duration::from_secs), info: Info::new(), slots, release_with_build: None,
+                        ttl: ttl.map(Duration::from_secs),
+                        info: info.map(build_info).unwrap_or_default(),
+                        slots,
+                        release_with_build: info.filter(|_| with_build).map(|b| Box::new(build_ref(b))),
                         renew,
                     };
                     (Op::Acquire { name: name.into(), request, waiter }, expected)
@@ -391,6 +487,42 @@ proptest! {
                         _ => "not revoked".to_string(),
                     };
                     (Op::Revoke(grant), expected)
+                }
+                Step::Reclaim { name, key, requestor, build, stale } => {
+                    let (name, key, requestor) = (NAMES[name], KEYS[key], REQUESTORS[requestor]);
+                    let current = model.locks.get(name).and_then(|l| l.generations.get(key).copied());
+                    let generation = current.unwrap_or(1).saturating_sub(u64::from(stale));
+                    let expected = match model.locks.get_mut(name) {
+                        Some(lock) if lock.keys().iter().any(|k| k == key)
+                            && Some(generation) == current
+                            && lock.holds.iter().any(|h| h.key == key && h.requestor == requestor && h.build == Some(build)) =>
+                        {
+                            lock.holds.retain(|h| !(h.key == key && h.requestor == requestor));
+                            let grants = model.serve(name, now);
+                            format!("released true {grants:?}")
+                        }
+                        _ => "not held".to_string(),
+                    };
+                    let hold = Reclaim {
+                        name: name.into(), key: key.into(), requestor: requestor.into(),
+                        generation, build: build_ref(build),
+                    };
+                    (Op::Reclaim(hold), expected)
+                }
+                Step::Restart => {
+                    let text = state_file::encode(&table).expect("encode");
+                    let text = String::from_utf8(text).expect("UTF-8");
+                    let restored = state_file::decode(&text, now).expect("decode");
+                    prop_assert_eq!(restored.next_generation(), table.next_generation());
+                    table = restored;
+                    // Queued requests died with the server.
+                    for lock in model.locks.values_mut() {
+                        lock.queue.clear();
+                    }
+                    model.locks.retain(|_, lock| !lock.holds.is_empty());
+                    prop_assert_eq!(visible(&table), visible_model(&model), "after a restart");
+                    check_invariants(&table);
+                    continue;
                 }
                 Step::Tick { seconds } => {
                     clock += seconds;

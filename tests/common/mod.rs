@@ -113,6 +113,11 @@ impl ServerBuilder {
         self
     }
 
+    pub fn args<S: Into<String>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
     pub fn auth(self, user: &str, password: &str) -> Self {
         self.env("AUTH_USER", user).env("AUTH_PASS", password)
     }
@@ -203,7 +208,15 @@ impl ServerBuilder {
                     log.lock().expect("log").join("\n")
                 );
             }
-            assert!(Instant::now() < deadline, "server did not start in time");
+            if Instant::now() >= deadline {
+                // Not left running after the test.
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "server did not start in time:\n{}",
+                    log.lock().expect("log").join("\n")
+                );
+            }
         };
         Server {
             child: Some(child),
@@ -330,6 +343,44 @@ impl Server {
     /// Everything the server logged so far.
     pub fn log(&self) -> String {
         self.log.lock().expect("log").join("\n")
+    }
+
+    /// How many lines of the server's log so far contain `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .expect("log")
+            .iter()
+            .filter(|line| line.contains(needle))
+            .count()
+    }
+
+    /// Waits (up to 20 s, generous for a loaded machine) until at least `count` lines of the
+    /// server's log contain `needle`: the event itself, not a sleep that hopes it happened.
+    pub fn wait_for_log(&self, needle: &str, count: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.log_count(needle) < count {
+            assert!(
+                Instant::now() < deadline,
+                "the server never logged {needle:?} {count} time(s):\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits (up to 20 s) until `GET /metrics` has a line equal to `line` (e.g.
+    /// `locker_waiters 1`): a state the server reports, rather than a sleep.
+    pub fn wait_for_metric(&self, line: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let metrics = call("GET", &self.url("/metrics"), None).body;
+            if metrics.lines().any(|l| l == line) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "never saw {line:?}:\n{metrics}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Sends a signal (e.g. `libc::SIGTERM`) to the server.
