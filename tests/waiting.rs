@@ -411,26 +411,6 @@ fn a_waiting_acquire_of_a_free_lock_takes_no_waiter_slot() {
     assert!(reply.error().contains("too many"), "{}", reply.body);
 }
 
-/// The value of one unlabelled sample of `/metrics`, 0 when absent.
-fn metric(server: &Server, name: &str) -> f64 {
-    let reply = call("GET", &server.url("/metrics"), None);
-    assert_eq!(reply.status, 200, "{}", reply.body);
-    reply
-        .body
-        .lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
-}
-
-/// Polls `/metrics` until `name` reads `value` (10 s at most).
-fn wait_for_metric(server: &Server, name: &str, value: f64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(server, name) != value {
-        assert!(Instant::now() < deadline, "{name} never reached {value}");
-        thread::sleep(Duration::from_millis(10));
-    }
-}
-
 #[test]
 fn wait_free_requests_count_against_the_waiter_limit() {
     let server = common::server().env("LOCKER_MAX_WAITERS", "1").start();
@@ -438,7 +418,7 @@ fn wait_free_requests_count_against_the_waiter_limit() {
     server.lock("other", json!({"key": "holder"}));
     let url = server.url("/lock/busy?wait_free=30s");
     let poller = thread::spawn(move || call("GET", &url, None));
-    wait_for_metric(&server, "locker_waiting_requests", 1.0);
+    server.wait_for_metric("locker_waiting_requests 1");
     // The one slot is the poller's: neither another wait_free nor a waiting acquire gets in.
     let refused = call("GET", &server.url("/lock/other?wait_free=10s"), None);
     assert_eq!(refused.status, 503, "{}", refused.body);
@@ -456,7 +436,7 @@ fn wait_free_requests_count_against_the_waiter_limit() {
     server.unlock("busy", json!({"key": "holder"}));
     let reply = poller.join().expect("poller");
     assert_eq!(reply.json()["free"], json!(true), "{}", reply.body);
-    wait_for_metric(&server, "locker_waiting_requests", 0.0);
+    server.wait_for_metric("locker_waiting_requests 0");
 }
 
 #[test]
@@ -465,16 +445,16 @@ fn a_wait_free_is_woken_only_by_changes_to_its_own_lock() {
     server.lock("a", json!({"key": "holder"}));
     let url = server.url("/lock/a?wait_free=30s");
     let poller = thread::spawn(move || call("GET", &url, None));
-    wait_for_metric(&server, "locker_waiting_requests", 1.0);
+    server.wait_for_metric("locker_waiting_requests 1");
     for _ in 0..20 {
         assert_eq!(server.lock("b", json!({"key": "k"})).status, 200);
         assert_eq!(server.unlock("b", json!({"key": "k"})).status, 200);
     }
-    assert_eq!(metric(&server, "locker_wait_free_wakeups_total"), 0.0);
+    assert_eq!(server.metric("locker_wait_free_wakeups_total"), 0.0);
     server.unlock("a", json!({"key": "holder"}));
     let reply = poller.join().expect("poller");
     assert_eq!(reply.json()["free"], json!(true), "{}", reply.body);
-    assert_eq!(metric(&server, "locker_wait_free_wakeups_total"), 1.0);
+    assert_eq!(server.metric("locker_wait_free_wakeups_total"), 1.0);
 }
 
 #[test]
