@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use percent_encoding::{AsciiSet, NON_ALPHANUMERIC};
+use locker_client::{lock_path, wire_duration};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use url::Url;
@@ -13,10 +13,6 @@ use url::Url;
 use crate::lock::{Holding, short_duration};
 use crate::log;
 use crate::models::Source;
-
-/// Characters left as they are in a URL path segment. `.` is encoded too: `%2E` keeps a name
-/// from being read as part of a path.
-pub const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'~');
 
 /// Environment variable that sets the first retry delay (tests shrink it).
 pub const RETRY_BASE_VARIABLE: &str = "LOCKER_RESOURCE_RETRY_BASE";
@@ -58,7 +54,7 @@ impl RetryPolicy {
     pub fn from_env() -> Self {
         let first = std::env::var(RETRY_BASE_VARIABLE)
             .ok()
-            .and_then(|text| crate::models::parse_duration(&text).ok())
+            .and_then(|text| locker_client::parse_duration(&text).ok())
             .unwrap_or(Duration::from_millis(500));
         RetryPolicy {
             first,
@@ -331,23 +327,6 @@ impl Client {
     }
 }
 
-/// `/lock/{name}` with the name percent-encoded.
-pub fn lock_path(name: &str) -> String {
-    format!(
-        "/lock/{}",
-        percent_encoding::utf8_percent_encode(name, PATH_SEGMENT)
-    )
-}
-
-/// A duration as the server reads it: whole seconds when exact, else milliseconds.
-pub fn wire_duration(duration: Duration) -> String {
-    if duration.subsec_nanos() == 0 {
-        format!("{}s", duration.as_secs())
-    } else {
-        format!("{}ms", duration.as_millis().max(1))
-    }
-}
-
 /// A transport error with its causes ("error sending request: connection refused").
 fn describe(error: &reqwest::Error) -> String {
     let mut text = if error.is_timeout() {
@@ -375,21 +354,6 @@ pub fn since(started: Instant) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names_are_percent_encoded() {
-        assert_eq!(lock_path("prod-env_1"), "/lock/prod-env_1");
-        assert_eq!(lock_path("a/b c"), "/lock/a%2Fb%20c");
-        assert_eq!(lock_path("my.director"), "/lock/my%2Edirector");
-        assert_eq!(lock_path("é"), "/lock/%C3%A9");
-    }
-
-    #[test]
-    fn wire_durations() {
-        assert_eq!(wire_duration(Duration::from_secs(60)), "60s");
-        assert_eq!(wire_duration(Duration::from_millis(1500)), "1500ms");
-        assert_eq!(wire_duration(Duration::from_nanos(10)), "1ms");
-    }
 
     #[test]
     fn backoff_doubles_up_to_its_cap() {

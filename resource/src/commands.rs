@@ -259,7 +259,7 @@ fn request_body(params: &OutParams, build: Option<&BuildEnv>) -> Value {
         }
     }
     if let Some(ttl) = params.ttl {
-        body.insert("ttl".into(), json!(crate::client::wire_duration(ttl)));
+        body.insert("ttl".into(), json!(locker_client::wire_duration(ttl)));
     }
     if build.is_some() {
         if let Some(slots) = params.slots {

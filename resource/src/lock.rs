@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
+use locker_client::limits::{MAX_INFO_BYTES, MAX_INFO_ENTRIES, info_bytes, truncate};
 use serde_json::{Map, Value};
 use sha1::{Digest, Sha1};
 
@@ -247,9 +248,8 @@ impl BuildEnv {
         if let Some(url) = self.build_url() {
             entries.push(("build_url", url));
         }
-        let size = |entries: &[(&str, String)]| -> usize {
-            entries.iter().map(|(k, v)| k.len() + v.len()).sum()
-        };
+        let size =
+            |entries: &[(&str, String)]| info_bytes(entries.iter().map(|(k, v)| (*k, v.as_str())));
         // The URL repeats the others; drop it, then the ATC URL, before cutting values.
         for droppable in ["build_url", "atc_url"] {
             if size(&entries) > MAX_INFO_BYTES {
@@ -269,21 +269,8 @@ impl BuildEnv {
     }
 }
 
-/// The server's limits on holder info.
-pub const MAX_INFO_ENTRIES: usize = 16;
-pub const MAX_INFO_BYTES: usize = 1024;
 /// With six fields left, 150 bytes each keeps the whole under [`MAX_INFO_BYTES`].
 const MAX_INFO_VALUE: usize = 150;
-
-fn truncate(text: &mut String, max: usize) {
-    if text.len() > max {
-        let mut end = max;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-    }
-}
 
 /// Percent-encodes one segment of a Concourse URL (RFC 3986 unreserved characters stay).
 fn segment(text: &str) -> String {

@@ -4,15 +4,11 @@
 
 use std::time::Duration;
 
-use percent_encoding::{AsciiSet, NON_ALPHANUMERIC};
+use locker_client::{lock_path, wire_duration};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
 use super::{ConnectionArgs, Failure, exit};
-
-/// Characters left as they are in a URL path segment (`.` is encoded so that `.` and `..` stay
-/// names).
-const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'~');
 
 /// An answer worth interpreting.
 #[derive(Debug)]
@@ -227,23 +223,6 @@ impl Connection {
     }
 }
 
-/// `/lock/{name}` with the name percent-encoded.
-pub fn lock_path(name: &str) -> String {
-    format!(
-        "/lock/{}",
-        percent_encoding::utf8_percent_encode(name, PATH_SEGMENT)
-    )
-}
-
-/// A duration as the server reads it: whole seconds when exact, else milliseconds.
-pub fn wire_duration(duration: Duration) -> String {
-    if duration.subsec_nanos() == 0 {
-        format!("{}s", duration.as_secs())
-    } else {
-        format!("{}ms", duration.as_millis().max(1))
-    }
-}
-
 /// Where the README shows how to make a certificate that works.
 const CERTIFICATE_RECIPE: &str =
     "README, Recipes: \"HTTPS with a certificate of your own\" has the openssl commands";
@@ -332,12 +311,5 @@ mod tests {
             certificate_hint("invalid peer certificate: NotValidForName", base).expect("hint");
         assert!(name.contains("locker.example.com"), "{name}");
         assert_eq!(certificate_hint("Connection refused", base), None);
-    }
-
-    #[test]
-    fn paths_and_durations() {
-        assert_eq!(lock_path("a/b c.d"), "/lock/a%2Fb%20c%2Ed");
-        assert_eq!(wire_duration(Duration::from_secs(60)), "60s");
-        assert_eq!(wire_duration(Duration::from_millis(1500)), "1500ms");
     }
 }

@@ -94,12 +94,7 @@ fn command_line(args: &LockArgs) -> String {
 /// Holder info: who runs what, within the server's limits.
 fn info(args: &LockArgs, id: &str) -> BTreeMap<String, String> {
     let mut command = command_line(args);
-    if command.len() > 300 {
-        let mut end = 300;
-        while !command.is_char_boundary(end) {
-            end -= 1;
-        }
-        command.truncate(end);
+    if locker_client::limits::truncate(&mut command, 300) {
         command.push('…');
     }
     let mut info = BTreeMap::new();
@@ -119,7 +114,7 @@ pub async fn run(connection: Connection, args: LockArgs) -> Result<u8, Failure> 
     let requestor = args.requestor.clone().unwrap_or_else(|| id.clone());
     let mut body = json!({"key": key, "requestor": requestor, "info": info(&args, &id)});
     if !args.ttl.is_zero() {
-        body["ttl"] = json!(super::http::wire_duration(args.ttl));
+        body["ttl"] = json!(locker_client::wire_duration(args.ttl));
     }
     if let Some(slots) = args.slots {
         body["slots"] = json!(slots);
