@@ -47,6 +47,11 @@ pub fn wire_duration(duration: Duration) -> String {
     }
 }
 
+/// `1h 2m 3s`, rounded down to whole seconds, for log lines.
+pub fn short_duration(duration: Duration) -> String {
+    humantime::format_duration(Duration::from_secs(duration.as_secs())).to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

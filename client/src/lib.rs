@@ -9,10 +9,19 @@
 //! - [`path`]: `/lock/{name}` with the name percent-encoded.
 //! - [`limits`]: what the server accepts (name, key, holder info, slots), so clients fit
 //!   within it before they send.
+//! - [`http`]: the [`Client`]: basic auth, CA certificates, per-request deadlines, retries of
+//!   what can heal; every answer worth interpreting comes back as a [`Reply`].
+//! - [`error`]: typed failures ([`Error`], [`SetupError`]); the front ends add their advice.
 
 pub mod duration;
+pub mod error;
+pub mod http;
 pub mod limits;
 pub mod path;
+
+pub use error::{Error, SetupError};
+pub use http::{Client, Reply, RetryPolicy, Settings};
+pub use reqwest::{StatusCode, Url};
 
 pub use duration::{DurationError, MAX_DURATION, parse_duration, wire_duration};
 pub use path::lock_path;

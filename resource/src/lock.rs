@@ -2,8 +2,9 @@
 //! the version of a state, how to describe a holder, and the holder info sent with a lock.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
+pub use locker_client::duration::short_duration;
 use locker_client::limits::{MAX_INFO_BYTES, MAX_INFO_ENTRIES, info_bytes, truncate};
 use serde_json::{Map, Value};
 use sha1::{Digest, Sha1};
@@ -280,11 +281,6 @@ fn segment(text: &str) -> String {
         .remove(b'_')
         .remove(b'~');
     percent_encoding::utf8_percent_encode(text, UNRESERVED).to_string()
-}
-
-/// `1h 2m 3s`, rounded to whole seconds.
-pub fn short_duration(duration: Duration) -> String {
-    humantime::format_duration(Duration::from_secs(duration.as_secs())).to_string()
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
-use super::http::Connection;
+use super::http::{Connection, refused};
 use super::show::{POLL, describe_holder};
 use super::{Failure, LockArgs, exit};
 
@@ -216,11 +216,12 @@ async fn acquire(
             }
             StatusCode::LOCKED => {}
             StatusCode::CONFLICT => {
-                return Err(reply.refused(&format!(
-                    "cannot lock {name:?} (--slots must match the lock's)"
-                )));
+                return Err(refused(
+                    &reply,
+                    &format!("cannot lock {name:?} (--slots must match the lock's)"),
+                ));
             }
-            _ => return Err(reply.refused(&format!("cannot lock {name:?}"))),
+            _ => return Err(refused(&reply, &format!("cannot lock {name:?}"))),
         }
         let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         if remaining == Some(Duration::ZERO) {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use super::http::Connection;
+use super::http::{Connection, refused};
 use super::{Failure, WaitLimit, exit};
 
 /// Longest single long-poll asked of the server (it clamps longer ones anyway).
@@ -196,7 +196,7 @@ pub async fn status(connection: &Connection, name: &str, as_json: bool) -> Resul
     let status = match reply.status {
         StatusCode::OK => reply.body,
         StatusCode::NOT_FOUND => json!({"name": name, "free": true}),
-        _ => return Err(reply.refused(&format!("cannot read lock {name:?}"))),
+        _ => return Err(refused(&reply, &format!("cannot read lock {name:?}"))),
     };
     if as_json {
         out!("{}", pretty(&status))?;
@@ -261,7 +261,7 @@ pub async fn release(
         .release(name, &Value::Object(body), force)
         .await?;
     if reply.status != StatusCode::OK {
-        return Err(reply.refused(&format!("cannot release lock {name:?}")));
+        return Err(refused(&reply, &format!("cannot release lock {name:?}")));
     }
     if as_json {
         out!("{}", pretty(&reply.body))?;
@@ -296,7 +296,7 @@ pub async fn wait_free(
         let poll = Instant::now();
         let reply = connection.status(name, Some(asked)).await?;
         if !matches!(reply.status, StatusCode::OK | StatusCode::NOT_FOUND) {
-            return Err(reply.refused(&format!("cannot read lock {name:?}")));
+            return Err(refused(&reply, &format!("cannot read lock {name:?}")));
         }
         let free = free_of(&reply);
         // No `free` field: the server answered the plain status (held) without waiting.
