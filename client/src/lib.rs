@@ -11,6 +11,8 @@
 //!   within it before they send.
 //! - [`http`]: the [`Client`]: basic auth, CA certificates, per-request deadlines, retries of
 //!   what can heal; every answer worth interpreting comes back as a [`Reply`].
+//! - [`wire`]: the request and response bodies as types ([`wire::LockStatus`], ...), which
+//!   the server's views serialize and the clients read.
 //! - [`error`]: typed failures ([`Error`], [`SetupError`]); the front ends add their advice.
 
 pub mod duration;
@@ -18,6 +20,7 @@ pub mod error;
 pub mod http;
 pub mod limits;
 pub mod path;
+pub mod wire;
 
 pub use error::{Error, SetupError};
 pub use http::{Client, Reply, RetryPolicy, Settings};

@@ -15,6 +15,7 @@ use crate::models::{
     CheckRequest, ConfigError, InRequest, LockOp, LockTarget, MetadataField, OutParams, OutRequest,
     Source, VersionResponse, check_lock_name, parse_in_params,
 };
+use locker_client::wire::Holder;
 
 /// What `out` is doing, for the clean-up when a signal stops it: whether an acquire request is
 /// in flight or was granted, and how to release it.
@@ -191,7 +192,11 @@ pub async fn fetch(input: &str, directory: &Path, retry: RetryPolicy) -> Result<
         Some(h) => {
             let mut status = h.raw.clone();
             status.insert("name".into(), json!(name));
-            (h.key.clone(), json!(h.locked_by), Value::Object(status))
+            (
+                h.holder.key.clone(),
+                json!(h.holder.locked_by),
+                Value::Object(status),
+            )
         }
         None => (String::new(), json!({}), Value::Object(Map::new())),
     };
@@ -502,13 +507,11 @@ fn own_holding(params: &OutParams, requestor: &str, generation: &str) -> Holding
     }
     // The entry above is always a held lock.
     Holding::from_entry(&entry).unwrap_or(Holding {
-        key: params.key.clone(),
-        locked_by: [(requestor.to_string(), 1)].into(),
-        generation: None,
-        acquired_at: None,
-        expires_at: None,
-        waiters: None,
-        info: Default::default(),
+        holder: Holder {
+            key: params.key.clone(),
+            locked_by: [(requestor.to_string(), 1)].into(),
+            ..Holder::default()
+        },
         raw: Map::new(),
     })
 }
@@ -575,7 +578,7 @@ async fn unlock(
             MetadataField::new(
                 "generation",
                 holding
-                    .and_then(|h| h.generation)
+                    .and_then(|h| h.holder.generation)
                     .map(|g| g.to_string())
                     .unwrap_or_default(),
             ),
