@@ -9,6 +9,7 @@
 //! - [`path`]: `/lock/{name}` with the name percent-encoded.
 //! - [`limits`]: what the server accepts (name, key, holder info, slots), so clients fit
 //!   within it before they send.
+//! - [`longpoll`]: poll lengths, telling a server that does not wait, the abort deadline.
 //! - [`http`]: the [`Client`]: basic auth, CA certificates, per-request deadlines, retries of
 //!   what can heal; every answer worth interpreting comes back as a [`Reply`].
 //! - [`wire`]: the request and response bodies as types ([`wire::LockStatus`], ...), which
@@ -19,6 +20,7 @@ pub mod duration;
 pub mod error;
 pub mod http;
 pub mod limits;
+pub mod longpoll;
 pub mod path;
 pub mod wire;
 

@@ -9,13 +9,12 @@ use serde_json::{Value, json};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use super::http::{Connection, refused};
-use super::show::{POLL, describe_holder};
+use super::show::describe_holder;
 use super::{Failure, LockArgs, exit};
+use locker_client::longpoll::{ABORT_DEADLINE, DEFAULT_POLL as POLL, poll_length, server_waited};
 
 /// Shortest pause between renewals, whatever the TTL.
 const MIN_RENEWAL: Duration = Duration::from_millis(200);
-/// Deadline of the release after a signal stopped the wait.
-const ABORT_DEADLINE: Duration = Duration::from_millis(700);
 
 /// The signals `locker lock` handles: while waiting they stop the wait, while the command runs
 /// they are forwarded to it.
@@ -245,13 +244,13 @@ async fn acquire(
         }
         // A server that does not long-poll answers at once: do not hammer it.
         if let Some(asked) = wait
-            && asked_at.elapsed() < (asked / 2).min(Duration::from_secs(1))
+            && !server_waited(asked, asked_at.elapsed(), "")
         {
             let pause = Duration::from_secs(1);
             tokio::time::sleep(remaining.map_or(pause, |r| r.min(pause))).await;
         }
         let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        wait = Some(remaining.map_or(POLL, |r| r.min(POLL)));
+        wait = Some(poll_length(POLL, remaining));
     }
 }
 

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use locker_client::longpoll::{DEFAULT_POLL as POLL, poll_length};
 use locker_client::wire::{Lock, LockMap, LockStatus};
 use reqwest::StatusCode;
 use serde::Deserialize;
@@ -10,9 +11,6 @@ use serde_json::{Value, json};
 
 use super::http::{Connection, refused};
 use super::{Failure, WaitLimit, exit};
-
-/// Longest single long-poll asked of the server (it clamps longer ones anyway).
-pub const POLL: Duration = Duration::from_secs(60);
 
 /// A lock's status as the server sent it, typed; a body that is not one reads as a free lock.
 fn typed(status: &Value) -> LockStatus {
@@ -254,7 +252,7 @@ pub async fn wait_free(
     let mut told = false;
     loop {
         let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        let asked = remaining.map_or(POLL, |r| r.min(POLL));
+        let asked = poll_length(POLL, remaining);
         let poll = Instant::now();
         let reply = connection.status(name, Some(asked)).await?;
         if !matches!(reply.status, StatusCode::OK | StatusCode::NOT_FOUND) {
