@@ -1,5 +1,6 @@
-//! Wall-clock times as RFC 3339 strings (state file and API), and the request duration syntax:
-//! an integer number of seconds, or a number with a unit (`500ms`, `30s`, `5m`, `1h`).
+//! Wall-clock times as RFC 3339 strings (state file and API), and durations in JSON bodies. The
+//! duration syntax itself (an integer number of seconds, or a number with a unit: `500ms`,
+//! `30s`, `5m`, `1h`) is [`locker_client::duration`]'s, re-exported here.
 
 use std::time::{Duration, SystemTime};
 
@@ -46,30 +47,9 @@ pub mod optional {
     }
 }
 
-/// The longest duration accepted anywhere (ten years): larger values are surely mistakes and
-/// would overflow time arithmetic.
-pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-
-/// Parses `30` (seconds), `500ms`, `30s`, `5m`, `1h` or combinations such as `1h 30m`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let duration = if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
-        let seconds: u64 = text
-            .parse()
-            .map_err(|_| format!("duration {text:?} is out of range"))?;
-        Duration::from_secs(seconds)
-    } else {
-        humantime::parse_duration(text).map_err(|e| {
-            format!("bad duration {text:?} ({e}): use seconds or a unit, e.g. 500ms, 30s, 5m, 1h")
-        })?
-    };
-    if duration > MAX_DURATION {
-        return Err(format!(
-            "duration {text:?} is out of range (at most 10 years)"
-        ));
-    }
-    Ok(duration)
-}
+/// The request duration syntax and its ten-year cap live in the client crate, shared with the
+/// CLI and the resource.
+pub use locker_client::duration::{DurationError, MAX_DURATION, parse_duration};
 
 /// A duration given in a JSON body: an integer number of seconds or a string as above.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,9 +67,11 @@ impl<'de> Deserialize<'de> for BodyDuration {
         let parsed = match Raw::deserialize(deserializer)? {
             Raw::Seconds(seconds) => parse_duration(&seconds.to_string()),
             Raw::Text(text) => parse_duration(&text),
-            Raw::Other(value) => Err(format!(
-                "bad duration {value}: use a whole number of seconds or a string such as \"30s\""
-            )),
+            Raw::Other(value) => {
+                return Err(serde::de::Error::custom(format!(
+                    "bad duration {value}: use a whole number of seconds or a string such as \"30s\""
+                )));
+            }
         };
         parsed.map(BodyDuration).map_err(serde::de::Error::custom)
     }
@@ -98,41 +80,6 @@ impl<'de> Deserialize<'de> for BodyDuration {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_the_documented_forms() {
-        let cases = [
-            ("30", 30_000),
-            ("0", 0),
-            ("500ms", 500),
-            ("30s", 30_000),
-            ("5m", 300_000),
-            ("1h", 3_600_000),
-            ("1h 30m", 5_400_000),
-        ];
-        for (text, millis) in cases {
-            assert_eq!(
-                parse_duration(text),
-                Ok(Duration::from_millis(millis)),
-                "{text}"
-            );
-        }
-    }
-
-    #[test]
-    fn rejects_garbage_negative_and_huge() {
-        for text in [
-            "",
-            "abc",
-            "-5",
-            "5 parsecs",
-            "1.5",
-            "99999999999999999999999",
-            "100000000h",
-        ] {
-            assert!(parse_duration(text).is_err(), "{text} should be refused");
-        }
-    }
 
     #[test]
     fn body_durations_take_numbers_and_strings_only() {

@@ -15,6 +15,8 @@ use crate::models::{
     CheckRequest, ConfigError, InRequest, LockOp, LockTarget, MetadataField, OutParams, OutRequest,
     Source, VersionResponse, check_lock_name, parse_in_params,
 };
+use locker_client::longpoll::{ABORT_DEADLINE, poll_length, server_waited};
+use locker_client::wire::Holder;
 
 /// What `out` is doing, for the clean-up when a signal stops it: whether an acquire request is
 /// in flight or was granted, and how to release it.
@@ -29,10 +31,6 @@ struct Pending {
     body: Value,
     granted: bool,
 }
-
-/// Longest the clean-up after a signal may take: Concourse kills the step soon after
-/// signalling it, and we promise to exit within a second.
-const ABORT_DEADLINE: Duration = Duration::from_millis(700);
 
 impl Abort {
     fn set(&self, pending: Option<Pending>) {
@@ -191,7 +189,11 @@ pub async fn fetch(input: &str, directory: &Path, retry: RetryPolicy) -> Result<
         Some(h) => {
             let mut status = h.raw.clone();
             status.insert("name".into(), json!(name));
-            (h.key.clone(), json!(h.locked_by), Value::Object(status))
+            (
+                h.holder.key.clone(),
+                json!(h.holder.locked_by),
+                Value::Object(status),
+            )
         }
         None => (String::new(), json!({}), Value::Object(Map::new())),
     };
@@ -259,7 +261,7 @@ fn request_body(params: &OutParams, build: Option<&BuildEnv>) -> Value {
         }
     }
     if let Some(ttl) = params.ttl {
-        body.insert("ttl".into(), json!(crate::client::wire_duration(ttl)));
+        body.insert("ttl".into(), json!(locker_client::wire_duration(ttl)));
     }
     if build.is_some() {
         if let Some(slots) = params.slots {
@@ -270,13 +272,6 @@ fn request_body(params: &OutParams, build: Option<&BuildEnv>) -> Value {
         }
     }
     Value::Object(body)
-}
-
-/// Whether a 423 answer to a request that asked to wait came after a wait. The original locker
-/// ignores `?wait` and answers at once; this server answers after the wait ran out (or at
-/// once with a "timed out" error if it clamps the wait to very little).
-pub fn server_waited(asked: Duration, elapsed: Duration, error: &str) -> bool {
-    elapsed >= (asked / 2).min(Duration::from_secs(1)) || error.contains("timed out")
 }
 
 /// Takes the lock: a first try that does not wait (so the log names the holder at once), then
@@ -489,11 +484,6 @@ async fn wait_until_free(
     }
 }
 
-/// The long-poll to ask for: `wait_poll`, or less when `wait_timeout` runs out sooner.
-fn poll_length(wait_poll: Duration, remaining: Option<Duration>) -> Duration {
-    remaining.map_or(wait_poll, |r| r.min(wait_poll))
-}
-
 /// What we know of the holding we were just granted, when the server cannot tell us.
 fn own_holding(params: &OutParams, requestor: &str, generation: &str) -> Holding {
     let mut entry = json!({"key": params.key, "locked_by": {requestor: 1}});
@@ -502,13 +492,11 @@ fn own_holding(params: &OutParams, requestor: &str, generation: &str) -> Holding
     }
     // The entry above is always a held lock.
     Holding::from_entry(&entry).unwrap_or(Holding {
-        key: params.key.clone(),
-        locked_by: [(requestor.to_string(), 1)].into(),
-        generation: None,
-        acquired_at: None,
-        expires_at: None,
-        waiters: None,
-        info: Default::default(),
+        holder: Holder {
+            key: params.key.clone(),
+            locked_by: [(requestor.to_string(), 1)].into(),
+            ..Holder::default()
+        },
         raw: Map::new(),
     })
 }
@@ -575,7 +563,7 @@ async fn unlock(
             MetadataField::new(
                 "generation",
                 holding
-                    .and_then(|h| h.generation)
+                    .and_then(|h| h.holder.generation)
                     .map(|g| g.to_string())
                     .unwrap_or_default(),
             ),
@@ -586,37 +574,6 @@ async fn unlock(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn detects_a_server_that_does_not_wait() {
-        let s = Duration::from_secs;
-        let ms = Duration::from_millis;
-        let cases = [
-            // asked, took, error, waited?
-            (s(60), ms(5), "lock \"a\" is held under key \"k\"", false),
-            (s(60), s(60), "timed out after 60s", true),
-            (s(60), s(1), "held", true),
-            (ms(200), ms(120), "held", true),
-            (ms(200), ms(20), "held", false),
-            // Clamped by the server to a tiny wait, but it says it waited.
-            (s(60), ms(10), "timed out after 10ms waiting for lock", true),
-        ];
-        for (asked, took, error, expected) in cases {
-            assert_eq!(
-                server_waited(asked, took, error),
-                expected,
-                "{asked:?} {took:?} {error}"
-            );
-        }
-    }
-
-    #[test]
-    fn poll_length_respects_wait_timeout() {
-        let s = Duration::from_secs;
-        assert_eq!(poll_length(s(60), None), s(60));
-        assert_eq!(poll_length(s(60), Some(s(5))), s(5));
-        assert_eq!(poll_length(s(60), Some(s(600))), s(60));
-    }
 
     #[test]
     fn request_bodies() {

@@ -2,8 +2,12 @@
 //! the version of a state, how to describe a holder, and the holder info sent with a lock.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
+pub use locker_client::duration::short_duration;
+use locker_client::limits::{MAX_INFO_BYTES, MAX_INFO_ENTRIES, info_bytes, truncate};
+use locker_client::wire::{Holder, Info};
+use serde::Deserialize;
 use serde_json::{Map, Value};
 use sha1::{Digest, Sha1};
 
@@ -15,15 +19,8 @@ pub const FREE: &str = "free";
 /// A held lock, as `GET /locks` (any server) or `GET /lock/{name}` (this server) describe it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Holding {
-    pub key: String,
-    /// Requestor → count, only requestors with a count above 0.
-    pub locked_by: BTreeMap<String, u64>,
-    /// Fencing token of the holding; absent on the original server.
-    pub generation: Option<u64>,
-    pub acquired_at: Option<String>,
-    pub expires_at: Option<String>,
-    pub waiters: Option<u64>,
-    pub info: BTreeMap<String, String>,
+    /// The (oldest) holding, with only the requestors whose count is above 0.
+    pub holder: Holder,
     /// The server's whole entry, as `in` writes it to `metadata.json`.
     pub raw: Map<String, Value>,
 }
@@ -33,58 +30,22 @@ impl Holding {
     /// locker keeps released locks in its map with an empty key or zero counts.
     pub fn from_entry(entry: &Value) -> Option<Holding> {
         let raw = entry.as_object()?;
-        let key = raw.get("key").and_then(Value::as_str).unwrap_or_default();
-        let locked_by: BTreeMap<String, u64> = raw
-            .get("locked_by")
-            .and_then(Value::as_object)
-            .map(|counts| {
-                counts
-                    .iter()
-                    .filter_map(|(requestor, count)| Some((requestor.clone(), count.as_u64()?)))
-                    .filter(|(_, count)| *count > 0)
-                    .collect()
-            })
-            .unwrap_or_default();
-        if key.is_empty() || locked_by.is_empty() {
+        let mut holder = Holder::<Info>::deserialize(entry).ok()?;
+        if !holder.is_held() {
             return None;
         }
-        let text = |name: &str| raw.get(name).and_then(Value::as_str).map(str::to_string);
+        holder.locked_by.retain(|_, count| *count > 0);
         Some(Holding {
-            key: key.to_string(),
-            locked_by,
-            generation: raw.get("generation").and_then(Value::as_u64),
-            acquired_at: text("acquired_at"),
-            expires_at: text("expires_at"),
-            waiters: raw.get("waiters").and_then(Value::as_u64),
-            info: raw
-                .get("info")
-                .and_then(Value::as_object)
-                .map(|info| {
-                    info.iter()
-                        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
-                        .collect()
-                })
-                .unwrap_or_default(),
+            holder,
             raw: raw.clone(),
         })
     }
 
-    /// The requestors, e.g. `deploy-a (x2), deploy-b`.
-    pub fn requestors(&self) -> String {
-        self.locked_by
-            .iter()
-            .map(|(requestor, count)| match count {
-                1 => requestor.clone(),
-                n => format!("{requestor} (x{n})"),
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-
     /// Who holds the lock, for a log line: key, requestors, since when, which build.
     pub fn describe(&self, now: SystemTime) -> String {
-        let mut text = format!("key {:?} (requestors: {})", self.key, self.requestors());
-        if let Some(since) = &self.acquired_at {
+        let holder = &self.holder;
+        let mut text = format!("key {:?} (requestors: {})", holder.key, holder.requestors());
+        if let Some(since) = &holder.acquired_at {
             text.push_str(&format!(" since {since}"));
             if let Some(held) = humantime::parse_rfc3339_weak(since)
                 .ok()
@@ -93,10 +54,10 @@ impl Holding {
                 text.push_str(&format!(" ({} ago)", short_duration(held)));
             }
         }
-        if let Some(build) = build_description(&self.info) {
+        if let Some(build) = build_description(&holder.info) {
             text.push_str(&format!(", build {build}"));
         }
-        if let Some(expires) = &self.expires_at {
+        if let Some(expires) = &holder.expires_at {
             text.push_str(&format!(", lease until {expires}"));
         }
         text
@@ -128,7 +89,10 @@ fn build_description(info: &BTreeMap<String, String>) -> Option<String> {
 /// locks on the server do not matter. A stable hash (SHA-1, as the original used) keeps
 /// versions identical across releases of the resource.
 pub fn version_of(state: Option<&Holding>) -> Version {
-    let Some(holding) = state else {
+    let Some(Holding {
+        holder: holding, ..
+    }) = state
+    else {
         return Version {
             reference: FREE.to_string(),
         };
@@ -161,7 +125,9 @@ pub fn state_metadata(name: &str, state: Option<&Holding>) -> Vec<MetadataField>
             fields.push(MetadataField::new("locked_by", ""));
             fields.push(MetadataField::new("generation", ""));
         }
-        Some(holding) => {
+        Some(Holding {
+            holder: holding, ..
+        }) => {
             fields.push(MetadataField::new("key", holding.key.clone()));
             fields.push(MetadataField::new("locked_by", holding.requestors()));
             fields.push(MetadataField::new(
@@ -247,9 +213,8 @@ impl BuildEnv {
         if let Some(url) = self.build_url() {
             entries.push(("build_url", url));
         }
-        let size = |entries: &[(&str, String)]| -> usize {
-            entries.iter().map(|(k, v)| k.len() + v.len()).sum()
-        };
+        let size =
+            |entries: &[(&str, String)]| info_bytes(entries.iter().map(|(k, v)| (*k, v.as_str())));
         // The URL repeats the others; drop it, then the ATC URL, before cutting values.
         for droppable in ["build_url", "atc_url"] {
             if size(&entries) > MAX_INFO_BYTES {
@@ -269,21 +234,8 @@ impl BuildEnv {
     }
 }
 
-/// The server's limits on holder info.
-pub const MAX_INFO_ENTRIES: usize = 16;
-pub const MAX_INFO_BYTES: usize = 1024;
 /// With six fields left, 150 bytes each keeps the whole under [`MAX_INFO_BYTES`].
 const MAX_INFO_VALUE: usize = 150;
-
-fn truncate(text: &mut String, max: usize) {
-    if text.len() > max {
-        let mut end = max;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-    }
-}
 
 /// Percent-encodes one segment of a Concourse URL (RFC 3986 unreserved characters stay).
 fn segment(text: &str) -> String {
@@ -293,11 +245,6 @@ fn segment(text: &str) -> String {
         .remove(b'_')
         .remove(b'~');
     percent_encoding::utf8_percent_encode(text, UNRESERVED).to_string()
-}
-
-/// `1h 2m 3s`, rounded to whole seconds.
-pub fn short_duration(duration: Duration) -> String {
-    humantime::format_duration(Duration::from_secs(duration.as_secs())).to_string()
 }
 
 #[cfg(test)]
@@ -326,7 +273,7 @@ mod tests {
             assert_eq!(holding(entry.clone()).is_some(), held, "{entry}");
         }
         let h = holding(json!({"key": "k", "locked_by": {"a": 0, "b": 2}})).unwrap();
-        assert_eq!(h.locked_by, BTreeMap::from([("b".to_string(), 2)]));
+        assert_eq!(h.holder.locked_by, BTreeMap::from([("b".to_string(), 2)]));
     }
 
     #[test]

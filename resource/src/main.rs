@@ -132,7 +132,7 @@ fn run(args: &[String]) -> Result<String, String> {
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
     let environment = lock::BuildEnv::from_process();
-    let retry = client::RetryPolicy::from_env();
+    let retry = client::retry_policy_from_env();
     let abort = commands::Abort::default();
     let response = runtime.block_on(async {
         let mut signals = Signals::new()?;

@@ -9,6 +9,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use locker_client::parse_duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use url::Url;
@@ -432,20 +433,6 @@ fn positive(
     }
 }
 
-/// Parses a duration: an integer number of seconds, or a number with a unit (`500ms`, `30s`,
-/// `5m`, `1h 30m`).
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
-        return text
-            .parse::<u64>()
-            .map(Duration::from_secs)
-            .map_err(|_| format!("{text:?} is out of range"));
-    }
-    humantime::parse_duration(text)
-        .map_err(|e| format!("{text:?} is not a duration ({e}); use e.g. 30, 500ms, 30s, 5m, 1h"))
-}
-
 /// Reads the fields of one JSON object (`source` or `params`), remembering which are known.
 struct Fields<'a> {
     section: &'static str,
@@ -817,14 +804,5 @@ mod tests {
         );
         assert!(parse_in_params(&json!({"lock_op": "lock"})).is_err());
         assert!(parse_in_params(&json!({"wait_timeout": "1m"})).is_err());
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
-        assert!(parse_duration("").is_err());
-        assert!(parse_duration("-1").is_err());
     }
 }

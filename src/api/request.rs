@@ -17,15 +17,8 @@ use crate::timefmt::{BodyDuration, parse_duration};
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
-/// Longest lock name, in bytes.
-pub const MAX_NAME: usize = 255;
-/// Holder info limits: entries, and bytes of all keys and values together.
-pub const MAX_INFO_ENTRIES: usize = 16;
-pub const MAX_INFO_BYTES: usize = 1024;
-/// Most slots a semaphore may have.
-pub const MAX_SLOTS: u32 = 10_000;
-/// Longest key or requestor, in bytes.
-pub const MAX_KEY: usize = 1024;
+/// The limits on names, keys, holder info and slots, shared with the clients.
+pub use locker_client::limits::{MAX_INFO_BYTES, MAX_INFO_ENTRIES, MAX_KEY, MAX_NAME, MAX_SLOTS};
 
 /// The lock name from `/lock/{name}`: percent-decoded, 1 to 255 bytes of UTF-8 without control
 /// or format characters. Decoded from the raw path, so `%2F` is part of a name, never a path separator.
@@ -319,18 +312,8 @@ impl LockBody {
             .flatten()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        if info.len() > MAX_INFO_ENTRIES {
-            return Err(ApiError::BadRequest(format!(
-                "info has {} entries; at most {MAX_INFO_ENTRIES} are allowed",
-                info.len()
-            )));
-        }
-        let bytes: usize = info.iter().map(|(k, v)| k.len() + v.len()).sum();
-        if bytes > MAX_INFO_BYTES {
-            return Err(ApiError::BadRequest(format!(
-                "info is {bytes} bytes; at most {MAX_INFO_BYTES} are allowed"
-            )));
-        }
+        locker_client::limits::check_info(info.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
         Ok(info)
     }
 }

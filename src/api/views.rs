@@ -1,102 +1,75 @@
-//! The JSON shapes of locks in responses. `key` and `locked_by` are the original API's and stay
-//! (they describe the oldest holding); the other fields were added later. `holders` lists every
-//! holding, which differs from the oldest one only for semaphores (`slots` > 1).
+//! The JSON shapes of locks in responses, built from the store's views as the types of
+//! [`locker_client::wire`], which the CLI and the resource read: the server and its clients
+//! cannot disagree. `key` and `locked_by` are the original API's and stay (they describe the
+//! oldest holding); the other fields were added later. `holders` lists every holding, which
+//! differs from the oldest one only for semaphores (`slots` > 1).
 //!
-//! Typed rather than built with `json!`: `info` is always a JSON object (`{}` when empty), which
-//! `LiteMap`'s own serde impl does not promise (an empty one serializes as `[]`).
+//! `info` is always a JSON object (`{}` when empty), which `LiteMap`'s own serde impl does not
+//! promise (an empty one serializes as `[]`): hence [`InfoObject`].
 
 use std::collections::BTreeMap;
 
+use locker_client::wire::{Holder, Lock, LockStatus};
 use serde::{Serialize, Serializer};
 
-use crate::rules::{Holder, Info};
+use crate::rules::Info;
 use crate::store::LockView;
 use crate::timefmt::rfc3339;
 
-/// One holding: who holds the lock under which key, since when and until when.
-#[derive(Serialize)]
-pub struct HolderView<'a> {
-    key: &'a str,
-    locked_by: BTreeMap<String, u64>,
-    generation: u64,
-    acquired_at: String,
-    expires_at: Option<String>,
-    #[serde(serialize_with = "info_object")]
-    info: &'a Info,
+/// Holder info as the server writes it: its own map, always as a JSON object.
+#[derive(Clone, Copy)]
+pub struct InfoObject<'a>(&'a Info);
+
+impl Serialize for InfoObject<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter())
+    }
 }
 
-impl<'a> HolderView<'a> {
-    fn of(holder: &'a Holder) -> Self {
-        HolderView {
-            key: &holder.key,
-            locked_by: holder.counts(),
-            generation: holder.generation,
-            acquired_at: rfc3339(holder.acquired_at),
-            expires_at: holder.expires_at().map(rfc3339),
-            info: &holder.info,
-        }
+fn holder(holder: &crate::rules::Holder) -> Holder<InfoObject<'_>> {
+    Holder {
+        key: holder.key.clone(),
+        locked_by: holder.counts(),
+        generation: Some(holder.generation),
+        acquired_at: Some(rfc3339(holder.acquired_at)),
+        expires_at: holder.expires_at().map(rfc3339),
+        info: InfoObject(&holder.info),
     }
 }
 
 /// One lock as `GET /locks` shows it: the oldest holding's fields at the top level (what the
 /// original's clients read), then every holding.
-#[derive(Serialize)]
-pub struct LockFields<'a> {
-    #[serde(flatten)]
-    oldest: Option<HolderView<'a>>,
-    waiters: usize,
-    slots: u32,
-    holders: Vec<HolderView<'a>>,
-}
-
-impl<'a> LockFields<'a> {
-    fn of(lock: &'a LockView) -> Self {
-        LockFields {
-            oldest: lock.holders.first().map(HolderView::of),
-            waiters: lock.waiters,
-            slots: lock.slots,
-            holders: lock.holders.iter().map(HolderView::of).collect(),
-        }
+fn lock(lock: &LockView) -> Lock<InfoObject<'_>> {
+    Lock {
+        oldest: lock.holders.first().map(holder),
+        waiters: Some(lock.waiters as u64),
+        slots: Some(lock.slots),
+        holders: lock.holders.iter().map(holder).collect(),
     }
 }
 
-/// `GET /lock/{name}`: the lock's fields with its name; `free: false` when a `wait_free` ran out.
-#[derive(Serialize)]
-pub struct LockStatus<'a> {
-    name: &'a str,
-    #[serde(flatten)]
-    fields: LockFields<'a>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    free: Option<bool>,
-}
-
-/// Always a JSON object, however many entries.
-fn info_object<S: Serializer>(info: &&Info, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.collect_map(info.iter())
-}
-
 /// `GET /locks`: name → lock, for every held lock.
-pub fn lock_map(locks: &[LockView]) -> BTreeMap<&str, LockFields<'_>> {
+pub fn lock_map(locks: &[LockView]) -> BTreeMap<&str, Lock<InfoObject<'_>>> {
     locks
         .iter()
-        .map(|lock| (lock.name.as_str(), LockFields::of(lock)))
+        .map(|view| (view.name.as_str(), lock(view)))
         .collect()
 }
 
 /// `GET /lock/{name}`: the lock's fields with its name.
-pub fn lock_status(lock: &LockView) -> LockStatus<'_> {
+pub fn lock_status(view: &LockView) -> LockStatus<InfoObject<'_>> {
     LockStatus {
-        name: &lock.name,
-        fields: LockFields::of(lock),
+        name: view.name.clone(),
+        lock: lock(view),
         free: None,
     }
 }
 
 /// `GET /lock/{name}?wait_free=` when the time ran out: the status, flagged as still held.
-pub fn still_held(lock: &LockView) -> LockStatus<'_> {
+pub fn still_held(view: &LockView) -> LockStatus<InfoObject<'_>> {
     LockStatus {
         free: Some(false),
-        ..lock_status(lock)
+        ..lock_status(view)
     }
 }
 

@@ -4,54 +4,30 @@
 
 use std::time::Duration;
 
-use percent_encoding::{AsciiSet, NON_ALPHANUMERIC};
-use reqwest::{Method, StatusCode};
+use locker_client::{Client, Error, RetryPolicy, Settings, SetupError};
 use serde_json::Value;
 
 use super::{ConnectionArgs, Failure, exit};
 
-/// Characters left as they are in a URL path segment (`.` is encoded so that `.` and `..` stay
-/// names).
-const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'~');
+pub use locker_client::Reply;
 
-/// An answer worth interpreting.
-#[derive(Debug)]
-pub struct Reply {
-    pub status: StatusCode,
-    /// The body as JSON; `Null` when it is not JSON.
-    pub body: Value,
+/// A failure for an answer the caller did not expect.
+pub fn refused(reply: &Reply, what: &str) -> Failure {
+    Failure::new(
+        exit::REFUSED,
+        format!(
+            "{what}: the server answered {}: {}",
+            reply.status,
+            reply.error_message()
+        ),
+    )
 }
 
-impl Reply {
-    /// The server's `{"error": ...}`, else the status.
-    pub fn error_message(&self) -> String {
-        self.body
-            .get("error")
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .unwrap_or_else(|| self.status.to_string())
-    }
-
-    /// A failure for an answer the caller did not expect.
-    pub fn refused(&self, what: &str) -> Failure {
-        Failure::new(
-            exit::REFUSED,
-            format!(
-                "{what}: the server answered {}: {}",
-                self.status,
-                self.error_message()
-            ),
-        )
-    }
-}
-
+/// The server, as the CLI reaches it: the shared client, each request tried once (the long-poll
+/// loop rides out restarts itself), every error mapped to its exit code.
 #[derive(Clone)]
 pub struct Connection {
-    http: reqwest::Client,
-    /// The URL without a trailing `/`.
-    base: String,
-    credentials: Option<(String, String)>,
-    request_timeout: Duration,
+    client: Client,
 }
 
 impl Connection {
@@ -71,46 +47,50 @@ impl Connection {
                 ),
             ));
         }
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(args.request_timeout.min(Duration::from_secs(10)))
-            .user_agent(concat!("locker-cli/", env!("CARGO_PKG_VERSION")));
-        if let Some(path) = &args.ca_cert {
-            let pem = std::fs::read(path).map_err(|e| {
+        let ca_pem = match &args.ca_cert {
+            Some(path) => Some(std::fs::read(path).map_err(|e| {
                 Failure::new(
                     exit::USAGE,
                     format!("cannot read the CA certificate {}: {e}", path.display()),
                 )
-            })?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                Failure::new(
-                    exit::USAGE,
-                    format!("{} is not a PEM certificate: {e}", path.display()),
-                )
-            })?;
-            if certs.is_empty() {
-                return Err(Failure::new(
-                    exit::USAGE,
-                    format!("{} holds no PEM certificate", path.display()),
-                ));
-            }
-            builder = builder.tls_certs_merge(certs);
-        }
-        let http = builder.build().map_err(|e| {
-            Failure::new(exit::USAGE, format!("cannot set up the HTTP client: {e}"))
-        })?;
-        Ok(Connection {
-            http,
-            base: url.as_str().trim_end_matches('/').to_string(),
+            })?),
+            None => None,
+        };
+        let client = Client::new(Settings {
+            url,
             credentials: args.credentials()?,
+            ca_pem,
+            accept_invalid_certs: false,
+            connect_timeout: args.request_timeout.min(Duration::from_secs(10)),
             request_timeout: args.request_timeout,
+            user_agent: concat!("locker-cli/", env!("CARGO_PKG_VERSION")).to_string(),
+            retry: RetryPolicy::ONCE,
         })
+        .map_err(|e| {
+            let file = args
+                .ca_cert
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            let message = match e {
+                SetupError::CaNotPem(e) => format!("{file} is not a PEM certificate: {e}"),
+                SetupError::CaEmpty => format!("{file} holds no PEM certificate"),
+                other => other.to_string(),
+            };
+            Failure::new(exit::USAGE, message)
+        })?;
+        Ok(Connection { client })
+    }
+
+    /// The shared client underneath.
+    pub fn client(&self) -> &Client {
+        &self.client
     }
 
     /// The same connection with another per-request deadline.
     pub fn with_timeout(&self, timeout: Duration) -> Connection {
         Connection {
-            request_timeout: timeout,
-            ..self.clone()
+            client: self.client.quick(timeout),
         }
     }
 
@@ -121,126 +101,75 @@ impl Connection {
         body: &Value,
         wait: Option<Duration>,
     ) -> Result<Reply, Failure> {
-        let query = wait
-            .map(|w| format!("?wait={}", wire_duration(w)))
-            .unwrap_or_default();
-        self.send(
-            Method::PUT,
-            &format!("{}{query}", lock_path(name)),
-            Some(body),
-            wait.unwrap_or_default(),
-        )
-        .await
+        self.client
+            .acquire(name, body, wait)
+            .await
+            .map_err(|e| self.failure(e))
     }
 
     /// `DELETE /lock/{name}` (`?force=true` when forced).
     pub async fn release(&self, name: &str, body: &Value, force: bool) -> Result<Reply, Failure> {
-        let query = if force { "?force=true" } else { "" };
-        self.send(
-            Method::DELETE,
-            &format!("{}{query}", lock_path(name)),
-            Some(body),
-            Duration::ZERO,
-        )
-        .await
+        self.client
+            .release(name, body, force)
+            .await
+            .map_err(|e| self.failure(e))
     }
 
     /// `GET /lock/{name}`, with `?wait_free=` when asked to wait until it is free.
     pub async fn status(&self, name: &str, wait_free: Option<Duration>) -> Result<Reply, Failure> {
-        let query = wait_free
-            .map(|w| format!("?wait_free={}", wire_duration(w)))
-            .unwrap_or_default();
-        self.send(
-            Method::GET,
-            &format!("{}{query}", lock_path(name)),
-            None,
-            wait_free.unwrap_or_default(),
-        )
-        .await
+        self.client
+            .status(name, wait_free)
+            .await
+            .map_err(|e| self.failure(e))
     }
 
     /// `GET /locks`.
     pub async fn locks(&self) -> Result<Value, Failure> {
-        let reply = self
-            .send(Method::GET, "/locks", None, Duration::ZERO)
-            .await?;
-        if reply.status != StatusCode::OK || !reply.body.is_object() {
-            return Err(reply.refused("cannot list the locks"));
+        let reply = self.client.locks().await.map_err(|e| self.failure(e))?;
+        if reply.status != reqwest::StatusCode::OK || !reply.body.is_object() {
+            return Err(refused(&reply, "cannot list the locks"));
         }
         Ok(reply.body)
     }
 
-    /// One request. 401 and transport errors are failures; 5xx too.
-    async fn send(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<&Value>,
-        wait: Duration,
-    ) -> Result<Reply, Failure> {
-        let url = format!("{}{path}", self.base);
-        let mut request = self
-            .http
-            .request(method.clone(), &url)
-            .timeout(self.request_timeout.saturating_add(wait));
-        if let Some((user, password)) = &self.credentials {
-            request = request.basic_auth(user, Some(password));
-        }
-        if let Some(body) = body {
-            request = request.json(body);
-        }
-        let response = request.send().await.map_err(|e| {
-            let cause = describe(&e);
-            let hint = certificate_hint(&cause, &self.base)
+    /// The failure, with its exit code, for an error of the shared client.
+    pub fn failure(&self, error: Error) -> Failure {
+        failure(error, self.client.shown_base())
+    }
+}
+
+/// The failure, with its exit code, for an error of the shared client talking to `base`.
+pub fn failure(error: Error, base: &str) -> Failure {
+    match error {
+        Error::Unauthorized { .. } => Failure::new(
+            exit::AUTH,
+            format!(
+                "{base} refused the credentials (401): set --user/--password or \
+                 LOCKER_USER/LOCKER_PASSWORD"
+            ),
+        ),
+        Error::Transport { cause, .. } | Error::Certificate { cause, .. } => {
+            let hint = certificate_hint(&cause, base)
                 .map(|hint| format!(". {hint}"))
                 .unwrap_or_default();
             Failure::new(
                 exit::UNREACHABLE,
-                format!("cannot reach the server at {}: {cause}{hint}", self.base),
+                format!("cannot reach the server at {base}: {cause}{hint}"),
             )
-        })?;
-        let status = response.status();
-        if status == StatusCode::UNAUTHORIZED {
-            return Err(Failure::new(
-                exit::AUTH,
-                format!(
-                    "{} refused the credentials (401): set --user/--password or \
-                     LOCKER_USER/LOCKER_PASSWORD",
-                    self.base
-                ),
-            ));
         }
-        let text = response.text().await.map_err(|e| {
-            Failure::new(
-                exit::UNREACHABLE,
-                format!("{method} {url}: the answer broke off: {}", describe(&e)),
-            )
-        })?;
-        let reply = Reply {
+        Error::Server {
+            method,
+            url,
             status,
-            body: serde_json::from_str(&text).unwrap_or(Value::Null),
-        };
-        if status.is_server_error() {
-            return Err(reply.refused(&format!("{method} {path}")));
+            message,
+            ..
+        } => {
+            let path = url.strip_prefix(base).unwrap_or(&url);
+            Failure::new(
+                exit::REFUSED,
+                format!("{method} {path}: the server answered {status}: {message}"),
+            )
         }
-        Ok(reply)
-    }
-}
-
-/// `/lock/{name}` with the name percent-encoded.
-pub fn lock_path(name: &str) -> String {
-    format!(
-        "/lock/{}",
-        percent_encoding::utf8_percent_encode(name, PATH_SEGMENT)
-    )
-}
-
-/// A duration as the server reads it: whole seconds when exact, else milliseconds.
-pub fn wire_duration(duration: Duration) -> String {
-    if duration.subsec_nanos() == 0 {
-        format!("{}s", duration.as_secs())
-    } else {
-        format!("{}ms", duration.as_millis().max(1))
     }
 }
 
@@ -249,7 +178,7 @@ const CERTIFICATE_RECIPE: &str =
     "README, Recipes: \"HTTPS with a certificate of your own\" has the openssl commands";
 
 /// What is wrong with the server's certificate and how to make one that works, when the TLS
-/// handshake refused it (`cause` is the error with its causes, as [`describe`] gives it).
+/// handshake refused it (`cause` is the error with its causes).
 fn certificate_hint(cause: &str, base: &str) -> Option<String> {
     let host = reqwest::Url::parse(base)
         .ok()
@@ -286,25 +215,6 @@ fn certificate_hint(cause: &str, base: &str) -> Option<String> {
     None
 }
 
-/// A transport error with its causes.
-fn describe(error: &reqwest::Error) -> String {
-    let mut text = if error.is_timeout() {
-        "timed out".to_string()
-    } else {
-        error.to_string()
-    };
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -332,12 +242,5 @@ mod tests {
             certificate_hint("invalid peer certificate: NotValidForName", base).expect("hint");
         assert!(name.contains("locker.example.com"), "{name}");
         assert_eq!(certificate_hint("Connection refused", base), None);
-    }
-
-    #[test]
-    fn paths_and_durations() {
-        assert_eq!(lock_path("a/b c.d"), "/lock/a%2Fb%20c%2Ed");
-        assert_eq!(wire_duration(Duration::from_secs(60)), "60s");
-        assert_eq!(wire_duration(Duration::from_millis(1500)), "1500ms");
     }
 }

@@ -8,14 +8,13 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
-use super::http::Connection;
-use super::show::{POLL, describe_holder};
+use super::http::{Connection, refused};
+use super::show::describe_holder;
 use super::{Failure, LockArgs, exit};
+use locker_client::longpoll::{ABORT_DEADLINE, DEFAULT_POLL as POLL, poll_length, server_waited};
 
 /// Shortest pause between renewals, whatever the TTL.
 const MIN_RENEWAL: Duration = Duration::from_millis(200);
-/// Deadline of the release after a signal stopped the wait.
-const ABORT_DEADLINE: Duration = Duration::from_millis(700);
 
 /// The signals `locker lock` handles: while waiting they stop the wait, while the command runs
 /// they are forwarded to it.
@@ -94,12 +93,7 @@ fn command_line(args: &LockArgs) -> String {
 /// Holder info: who runs what, within the server's limits.
 fn info(args: &LockArgs, id: &str) -> BTreeMap<String, String> {
     let mut command = command_line(args);
-    if command.len() > 300 {
-        let mut end = 300;
-        while !command.is_char_boundary(end) {
-            end -= 1;
-        }
-        command.truncate(end);
+    if locker_client::limits::truncate(&mut command, 300) {
         command.push('…');
     }
     let mut info = BTreeMap::new();
@@ -119,7 +113,7 @@ pub async fn run(connection: Connection, args: LockArgs) -> Result<u8, Failure> 
     let requestor = args.requestor.clone().unwrap_or_else(|| id.clone());
     let mut body = json!({"key": key, "requestor": requestor, "info": info(&args, &id)});
     if !args.ttl.is_zero() {
-        body["ttl"] = json!(super::http::wire_duration(args.ttl));
+        body["ttl"] = json!(locker_client::wire_duration(args.ttl));
     }
     if let Some(slots) = args.slots {
         body["slots"] = json!(slots);
@@ -221,11 +215,12 @@ async fn acquire(
             }
             StatusCode::LOCKED => {}
             StatusCode::CONFLICT => {
-                return Err(reply.refused(&format!(
-                    "cannot lock {name:?} (--slots must match the lock's)"
-                )));
+                return Err(refused(
+                    &reply,
+                    &format!("cannot lock {name:?} (--slots must match the lock's)"),
+                ));
             }
-            _ => return Err(reply.refused(&format!("cannot lock {name:?}"))),
+            _ => return Err(refused(&reply, &format!("cannot lock {name:?}"))),
         }
         let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         if remaining == Some(Duration::ZERO) {
@@ -249,13 +244,13 @@ async fn acquire(
         }
         // A server that does not long-poll answers at once: do not hammer it.
         if let Some(asked) = wait
-            && asked_at.elapsed() < (asked / 2).min(Duration::from_secs(1))
+            && !server_waited(asked, asked_at.elapsed(), "")
         {
             let pause = Duration::from_secs(1);
             tokio::time::sleep(remaining.map_or(pause, |r| r.min(pause))).await;
         }
         let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        wait = Some(remaining.map_or(POLL, |r| r.min(POLL)));
+        wait = Some(poll_length(POLL, remaining));
     }
 }
 

@@ -264,7 +264,9 @@ pub struct WaitLimit(pub Option<Duration>);
 fn parse_wait(text: &str) -> Result<WaitLimit, String> {
     match text.trim() {
         "forever" | "inf" | "infinite" => Ok(WaitLimit(None)),
-        other => parse_duration(other).map(|d| WaitLimit(Some(d))),
+        other => parse_duration(other)
+            .map(|d| WaitLimit(Some(d)))
+            .map_err(|e| e.to_string()),
     }
 }
 

@@ -3,77 +3,46 @@
 
 use std::time::{Duration, Instant};
 
+use locker_client::longpoll::{DEFAULT_POLL as POLL, poll_length};
+use locker_client::wire::{Lock, LockMap, LockStatus};
 use reqwest::StatusCode;
+use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::http::Connection;
+use super::http::{Connection, refused};
 use super::{Failure, WaitLimit, exit};
 
-/// Longest single long-poll asked of the server (it clamps longer ones anyway).
-pub const POLL: Duration = Duration::from_secs(60);
-
-fn text(value: &Value, field: &str) -> String {
-    match value.get(field) {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Null) | None => String::new(),
-        Some(other) => other.to_string(),
-    }
+/// A lock's status as the server sent it, typed; a body that is not one reads as a free lock.
+fn typed(status: &Value) -> LockStatus {
+    LockStatus::deserialize(status).unwrap_or_default()
 }
 
-/// `{"a": 1, "b": 2}` → `a, b (x2)`.
-fn requestors(counts: Option<&Value>) -> String {
-    counts
-        .and_then(Value::as_object)
-        .map(|counts| {
-            counts
-                .iter()
-                .map(|(name, count)| match count.as_u64() {
-                    Some(1) | None => name.clone(),
-                    Some(n) => format!("{name} (x{n})"),
-                })
-                .collect::<Vec<_>>()
-                .join(", ")
-        })
-        .unwrap_or_default()
-}
-
-/// The holdings of one lock's status: its `holders` list when the server gives one
-/// (semaphores), else the status itself.
-fn holdings(status: &Value) -> Vec<&Value> {
-    match status.get("holders").and_then(Value::as_array) {
-        Some(holders) if !holders.is_empty() => holders.iter().collect(),
-        _ if status.get("key").is_some_and(|k| !k.is_null()) => vec![status],
-        _ => Vec::new(),
-    }
+fn or_empty<T: ToString>(value: Option<T>) -> String {
+    value.map(|v| v.to_string()).unwrap_or_default()
 }
 
 /// Who holds a lock, in one line, e.g. `key "deploy" (requestors: ci) since ..., lease until ...`.
 pub fn describe_holder(status: &Value) -> String {
-    let described: Vec<String> = holdings(status)
+    describe(&typed(status).lock)
+}
+
+fn describe(lock: &Lock) -> String {
+    let described: Vec<String> = lock
+        .holdings()
         .into_iter()
         .map(|holding| {
-            let counts = holding
-                .get("locked_by")
-                .or_else(|| holding.get("counts"))
-                .or_else(|| holding.get("requestors"));
             let mut line = format!(
                 "key {:?} (requestors: {})",
-                text(holding, "key"),
-                requestors(counts)
+                holding.key,
+                holding.requestors()
             );
-            let since = text(holding, "acquired_at");
-            if !since.is_empty() {
+            if let Some(since) = &holding.acquired_at {
                 line.push_str(&format!(" since {since}"));
             }
-            let info = holding.get("info").or_else(|| status.get("info"));
-            if let Some(url) = info
-                .and_then(|i| i.get("build_url"))
-                .and_then(Value::as_str)
-            {
+            if let Some(url) = holding.info.get("build_url") {
                 line.push_str(&format!(", build {url}"));
             }
-            let expires = text(holding, "expires_at");
-            if !expires.is_empty() {
+            if let Some(expires) = &holding.expires_at {
                 line.push_str(&format!(", lease until {expires}"));
             }
             line
@@ -142,45 +111,42 @@ pub async fn locks(connection: &Connection, as_json: bool) -> Result<u8, Failure
         .map(String::from)
         .to_vec(),
     ];
-    if let Some(map) = locks.as_object() {
-        for (name, status) in map {
-            let slots = match (status.get("slots"), status.get("holders")) {
-                (Some(total), Some(Value::Array(holders))) => {
-                    format!("{}/{}", holders.len(), total)
-                }
-                (Some(total), _) => total.to_string(),
-                _ => String::new(),
-            };
-            let waiters = text(status, "waiters");
-            let held = holdings(status);
-            if held.is_empty() {
-                rows.push(vec![
-                    name.clone(),
-                    "(free)".into(),
-                    String::new(),
-                    String::new(),
-                    String::new(),
-                    String::new(),
-                    slots.clone(),
-                    waiters.clone(),
-                ]);
-            }
-            for holding in held {
-                let counts = holding
-                    .get("locked_by")
-                    .or_else(|| holding.get("counts"))
-                    .or_else(|| holding.get("requestors"));
-                rows.push(vec![
-                    name.clone(),
-                    text(holding, "key"),
-                    requestors(counts),
-                    text(holding, "generation"),
-                    text(holding, "acquired_at"),
-                    text(holding, "expires_at"),
-                    slots.clone(),
-                    waiters.clone(),
-                ]);
-            }
+    let map = LockMap::deserialize(&locks).map_err(|e| {
+        Failure::new(
+            exit::REFUSED,
+            format!("cannot list the locks: the answer is not a list of locks: {e}"),
+        )
+    })?;
+    for (name, lock) in &map {
+        let slots = or_empty(
+            lock.slots
+                .map(|total| format!("{}/{total}", lock.holders.len())),
+        );
+        let waiters = or_empty(lock.waiters);
+        let held = lock.holdings();
+        if held.is_empty() {
+            rows.push(vec![
+                name.clone(),
+                "(free)".into(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                slots.clone(),
+                waiters.clone(),
+            ]);
+        }
+        for holding in held {
+            rows.push(vec![
+                name.clone(),
+                holding.key.clone(),
+                holding.requestors(),
+                or_empty(holding.generation),
+                or_empty(holding.acquired_at.as_ref()),
+                or_empty(holding.expires_at.as_ref()),
+                slots.clone(),
+                waiters.clone(),
+            ]);
         }
     }
     if rows.len() == 1 {
@@ -196,7 +162,7 @@ pub async fn status(connection: &Connection, name: &str, as_json: bool) -> Resul
     let status = match reply.status {
         StatusCode::OK => reply.body,
         StatusCode::NOT_FOUND => json!({"name": name, "free": true}),
-        _ => return Err(reply.refused(&format!("cannot read lock {name:?}"))),
+        _ => return Err(refused(&reply, &format!("cannot read lock {name:?}"))),
     };
     if as_json {
         out!("{}", pretty(&status))?;
@@ -207,9 +173,11 @@ pub async fn status(connection: &Connection, name: &str, as_json: bool) -> Resul
 }
 
 fn print_status(name: &str, status: &Value) -> Result<(), Failure> {
-    if holdings(status).is_empty() {
+    let status = typed(status);
+    let lock = &status.lock;
+    let Some(oldest) = lock.holdings().first().copied() else {
         return out!("lock {name:?} is free");
-    }
+    };
     let mut rows: Vec<Vec<String>> = Vec::new();
     let mut add = |label: &str, value: String| {
         if !value.is_empty() {
@@ -217,27 +185,18 @@ fn print_status(name: &str, status: &Value) -> Result<(), Failure> {
         }
     };
     add("name", name.to_string());
-    add("key", text(status, "key"));
-    add("locked by", requestors(status.get("locked_by")));
-    add("generation", text(status, "generation"));
-    add("acquired at", text(status, "acquired_at"));
-    add("expires at", text(status, "expires_at"));
-    add("waiters", text(status, "waiters"));
-    if let Some(slots) = status.get("slots") {
-        add("slots", slots.to_string());
+    add("key", oldest.key.clone());
+    add("locked by", oldest.requestors());
+    add("generation", or_empty(oldest.generation));
+    add("acquired at", or_empty(oldest.acquired_at.as_ref()));
+    add("expires at", or_empty(oldest.expires_at.as_ref()));
+    add("waiters", or_empty(lock.waiters));
+    add("slots", or_empty(lock.slots));
+    if lock.holders.len() > 1 {
+        add("holders", describe(lock));
     }
-    if let Some(holders) = status.get("holders").and_then(Value::as_array)
-        && holders.len() > 1
-    {
-        add("holders", describe_holder(status));
-    }
-    if let Some(info) = status.get("info").and_then(Value::as_object) {
-        for (key, value) in info {
-            add(
-                &format!("info.{key}"),
-                value.as_str().unwrap_or_default().to_string(),
-            );
-        }
+    for (key, value) in &oldest.info {
+        add(&format!("info.{key}"), value.clone());
     }
     table(&rows)
 }
@@ -261,12 +220,13 @@ pub async fn release(
         .release(name, &Value::Object(body), force)
         .await?;
     if reply.status != StatusCode::OK {
-        return Err(reply.refused(&format!("cannot release lock {name:?}")));
+        return Err(refused(&reply, &format!("cannot release lock {name:?}")));
     }
     if as_json {
         out!("{}", pretty(&reply.body))?;
     } else {
-        out!("{}", text(&reply.body, "response"))?;
+        let response = reply.body.get("response").and_then(Value::as_str);
+        out!("{}", response.unwrap_or_default())?;
     }
     Ok(0)
 }
@@ -292,11 +252,11 @@ pub async fn wait_free(
     let mut told = false;
     loop {
         let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        let asked = remaining.map_or(POLL, |r| r.min(POLL));
+        let asked = poll_length(POLL, remaining);
         let poll = Instant::now();
         let reply = connection.status(name, Some(asked)).await?;
         if !matches!(reply.status, StatusCode::OK | StatusCode::NOT_FOUND) {
-            return Err(reply.refused(&format!("cannot read lock {name:?}")));
+            return Err(refused(&reply, &format!("cannot read lock {name:?}")));
         }
         let free = free_of(&reply);
         // No `free` field: the server answered the plain status (held) without waiting.

@@ -1,0 +1,32 @@
+//! `locker-client`: the locker wire protocol and a client for it, one crate for every program
+//! that speaks it: the `locker` CLI (`src/cli/`), the Concourse resource (`resource/`), and
+//! the server itself, whose views serialize from the same types.
+//!
+//! # Layout
+//!
+//! - [`duration`]: the duration syntax (`30`, `500ms`, `5m`, `1h 30m`, at most ten years) and
+//!   how durations go on the wire.
+//! - [`path`]: `/lock/{name}` with the name percent-encoded.
+//! - [`limits`]: what the server accepts (name, key, holder info, slots), so clients fit
+//!   within it before they send.
+//! - [`longpoll`]: poll lengths, telling a server that does not wait, the abort deadline.
+//! - [`http`]: the [`Client`]: basic auth, CA certificates, per-request deadlines, retries of
+//!   what can heal; every answer worth interpreting comes back as a [`Reply`].
+//! - [`wire`]: the request and response bodies as types ([`wire::LockStatus`], ...), which
+//!   the server's views serialize and the clients read.
+//! - [`error`]: typed failures ([`Error`], [`SetupError`]); the front ends add their advice.
+
+pub mod duration;
+pub mod error;
+pub mod http;
+pub mod limits;
+pub mod longpoll;
+pub mod path;
+pub mod wire;
+
+pub use error::{Error, SetupError};
+pub use http::{Client, Reply, RetryPolicy, Settings};
+pub use reqwest::{StatusCode, Url};
+
+pub use duration::{DurationError, MAX_DURATION, parse_duration, wire_duration};
+pub use path::lock_path;

@@ -1,0 +1,138 @@
+//! The JSON the API speaks, as types: the server's views serialize from them and its clients
+//! read them, so the two cannot disagree.
+//!
+//! A lock's status carries the oldest holding's fields at the top level (`key`, `locked_by`:
+//! the original API's, which its clients read), then `waiters`, `slots` and every holding in
+//! `holders` (they differ from the oldest only for semaphores). Times are RFC 3339 strings.
+//! Reading is lenient: the original Go server sends only `key` and `locked_by`, and keeps
+//! released locks with an empty key or zero counts.
+//!
+//! The holder info type is a parameter: clients read a `BTreeMap`, the server writes its own
+//! map without copying it (it must serialize as a JSON object, `{}` when empty).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Holder info as clients read it.
+pub type Info = BTreeMap<String, String>;
+
+/// One holding: who holds the lock under which key, since when and until when.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(bound(deserialize = "I: Deserialize<'de> + Default"))]
+pub struct Holder<I = Info> {
+    #[serde(default)]
+    pub key: String,
+    /// Requestor → how many times it holds the lock.
+    #[serde(default)]
+    pub locked_by: BTreeMap<String, u64>,
+    /// Fencing token of the holding; absent on the original server.
+    #[serde(default)]
+    pub generation: Option<u64>,
+    #[serde(default)]
+    pub acquired_at: Option<String>,
+    /// End of the lease; `null` without one.
+    #[serde(default)]
+    pub expires_at: Option<String>,
+    #[serde(default)]
+    pub info: I,
+}
+
+impl<I> Holder<I> {
+    /// Whether this describes a holding: a key and a requestor with a count above 0 (the
+    /// original keeps released locks with an empty key or zero counts).
+    pub fn is_held(&self) -> bool {
+        !self.key.is_empty() && self.locked_by.values().any(|&count| count > 0)
+    }
+
+    /// The requestors, e.g. `deploy-a (x2), deploy-b`; those with a count of 0 left out.
+    pub fn requestors(&self) -> String {
+        self.locked_by
+            .iter()
+            .filter(|(_, count)| **count > 0)
+            .map(|(requestor, count)| match count {
+                1 => requestor.clone(),
+                n => format!("{requestor} (x{n})"),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// One lock as `GET /locks` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(bound(deserialize = "I: Deserialize<'de> + Default"))]
+pub struct Lock<I = Info> {
+    /// The oldest holding's fields, at the top level.
+    #[serde(flatten)]
+    pub oldest: Option<Holder<I>>,
+    #[serde(default)]
+    pub waiters: Option<u64>,
+    #[serde(default)]
+    pub slots: Option<u32>,
+    #[serde(default)]
+    pub holders: Vec<Holder<I>>,
+}
+
+impl<I> Lock<I> {
+    /// Every holding: `holders` when the server gives it, else the top-level fields when they
+    /// describe a holding (the original server).
+    pub fn holdings(&self) -> Vec<&Holder<I>> {
+        if self.holders.is_empty() {
+            self.oldest.iter().filter(|h| h.is_held()).collect()
+        } else {
+            self.holders.iter().filter(|h| h.is_held()).collect()
+        }
+    }
+}
+
+/// `GET /lock/{name}`: the lock with its name; `free` is `true` when a `wait_free` saw it
+/// free, `false` when the wait ran out, absent otherwise.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(bound(deserialize = "I: Deserialize<'de> + Default"))]
+pub struct LockStatus<I = Info> {
+    #[serde(default)]
+    pub name: String,
+    #[serde(flatten)]
+    pub lock: Lock<I>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free: Option<bool>,
+}
+
+/// `GET /locks`: name → lock.
+pub type LockMap = BTreeMap<String, Lock>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn reads_this_server_and_the_original() {
+        let ours = json!({"name": "l", "key": "k", "locked_by": {"r": 1}, "generation": 3,
+            "acquired_at": "2024-01-01T00:00:00Z", "expires_at": null, "info": {"job": "j"},
+            "waiters": 2, "slots": 1, "holders": [{"key": "k", "locked_by": {"r": 1},
+            "generation": 3, "acquired_at": "2024-01-01T00:00:00Z", "expires_at": null,
+            "info": {"job": "j"}}]});
+        let status: LockStatus = serde_json::from_value(ours.clone()).expect("parses");
+        assert_eq!(status.name, "l");
+        assert_eq!(status.lock.waiters, Some(2));
+        assert_eq!(status.lock.holdings().len(), 1);
+        assert_eq!(status.lock.holdings()[0].info["job"], "j");
+        assert_eq!(serde_json::to_value(&status).expect("json"), ours);
+
+        let original: Lock =
+            serde_json::from_value(json!({"key": "k", "locked_by": {"a": 0, "b": 2}}))
+                .expect("parses");
+        assert_eq!(original.holdings().len(), 1);
+        assert_eq!(original.holdings()[0].requestors(), "b (x2)");
+        for free in [
+            json!({"key": "", "locked_by": {"k": 1}}),
+            json!({"key": "k", "locked_by": {}}),
+            json!({}),
+        ] {
+            let lock: Lock = serde_json::from_value(free.clone()).expect("parses");
+            assert!(lock.holdings().is_empty(), "{free}");
+        }
+    }
+}
