@@ -20,32 +20,32 @@ use std::time::{Duration, Instant};
 /// How long a server may take to say it is listening.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Environment variables of the server that must not leak in from the test's environment.
-const SERVER_VARIABLES: [&str; 23] = [
-    "LOCKER_CONFIG",
-    "PORT",
-    "LOCKER_LISTEN",
-    "AUTH_USER",
-    "AUTH_PASS",
-    "SSL_CERT",
-    "SSL_KEY",
-    "LOCKER_MAX_WAIT",
-    "LOCKER_MAX_WAITERS",
-    "LOCKER_MAX_LOCKS",
-    "LOCKER_MAX_REQUESTORS",
-    "LOCKER_DEFAULT_TTL",
-    "LOCKER_HEAD_TIMEOUT",
-    "LOCKER_MAX_CONNECTIONS",
-    "RUST_LOG",
-    "LOCKER_STORE",
-    "LOCKER_ETCD_ENDPOINTS",
-    "LOCKER_ETCD_PREFIX",
-    "LOCKER_ETCD_USER",
-    "LOCKER_ETCD_PASSWORD",
-    "LOCKER_ETCD_CA",
-    "LOCKER_ETCD_CERT",
-    "LOCKER_ETCD_KEY",
-];
+/// Environment variables of the server that must not leak in from the test's environment:
+/// every one its flags read, from its own `--help` (clap prints `[env: NAME=...]` for each), so a
+/// new flag is never missed; and the log filter, which is read outside clap.
+fn server_variables(binary: &Path) -> &'static [String] {
+    static VARIABLES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    VARIABLES.get_or_init(|| {
+        let help = Command::new(binary)
+            .arg("--help")
+            .env_clear()
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {} --help: {e}", binary.display()));
+        let text = String::from_utf8_lossy(&help.stdout);
+        let mut variables: Vec<String> = text
+            .split("[env: ")
+            .skip(1)
+            .filter_map(|rest| rest.split(['=', ']']).next())
+            .map(str::to_string)
+            .collect();
+        assert!(
+            variables.len() >= 20 && variables.iter().any(|v| v == "LOCKER_CONFIG"),
+            "no environment variables found in the server's --help:\n{text}"
+        );
+        variables.extend(["RUST_LOG".to_string(), "RUST_LOG_STYLE".to_string()]);
+        variables
+    })
+}
 
 /// Path of the `locker` server binary.
 pub fn locker_binary() -> PathBuf {
@@ -173,7 +173,7 @@ impl ServerBuilder {
             }
         };
         let mut command = Command::new(&self.binary);
-        for name in SERVER_VARIABLES {
+        for name in server_variables(&self.binary) {
             command.env_remove(name);
         }
         command
