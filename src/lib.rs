@@ -2,16 +2,17 @@
 //!
 //! # Layout
 //! - [`rules`]: the lock rules (acquire, release, counts, queues, slots, leases). Pure, no I/O.
-//! - [`store`]: the [`store::LockStore`] interface and its backends; [`store::file`] keeps the
-//!   state in a YAML file and its journal ([`store::journal`]) with group-committed, fsynced
-//!   writes; `store::etcd` (with the `etcd` feature) shares it between servers through etcd.
+//! - [`store`]: the [`store::LockStore`] interface, the request flow both backends share
+//!   (`store::flow`) and the backends: [`store::file`] keeps the state in a YAML file (and an
+//!   opt-in journal, [`store::journal`]) with group-committed, fsynced writes; `store::etcd`
+//!   (with the `etcd` feature) shares it between servers through an etcd cluster.
 //! - [`api`]: HTTP routes and thin handlers; [`auth`] basic auth; [`tls`] rustls set-up.
 //! - [`config`]: flags and environment variables, checked once into [`config::Settings`].
 //! - [`server`]: wires it together and shuts down cleanly; [`connection`] times request heads
 //!   and caps connections within the descriptor limit.
 //! - [`metrics`]: Prometheus counters and gauges.
 //! - [`reclaim`]: releases holds whose Concourse build has ended (opt-in).
-//! - [`timefmt`]: RFC 3339 times and the request duration syntax.
+//! - [`timefmt`]: RFC 3339 times (the duration syntax is the wire protocol's, in `locker-client`).
 //! - [`cli`]: `locker lock`, `locks`, `status`, `release`, `wait-free`: the binary as a client.
 
 pub mod api;

@@ -276,7 +276,8 @@ fn request_body(params: &OutParams, build: Option<&BuildEnv>) -> Value {
 
 /// Takes the lock: a first try that does not wait (so the log names the holder at once), then
 /// long-polls of `wait_poll` each until granted, or sleeps of `retry_interval` between tries
-/// against a server that does not long-poll. A later SIGTERM handler can race this future.
+/// against a server that does not long-poll. `main` races this future against SIGTERM and
+/// SIGINT.
 async fn lock(
     client: &Client,
     source: &Source,

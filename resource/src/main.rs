@@ -4,7 +4,8 @@
 //!
 //! This file only does the protocol: the request is JSON on stdin, the response JSON on stdout,
 //! every log line goes to stderr, and a failure is one line on stderr and exit status 1. The
-//! work runs on a tokio runtime so that a wait can later be raced against SIGTERM.
+//! work runs on a tokio runtime, raced against SIGTERM and SIGINT: Concourse signals a step it
+//! aborts, and the resource then gives back anything it may have been granted before exiting.
 
 mod client;
 mod commands;
