@@ -288,7 +288,10 @@ impl Writer {
         }
     }
 
-    /// Applies `ops` to the cached locks in `names` and turns the result into a transaction.
+    /// Applies `ops` to the cached locks in `names` and turns the result into a transaction:
+    /// read what the batch touches, apply it with the rules, settle the unconfirmed grants,
+    /// then write every lock that changed (and the generation counter if it moved), on the
+    /// condition that nothing read has changed in etcd meanwhile.
     pub(super) fn plan(
         &self,
         names: &BTreeSet<String>,
@@ -296,9 +299,47 @@ impl Writer {
         confirms: &[WaiterGrant],
         now: SystemTime,
     ) -> Result<Plan, String> {
+        let mut read = self.read_cached(names);
+        let effects: Vec<Effect> = ops.iter().map(|op| read.table.apply(op, now)).collect();
+        let grants = grants_by_lock(&effects);
+        let (unconfirmed, confirmed) =
+            settle_confirmations(&read.unconfirmed, &grants, ops, confirms);
+        let (mut writes, after) = self.lock_writes(&read, &grants, unconfirmed)?;
+        let mut compares = read.compares;
+        let mut reads = read.reads;
+        let next_generation = read.table.next_generation();
+        let moved = next_generation != read.start_generation;
+        let meta_key = self.shared.keys.meta();
+        reads.push(TxnOp::get(meta_key.clone(), None));
+        if moved {
+            compares.push(Compare::mod_revision(
+                meta_key.clone(),
+                CompareOp::Equal,
+                read.meta_revision,
+            ));
+            writes.push(TxnOp::put(
+                meta_key,
+                codec::encode_meta(next_generation),
+                None,
+            ));
+        }
+        Ok(Plan {
+            compares,
+            writes,
+            reads,
+            after,
+            next_generation: moved.then_some(next_generation),
+            effects,
+            confirmed,
+        })
+    }
+
+    /// The cached state of the locks in `names`, as a table the rules can apply a batch to, with
+    /// the transaction's conditions (each lock's revision as read) and reads.
+    fn read_cached(&self, names: &BTreeSet<String>) -> CachedRead {
         let cache = self.shared.cache.lock();
         let mut before: BTreeMap<String, Option<Lock>> = BTreeMap::new();
-        let mut unconfirmed_before: BTreeMap<String, Vec<WaiterGrant>> = BTreeMap::new();
+        let mut unconfirmed: BTreeMap<String, Vec<WaiterGrant>> = BTreeMap::new();
         let mut compares = Vec::new();
         let mut reads = Vec::new();
         for name in names {
@@ -311,7 +352,7 @@ impl Writer {
             ));
             reads.push(TxnOp::get(key, None));
             before.insert(name.clone(), entry.and_then(|e| e.lock.clone()));
-            unconfirmed_before.insert(
+            unconfirmed.insert(
                 name.clone(),
                 entry.map(|e| e.unconfirmed.clone()).unwrap_or_default(),
             );
@@ -329,61 +370,36 @@ impl Writer {
             locks: cache.limits.locks.saturating_sub(elsewhere),
             ..cache.limits
         };
-        let mut table =
-            LockTable::from_parts(parts, cache.next_generation.max(1)).with_limits(limits);
-        let start_generation = table.next_generation();
-        let meta_revision = cache.meta_revision;
-        drop(cache);
-        let mut effects = Vec::with_capacity(ops.len());
-        for op in ops {
-            effects.push(table.apply(op, now));
+        let table = LockTable::from_parts(parts, cache.next_generation.max(1)).with_limits(limits);
+        CachedRead {
+            start_generation: table.next_generation(),
+            meta_revision: cache.meta_revision,
+            before,
+            unconfirmed,
+            compares,
+            reads,
+            table,
         }
-        let mut grants: BTreeMap<&str, Vec<WaiterGrant>> = BTreeMap::new();
-        for grant in effects.iter().flat_map(|e| e.grants()) {
-            grants
-                .entry(grant.name.as_str())
-                .or_default()
-                .push(grant.clone());
-        }
-        // Unconfirmed grants: new ones join; confirmed and revoked ones leave.
-        let revoked: BTreeSet<WaiterId> = ops
-            .iter()
-            .filter_map(|op| match op {
-                Op::Revoke(grant) => Some(grant.waiter),
-                _ => None,
-            })
-            .collect();
-        let mut unconfirmed_after = unconfirmed_before.clone();
-        for (name, granted) in &grants {
-            if let Some(list) = unconfirmed_after.get_mut(*name) {
-                list.extend(granted.iter().cloned());
-            }
-        }
-        let confirmed: Vec<bool> = confirms
-            .iter()
-            .map(|c| {
-                !revoked.contains(&c.waiter)
-                    && unconfirmed_after
-                        .get(&c.name)
-                        .is_some_and(|list| list.iter().any(|g| g.waiter == c.waiter))
-            })
-            .collect();
-        let confirmed_ids: BTreeSet<WaiterId> = confirms.iter().map(|c| c.waiter).collect();
-        for list in unconfirmed_after.values_mut() {
-            list.retain(|g| !revoked.contains(&g.waiter) && !confirmed_ids.contains(&g.waiter));
-        }
+    }
+
+    /// A put or delete of every lock whose value changed: its holdings and queue, the grants
+    /// this batch made on it, or its unconfirmed grants. Also what each lock will be after.
+    fn lock_writes(
+        &self,
+        read: &CachedRead,
+        grants: &BTreeMap<&str, Vec<WaiterGrant>>,
+        mut unconfirmed_after: BTreeMap<String, Vec<WaiterGrant>>,
+    ) -> Result<(Vec<TxnOp>, LocksAfter), String> {
         let mut writes = Vec::new();
         let mut after = BTreeMap::new();
-        for (name, old) in &before {
-            let new = table.lock(name).cloned();
+        for (name, old) in &read.before {
+            let new = read.table.lock(name).cloned();
             let granted = grants.get(name.as_str()).map(Vec::as_slice).unwrap_or(&[]);
             let mut unconfirmed = unconfirmed_after.remove(name).unwrap_or_default();
             if new.is_none() {
                 unconfirmed.clear();
             }
-            if &new == old
-                && granted.is_empty()
-                && unconfirmed_before.get(name) == Some(&unconfirmed)
+            if &new == old && granted.is_empty() && read.unconfirmed.get(name) == Some(&unconfirmed)
             {
                 continue;
             }
@@ -398,30 +414,7 @@ impl Writer {
             }
             after.insert(name.clone(), (new, unconfirmed));
         }
-        let next_generation = table.next_generation();
-        let meta_key = self.shared.keys.meta();
-        reads.push(TxnOp::get(meta_key.clone(), None));
-        if next_generation != start_generation {
-            compares.push(Compare::mod_revision(
-                meta_key.clone(),
-                CompareOp::Equal,
-                meta_revision,
-            ));
-            writes.push(TxnOp::put(
-                meta_key,
-                codec::encode_meta(next_generation),
-                None,
-            ));
-        }
-        Ok(Plan {
-            compares,
-            writes,
-            reads,
-            after,
-            next_generation: (next_generation != start_generation).then_some(next_generation),
-            effects,
-            confirmed,
-        })
+        Ok((writes, after))
     }
 
     pub(super) fn commit(
@@ -521,11 +514,79 @@ pub(super) struct Plan {
     pub(super) compares: Vec<Compare>,
     pub(super) writes: Vec<TxnOp>,
     pub(super) reads: Vec<TxnOp>,
-    pub(super) after: BTreeMap<String, (Option<Lock>, Vec<WaiterGrant>)>,
+    pub(super) after: LocksAfter,
     pub(super) next_generation: Option<u64>,
     pub(super) effects: Vec<Effect>,
     /// For each confirmation, whether its grant still stood.
     pub(super) confirmed: Vec<bool>,
+}
+
+/// Each written lock as it will be: its value (`None`: deleted) and its unconfirmed grants.
+pub(super) type LocksAfter = BTreeMap<String, (Option<Lock>, Vec<WaiterGrant>)>;
+
+/// What [`Writer::plan`] read from the cache for one batch.
+struct CachedRead {
+    /// The touched locks as cached (`None`: free).
+    before: BTreeMap<String, Option<Lock>>,
+    /// Their unconfirmed grants as cached.
+    unconfirmed: BTreeMap<String, Vec<WaiterGrant>>,
+    /// The transaction's conditions: each lock's mod revision as read.
+    compares: Vec<Compare>,
+    /// Reads returning the current values when a condition fails.
+    reads: Vec<TxnOp>,
+    /// The touched locks, for the rules to apply the batch to.
+    table: LockTable,
+    start_generation: u64,
+    meta_revision: i64,
+}
+
+/// The waiters a batch let in, by lock.
+fn grants_by_lock(effects: &[Effect]) -> BTreeMap<&str, Vec<WaiterGrant>> {
+    let mut grants: BTreeMap<&str, Vec<WaiterGrant>> = BTreeMap::new();
+    for grant in effects.iter().flat_map(|e| e.grants()) {
+        grants
+            .entry(grant.name.as_str())
+            .or_default()
+            .push(grant.clone());
+    }
+    grants
+}
+
+/// The unconfirmed grants of each lock after a batch (new grants join; confirmed and revoked
+/// ones leave), and for each confirmation whether its grant still stood.
+fn settle_confirmations(
+    before: &BTreeMap<String, Vec<WaiterGrant>>,
+    grants: &BTreeMap<&str, Vec<WaiterGrant>>,
+    ops: &[Op],
+    confirms: &[WaiterGrant],
+) -> (BTreeMap<String, Vec<WaiterGrant>>, Vec<bool>) {
+    let revoked: BTreeSet<WaiterId> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Revoke(grant) => Some(grant.waiter),
+            _ => None,
+        })
+        .collect();
+    let mut after = before.clone();
+    for (name, granted) in grants {
+        if let Some(list) = after.get_mut(*name) {
+            list.extend(granted.iter().cloned());
+        }
+    }
+    let confirmed: Vec<bool> = confirms
+        .iter()
+        .map(|c| {
+            !revoked.contains(&c.waiter)
+                && after
+                    .get(&c.name)
+                    .is_some_and(|list| list.iter().any(|g| g.waiter == c.waiter))
+        })
+        .collect();
+    let confirmed_ids: BTreeSet<WaiterId> = confirms.iter().map(|c| c.waiter).collect();
+    for list in after.values_mut() {
+        list.retain(|g| !revoked.contains(&g.waiter) && !confirmed_ids.contains(&g.waiter));
+    }
+    (after, confirmed)
 }
 
 pub(super) fn log_effects(effects: &[Effect]) {
