@@ -478,9 +478,9 @@ impl WriteFailure {
     }
 
     /// The state could not be encoded; nothing was written.
-    fn encoding(message: String) -> Self {
+    fn encoding(error: state_file::EncodeError) -> Self {
         WriteFailure {
-            message,
+            message: error.to_string(),
             left: Left::Nothing,
             no_space: false,
         }
@@ -918,8 +918,8 @@ impl Writer {
         debug_assert!(
             self.encoder
                 .as_ref()
-                .is_none_or(|e| Ok(e.render(self.working.next_generation(), 0))
-                    == state_file::encode(&self.working)),
+                .is_none_or(|e| state_file::encode(&self.working)
+                    .is_ok_and(|full| e.render(self.working.next_generation(), 0) == full)),
             "the incremental encoding diverged from a full one"
         );
         self.watchers.changed(&batch);

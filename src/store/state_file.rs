@@ -25,6 +25,32 @@ use serde_yaml_ng::Value;
 
 use crate::rules::{Holder, Info, Lock, LockTable, RequestorHold, Requestors};
 
+/// Why a state file (or a journal record) could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// Not YAML or JSON, or not the shape of a state file; the message names the line and
+    /// column where the decoder found it.
+    #[error("{0}")]
+    Invalid(String),
+    #[error(
+        "unknown state file format {0:?} (this server reads {FORMAT:?} and the original locker's)"
+    )]
+    UnknownFormat(String),
+    #[error("the state file must hold a mapping of lock names")]
+    NotAMapping,
+    #[error("journal record {index} does not decode: {source}")]
+    JournalRecord {
+        index: usize,
+        source: serde_json::Error,
+    },
+}
+
+/// A lock that could not be encoded (it cannot happen with the types we have; serde_json
+/// still reports it rather than panicking).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot encode state: {0}")]
+pub struct EncodeError(#[from] serde_json::Error);
+
 /// The `format` marker of files this server writes.
 pub const FORMAT: &str = "locker/v2";
 
@@ -67,7 +93,7 @@ pub struct Encoder {
 
 impl Encoder {
     /// Encodes every lock of `table`.
-    pub fn new(table: &LockTable) -> Result<Self, String> {
+    pub fn new(table: &LockTable) -> Result<Self, EncodeError> {
         let mut encoder = Encoder::default();
         encoder.update(table, table.locks().keys())?;
         Ok(encoder)
@@ -78,7 +104,7 @@ impl Encoder {
         &mut self,
         table: &LockTable,
         changed: impl IntoIterator<Item = &'a String>,
-    ) -> Result<(), String> {
+    ) -> Result<(), EncodeError> {
         for name in changed {
             match table.lock(name).filter(|lock| lock.is_held()) {
                 Some(lock) => {
@@ -119,7 +145,7 @@ impl Encoder {
         &self,
         changed: impl IntoIterator<Item = &'a String>,
         next_generation: u64,
-    ) -> Result<Vec<u8>, String> {
+    ) -> Result<Vec<u8>, EncodeError> {
         let mut out = format!("{{\"next_generation\":{next_generation},\"locks\":{{");
         for (i, name) in changed.into_iter().enumerate() {
             if i > 0 {
@@ -139,14 +165,17 @@ impl Encoder {
 }
 
 /// Applies journal records, in order, to a decoded table.
-pub fn replay(table: LockTable, records: &[Vec<u8>]) -> Result<LockTable, String> {
+pub fn replay(table: LockTable, records: &[Vec<u8>]) -> Result<LockTable, DecodeError> {
     if records.is_empty() {
         return Ok(table);
     }
     let (mut locks, mut next_generation) = table.into_parts();
     for (index, bytes) in records.iter().enumerate() {
-        let record: RecordIn = serde_json::from_slice(bytes)
-            .map_err(|e| format!("journal record {} does not decode: {e}", index + 1))?;
+        let record: RecordIn =
+            serde_json::from_slice(bytes).map_err(|source| DecodeError::JournalRecord {
+                index: index + 1,
+                source,
+            })?;
         next_generation = next_generation.max(record.next_generation);
         for (name, lock) in record.locks {
             match lock {
@@ -158,41 +187,42 @@ pub fn replay(table: LockTable, records: &[Vec<u8>]) -> Result<LockTable, String
     Ok(LockTable::from_parts(locks, next_generation))
 }
 
-fn json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String, String> {
-    serde_json::to_string(value).map_err(|e| format!("cannot encode state: {e}"))
+fn json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String, EncodeError> {
+    Ok(serde_json::to_string(value)?)
 }
 
 /// Encodes the whole table as a complete file.
-pub fn encode(table: &LockTable) -> Result<Vec<u8>, String> {
+pub fn encode(table: &LockTable) -> Result<Vec<u8>, EncodeError> {
     Ok(Encoder::new(table)?.render(table.next_generation(), 0))
 }
 
 /// Decodes a state file. `now` stamps locks loaded from the original format, which has no times.
 /// Errors name the line and column where the decoder found them.
-pub fn decode(text: &str, now: SystemTime) -> Result<LockTable, String> {
+pub fn decode(text: &str, now: SystemTime) -> Result<LockTable, DecodeError> {
     decode_with_journal(text, now).map(|(table, _)| table)
 }
 
 /// Decodes a state file and the journal epoch it names (0 for none, and for the original format).
-pub fn decode_with_journal(text: &str, now: SystemTime) -> Result<(LockTable, u64), String> {
+pub fn decode_with_journal(text: &str, now: SystemTime) -> Result<(LockTable, u64), DecodeError> {
     if let Some(table) = decode_json(text, now) {
         return table;
     }
-    let document: Value = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
+    let document: Value =
+        serde_yaml_ng::from_str(text).map_err(|e| DecodeError::Invalid(e.to_string()))?;
     match &document {
         Value::Null => Ok((LockTable::default(), 0)),
         Value::Mapping(map) => match map.get("format") {
             Some(Value::String(format)) if format == FORMAT => decode_ours(document, text),
-            Some(Value::String(format)) => Err(unknown_format(format)),
+            Some(Value::String(format)) => Err(DecodeError::UnknownFormat(format.clone())),
             _ => decode_original(document, text, now).map(|table| (table, 0)),
         },
-        _ => Err("the state file must hold a mapping of lock names".to_string()),
+        _ => Err(DecodeError::NotAMapping),
     }
 }
 
 /// The fast path for files that are JSON (ours, and the original locker's). `None` when the
 /// text is not JSON: the YAML parser then reads it.
-fn decode_json(text: &str, now: SystemTime) -> Option<Result<(LockTable, u64), String>> {
+fn decode_json(text: &str, now: SystemTime) -> Option<Result<(LockTable, u64), DecodeError>> {
     let text_start = text.trim_start();
     if !text_start.starts_with('{') {
         return None;
@@ -201,7 +231,7 @@ fn decode_json(text: &str, now: SystemTime) -> Option<Result<(LockTable, u64), S
     if text_start.starts_with(&format!("{{\"format\":\"{FORMAT}\"")) {
         return Some(
             serde_json::from_str::<StateIn>(text)
-                .map_err(|e| e.to_string())
+                .map_err(|e| DecodeError::Invalid(e.to_string()))
                 .map(StateIn::into_table),
         );
     }
@@ -213,27 +243,21 @@ fn decode_json(text: &str, now: SystemTime) -> Option<Result<(LockTable, u64), S
                 .map_err(|_| json_located_error::<StateIn>(text))
                 .map(StateIn::into_table)
         }
-        Some(serde_json::Value::String(format)) => Err(unknown_format(&format)),
+        Some(serde_json::Value::String(format)) => Err(DecodeError::UnknownFormat(format)),
         _ => serde_json::from_value::<BTreeMap<String, OriginalLock>>(document)
             .map_err(|_| json_located_error::<BTreeMap<String, OriginalLock>>(text))
             .map(|original| (from_original(original, now), 0)),
     })
 }
 
-fn unknown_format(format: &str) -> String {
-    format!(
-        "unknown state file format {format:?} (this server reads {FORMAT:?} and the original locker's)"
-    )
-}
-
-fn json_located_error<T: serde::de::DeserializeOwned>(text: &str) -> String {
-    match serde_json::from_str::<T>(text) {
+fn json_located_error<T: serde::de::DeserializeOwned>(text: &str) -> DecodeError {
+    DecodeError::Invalid(match serde_json::from_str::<T>(text) {
         Err(e) => e.to_string(),
         Ok(_) => "the state file has the wrong shape".to_string(),
-    }
+    })
 }
 
-fn decode_ours(document: Value, text: &str) -> Result<(LockTable, u64), String> {
+fn decode_ours(document: Value, text: &str) -> Result<(LockTable, u64), DecodeError> {
     let state: StateIn =
         serde_yaml_ng::from_value(document).map_err(|_| located_error::<StateIn>(text))?;
     Ok(state.into_table())
@@ -248,7 +272,7 @@ impl StateIn {
     }
 }
 
-fn decode_original(document: Value, text: &str, now: SystemTime) -> Result<LockTable, String> {
+fn decode_original(document: Value, text: &str, now: SystemTime) -> Result<LockTable, DecodeError> {
     let original: BTreeMap<String, OriginalLock> = serde_yaml_ng::from_value(document)
         .map_err(|_| located_error::<BTreeMap<String, OriginalLock>>(text))?;
     Ok(from_original(original, now))
@@ -290,11 +314,11 @@ fn from_original(original: BTreeMap<String, OriginalLock>, now: SystemTime) -> L
 
 /// Decoding from a `Value` loses positions; decoding the text again reports where it went wrong.
 /// Only runs on the error path.
-fn located_error<T: serde::de::DeserializeOwned>(text: &str) -> String {
-    match serde_yaml_ng::from_str::<T>(text) {
+fn located_error<T: serde::de::DeserializeOwned>(text: &str) -> DecodeError {
+    DecodeError::Invalid(match serde_yaml_ng::from_str::<T>(text) {
         Err(e) => e.to_string(),
         Ok(_) => "the state file has the wrong shape".to_string(),
-    }
+    })
 }
 
 #[cfg(test)]
@@ -365,7 +389,7 @@ mod tests {
         let changed: Vec<String> = ["l2", "l4", "new"].map(String::from).to_vec();
         encoder.update(&table, &changed).expect("updates");
         let rendered = encoder.render(table.next_generation(), 0);
-        assert_eq!(Ok(rendered.clone()), encode(&table));
+        assert_eq!(rendered, encode(&table).expect("encodes"));
         let text = String::from_utf8(rendered).expect("utf-8");
         assert_eq!(text.lines().count(), 7, "one line per lock:\n{text}");
         assert_eq!(decode(&text, at(0)).expect("decodes"), table);
@@ -394,17 +418,28 @@ mod tests {
             "{\"format\":\"locker/v2\",\n\"next_generation\":\"x\"}",
             at(0),
         )
-        .expect_err("bad shape");
+        .expect_err("bad shape")
+        .to_string();
         assert!(json_shape.contains("line 2"), "{json_shape}");
-        let syntax = decode("a: {b: [}\n", at(0)).expect_err("bad syntax");
+        let syntax = decode("a: {b: [}\n", at(0))
+            .expect_err("bad syntax")
+            .to_string();
         assert!(syntax.contains("line"), "{syntax}");
         let shape =
             decode("format: locker/v2\nnext_generation: many\n", at(0)).expect_err("bad shape");
+        let shape = shape.to_string();
         assert!(shape.contains("line 2"), "{shape}");
-        let original_shape =
-            decode("a:\n  key: k\n  locked_by: [1, 2]\n", at(0)).expect_err("bad shape");
+        let original_shape = decode("a:\n  key: k\n  locked_by: [1, 2]\n", at(0))
+            .expect_err("bad shape")
+            .to_string();
         assert!(original_shape.contains("line"), "{original_shape}");
-        assert!(decode("- a\n- b\n", at(0)).is_err());
-        assert!(decode("format: locker/v9\n", at(0)).is_err());
+        assert!(matches!(
+            decode("- a\n- b\n", at(0)),
+            Err(DecodeError::NotAMapping)
+        ));
+        assert!(matches!(
+            decode("format: locker/v9\n", at(0)),
+            Err(DecodeError::UnknownFormat(f)) if f == "locker/v9"
+        ));
     }
 }

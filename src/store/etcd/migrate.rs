@@ -54,7 +54,7 @@ pub fn export_file(connection: &EtcdConnection, path: &Path) -> Result<String, S
     });
     runtime.shutdown_background();
     let table = result?;
-    let bytes = state_file::encode(&table)?;
+    let bytes = state_file::encode(&table).map_err(|e| e.to_string())?;
     let file = path.display();
     if path.as_os_str() == "-" {
         std::io::stdout()
