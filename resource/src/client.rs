@@ -89,14 +89,9 @@ impl Client {
         Ok(Client { inner })
     }
 
-    /// `PUT /lock/{name}`, asking the server to wait up to `wait` for the lock.
-    pub async fn acquire(
-        &self,
-        name: &str,
-        body: &Value,
-        wait: Option<Duration>,
-    ) -> Result<Reply, ClientError> {
-        Ok(self.inner.acquire(name, body, wait).await?)
+    /// The shared client underneath (for the shared acquire loop).
+    pub fn shared(&self) -> &locker_client::Client {
+        &self.inner
     }
 
     /// `DELETE /lock/{name}` (with `?force=true` when forced).
@@ -107,14 +102,6 @@ impl Client {
         force: bool,
     ) -> Result<Reply, ClientError> {
         Ok(self.inner.release(name, body, force).await?)
-    }
-
-    /// A copy that tries each request once, with this deadline: for the clean-up after a
-    /// signal, which must finish within a second.
-    pub fn quick(&self, timeout: Duration) -> Client {
-        Client {
-            inner: self.inner.quick(timeout),
-        }
     }
 
     /// `GET /lock/{name}?wait_free=...`: this server answers when the lock is free or the wait
