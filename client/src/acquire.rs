@@ -10,22 +10,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
-use serde_json::Value;
 
 use crate::error::Error;
 use crate::http::{Client, Reply};
 use crate::longpoll::{ABORT_DEADLINE, poll_length, server_waited};
+use crate::wire::LockRequest;
 
 /// One acquire to run.
 pub struct Request<'a> {
     pub name: &'a str,
-    /// The key and requestor the body asks for, for the caller's messages after an abort.
-    pub key: &'a str,
-    pub requestor: &'a str,
-    /// Sent with every `PUT`.
-    pub body: &'a Value,
-    /// Sent with the `DELETE` that gives back a grant after an abort.
-    pub release_body: &'a Value,
+    /// Sent with every `PUT`; its key and requestor with the `DELETE` that gives back a grant
+    /// after an abort.
+    pub body: &'a LockRequest,
     /// When to stop waiting; `None` waits for ever.
     pub deadline: Option<Instant>,
     /// Longest single long-poll to ask for.
@@ -77,9 +73,7 @@ pub async fn acquire<H: Hooks>(
         abort.set(Some(Pending {
             client: client.clone(),
             name: name.to_string(),
-            key: request.key.to_string(),
-            requestor: request.requestor.to_string(),
-            release_body: request.release_body.clone(),
+            release_body: request.body.release(),
             granted: false,
         }));
         let reply = match client.acquire(name, request.body, wait).await {
@@ -143,9 +137,7 @@ pub struct Abort(Arc<Mutex<Option<Pending>>>);
 pub struct Pending {
     client: Client,
     pub name: String,
-    pub key: String,
-    pub requestor: String,
-    release_body: Value,
+    release_body: LockRequest,
     /// Whether the server's grant arrived (else it may have raced with the signal).
     pub granted: bool,
 }
@@ -172,6 +164,16 @@ impl Abort {
 }
 
 impl Pending {
+    /// The key the acquire asked for.
+    pub fn key(&self) -> &str {
+        &self.release_body.key
+    }
+
+    /// The requestor the acquire asked as; `None` when the server takes the key for it.
+    pub fn requestor(&self) -> Option<&str> {
+        self.release_body.requestor.as_deref()
+    }
+
     /// `DELETE /lock/{name}` with the release body, tried once within [`ABORT_DEADLINE`]
     /// (Concourse kills a step soon after signalling it). `None` when it did not finish in
     /// time. A waiter is never granted once its connection is gone, but a grant may have been

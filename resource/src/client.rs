@@ -6,6 +6,7 @@
 
 use std::time::{Duration, Instant};
 
+use locker_client::wire::LockRequest;
 use locker_client::{Reply, Settings, SetupError, StatusCode};
 use serde_json::Value;
 use url::Url;
@@ -98,7 +99,7 @@ impl Client {
     pub async fn release(
         &self,
         name: &str,
-        body: &Value,
+        body: &LockRequest,
         force: bool,
     ) -> Result<Reply, ClientError> {
         Ok(self.inner.release(name, body, force).await?)

@@ -17,7 +17,7 @@ use crate::models::{
 use locker_client::Reply;
 use locker_client::acquire::{self, Outcome};
 use locker_client::longpoll::{ABORT_DEADLINE, poll_length, server_waited};
-use locker_client::wire::Holder;
+use locker_client::wire::{Holder, LockRequest};
 
 /// What `out` is doing, for the clean-up when a signal stops it (kept by the shared acquire
 /// loop).
@@ -36,7 +36,8 @@ pub async fn clean_up(abort: &Abort, signal: &str) -> String {
     } else {
         "a grant may have raced with the signal"
     };
-    let (name, key, requestor) = (&pending.name, &pending.key, &pending.requestor);
+    let (name, key) = (&pending.name, pending.key());
+    let requestor = pending.requestor().unwrap_or(key);
     let outcome = match pending.release().await {
         Some(Ok(reply)) if reply.status == StatusCode::OK => {
             let said = reply
@@ -212,30 +213,17 @@ pub async fn put(
 
 /// The body of a lock or unlock request: as the original resource sent it, plus holder info and
 /// the lease for a lock.
-fn request_body(params: &OutParams, build: Option<&BuildEnv>) -> Value {
-    let mut body = Map::new();
-    body.insert("key".into(), json!(params.key));
-    if let Some(requestor) = &params.locked_by {
-        body.insert("requestor".into(), json!(requestor));
+fn request_body(params: &OutParams, build: Option<&BuildEnv>) -> LockRequest {
+    let with_build = |wanted: bool| build.is_some() && wanted;
+    LockRequest {
+        key: params.key.clone(),
+        requestor: params.locked_by.clone(),
+        info: build.map(BuildEnv::info).filter(|info| !info.is_empty()),
+        ttl: params.ttl.map(locker_client::wire_duration),
+        slots: params.slots.filter(|_| build.is_some()),
+        release_when_build_ends: with_build(params.release_when_build_ends),
+        renew: false,
     }
-    if let Some(build) = build {
-        let info = build.info();
-        if !info.is_empty() {
-            body.insert("info".into(), json!(info));
-        }
-    }
-    if let Some(ttl) = params.ttl {
-        body.insert("ttl".into(), json!(locker_client::wire_duration(ttl)));
-    }
-    if build.is_some() {
-        if let Some(slots) = params.slots {
-            body.insert("slots".into(), json!(slots));
-        }
-        if params.release_when_build_ends {
-            body.insert("release_when_build_ends".into(), json!(true));
-        }
-    }
-    Value::Object(body)
 }
 
 /// Takes the lock: a first try that does not wait (so the log names the holder at once), then
@@ -271,10 +259,7 @@ async fn lock(
     );
     let request = acquire::Request {
         name,
-        key: &params.key,
-        requestor: &requestor,
         body: &body,
-        release_body: &body,
         deadline: params.wait_timeout.map(|timeout| started + timeout),
         poll: source.wait_poll,
         fallback_pause: source.retry_interval,
@@ -574,7 +559,7 @@ mod tests {
             ..BuildEnv::default()
         };
         assert_eq!(
-            request_body(&params, Some(&build)),
+            serde_json::to_value(request_body(&params, Some(&build))).expect("json"),
             json!({"key": "k", "ttl": "90s", "info": {"job": "deploy"}, "slots": 3,
                 "release_when_build_ends": true})
         );
@@ -585,7 +570,7 @@ mod tests {
             ..params
         };
         assert_eq!(
-            request_body(&unlock, None),
+            serde_json::to_value(request_body(&unlock, None)).expect("json"),
             json!({"key": "k", "requestor": "r"})
         );
     }

@@ -4,8 +4,9 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
 
+use locker_client::wire::LockRequest;
 use reqwest::StatusCode;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use super::http::{Connection, Reply, refused};
@@ -74,13 +75,7 @@ struct Holding {
     name: String,
     key: String,
     requestor: String,
-    body: Value,
-}
-
-impl Holding {
-    fn release_body(&self) -> Value {
-        json!({"key": self.key, "requestor": self.requestor})
-    }
+    body: LockRequest,
 }
 
 fn command_line(args: &LockArgs) -> String {
@@ -112,13 +107,14 @@ pub async fn run(connection: Connection, args: LockArgs) -> Result<u8, Failure> 
     let id = invocation_id();
     let key = args.key.clone().unwrap_or_else(|| id.clone());
     let requestor = args.requestor.clone().unwrap_or_else(|| id.clone());
-    let mut body = json!({"key": key, "requestor": requestor, "info": info(&args, &id)});
-    if !args.ttl.is_zero() {
-        body["ttl"] = json!(locker_client::wire_duration(args.ttl));
-    }
-    if let Some(slots) = args.slots {
-        body["slots"] = json!(slots);
-    }
+    let body = LockRequest {
+        key: key.clone(),
+        requestor: Some(requestor.clone()),
+        info: Some(info(&args, &id)),
+        ttl: (!args.ttl.is_zero()).then(|| locker_client::wire_duration(args.ttl)),
+        slots: args.slots,
+        ..LockRequest::default()
+    };
     let holding = Holding {
         name: args.name.clone(),
         key,
@@ -181,13 +177,9 @@ async fn acquire(
     let name = &holding.name;
     let started = Instant::now();
     let limit = args.wait.and_then(|w| w.0);
-    let release_body = holding.release_body();
     let request = locker_client::acquire::Request {
         name,
-        key: &holding.key,
-        requestor: &holding.requestor,
         body: &holding.body,
-        release_body: &release_body,
         deadline: limit.map(|l| started + l),
         poll: POLL,
         fallback_pause: Duration::from_secs(1),
@@ -295,10 +287,10 @@ async fn renew(connection: Connection, holding: Holding, ttl: Duration, generati
     let mut renewed_at = Instant::now();
     let mut next = renewed_at + interval;
     let connection = connection.with_timeout(interval.max(Duration::from_secs(1)));
-    let mut body = holding.body.clone();
-    if let Some(fields) = body.as_object_mut() {
-        fields.insert("renew".into(), Value::Bool(true));
-    }
+    let body = LockRequest {
+        renew: true,
+        ..holding.body.clone()
+    };
     loop {
         tokio::time::sleep_until(next.into()).await;
         let expires = renewed_at + ttl;
@@ -469,7 +461,7 @@ async fn release(connection: &Connection, holding: &Holding) {
     loop {
         attempt += 1;
         match connection
-            .release(&holding.name, &holding.release_body(), false)
+            .release(&holding.name, &holding.body.release(), false)
             .await
         {
             Ok(reply) if reply.status == StatusCode::OK => return,
