@@ -1,5 +1,5 @@
 //! The JSON the API speaks, as types: the server's views serialize from them and its clients
-//! read them, so the two cannot disagree.
+//! read them, so the two cannot disagree. [`LockRequest`] is the body the clients send.
 //!
 //! A lock's status carries the oldest holding's fields at the top level (`key`, `locked_by`:
 //! the original API's, which its clients read), then `waiters`, `slots` and every holding in
