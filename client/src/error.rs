@@ -15,7 +15,7 @@ pub enum SetupError {
 }
 
 /// A request that got no answer worth interpreting.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// 401: the credentials are wrong or missing. Never retried.
     #[error("{url} answered 401 Unauthorized: the server refused the credentials")]

@@ -1,5 +1,5 @@
 //! The JSON the API speaks, as types: the server's views serialize from them and its clients
-//! read them, so the two cannot disagree.
+//! read them, so the two cannot disagree. [`LockRequest`] is the body the clients send.
 //!
 //! A lock's status carries the oldest holding's fields at the top level (`key`, `locked_by`:
 //! the original API's, which its clients read), then `waiters`, `slots` and every holding in
@@ -102,6 +102,39 @@ pub struct LockStatus<I = Info> {
 /// `GET /locks`: name → lock.
 pub type LockMap = BTreeMap<String, Lock>;
 
+/// The body of `PUT` and `DELETE /lock/{name}` as the clients send it (the server reads it
+/// leniently, ignoring unknown fields as the original did). Fields left at their defaults are
+/// not sent, so the original server sees only what it knows.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct LockRequest {
+    pub key: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requestor: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub info: Option<Info>,
+    /// The lease, in the wire form of [`crate::wire_duration`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slots: Option<u32>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub release_when_build_ends: bool,
+    /// A renewal by the holder: refresh the lease without counting up.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub renew: bool,
+}
+
+impl LockRequest {
+    /// The body that gives back what this one acquires: its key and requestor.
+    pub fn release(&self) -> LockRequest {
+        LockRequest {
+            key: self.key.clone(),
+            requestor: self.requestor.clone(),
+            ..LockRequest::default()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,5 +167,35 @@ mod tests {
             let lock: Lock = serde_json::from_value(free.clone()).expect("parses");
             assert!(lock.holdings().is_empty(), "{free}");
         }
+    }
+
+    #[test]
+    fn lock_requests_send_only_what_is_set() {
+        let bare = LockRequest {
+            key: "k".into(),
+            ..LockRequest::default()
+        };
+        assert_eq!(
+            serde_json::to_value(&bare).expect("json"),
+            json!({"key": "k"})
+        );
+        let full = LockRequest {
+            key: "k".into(),
+            requestor: Some("r".into()),
+            info: Some([("job".to_string(), "j".to_string())].into()),
+            ttl: Some("90s".into()),
+            slots: Some(3),
+            release_when_build_ends: true,
+            renew: true,
+        };
+        assert_eq!(
+            serde_json::to_value(&full).expect("json"),
+            json!({"key": "k", "requestor": "r", "info": {"job": "j"}, "ttl": "90s",
+                "slots": 3, "release_when_build_ends": true, "renew": true})
+        );
+        assert_eq!(
+            serde_json::to_value(full.release()).expect("json"),
+            json!({"key": "k", "requestor": "r"})
+        );
     }
 }

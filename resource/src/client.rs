@@ -6,6 +6,7 @@
 
 use std::time::{Duration, Instant};
 
+use locker_client::wire::LockRequest;
 use locker_client::{Reply, Settings, SetupError, StatusCode};
 use serde_json::Value;
 use url::Url;
@@ -89,32 +90,19 @@ impl Client {
         Ok(Client { inner })
     }
 
-    /// `PUT /lock/{name}`, asking the server to wait up to `wait` for the lock.
-    pub async fn acquire(
-        &self,
-        name: &str,
-        body: &Value,
-        wait: Option<Duration>,
-    ) -> Result<Reply, ClientError> {
-        Ok(self.inner.acquire(name, body, wait).await?)
+    /// The shared client underneath (for the shared acquire loop).
+    pub fn shared(&self) -> &locker_client::Client {
+        &self.inner
     }
 
     /// `DELETE /lock/{name}` (with `?force=true` when forced).
     pub async fn release(
         &self,
         name: &str,
-        body: &Value,
+        body: &LockRequest,
         force: bool,
     ) -> Result<Reply, ClientError> {
         Ok(self.inner.release(name, body, force).await?)
-    }
-
-    /// A copy that tries each request once, with this deadline: for the clean-up after a
-    /// signal, which must finish within a second.
-    pub fn quick(&self, timeout: Duration) -> Client {
-        Client {
-            inner: self.inner.quick(timeout),
-        }
     }
 
     /// `GET /lock/{name}?wait_free=...`: this server answers when the lock is free or the wait

@@ -2,7 +2,6 @@
 //! reasons for the build log.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use reqwest::StatusCode;
@@ -15,90 +14,56 @@ use crate::models::{
     CheckRequest, ConfigError, InRequest, LockOp, LockTarget, MetadataField, OutParams, OutRequest,
     Source, VersionResponse, check_lock_name, parse_in_params,
 };
+use locker_client::Reply;
+use locker_client::acquire::{self, Outcome};
 use locker_client::longpoll::{ABORT_DEADLINE, poll_length, server_waited};
-use locker_client::wire::Holder;
+use locker_client::wire::{Holder, LockRequest};
 
-/// What `out` is doing, for the clean-up when a signal stops it: whether an acquire request is
-/// in flight or was granted, and how to release it.
-#[derive(Clone, Default)]
-pub struct Abort(Arc<Mutex<Option<Pending>>>);
+/// What `out` is doing, for the clean-up when a signal stops it (kept by the shared acquire
+/// loop).
+pub use locker_client::Abort;
 
-struct Pending {
-    client: Client,
-    name: String,
-    key: String,
-    requestor: String,
-    body: Value,
-    granted: bool,
-}
-
-impl Abort {
-    fn set(&self, pending: Option<Pending>) {
-        if let Ok(mut slot) = self.0.lock() {
-            *slot = pending;
+/// After a signal, with the work abandoned (its requests dropped, so the server withdraws a
+/// waiting acquire): releases what the acquire may have been granted, and says what it did.
+pub async fn clean_up(abort: &Abort, signal: &str) -> String {
+    let Some(pending) = abort.take() else {
+        return format!("stopped by {signal}; holding no lock");
+    };
+    // The key cannot be held by this requestor otherwise: it would have been granted at once,
+    // not kept waiting.
+    let what = if pending.granted {
+        "it had been granted"
+    } else {
+        "a grant may have raced with the signal"
+    };
+    let (name, key) = (&pending.name, pending.key());
+    let requestor = pending.requestor().unwrap_or(key);
+    let outcome = match pending.release().await {
+        Some(Ok(reply)) if reply.status == StatusCode::OK => {
+            let said = reply
+                .body
+                .get("response")
+                .and_then(Value::as_str)
+                .unwrap_or("released");
+            format!("released key {key:?} as {requestor:?} ({said})")
         }
-    }
-
-    fn mark_granted(&self) {
-        if let Ok(mut slot) = self.0.lock()
-            && let Some(pending) = slot.as_mut()
-        {
-            pending.granted = true;
-        }
-    }
-
-    /// After a signal, with the work abandoned (its requests dropped, so the server withdraws a
-    /// waiting acquire): releases what the acquire may have been granted, and says what it did.
-    pub async fn clean_up(&self, signal: &str) -> String {
-        let pending = self.0.lock().ok().and_then(|mut slot| slot.take());
-        let Some(pending) = pending else {
-            return format!("stopped by {signal}; holding no lock");
-        };
-        let Pending {
-            client,
-            name,
-            key,
-            requestor,
-            body,
-            granted,
-        } = pending;
-        // A waiter is never granted once its connection is gone, but a grant may have been
-        // on its way when the request was dropped: release key/requestor's holding either way.
-        // The key cannot be held by this requestor otherwise: it would have been granted at
-        // once, not kept waiting.
-        let what = if granted {
-            "it had been granted"
-        } else {
-            "a grant may have raced with the signal"
-        };
-        let quick = client.quick(ABORT_DEADLINE);
-        let result = tokio::time::timeout(ABORT_DEADLINE, quick.release(&name, &body, false)).await;
-        let outcome = match result {
-            Ok(Ok(reply)) if reply.status == StatusCode::OK => {
-                let said = reply
-                    .body
-                    .get("response")
-                    .and_then(Value::as_str)
-                    .unwrap_or("released");
-                format!("released key {key:?} as {requestor:?} ({said})")
-            }
-            Ok(Ok(reply)) => format!(
-                "nothing to release: the server answered {} ({})",
-                reply.status,
-                reply.error_message()
-            ),
-            Ok(Err(e)) => format!(
-                "could not release key {key:?} as {requestor:?}: {e}; the server withdraws a \
-                 grant to a client that has gone, and a ttl would end any holding"
-            ),
-            Err(_) => format!(
-                "could not release key {key:?} as {requestor:?} within {}: the server \
-                 withdraws a grant to a client that has gone",
-                humantime::format_duration(ABORT_DEADLINE)
-            ),
-        };
-        format!("stopped by {signal} while acquiring lock {name:?}; {what}: {outcome}")
-    }
+        Some(Ok(reply)) => format!(
+            "nothing to release: the server answered {} ({})",
+            reply.status,
+            reply.error_message()
+        ),
+        Some(Err(e)) => format!(
+            "could not release key {key:?} as {requestor:?}: {}; the server withdraws a \
+             grant to a client that has gone, and a ttl would end any holding",
+            ClientError::from(e)
+        ),
+        None => format!(
+            "could not release key {key:?} as {requestor:?} within {}: the server \
+             withdraws a grant to a client that has gone",
+            humantime::format_duration(ABORT_DEADLINE)
+        ),
+    };
+    format!("stopped by {signal} while acquiring lock {name:?}; {what}: {outcome}")
 }
 
 impl From<ConfigError> for String {
@@ -248,30 +213,17 @@ pub async fn put(
 
 /// The body of a lock or unlock request: as the original resource sent it, plus holder info and
 /// the lease for a lock.
-fn request_body(params: &OutParams, build: Option<&BuildEnv>) -> Value {
-    let mut body = Map::new();
-    body.insert("key".into(), json!(params.key));
-    if let Some(requestor) = &params.locked_by {
-        body.insert("requestor".into(), json!(requestor));
+fn request_body(params: &OutParams, build: Option<&BuildEnv>) -> LockRequest {
+    let with_build = |wanted: bool| build.is_some() && wanted;
+    LockRequest {
+        key: params.key.clone(),
+        requestor: params.locked_by.clone(),
+        info: build.map(BuildEnv::info).filter(|info| !info.is_empty()),
+        ttl: params.ttl.map(locker_client::wire_duration),
+        slots: params.slots.filter(|_| build.is_some()),
+        release_when_build_ends: with_build(params.release_when_build_ends),
+        renew: false,
     }
-    if let Some(build) = build {
-        let info = build.info();
-        if !info.is_empty() {
-            body.insert("info".into(), json!(info));
-        }
-    }
-    if let Some(ttl) = params.ttl {
-        body.insert("ttl".into(), json!(locker_client::wire_duration(ttl)));
-    }
-    if build.is_some() {
-        if let Some(slots) = params.slots {
-            body.insert("slots".into(), json!(slots));
-        }
-        if params.release_when_build_ends {
-            body.insert("release_when_build_ends".into(), json!(true));
-        }
-    }
-    Value::Object(body)
 }
 
 /// Takes the lock: a first try that does not wait (so the log names the holder at once), then
@@ -301,79 +253,50 @@ async fn lock(
         log!("lock {name:?} is a semaphore of {slots} slots");
     }
     let started = Instant::now();
-    let deadline = params.wait_timeout.map(|timeout| started + timeout);
-    let mut wait: Option<Duration> = None;
-    let mut told_fallback = false;
     log!(
         "acquiring lock {name:?} with key {:?} as {requestor:?}",
         params.key
     );
-    let granted = loop {
-        abort.set(Some(Pending {
-            client: client.clone(),
-            name: name.to_string(),
-            key: params.key.clone(),
-            requestor: requestor.clone(),
-            body: body.clone(),
-            granted: false,
-        }));
-        let reply = client.acquire(name, &body, wait).await?;
-        match reply.status {
-            StatusCode::OK => {
-                abort.mark_granted();
-                break reply.body;
-            }
-            StatusCode::LOCKED => abort.set(None),
-            StatusCode::CONFLICT => {
-                abort.set(None);
-                return Err(format!(
-                    "cannot lock {name:?}: {} (params.slots must match the lock's)",
-                    reply.error_message()
-                ));
-            }
-            status => {
-                abort.set(None);
-                return Err(format!(
-                    "cannot lock {name:?}: the server answered {status}: {}",
-                    reply.error_message()
-                ));
-            }
-        }
-        let message = reply.error_message();
-        let holder = match client.holding(name).await {
-            Ok(Some(holding)) => holding.describe(SystemTime::now()),
-            Ok(None) => {
-                format!("nobody GET /locks lists (freed just now? the server said: {message})")
-            }
-            Err(e) => format!("an unknown holder ({e}; the server said: {message})"),
-        };
-        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        log!(
-            "lock {name:?} is held by {holder}; waited {} so far",
-            since(started)
-        );
-        if remaining == Some(Duration::ZERO) {
+    let request = acquire::Request {
+        name,
+        body: &body,
+        deadline: params.wait_timeout.map(|timeout| started + timeout),
+        poll: source.wait_poll,
+        fallback_pause: source.retry_interval,
+    };
+    let mut waiting = Waiting {
+        client,
+        name,
+        started,
+        retry_interval: source.retry_interval,
+        told_fallback: false,
+        holder: String::new(),
+    };
+    let outcome = acquire::acquire(client.shared(), &request, abort, &mut waiting)
+        .await
+        .map_err(ClientError::from)?;
+    let granted = match outcome {
+        Outcome::Granted(reply) => reply.body,
+        Outcome::TimedOut(_) => {
             return Err(format!(
-                "gave up waiting for lock {name:?} after {} (params.wait_timeout): it is held by {holder}",
-                since(started)
+                "gave up waiting for lock {name:?} after {} (params.wait_timeout): it is held by {}",
+                since(started),
+                waiting.holder
             ));
         }
-        if let Some(asked) = wait
-            && !server_waited(asked, reply.elapsed, &message)
-        {
-            if !told_fallback {
-                log!(
-                    "the server answered at once instead of waiting (no long-poll support, e.g. \
-                     the original locker): trying again every {}",
-                    humantime::format_duration(source.retry_interval)
-                );
-                told_fallback = true;
-            }
-            let pause = remaining.map_or(source.retry_interval, |r| r.min(source.retry_interval));
-            tokio::time::sleep(pause).await;
+        Outcome::Refused(reply) if reply.status == StatusCode::CONFLICT => {
+            return Err(format!(
+                "cannot lock {name:?}: {} (params.slots must match the lock's)",
+                reply.error_message()
+            ));
         }
-        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        wait = Some(poll_length(source.wait_poll, remaining));
+        Outcome::Refused(reply) => {
+            return Err(format!(
+                "cannot lock {name:?}: the server answered {}: {}",
+                reply.status,
+                reply.error_message()
+            ));
+        }
     };
 
     let generation = granted
@@ -409,6 +332,49 @@ async fn lock(
             MetadataField::new("waited", since(started)),
         ],
     })
+}
+
+/// The resource's part in the shared acquire loop: a log line naming the holder each round,
+/// one line when the server turns out not to long-poll. The resource's client already rides
+/// out an unreachable server with its own retries.
+struct Waiting<'a> {
+    client: &'a Client,
+    name: &'a str,
+    started: Instant,
+    retry_interval: Duration,
+    told_fallback: bool,
+    /// The holder as last described, for the message when time runs out.
+    holder: String,
+}
+
+impl acquire::Hooks for Waiting<'_> {
+    async fn held(&mut self, reply: &Reply, _out_of_time: bool) {
+        let name = self.name;
+        let message = reply.error_message();
+        self.holder = match self.client.holding(name).await {
+            Ok(Some(holding)) => holding.describe(SystemTime::now()),
+            Ok(None) => {
+                format!("nobody GET /locks lists (freed just now? the server said: {message})")
+            }
+            Err(e) => format!("an unknown holder ({e}; the server said: {message})"),
+        };
+        log!(
+            "lock {name:?} is held by {}; waited {} so far",
+            self.holder,
+            since(self.started)
+        );
+    }
+
+    fn answered_at_once(&mut self) {
+        if !self.told_fallback {
+            log!(
+                "the server answered at once instead of waiting (no long-poll support, e.g. \
+                 the original locker): trying again every {}",
+                humantime::format_duration(self.retry_interval)
+            );
+            self.told_fallback = true;
+        }
+    }
 }
 
 /// `lock_op: wait`: returns once the lock is free, holding nothing. Long-polls
@@ -593,7 +559,7 @@ mod tests {
             ..BuildEnv::default()
         };
         assert_eq!(
-            request_body(&params, Some(&build)),
+            serde_json::to_value(request_body(&params, Some(&build))).expect("json"),
             json!({"key": "k", "ttl": "90s", "info": {"job": "deploy"}, "slots": 3,
                 "release_when_build_ends": true})
         );
@@ -604,7 +570,7 @@ mod tests {
             ..params
         };
         assert_eq!(
-            request_body(&unlock, None),
+            serde_json::to_value(request_body(&unlock, None)).expect("json"),
             json!({"key": "k", "requestor": "r"})
         );
     }

@@ -156,7 +156,7 @@ fn run(args: &[String]) -> Result<String, String> {
         // and fail.
         tokio::select! {
             result = work => result,
-            signal = signals.next() => Err(abort.clean_up(signal).await),
+            signal = signals.next() => Err(commands::clean_up(&abort, signal).await),
         }
     })?;
     serde_json::to_string(&response).map_err(|e| format!("cannot encode the response: {e}"))

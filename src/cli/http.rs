@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use locker_client::{Client, Error, RetryPolicy, Settings, SetupError};
+use serde::Serialize;
 use serde_json::Value;
 
 use super::{ConnectionArgs, Failure, exit};
@@ -95,10 +96,10 @@ impl Connection {
     }
 
     /// `PUT /lock/{name}`, asking the server to wait up to `wait`.
-    pub async fn acquire(
+    pub async fn acquire<B: Serialize + ?Sized>(
         &self,
         name: &str,
-        body: &Value,
+        body: &B,
         wait: Option<Duration>,
     ) -> Result<Reply, Failure> {
         self.client
@@ -108,7 +109,12 @@ impl Connection {
     }
 
     /// `DELETE /lock/{name}` (`?force=true` when forced).
-    pub async fn release(&self, name: &str, body: &Value, force: bool) -> Result<Reply, Failure> {
+    pub async fn release<B: Serialize + ?Sized>(
+        &self,
+        name: &str,
+        body: &B,
+        force: bool,
+    ) -> Result<Reply, Failure> {
         self.client
             .release(name, body, force)
             .await

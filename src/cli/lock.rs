@@ -4,14 +4,16 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
 
+use locker_client::wire::LockRequest;
 use reqwest::StatusCode;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
-use super::http::{Connection, refused};
+use super::http::{Connection, Reply, refused};
 use super::show::describe_holder;
 use super::{Failure, LockArgs, exit};
-use locker_client::longpoll::{ABORT_DEADLINE, DEFAULT_POLL as POLL, poll_length, server_waited};
+use locker_client::longpoll::DEFAULT_POLL as POLL;
+use locker_client::{Abort, Error, Outcome};
 
 /// Shortest pause between renewals, whatever the TTL.
 const MIN_RENEWAL: Duration = Duration::from_millis(200);
@@ -73,13 +75,7 @@ struct Holding {
     name: String,
     key: String,
     requestor: String,
-    body: Value,
-}
-
-impl Holding {
-    fn release_body(&self) -> Value {
-        json!({"key": self.key, "requestor": self.requestor})
-    }
+    body: LockRequest,
 }
 
 fn command_line(args: &LockArgs) -> String {
@@ -111,13 +107,14 @@ pub async fn run(connection: Connection, args: LockArgs) -> Result<u8, Failure> 
     let id = invocation_id();
     let key = args.key.clone().unwrap_or_else(|| id.clone());
     let requestor = args.requestor.clone().unwrap_or_else(|| id.clone());
-    let mut body = json!({"key": key, "requestor": requestor, "info": info(&args, &id)});
-    if !args.ttl.is_zero() {
-        body["ttl"] = json!(locker_client::wire_duration(args.ttl));
-    }
-    if let Some(slots) = args.slots {
-        body["slots"] = json!(slots);
-    }
+    let body = LockRequest {
+        key: key.clone(),
+        requestor: Some(requestor.clone()),
+        info: Some(info(&args, &id)),
+        ttl: (!args.ttl.is_zero()).then(|| locker_client::wire_duration(args.ttl)),
+        slots: args.slots,
+        ..LockRequest::default()
+    };
     let holding = Holding {
         name: args.name.clone(),
         key,
@@ -126,22 +123,24 @@ pub async fn run(connection: Connection, args: LockArgs) -> Result<u8, Failure> 
     };
 
     // Wait for the lock, stopping at once on a signal.
+    let abort = Abort::default();
     let generation = tokio::select! {
-        result = acquire(&connection, &holding, &args) => result?,
+        result = acquire(&connection, &holding, &args, &abort) => result?,
         (_, signal) = signals.next() => {
             // The request in flight is dropped, so the server withdraws the waiter; a grant
             // that raced with the signal is released here.
-            let quick = connection.with_timeout(ABORT_DEADLINE);
-            let outcome = match tokio::time::timeout(
-                ABORT_DEADLINE,
-                quick.release(&holding.name, &holding.release_body(), false),
-            )
-            .await
-            {
-                Ok(Ok(reply)) if reply.status == StatusCode::OK => "holding nothing".to_string(),
-                Ok(Ok(reply)) => format!("release answered {}", reply.error_message()),
-                Ok(Err(failure)) => format!("could not make sure: {}", failure.message),
-                Err(_) => "could not make sure: the release timed out".to_string(),
+            let outcome = match abort.take() {
+                None => "holding nothing".to_string(),
+                Some(pending) => match pending.release().await {
+                    Some(Ok(reply)) if reply.status == StatusCode::OK => {
+                        "holding nothing".to_string()
+                    }
+                    Some(Ok(reply)) => format!("release answered {}", reply.error_message()),
+                    Some(Err(error)) => {
+                        format!("could not make sure: {}", connection.failure(error).message)
+                    }
+                    None => "could not make sure: the release timed out".to_string(),
+                },
             };
             return Err(Failure::new(
                 128 + signal_number(signal),
@@ -173,84 +172,95 @@ async fn acquire(
     connection: &Connection,
     holding: &Holding,
     args: &LockArgs,
+    abort: &Abort,
 ) -> Result<u64, Failure> {
     let name = &holding.name;
     let started = Instant::now();
     let limit = args.wait.and_then(|w| w.0);
-    let deadline = limit.map(|l| started + l);
-    let mut wait: Option<Duration> = None;
-    let mut told = false;
-    let mut failures = 0u32;
-    loop {
-        let asked_at = Instant::now();
-        let reply = match connection.acquire(name, &holding.body, wait).await {
-            Ok(reply) => {
-                failures = 0;
-                reply
+    let request = locker_client::acquire::Request {
+        name,
+        body: &holding.body,
+        deadline: limit.map(|l| started + l),
+        poll: POLL,
+        fallback_pause: Duration::from_secs(1),
+    };
+    let mut waiting = Waiting {
+        connection,
+        name,
+        told: false,
+        holder: String::new(),
+    };
+    let outcome =
+        locker_client::acquire::acquire(connection.client(), &request, abort, &mut waiting)
+            .await
+            .map_err(|e| connection.failure(e))?;
+    match outcome {
+        Outcome::Granted(reply) => {
+            let generation = reply
+                .body
+                .get("generation")
+                .and_then(Value::as_u64)
+                .unwrap_or_default();
+            if waiting.told {
+                eprintln!(
+                    "locker: acquired lock {name:?} after {} (generation {generation})",
+                    short(started.elapsed())
+                );
             }
-            // While waiting, ride out a server restart for a little while.
-            Err(failure) if failure.code == exit::UNREACHABLE && wait.is_some() && failures < 5 => {
-                failures += 1;
-                let pause = Duration::from_millis(500) * (1 << failures);
-                eprintln!("locker: {}; retrying in {pause:?}", failure.message);
-                tokio::time::sleep(pause).await;
-                continue;
-            }
-            Err(failure) => return Err(failure),
-        };
-        match reply.status {
-            StatusCode::OK => {
-                let generation = reply
-                    .body
-                    .get("generation")
-                    .and_then(Value::as_u64)
-                    .unwrap_or_default();
-                if told {
-                    eprintln!(
-                        "locker: acquired lock {name:?} after {} (generation {generation})",
-                        short(started.elapsed())
-                    );
-                }
-                return Ok(generation);
-            }
-            StatusCode::LOCKED => {}
-            StatusCode::CONFLICT => {
-                return Err(refused(
-                    &reply,
-                    &format!("cannot lock {name:?} (--slots must match the lock's)"),
-                ));
-            }
-            _ => return Err(refused(&reply, &format!("cannot lock {name:?}"))),
+            Ok(generation)
         }
-        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        if remaining == Some(Duration::ZERO) {
-            let holder = holder_of(connection, name).await;
+        Outcome::TimedOut(_) => {
             let waited = if limit == Some(Duration::ZERO) {
                 "(no --wait)".to_string()
             } else {
                 format!("after waiting {}", short(started.elapsed()))
             };
-            return Err(Failure::new(
+            Err(Failure::new(
                 exit::HELD,
-                format!("lock {name:?} is held by {holder} {waited}"),
-            ));
+                format!("lock {name:?} is held by {} {waited}", waiting.holder),
+            ))
         }
-        if !told {
+        Outcome::Refused(reply) if reply.status == StatusCode::CONFLICT => Err(refused(
+            &reply,
+            &format!("cannot lock {name:?} (--slots must match the lock's)"),
+        )),
+        Outcome::Refused(reply) => Err(refused(&reply, &format!("cannot lock {name:?}"))),
+    }
+}
+
+/// The CLI's part in the shared acquire loop: one line when the wait begins, naming the holder,
+/// and riding out a server restart for a little while (each request is tried once).
+struct Waiting<'a> {
+    connection: &'a Connection,
+    name: &'a str,
+    /// Whether the "waiting for lock" line was written.
+    told: bool,
+    /// The holder when time ran out, for the message.
+    holder: String,
+}
+
+impl locker_client::acquire::Hooks for Waiting<'_> {
+    async fn held(&mut self, _reply: &Reply, out_of_time: bool) {
+        if out_of_time {
+            self.holder = holder_of(self.connection, self.name).await;
+        } else if !self.told {
             eprintln!(
-                "locker: waiting for lock {name:?}, held by {}",
-                holder_of(connection, name).await
+                "locker: waiting for lock {:?}, held by {}",
+                self.name,
+                holder_of(self.connection, self.name).await
             );
-            told = true;
+            self.told = true;
         }
-        // A server that does not long-poll answers at once: do not hammer it.
-        if let Some(asked) = wait
-            && !server_waited(asked, asked_at.elapsed(), "")
-        {
-            let pause = Duration::from_secs(1);
-            tokio::time::sleep(remaining.map_or(pause, |r| r.min(pause))).await;
+    }
+
+    fn unreachable(&mut self, error: &Error, failures: u32) -> Option<Duration> {
+        if failures > 5 {
+            return None;
         }
-        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        wait = Some(poll_length(POLL, remaining));
+        let pause = Duration::from_millis(500) * (1 << failures);
+        let message = self.connection.failure(error.clone()).message;
+        eprintln!("locker: {message}; retrying in {pause:?}");
+        Some(pause)
     }
 }
 
@@ -277,10 +287,10 @@ async fn renew(connection: Connection, holding: Holding, ttl: Duration, generati
     let mut renewed_at = Instant::now();
     let mut next = renewed_at + interval;
     let connection = connection.with_timeout(interval.max(Duration::from_secs(1)));
-    let mut body = holding.body.clone();
-    if let Some(fields) = body.as_object_mut() {
-        fields.insert("renew".into(), Value::Bool(true));
-    }
+    let body = LockRequest {
+        renew: true,
+        ..holding.body.clone()
+    };
     loop {
         tokio::time::sleep_until(next.into()).await;
         let expires = renewed_at + ttl;
@@ -451,7 +461,7 @@ async fn release(connection: &Connection, holding: &Holding) {
     loop {
         attempt += 1;
         match connection
-            .release(&holding.name, &holding.release_body(), false)
+            .release(&holding.name, &holding.body.release(), false)
             .await
         {
             Ok(reply) if reply.status == StatusCode::OK => return,
