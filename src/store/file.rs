@@ -42,8 +42,6 @@ use crate::rules::{
 
 /// Most commands folded into one write; bounds the latency a batch adds.
 const MAX_BATCH: usize = 4096;
-/// How soon internal work (expiry, cancels) is retried after a failed write.
-const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 /// Rewrites tried, a short pause apart, to undo a refused write before giving up (see `undo`).
 const UNDO_ATTEMPTS: u32 = 3;
 const UNDO_PAUSE: Duration = Duration::from_millis(50);
@@ -650,30 +648,20 @@ impl Writer {
 
     /// Time left before internal work is tried again after a failed write.
     fn backoff(&self) -> Duration {
-        self.last_failure
-            .map(|at| RETRY_AFTER_FAILURE.saturating_sub(at.elapsed()))
-            .unwrap_or(Duration::ZERO)
+        super::backoff_left(self.last_failure)
     }
 
     /// How long to sleep waiting for commands: until the next lease runs out, or until
     /// internal work that failed to persist is due again.
     fn idle_time(&self) -> Duration {
-        let backoff = self.backoff();
-        let mut idle = IDLE;
-        if let Some(at) = self.working.next_expiry() {
-            let until = at
-                .duration_since(SystemTime::now())
-                .unwrap_or(Duration::ZERO);
-            idle = idle.min(until.max(backoff));
-        }
-        if !self.retry.is_empty() {
-            idle = idle.min(backoff);
-        }
+        let mut idle = super::writer_idle_time(
+            IDLE,
+            self.working.next_expiry(),
+            !self.retry.is_empty(),
+            self.backoff(),
+        );
         if let Some(since) = self.journal_since {
-            let retry = self
-                .last_compaction_failure
-                .map(|at| RETRY_AFTER_FAILURE.saturating_sub(at.elapsed()))
-                .unwrap_or(Duration::ZERO);
+            let retry = super::backoff_left(self.last_compaction_failure);
             idle = idle.min(COMPACT_AFTER.saturating_sub(since.elapsed()).max(retry));
         }
         idle
@@ -686,7 +674,7 @@ impl Writer {
         };
         let retry_due = self
             .last_compaction_failure
-            .is_none_or(|at| at.elapsed() >= RETRY_AFTER_FAILURE);
+            .is_none_or(|at| at.elapsed() >= super::RETRY_AFTER_FAILURE);
         retry_due && (since.elapsed() >= COMPACT_AFTER || journal.used() > journal.capacity() / 2)
     }
 

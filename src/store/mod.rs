@@ -257,6 +257,38 @@ pub(crate) async fn poll_free<S: LockStore + ?Sized>(
     }
 }
 
+/// After a failed write, internal work (expiry, clean-up) is tried again this much later.
+pub(crate) const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
+
+/// What is left of the pause after the write that failed at `last_failure`.
+pub(crate) fn backoff_left(last_failure: Option<std::time::Instant>) -> Duration {
+    last_failure
+        .map(|at| RETRY_AFTER_FAILURE.saturating_sub(at.elapsed()))
+        .unwrap_or(Duration::ZERO)
+}
+
+/// How long a writer may sleep waiting for commands: at most `limit`, and no later than the
+/// next lease runs out or internal work that failed to persist (`retry_pending`) is due again,
+/// but not before the `backoff` after a failed write has passed.
+pub(crate) fn writer_idle_time(
+    limit: Duration,
+    next_expiry: Option<std::time::SystemTime>,
+    retry_pending: bool,
+    backoff: Duration,
+) -> Duration {
+    let mut idle = limit;
+    if let Some(at) = next_expiry {
+        let until = at
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        idle = idle.min(until.max(backoff));
+    }
+    if retry_pending {
+        idle = idle.min(backoff);
+    }
+    idle
+}
+
 /// Gauge values of a lock table.
 pub fn table_stats(table: &LockTable) -> LockStats {
     let mut stats = LockStats::default();

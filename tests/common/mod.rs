@@ -22,7 +22,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Environment variables of the server that must not leak in from the test's environment:
 /// every one its flags read, from its own `--help` (clap prints `[env: NAME=...]` for each), so a
-/// new flag is never missed; and the log filter, which is read outside clap.
+/// new flag is never missed; and the log filter, which is read outside clap. Asked of the
+/// server binary itself, not of a wrapper a test runs it under (`fiu-run`, `strace`).
 fn server_variables(binary: &Path) -> &'static [String] {
     static VARIABLES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
     VARIABLES.get_or_init(|| {
@@ -173,7 +174,7 @@ impl ServerBuilder {
             }
         };
         let mut command = Command::new(&self.binary);
-        for name in server_variables(&self.binary) {
+        for name in server_variables(&locker_binary()) {
             command.env_remove(name);
         }
         command

@@ -71,8 +71,6 @@ const REPLICA_LEASE_SECONDS: i64 = 5;
 const KEEP_ALIVE_EVERY: Duration = Duration::from_millis(1500);
 /// How often queue entries of servers that are gone are looked for.
 const PURGE_EVERY: Duration = Duration::from_secs(2);
-/// After a failed write, internal clean-up is tried again this much later.
-const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 /// Attempts to reach etcd at start-up, one second apart.
 const CONNECT_TRIES: u32 = 5;
 

@@ -68,24 +68,17 @@ impl Writer {
     }
 
     pub(super) fn backoff(&self) -> Duration {
-        self.last_failure
-            .map(|at| RETRY_AFTER_FAILURE.saturating_sub(at.elapsed()))
-            .unwrap_or(Duration::ZERO)
+        crate::store::backoff_left(self.last_failure)
     }
 
     pub(super) fn idle_time(&self) -> Duration {
-        let mut idle = PURGE_EVERY.saturating_sub(self.last_purge.elapsed());
-        let backoff = self.backoff();
-        if let Some(at) = self.shared.cache.lock().next_expiry() {
-            let until = at
-                .duration_since(SystemTime::now())
-                .unwrap_or(Duration::ZERO);
-            idle = idle.min(until.max(backoff));
-        }
-        if !self.retry.is_empty() {
-            idle = idle.min(backoff);
-        }
-        idle
+        let next_expiry = self.shared.cache.lock().next_expiry();
+        crate::store::writer_idle_time(
+            PURGE_EVERY.saturating_sub(self.last_purge.elapsed()),
+            next_expiry,
+            !self.retry.is_empty(),
+            self.backoff(),
+        )
     }
 
     /// Queue entries of servers that are gone, checked against a linearizable read of the
