@@ -1,8 +1,9 @@
-//! Wall-clock times as RFC 3339 strings (state file and API), and durations in JSON bodies. The
-//! duration syntax itself (an integer number of seconds, or a number with a unit: `500ms`,
-//! `30s`, `5m`, `1h`) is [`locker_client::duration`]'s, re-exported here.
+//! Wall-clock times as RFC 3339 strings (state file and API). The duration syntax (an integer
+//! number of seconds, or a number with a unit: `500ms`, `30s`, `5m`, `1h`) is
+//! [`locker_client::duration`]'s, re-exported here; durations in request bodies are its
+//! `WireDuration`.
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use serde::{Deserialize, Deserializer, Serializer};
 
@@ -51,50 +52,13 @@ pub mod optional {
 /// CLI and the resource.
 pub use locker_client::duration::{DurationError, MAX_DURATION, parse_duration};
 
-/// A duration given in a JSON body: an integer number of seconds or a string as above.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BodyDuration(pub Duration);
-
-impl<'de> Deserialize<'de> for BodyDuration {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Seconds(u64),
-            Text(String),
-            Other(serde_json::Value),
-        }
-        let parsed = match Raw::deserialize(deserializer)? {
-            Raw::Seconds(seconds) => parse_duration(&seconds.to_string()),
-            Raw::Text(text) => parse_duration(&text),
-            Raw::Other(value) => {
-                return Err(serde::de::Error::custom(format!(
-                    "bad duration {value}: use a whole number of seconds or a string such as \"30s\""
-                )));
-            }
-        };
-        parsed.map(BodyDuration).map_err(serde::de::Error::custom)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn body_durations_take_numbers_and_strings_only() {
-        let parse = |json: &str| serde_json::from_str::<BodyDuration>(json).map(|d| d.0);
-        assert_eq!(parse("15").ok(), Some(Duration::from_secs(15)));
-        assert_eq!(parse("\"250ms\"").ok(), Some(Duration::from_millis(250)));
-        assert!(parse("-1").is_err());
-        assert!(parse("1.5").is_err());
-        assert!(parse("true").is_err());
-        assert!(parse("1e300").is_err());
-    }
-
-    #[test]
     fn times_round_trip_through_rfc3339() {
-        let time = SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_000_000_123);
+        let time = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_795_000_000_123);
         let text = rfc3339(time);
         assert_eq!(humantime::parse_rfc3339_weak(&text).ok(), Some(time));
     }

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use locker::api::request::{LockBody, MAX_INFO_BYTES, MAX_INFO_ENTRIES, MAX_KEY};
+use locker::api::request::{self, MAX_INFO_BYTES, MAX_INFO_ENTRIES, MAX_KEY};
 use locker::store::state_file::{decode, encode};
 use locker::timefmt::MAX_DURATION;
 use proptest::prelude::*;
@@ -15,18 +15,18 @@ fn now() -> SystemTime {
 
 /// The body checks of `fuzz/fuzz_targets/lock_body_parse.rs`.
 fn check_body(data: &[u8]) {
-    let Ok(body) = LockBody::parse(data) else {
+    let Ok(body) = request::lock_request(data) else {
         return;
     };
-    if let Ok(key) = body.key() {
+    if let Ok(key) = request::key(&body) {
         assert!(!key.is_empty() && key.len() <= MAX_KEY);
-        let requestor = body.requestor(&key).expect("a requestor with a valid key");
+        let requestor = request::requestor(&body, &key).expect("a requestor with a valid key");
         assert!(!requestor.is_empty() && requestor.len() <= MAX_KEY);
     }
-    for duration in [body.wait(), body.ttl()].into_iter().flatten() {
-        assert!(duration <= MAX_DURATION);
+    for duration in [body.wait, body.ttl].into_iter().flatten() {
+        assert!(duration.0 <= MAX_DURATION);
     }
-    if let Ok(info) = body.info() {
+    if let Ok(info) = request::info(&body) {
         assert!(info.len() <= MAX_INFO_ENTRIES);
         let bytes: usize = info.iter().map(|(k, v)| k.len() + v.len()).sum();
         assert!(bytes <= MAX_INFO_BYTES);

@@ -47,6 +47,39 @@ pub fn wire_duration(duration: Duration) -> String {
     }
 }
 
+/// A duration in a request body: sent in its wire form ([`wire_duration`]); read from a whole
+/// number of seconds or a string in the syntax above, as the server reads `ttl` and `wait`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WireDuration(pub Duration);
+
+impl serde::Serialize for WireDuration {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&wire_duration(self.0))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for WireDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Seconds(u64),
+            Text(String),
+            Other(serde_json::Value),
+        }
+        let parsed = match Raw::deserialize(deserializer)? {
+            Raw::Seconds(seconds) => parse_duration(&seconds.to_string()),
+            Raw::Text(text) => parse_duration(&text),
+            Raw::Other(value) => {
+                return Err(serde::de::Error::custom(format!(
+                    "bad duration {value}: use a whole number of seconds or a string such as \"30s\""
+                )));
+            }
+        };
+        parsed.map(WireDuration).map_err(serde::de::Error::custom)
+    }
+}
+
 /// `1h 2m 3s`, rounded down to whole seconds, for log lines.
 pub fn short_duration(duration: Duration) -> String {
     humantime::format_duration(Duration::from_secs(duration.as_secs())).to_string()
@@ -92,6 +125,19 @@ mod tests {
         }
         let huge = parse_duration("100000000h").expect_err("too long");
         assert!(huge.to_string().contains("at most 10 years"), "{huge}");
+    }
+
+    #[test]
+    fn body_durations_take_numbers_and_strings_only() {
+        let parse = |json: &str| serde_json::from_str::<WireDuration>(json).map(|d| d.0);
+        assert_eq!(parse("15").ok(), Some(Duration::from_secs(15)));
+        assert_eq!(parse("\"250ms\"").ok(), Some(Duration::from_millis(250)));
+        assert!(parse("-1").is_err());
+        assert!(parse("1.5").is_err());
+        assert!(parse("true").is_err());
+        assert!(parse("1e300").is_err());
+        let sent = serde_json::to_string(&WireDuration(Duration::from_millis(1500))).expect("json");
+        assert_eq!(sent, "\"1500ms\"");
     }
 
     #[test]

@@ -14,6 +14,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::duration::WireDuration;
+
 /// Holder info as clients read it.
 pub type Info = BTreeMap<String, String>;
 
@@ -102,26 +104,47 @@ pub struct LockStatus<I = Info> {
 /// `GET /locks`: name → lock.
 pub type LockMap = BTreeMap<String, Lock>;
 
-/// The body of `PUT` and `DELETE /lock/{name}` as the clients send it (the server reads it
-/// leniently, ignoring unknown fields as the original did). Fields left at their defaults are
-/// not sent, so the original server sees only what it knows.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+/// The body of `PUT` and `DELETE /lock/{name}`: the clients send it, the server reads it (and
+/// checks it against [`crate::limits`]). Fields left at their defaults are not sent, so the
+/// original server sees only what it knows. Reading is lenient, as the original's was: unknown
+/// fields are ignored, `null` counts as absent, and the requestor may be spelled `lock_by` or
+/// `locked_by` (the original's code and docs spell it three ways). The field order is the
+/// order of a body sent as a JSON array.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct LockRequest {
+    /// Required by the server; empty when the body has none.
+    #[serde(default, deserialize_with = "null_as_default")]
     pub key: String,
+    #[serde(default, alias = "lock_by", alias = "locked_by")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub requestor: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// How long to wait for the lock; the clients ask with `?wait=` in the query instead, which
+    /// wins over this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait: Option<WireDuration>,
+    /// The lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<WireDuration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub info: Option<Info>,
-    /// The lease, in the wire form of [`crate::wire_duration`].
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ttl: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slots: Option<u32>,
+    #[serde(default, deserialize_with = "null_as_default")]
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub release_when_build_ends: bool,
     /// A renewal by the holder: refresh the lease without counting up.
+    #[serde(default, deserialize_with = "null_as_default")]
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub renew: bool,
+}
+
+/// Reads `null` as the type's default, as an absent field.
+fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
 }
 
 impl LockRequest {
@@ -183,7 +206,8 @@ mod tests {
             key: "k".into(),
             requestor: Some("r".into()),
             info: Some([("job".to_string(), "j".to_string())].into()),
-            ttl: Some("90s".into()),
+            wait: None,
+            ttl: Some(WireDuration(std::time::Duration::from_secs(90))),
             slots: Some(3),
             release_when_build_ends: true,
             renew: true,

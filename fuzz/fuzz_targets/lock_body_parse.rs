@@ -3,22 +3,22 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use locker::api::request::{LockBody, MAX_INFO_BYTES, MAX_INFO_ENTRIES, MAX_KEY};
+use locker::api::request::{self, MAX_INFO_BYTES, MAX_INFO_ENTRIES, MAX_KEY};
 use locker::timefmt::MAX_DURATION;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(body) = LockBody::parse(data) else {
+    let Ok(body) = request::lock_request(data) else {
         return;
     };
-    if let Ok(key) = body.key() {
+    if let Ok(key) = request::key(&body) {
         assert!(!key.is_empty() && key.len() <= MAX_KEY);
-        let requestor = body.requestor(&key).expect("a requestor with a valid key");
+        let requestor = request::requestor(&body, &key).expect("a requestor with a valid key");
         assert!(!requestor.is_empty() && requestor.len() <= MAX_KEY);
     }
-    for duration in [body.wait(), body.ttl()].into_iter().flatten() {
-        assert!(duration <= MAX_DURATION);
+    for duration in [body.wait, body.ttl].into_iter().flatten() {
+        assert!(duration.0 <= MAX_DURATION);
     }
-    if let Ok(info) = body.info() {
+    if let Ok(info) = request::info(&body) {
         assert!(info.len() <= MAX_INFO_ENTRIES);
         assert!(info.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>() <= MAX_INFO_BYTES);
     }

@@ -16,6 +16,7 @@ use crate::models::{
 };
 use locker_client::Reply;
 use locker_client::acquire::{self, Outcome};
+use locker_client::duration::WireDuration;
 use locker_client::longpoll::{ABORT_DEADLINE, poll_length, server_waited};
 use locker_client::wire::{Holder, LockRequest};
 
@@ -219,10 +220,10 @@ fn request_body(params: &OutParams, build: Option<&BuildEnv>) -> LockRequest {
         key: params.key.clone(),
         requestor: params.locked_by.clone(),
         info: build.map(BuildEnv::info).filter(|info| !info.is_empty()),
-        ttl: params.ttl.map(locker_client::wire_duration),
+        ttl: params.ttl.map(WireDuration),
         slots: params.slots.filter(|_| build.is_some()),
         release_when_build_ends: with_build(params.release_when_build_ends),
-        renew: false,
+        ..LockRequest::default()
     }
 }
 

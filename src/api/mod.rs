@@ -18,7 +18,8 @@ use crate::metrics::{self, Metrics};
 use crate::rules::{Acquire, BuildRef};
 use crate::store::{LockStore, Released};
 use error::ApiError;
-use request::{ListQuery, LockBody, LockQuery, lock_name, read_body};
+use locker_client::wire::LockRequest;
+use request::{ListQuery, LockQuery, lock_name, read_body};
 
 /// What every handler may use: the store and the server-wide limits.
 pub struct AppState {
@@ -129,10 +130,10 @@ async fn lock_status(
 async fn parse_lock_request(
     request: &HttpRequest,
     payload: web::Payload,
-) -> Result<(String, LockQuery, LockBody), ApiError> {
+) -> Result<(String, LockQuery, LockRequest), ApiError> {
     let name = lock_name(request)?;
     let query = LockQuery::parse(request.query_string())?;
-    let body = LockBody::parse(&read_body(request, payload).await?)?;
+    let body = request::lock_request(&read_body(request, payload).await?)?;
     Ok((name, query, body))
 }
 
@@ -142,12 +143,19 @@ async fn acquire(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let (name, query, body) = parse_lock_request(&request, payload).await?;
-    let key = body.key()?;
-    let requestor = body.requestor(&key)?;
-    let wait = query.wait()?.or(body.wait()).map(|w| w.min(state.max_wait));
-    let ttl = body.ttl().or(state.default_ttl).filter(|t| !t.is_zero());
-    let info = body.info()?;
-    let release_with_build = match body.release_when_build_ends() {
+    let key = request::key(&body)?;
+    let requestor = request::requestor(&body, &key)?;
+    let wait = query
+        .wait()?
+        .or(body.wait.map(|w| w.0))
+        .map(|w| w.min(state.max_wait));
+    let ttl = body
+        .ttl
+        .map(|t| t.0)
+        .or(state.default_ttl)
+        .filter(|t| !t.is_zero());
+    let info = request::info(&body)?;
+    let release_with_build = match body.release_when_build_ends {
         false => None,
         true => Some(Box::new(BuildRef::from_info(&info).ok_or_else(|| {
             ApiError::BadRequest(
@@ -160,9 +168,9 @@ async fn acquire(
         requestor: requestor.clone(),
         ttl,
         info,
-        slots: body.slots()?,
+        slots: request::slots(&body)?,
         release_with_build,
-        renew: body.renew(),
+        renew: body.renew,
     };
     let result = match wait {
         // A waiting client may hang up: withdraw its request rather than grant it the lock.
@@ -207,8 +215,8 @@ async fn release(
         };
         return Ok(HttpResponse::Ok().json(json!({ "response": message })));
     }
-    let key = body.key()?;
-    let requestor = body.requestor(&key)?;
+    let key = request::key(&body)?;
+    let requestor = request::requestor(&body, &key)?;
     let result = state
         .store
         .release(name.clone(), key, requestor.clone())

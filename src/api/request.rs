@@ -1,19 +1,19 @@
 //! Parsing what clients send: lock names from the path, query flags, and the JSON body, which
 //! is parsed whatever the Content-Type (the original resource sends `curl -d`, form-encoded).
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use actix_web::{HttpRequest, web};
 use bytes::Bytes;
 use futures_util::StreamExt;
+use locker_client::wire::LockRequest;
 use percent_encoding::percent_decode_str;
 use serde::Deserialize;
 
 use super::error::ApiError;
 use crate::rules::Info;
 use crate::store::{LockPage, Page};
-use crate::timefmt::{BodyDuration, parse_duration};
+use crate::timefmt::parse_duration;
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -219,103 +219,64 @@ fn query_duration(name: &str, text: Option<&str>) -> Result<Option<Duration>, Ap
         .transpose()
 }
 
-/// The JSON body of `PUT` and `DELETE /lock/{name}`. Unknown fields are ignored, as the
-/// original did.
-#[derive(Debug, Default, Deserialize)]
-pub struct LockBody {
-    #[serde(default)]
-    key: Option<String>,
-    /// The original's code and docs spell it three ways.
-    #[serde(default, alias = "lock_by", alias = "locked_by")]
-    requestor: Option<String>,
-    #[serde(default)]
-    wait: Option<BodyDuration>,
-    #[serde(default)]
-    ttl: Option<BodyDuration>,
-    #[serde(default)]
-    info: Option<BTreeMap<String, String>>,
-    #[serde(default)]
-    slots: Option<u32>,
-    #[serde(default)]
-    release_when_build_ends: Option<bool>,
-    #[serde(default)]
-    renew: Option<bool>,
+/// Reads the body of `PUT` and `DELETE /lock/{name}` as the clients' own [`LockRequest`], so
+/// the two cannot disagree on its fields. An empty body is an empty object (a force release
+/// needs none). The checks come after, field by field, below.
+pub fn lock_request(bytes: &[u8]) -> Result<LockRequest, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(LockRequest::default());
+    }
+    serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "request body is not valid JSON for a lock request: {e}"
+        ))
+    })
 }
 
-impl LockBody {
-    /// Parses the body as JSON. An empty body is an empty object (a force release needs none).
-    pub fn parse(bytes: &[u8]) -> Result<Self, ApiError> {
-        if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Ok(LockBody::default());
+/// The key: required and not empty.
+pub fn key(body: &LockRequest) -> Result<String, ApiError> {
+    if body.key.is_empty() {
+        return Err(ApiError::BadRequest(
+            "missing \"key\" in the request body".into(),
+        ));
+    }
+    check_length("key", &body.key)?;
+    Ok(body.key.clone())
+}
+
+/// The requestor; defaults to the key.
+pub fn requestor(body: &LockRequest, key: &str) -> Result<String, ApiError> {
+    match body.requestor.as_deref().filter(|r| !r.is_empty()) {
+        Some(requestor) => {
+            check_length("requestor", requestor)?;
+            Ok(requestor.to_string())
         }
-        serde_json::from_slice(bytes).map_err(|e| {
-            ApiError::BadRequest(format!(
-                "request body is not valid JSON for a lock request: {e}"
-            ))
-        })
+        None => Ok(key.to_string()),
     }
+}
 
-    /// The key: required and not empty.
-    pub fn key(&self) -> Result<String, ApiError> {
-        let key = self
-            .key
-            .as_deref()
-            .filter(|k| !k.is_empty())
-            .ok_or_else(|| ApiError::BadRequest("missing \"key\" in the request body".into()))?;
-        check_length("key", key)?;
-        Ok(key.to_string())
+/// Slots of a semaphore: 1 to [`MAX_SLOTS`].
+pub fn slots(body: &LockRequest) -> Result<Option<u32>, ApiError> {
+    match body.slots {
+        Some(slots) if !(1..=MAX_SLOTS).contains(&slots) => Err(ApiError::BadRequest(format!(
+            "slots must be between 1 and {MAX_SLOTS}, not {slots}"
+        ))),
+        slots => Ok(slots),
     }
+}
 
-    /// The requestor; defaults to the key.
-    pub fn requestor(&self, key: &str) -> Result<String, ApiError> {
-        match self.requestor.as_deref().filter(|r| !r.is_empty()) {
-            Some(requestor) => {
-                check_length("requestor", requestor)?;
-                Ok(requestor.to_string())
-            }
-            None => Ok(key.to_string()),
-        }
-    }
-
-    pub fn wait(&self) -> Option<Duration> {
-        self.wait.map(|w| w.0)
-    }
-
-    /// Slots of a semaphore: 1 to [`MAX_SLOTS`].
-    pub fn slots(&self) -> Result<Option<u32>, ApiError> {
-        match self.slots {
-            Some(slots) if !(1..=MAX_SLOTS).contains(&slots) => Err(ApiError::BadRequest(format!(
-                "slots must be between 1 and {MAX_SLOTS}, not {slots}"
-            ))),
-            slots => Ok(slots),
-        }
-    }
-
-    pub fn renew(&self) -> bool {
-        self.renew.unwrap_or(false)
-    }
-
-    pub fn release_when_build_ends(&self) -> bool {
-        self.release_when_build_ends.unwrap_or(false)
-    }
-
-    pub fn ttl(&self) -> Option<Duration> {
-        self.ttl.map(|t| t.0)
-    }
-
-    /// Holder info, within [`MAX_INFO_ENTRIES`] and [`MAX_INFO_BYTES`].
-    pub fn info(&self) -> Result<Info, ApiError> {
-        // Parsed as a tree map (a JSON object, last duplicate wins), kept as the compact `Info`.
-        let info: Info = self
-            .info
-            .iter()
-            .flatten()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        locker_client::limits::check_info(info.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        Ok(info)
-    }
+/// Holder info, within [`MAX_INFO_ENTRIES`] and [`MAX_INFO_BYTES`].
+pub fn info(body: &LockRequest) -> Result<Info, ApiError> {
+    // Read as a tree map (a JSON object, last duplicate wins), kept as the compact `Info`.
+    let info: Info = body
+        .info
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    locker_client::limits::check_info(info.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    Ok(info)
 }
 
 /// A key or requestor: at most [`MAX_KEY`] bytes, without control characters (they would
@@ -342,44 +303,105 @@ mod tests {
     #[test]
     fn all_three_requestor_spellings_are_read() {
         for field in ["requestor", "lock_by", "locked_by"] {
-            let body = LockBody::parse(format!(r#"{{"key":"k","{field}":"r"}}"#).as_bytes())
-                .expect("parses");
-            assert_eq!(body.requestor("k").ok().as_deref(), Some("r"), "{field}");
+            let body =
+                lock_request(format!(r#"{{"key":"k","{field}":"r"}}"#).as_bytes()).expect("parses");
+            assert_eq!(requestor(&body, "k").ok().as_deref(), Some("r"), "{field}");
         }
-        let body = LockBody::parse(br#"{"key":"k"}"#).expect("parses");
-        assert_eq!(body.requestor("k").ok().as_deref(), Some("k"));
+        let body = lock_request(br#"{"key":"k"}"#).expect("parses");
+        assert_eq!(requestor(&body, "k").ok().as_deref(), Some("k"));
     }
 
     #[test]
     fn key_is_required_and_not_empty() {
-        for text in [&b"{}"[..], br#"{"key":""}"#, b""] {
-            let body = LockBody::parse(text).expect("parses");
-            assert!(body.key().is_err());
+        for text in [
+            &b"{}"[..],
+            br#"{"key":""}"#,
+            br#"{"key":null}"#,
+            b"",
+            b" \n",
+        ] {
+            let body = lock_request(text).expect("parses");
+            assert!(key(&body).is_err());
         }
-        assert!(LockBody::parse(br#"{"key": 5}"#).is_err());
-        assert!(LockBody::parse(b"{not json").is_err());
+        assert!(lock_request(br#"{"key": 5}"#).is_err());
+        assert!(lock_request(b"{not json").is_err());
+    }
+
+    /// The bodies the server has always accepted and refused (when it read them with a type of
+    /// its own): the clients' `LockRequest` must read them the same way.
+    #[test]
+    fn the_accepted_json_stays_as_it_was() {
+        let s = Duration::from_secs;
+        let read = |text: &str| lock_request(text.as_bytes()).map_err(|e| e.to_string());
+        // Unknown fields are ignored; null is absent; durations are seconds or strings.
+        let body = read(
+            r#"{"key":"k","lock_by":"r","ttl":90,"wait":"1m","info":{"job":"j"},"slots":2,
+                "release_when_build_ends":true,"renew":null,"pipeline":{"any":["thing"]}}"#,
+        )
+        .expect("parses");
+        assert_eq!(body.key, "k");
+        assert_eq!(body.requestor.as_deref(), Some("r"));
+        assert_eq!(body.ttl.map(|t| t.0), Some(s(90)));
+        assert_eq!(body.wait.map(|w| w.0), Some(s(60)));
+        assert_eq!(body.slots, Some(2));
+        assert!(body.release_when_build_ends && !body.renew);
+        let nulls = read(
+            r#"{"key":null,"requestor":null,"ttl":null,"wait":null,"info":null,"slots":null,
+                "release_when_build_ends":null,"renew":null}"#,
+        )
+        .expect("parses");
+        assert_eq!(nulls, LockRequest::default());
+        // The last of duplicate info keys wins.
+        let body = read(r#"{"key":"k","info":{"a":"1","a":"2"}}"#).expect("parses");
+        assert_eq!(
+            info(&body).expect("info").get("a").map(String::as_str),
+            Some("2")
+        );
+        // A JSON array is read field by field in the struct's order, as serde reads structs.
+        let array = read(r#"["k","r","5s"]"#).expect("parses");
+        assert_eq!(
+            (
+                array.key.as_str(),
+                array.requestor.as_deref(),
+                array.wait.map(|w| w.0)
+            ),
+            ("k", Some("r"), Some(s(5)))
+        );
+        for refused in [
+            r#"{"key":"k","ttl":1.5}"#,
+            r#"{"key":"k","ttl":-1}"#,
+            r#"{"key":"k","wait":true}"#,
+            r#"{"key":"k","ttl":"soon"}"#,
+            r#"{"key":"k","slots":"2"}"#,
+            r#"{"key":"k","slots":-1}"#,
+            r#"{"key":"k","renew":"yes"}"#,
+            r#"{"key":"k","release_when_build_ends":1}"#,
+            r#"{"key":"k","requestor":7}"#,
+            r#"{"key":"k","info":["a"]}"#,
+            r#"{"key":"k","info":{"a":1}}"#,
+            r#"{"key":"k","requestor":"a","lock_by":"b"}"#,
+            r#"{"key":"k","key":"k"}"#,
+            r#""k""#,
+            "5",
+        ] {
+            let error = read(refused).expect_err(refused);
+            assert!(
+                error.contains("not valid JSON for a lock request"),
+                "{refused}: {error}"
+            );
+        }
     }
 
     #[test]
     fn info_must_be_flat_and_small() {
-        assert!(LockBody::parse(br#"{"key":"k","info":{"a":{"b":"c"}}}"#).is_err());
-        let many: BTreeMap<String, String> = (0..17)
+        assert!(lock_request(br#"{"key":"k","info":{"a":{"b":"c"}}}"#).is_err());
+        let many: std::collections::BTreeMap<String, String> = (0..17)
             .map(|i| (format!("k{i}"), "v".to_string()))
             .collect();
         let body = serde_json::json!({"key": "k", "info": many}).to_string();
-        assert!(
-            LockBody::parse(body.as_bytes())
-                .expect("parses")
-                .info()
-                .is_err()
-        );
+        assert!(info(&lock_request(body.as_bytes()).expect("parses")).is_err());
         let long = serde_json::json!({"key": "k", "info": {"a": "x".repeat(1100)}}).to_string();
-        assert!(
-            LockBody::parse(long.as_bytes())
-                .expect("parses")
-                .info()
-                .is_err()
-        );
+        assert!(info(&lock_request(long.as_bytes()).expect("parses")).is_err());
     }
 
     #[test]
@@ -422,10 +444,9 @@ mod tests {
         for field in ["key", "requestor"] {
             for bad in ["a\nb", "a\u{0}", "tab\t", "\u{1b}[31mred", "a\u{85}"] {
                 let body = serde_json::json!({"key": "k", field: bad}).to_string();
-                let body = LockBody::parse(body.as_bytes()).expect("parses");
-                let error = body
-                    .key()
-                    .and_then(|key| body.requestor(&key))
+                let body = lock_request(body.as_bytes()).expect("parses");
+                let error = key(&body)
+                    .and_then(|key| requestor(&body, &key))
                     .expect_err("control character");
                 assert!(error.to_string().contains("control characters"), "{error}");
             }

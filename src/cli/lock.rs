@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
 
+use locker_client::duration::WireDuration;
 use locker_client::wire::LockRequest;
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -111,7 +112,7 @@ pub async fn run(connection: Connection, args: LockArgs) -> Result<u8, Failure> 
         key: key.clone(),
         requestor: Some(requestor.clone()),
         info: Some(info(&args, &id)),
-        ttl: (!args.ttl.is_zero()).then(|| locker_client::wire_duration(args.ttl)),
+        ttl: (!args.ttl.is_zero()).then_some(WireDuration(args.ttl)),
         slots: args.slots,
         ..LockRequest::default()
     };
