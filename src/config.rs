@@ -237,10 +237,67 @@ fn non_empty<T: AsRef<std::ffi::OsStr>>(value: Option<T>) -> Option<T> {
     value.filter(|v| !v.as_ref().is_empty())
 }
 
+/// A configuration that cannot work, found at start-up: what is wrong, named by the
+/// environment variable a deployment sets, and how to fix it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "AUTH_USER {0:?} contains ':', which basic auth cannot carry in a user name (it \
+         separates user from password), so no client could log in: choose a user name without ':'"
+    )]
+    ColonInUser(String),
+    /// One of a pair that goes together, e.g. AUTH_USER without AUTH_PASS.
+    #[error("{set} is set but {unset} is not: set both to {purpose}, or neither")]
+    HalfPair {
+        set: &'static str,
+        unset: &'static str,
+        purpose: &'static str,
+    },
+    /// SSL_CERT without SSL_KEY, or the other way round; names the file that was given.
+    #[error(
+        "{set} is set ({}) but {unset} is not: set both to serve HTTPS, or neither",
+        given.display()
+    )]
+    HalfTls {
+        set: &'static str,
+        unset: &'static str,
+        given: PathBuf,
+    },
+    #[error("set LOCKER_CONCOURSE_TOKEN or LOCKER_CONCOURSE_USER/PASSWORD, not both")]
+    TwoConcourseCredentials,
+    #[error("{set} is set but {unset} is not")]
+    Missing {
+        set: &'static str,
+        unset: &'static str,
+    },
+    #[error("Concourse credentials are set but LOCKER_CONCOURSE_URL is not")]
+    CredentialsWithoutUrl,
+    #[error("LOCKER_CONCOURSE_URL must be an http(s) URL, not {0:?}")]
+    NotHttpUrl(String),
+    #[error("{0} must be longer than zero")]
+    ZeroDuration(&'static str),
+    #[error("{0} must be at least 1")]
+    ZeroCount(&'static str),
+    #[error("{0} must not be empty")]
+    Empty(&'static str),
+    #[error("LOCKER_STORE=etcd needs LOCKER_ETCD_ENDPOINTS (comma-separated etcd URLs)")]
+    NoEtcdEndpoints,
+    /// Two settings of which one alone is useless, e.g. LOCKER_ETCD_USER and _PASSWORD.
+    #[error("{0} and {1} go together: set both, or neither")]
+    Together(&'static str, &'static str),
+    /// `LOCKER_STORE=etcd`, `locker import` or `export` in a build without the etcd backend.
+    #[error(
+        "{0} needs the etcd backend, and this locker was built without it: build it with \
+         `cargo build --release --features etcd` (needs protoc; see README \"Building with the \
+         etcd backend\")"
+    )]
+    NoEtcdBackend(&'static str),
+}
+
 impl Settings {
     /// Checks the combinations clap cannot: both auth values or neither, both TLS files or
     /// neither. The TLS files themselves are read by [`crate::tls`].
-    pub fn from_args(args: Args) -> Result<Self, String> {
+    pub fn from_args(args: Args) -> Result<Self, ConfigError> {
         let etcd = match args.store {
             StoreKind::Etcd => {
                 require_etcd_backend("LOCKER_STORE=etcd")?;
@@ -250,35 +307,29 @@ impl Settings {
         };
         let credentials = match (non_empty(args.auth_user), non_empty(args.auth_pass)) {
             (Some(user), Some(_)) if user.contains(':') => {
-                return Err(format!(
-                    "AUTH_USER {user:?} contains ':', which basic auth cannot carry in a user \
-                     name (it separates user from password), so no client could log in: \
-                     choose a user name without ':'"
-                ));
+                return Err(ConfigError::ColonInUser(user));
             }
             (Some(user), Some(password)) => Some(Credentials::new(user, password)),
             (None, None) => None,
-            (Some(_), None) => {
-                return Err("AUTH_USER is set but AUTH_PASS is not: set both to require basic auth, or neither".into());
-            }
-            (None, Some(_)) => {
-                return Err("AUTH_PASS is set but AUTH_USER is not: set both to require basic auth, or neither".into());
-            }
+            (Some(_), None) => return Err(half_auth("AUTH_USER", "AUTH_PASS")),
+            (None, Some(_)) => return Err(half_auth("AUTH_PASS", "AUTH_USER")),
         };
         let tls = match (non_empty(args.ssl_cert), non_empty(args.ssl_key)) {
             (Some(cert), Some(key)) => Some((cert, key)),
             (None, None) => None,
             (Some(cert), None) => {
-                return Err(format!(
-                    "SSL_CERT is set ({}) but SSL_KEY is not: set both to serve HTTPS, or neither",
-                    cert.display()
-                ));
+                return Err(ConfigError::HalfTls {
+                    set: "SSL_CERT",
+                    unset: "SSL_KEY",
+                    given: cert,
+                });
             }
             (None, Some(key)) => {
-                return Err(format!(
-                    "SSL_KEY is set ({}) but SSL_CERT is not: set both to serve HTTPS, or neither",
-                    key.display()
-                ));
+                return Err(ConfigError::HalfTls {
+                    set: "SSL_KEY",
+                    unset: "SSL_CERT",
+                    given: key,
+                });
             }
         };
         let reclaim = reclaim_settings(
@@ -289,19 +340,19 @@ impl Settings {
             args.reclaim_interval,
         )?;
         if args.head_timeout.is_zero() {
-            return Err("LOCKER_HEAD_TIMEOUT must be longer than zero".into());
+            return Err(ConfigError::ZeroDuration("LOCKER_HEAD_TIMEOUT"));
         }
         if args.max_connections == Some(0) {
-            return Err("LOCKER_MAX_CONNECTIONS must be at least 1".into());
+            return Err(ConfigError::ZeroCount("LOCKER_MAX_CONNECTIONS"));
         }
         if args.max_locks == 0 {
-            return Err("LOCKER_MAX_LOCKS must be at least 1".into());
+            return Err(ConfigError::ZeroCount("LOCKER_MAX_LOCKS"));
         }
         if args.max_requestors == 0 {
-            return Err("LOCKER_MAX_REQUESTORS must be at least 1".into());
+            return Err(ConfigError::ZeroCount("LOCKER_MAX_REQUESTORS"));
         }
         if args.max_wait.is_zero() {
-            return Err("LOCKER_MAX_WAIT must be longer than zero".into());
+            return Err(ConfigError::ZeroDuration("LOCKER_MAX_WAIT"));
         }
         Ok(Settings {
             state_file: args.config,
@@ -325,42 +376,50 @@ impl Settings {
     }
 }
 
+fn half_auth(set: &'static str, unset: &'static str) -> ConfigError {
+    ConfigError::HalfPair {
+        set,
+        unset,
+        purpose: "require basic auth",
+    }
+}
+
 fn reclaim_settings(
     url: Option<String>,
     token: Option<String>,
     user: Option<String>,
     password: Option<String>,
     interval: Duration,
-) -> Result<Option<ReclaimSettings>, String> {
+) -> Result<Option<ReclaimSettings>, ConfigError> {
     let auth = match (token, user, password) {
-        (Some(_), Some(_), _) => {
-            return Err(
-                "set LOCKER_CONCOURSE_TOKEN or LOCKER_CONCOURSE_USER/PASSWORD, not both".into(),
-            );
-        }
+        (Some(_), Some(_), _) => return Err(ConfigError::TwoConcourseCredentials),
         (Some(token), None, _) => ConcourseAuth::Token(token),
         (None, Some(user), Some(password)) => ConcourseAuth::LocalUser { user, password },
         (None, Some(_), None) => {
-            return Err("LOCKER_CONCOURSE_USER is set but LOCKER_CONCOURSE_PASSWORD is not".into());
+            return Err(ConfigError::Missing {
+                set: "LOCKER_CONCOURSE_USER",
+                unset: "LOCKER_CONCOURSE_PASSWORD",
+            });
         }
         (None, None, Some(_)) => {
-            return Err("LOCKER_CONCOURSE_PASSWORD is set but LOCKER_CONCOURSE_USER is not".into());
+            return Err(ConfigError::Missing {
+                set: "LOCKER_CONCOURSE_PASSWORD",
+                unset: "LOCKER_CONCOURSE_USER",
+            });
         }
         (None, None, None) => ConcourseAuth::None,
     };
     let Some(url) = url else {
         return match auth {
             ConcourseAuth::None => Ok(None),
-            _ => Err("Concourse credentials are set but LOCKER_CONCOURSE_URL is not".into()),
+            _ => Err(ConfigError::CredentialsWithoutUrl),
         };
     };
     if !(url.starts_with("http://") || url.starts_with("https://")) {
-        return Err(format!(
-            "LOCKER_CONCOURSE_URL must be an http(s) URL, not {url:?}"
-        ));
+        return Err(ConfigError::NotHttpUrl(url));
     }
     if interval.is_zero() {
-        return Err("LOCKER_RECLAIM_INTERVAL must be longer than zero".into());
+        return Err(ConfigError::ZeroDuration("LOCKER_RECLAIM_INTERVAL"));
     }
     Ok(Some(ReclaimSettings {
         concourse_url: url,
@@ -385,26 +444,17 @@ pub const HAS_ETCD_BACKEND: bool = cfg!(feature = "etcd");
 
 /// Refuses `what` (`LOCKER_STORE=etcd`, `locker import`, ...) in a build without the etcd
 /// backend.
-pub fn require_etcd_backend(what: &str) -> Result<(), String> {
+pub fn require_etcd_backend(what: &'static str) -> Result<(), ConfigError> {
     if HAS_ETCD_BACKEND {
         Ok(())
     } else {
-        Err(no_etcd_backend(what))
+        Err(ConfigError::NoEtcdBackend(what))
     }
-}
-
-/// Why `what` cannot run in a build without the etcd backend, and the fix, in one line.
-pub fn no_etcd_backend(what: &str) -> String {
-    format!(
-        "{what} needs the etcd backend, and this locker was built without it: build it with \
-         `cargo build --release --features etcd` (needs protoc; see README \"Building with the \
-         etcd backend\")"
-    )
 }
 
 /// The etcd settings, checked: endpoints given, user and password together, cert and key
 /// together.
-pub fn etcd_connection(args: &Args) -> Result<EtcdConnection, String> {
+pub fn etcd_connection(args: &Args) -> Result<EtcdConnection, ConfigError> {
     let endpoints: Vec<String> = args
         .etcd_endpoints
         .iter()
@@ -412,12 +462,10 @@ pub fn etcd_connection(args: &Args) -> Result<EtcdConnection, String> {
         .filter(|e| !e.is_empty())
         .collect();
     if endpoints.is_empty() {
-        return Err(
-            "LOCKER_STORE=etcd needs LOCKER_ETCD_ENDPOINTS (comma-separated etcd URLs)".into(),
-        );
+        return Err(ConfigError::NoEtcdEndpoints);
     }
     if args.etcd_prefix.is_empty() {
-        return Err("LOCKER_ETCD_PREFIX must not be empty".into());
+        return Err(ConfigError::Empty("LOCKER_ETCD_PREFIX"));
     }
     let user = match (
         non_empty(args.etcd_user.clone()),
@@ -426,10 +474,10 @@ pub fn etcd_connection(args: &Args) -> Result<EtcdConnection, String> {
         (Some(user), Some(password)) => Some((user, password)),
         (None, None) => None,
         _ => {
-            return Err(
-                "LOCKER_ETCD_USER and LOCKER_ETCD_PASSWORD go together: set both, or neither"
-                    .into(),
-            );
+            return Err(ConfigError::Together(
+                "LOCKER_ETCD_USER",
+                "LOCKER_ETCD_PASSWORD",
+            ));
         }
     };
     let client_cert = match (
@@ -438,11 +486,7 @@ pub fn etcd_connection(args: &Args) -> Result<EtcdConnection, String> {
     ) {
         (Some(cert), Some(key)) => Some((cert, key)),
         (None, None) => None,
-        _ => {
-            return Err(
-                "LOCKER_ETCD_CERT and LOCKER_ETCD_KEY go together: set both, or neither".into(),
-            );
-        }
+        _ => return Err(ConfigError::Together("LOCKER_ETCD_CERT", "LOCKER_ETCD_KEY")),
     };
     Ok(EtcdConnection {
         endpoints,
@@ -457,10 +501,17 @@ pub fn etcd_connection(args: &Args) -> Result<EtcdConnection, String> {
 mod tests {
     use super::*;
 
+    /// The settings, or the error's text (a usage error's is clap's).
     fn parse(args: &[&str]) -> Result<Settings, String> {
         let args = Args::try_parse_from(std::iter::once("locker").chain(args.iter().copied()))
             .map_err(|e| e.to_string())?;
-        Settings::from_args(args)
+        Settings::from_args(args).map_err(|e| e.to_string())
+    }
+
+    fn refusal(args: &[&str]) -> ConfigError {
+        let args = Args::try_parse_from(std::iter::once("locker").chain(args.iter().copied()))
+            .expect("flags parse");
+        Settings::from_args(args).expect_err("refused")
     }
 
     #[test]
@@ -483,8 +534,15 @@ mod tests {
             &["--ssl-key", "k.pem"],
         ];
         for args in cases {
-            let error = parse(args).expect_err("must be refused");
-            assert!(error.contains("set both"), "{args:?}: {error}");
+            let error = refusal(args);
+            assert!(
+                matches!(
+                    error,
+                    ConfigError::HalfPair { .. } | ConfigError::HalfTls { .. }
+                ),
+                "{args:?}: {error:?}"
+            );
+            assert!(error.to_string().contains("set both"), "{error}");
         }
         assert!(parse(&["--auth-user", "u", "--auth-pass", ""]).is_err());
         assert!(parse(&["--auth-user", "", "--auth-pass", ""]).is_ok());
@@ -492,7 +550,9 @@ mod tests {
 
     #[test]
     fn a_user_name_with_a_colon_is_refused() {
-        let error = parse(&["--auth-user", "ci:bot", "--auth-pass", "p"]).expect_err("colon");
+        let error = refusal(&["--auth-user", "ci:bot", "--auth-pass", "p"]);
+        assert_eq!(error, ConfigError::ColonInUser("ci:bot".into()));
+        let error = error.to_string();
         assert!(
             error.contains("AUTH_USER") && error.contains("':'"),
             "{error}"
@@ -506,31 +566,47 @@ mod tests {
         let on =
             parse(&["--concourse-url", "https://ci", "--concourse-token", "t"]).expect("valid");
         assert!(on.reclaim.is_some());
-        let refused: [&[&str]; 4] = [
-            &["--concourse-token", "t"],
-            &["--concourse-url", "ci.example.com"],
-            &["--concourse-url", "https://ci", "--concourse-user", "u"],
-            &[
-                "--concourse-url",
-                "https://ci",
-                "--concourse-token",
-                "t",
-                "--concourse-user",
-                "u",
-                "--concourse-password",
-                "p",
-            ],
+        let refused: [(&[&str], ConfigError); 4] = [
+            (
+                &["--concourse-token", "t"],
+                ConfigError::CredentialsWithoutUrl,
+            ),
+            (
+                &["--concourse-url", "ci.example.com"],
+                ConfigError::NotHttpUrl("ci.example.com".into()),
+            ),
+            (
+                &["--concourse-url", "https://ci", "--concourse-user", "u"],
+                ConfigError::Missing {
+                    set: "LOCKER_CONCOURSE_USER",
+                    unset: "LOCKER_CONCOURSE_PASSWORD",
+                },
+            ),
+            (
+                &[
+                    "--concourse-url",
+                    "https://ci",
+                    "--concourse-token",
+                    "t",
+                    "--concourse-user",
+                    "u",
+                    "--concourse-password",
+                    "p",
+                ],
+                ConfigError::TwoConcourseCredentials,
+            ),
         ];
-        for args in refused {
-            assert!(parse(args).is_err(), "{args:?}");
+        for (args, expected) in refused {
+            assert_eq!(refusal(args), expected, "{args:?}");
         }
     }
 
     #[test]
     #[cfg(not(feature = "etcd"))]
     fn etcd_store_is_refused_without_the_feature() {
-        let error = parse(&["--store", "etcd", "--etcd-endpoints", "e:2379"])
-            .expect_err("built without the etcd backend");
+        let error = refusal(&["--store", "etcd", "--etcd-endpoints", "e:2379"]);
+        assert_eq!(error, ConfigError::NoEtcdBackend("LOCKER_STORE=etcd"));
+        let error = error.to_string();
         assert!(
             error.contains("built without") && error.contains("--features etcd"),
             "{error}"
@@ -541,8 +617,12 @@ mod tests {
     #[cfg(feature = "etcd")]
     fn etcd_settings_are_checked() {
         assert!(parse(&[]).expect("defaults").etcd.is_none());
-        let error = parse(&["--store", "etcd"]).expect_err("no endpoints");
-        assert!(error.contains("LOCKER_ETCD_ENDPOINTS"), "{error}");
+        let error = refusal(&["--store", "etcd"]);
+        assert_eq!(error, ConfigError::NoEtcdEndpoints);
+        assert!(
+            error.to_string().contains("LOCKER_ETCD_ENDPOINTS"),
+            "{error}"
+        );
         let settings = parse(&[
             "--store",
             "etcd",
@@ -556,8 +636,9 @@ mod tests {
         let half = ["--store", "etcd", "--etcd-endpoints", "e:2379"];
         for extra in [["--etcd-user", "u"], ["--etcd-cert", "c.pem"]] {
             let args: Vec<&str> = half.iter().chain(extra.iter()).copied().collect();
-            let error = parse(&args).expect_err("half configured");
-            assert!(error.contains("go together"), "{error}");
+            let error = refusal(&args);
+            assert!(matches!(error, ConfigError::Together(..)), "{error:?}");
+            assert!(error.to_string().contains("go together"), "{error}");
         }
     }
 
@@ -587,9 +668,13 @@ mod tests {
         let settings = parse(&["--head-timeout", "1s", "--max-connections", "64"]).expect("valid");
         assert_eq!(settings.head_timeout, Duration::from_secs(1));
         assert_eq!(settings.max_connections, Some(64));
-        let zero = parse(&["--head-timeout", "0"]).expect_err("zero head timeout");
-        assert!(zero.contains("LOCKER_HEAD_TIMEOUT"), "{zero}");
-        let zero = parse(&["--max-connections", "0"]).expect_err("zero connections");
-        assert!(zero.contains("LOCKER_MAX_CONNECTIONS"), "{zero}");
+        assert_eq!(
+            refusal(&["--head-timeout", "0"]),
+            ConfigError::ZeroDuration("LOCKER_HEAD_TIMEOUT")
+        );
+        assert_eq!(
+            refusal(&["--max-connections", "0"]).to_string(),
+            "LOCKER_MAX_CONNECTIONS must be at least 1"
+        );
     }
 }

@@ -357,15 +357,40 @@ fn connections_within(descriptors: u64) -> usize {
         .unwrap_or(usize::MAX)
 }
 
+/// Why the connection cap cannot be served within the file-descriptor limit, with the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum DescriptorError {
+    #[error("cannot read the file-descriptor limit (RLIMIT_NOFILE): {0}")]
+    Unreadable(#[source] io::Error),
+    /// LOCKER_MAX_CONNECTIONS was set higher than the limit allows.
+    #[error(
+        "LOCKER_MAX_CONNECTIONS={cap} needs {needed} file descriptors ({DESCRIPTORS_PER_CONNECTION} per connection \
+         and {RESERVED_DESCRIPTORS} besides), but the limit is {soft} (hard limit {hard}): raise it \
+         (`ulimit -n`, systemd's LimitNOFILE, bpm's limits.open_files) or set LOCKER_MAX_CONNECTIONS to at most {fits}"
+    )]
+    CapTooHigh {
+        cap: usize,
+        needed: u64,
+        soft: u64,
+        hard: u64,
+        fits: usize,
+    },
+    #[error(
+        "the file-descriptor limit ({soft}) leaves no room for client connections: \
+         raise it to at least {}",
+        descriptors_for(1)
+    )]
+    NoRoom { soft: u64 },
+}
+
 /// Checks the connection cap against the file-descriptor limit at start-up, raising the soft
 /// limit to the hard one when the cap needs more than the soft one. A cap that was set (`requested`) and cannot
 /// fit under the hard limit stops the start with a message; the default is lowered to fit,
 /// with a warning.
-pub fn fit_descriptor_limit(requested: Option<usize>) -> Result<usize, String> {
+pub fn fit_descriptor_limit(requested: Option<usize>) -> Result<usize, DescriptorError> {
     let wanted = requested.unwrap_or(DEFAULT_MAX_CONNECTIONS);
     let needed = descriptors_for(wanted);
-    let (soft, hard) = nofile_limit()
-        .map_err(|e| format!("cannot read the file-descriptor limit (RLIMIT_NOFILE): {e}"))?;
+    let (soft, hard) = nofile_limit().map_err(DescriptorError::Unreadable)?;
     if needed <= soft {
         return Ok(wanted);
     }
@@ -383,16 +408,14 @@ pub fn fit_descriptor_limit(requested: Option<usize>) -> Result<usize, String> {
     }
     let fits = connections_within(soft);
     match requested {
-        Some(cap) => Err(format!(
-            "LOCKER_MAX_CONNECTIONS={cap} needs {needed} file descriptors ({DESCRIPTORS_PER_CONNECTION} per connection \
-             and {RESERVED_DESCRIPTORS} besides), but the limit is {soft} (hard limit {hard}): raise it \
-             (`ulimit -n`, systemd's LimitNOFILE, bpm's limits.open_files) or set LOCKER_MAX_CONNECTIONS to at most {fits}"
-        )),
-        None if fits == 0 => Err(format!(
-            "the file-descriptor limit ({soft}) leaves no room for client connections: \
-             raise it to at least {}",
-            descriptors_for(1)
-        )),
+        Some(cap) => Err(DescriptorError::CapTooHigh {
+            cap,
+            needed,
+            soft,
+            hard,
+            fits,
+        }),
+        None if fits == 0 => Err(DescriptorError::NoRoom { soft }),
         None => {
             warn!(
                 "the file-descriptor limit is {soft} (hard limit {hard}): connections lowered from \

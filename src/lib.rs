@@ -8,6 +8,8 @@
 //!   (with the `etcd` feature) shares it between servers through an etcd cluster.
 //! - [`api`]: HTTP routes and thin handlers; [`auth`] basic auth; [`tls`] rustls set-up.
 //! - [`config`]: flags and environment variables, checked once into [`config::Settings`].
+//! - [`startup`]: [`startup::StartupError`], what stops the server before it serves (each area's
+//!   own error type, gathered); runtime errors are the store's and the API's.
 //! - [`server`]: wires it together and shuts down cleanly; [`connection`] times request heads
 //!   and caps connections within the descriptor limit.
 //! - [`metrics`]: Prometheus counters and gauges.
@@ -24,6 +26,7 @@ pub mod metrics;
 pub mod reclaim;
 pub mod rules;
 pub mod server;
+pub mod startup;
 pub mod store;
 pub mod timefmt;
 pub mod tls;

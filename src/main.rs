@@ -8,6 +8,7 @@ use log::{error, info, warn};
 use locker::config::{Args, Command, Settings};
 use locker::metrics::Metrics;
 use locker::server;
+use locker::startup::StartupError;
 use locker::store::LockStore;
 use locker::store::file::{FileStore, FileStoreOptions};
 
@@ -39,15 +40,15 @@ fn main() -> ExitCode {
     logger.init();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            error!("{message}");
-            eprintln!("locker: {message}");
+        Err(error) => {
+            error!("{error}");
+            eprintln!("locker: {error}");
             ExitCode::FAILURE
         }
     }
 }
 
-fn run(args: Args) -> Result<(), String> {
+fn run(args: Args) -> Result<(), StartupError> {
     if let Some(command) = args.command.clone() {
         return run_command(&args, command);
     }
@@ -59,8 +60,10 @@ fn run(args: Args) -> Result<(), String> {
         Some((cert, key)) => Some(locker::tls::server_config(cert, key)?),
         None => None,
     };
-    let listener = server::bind(settings.listen)
-        .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
+    let listener = server::bind(settings.listen).map_err(|source| StartupError::Listen {
+        addr: settings.listen,
+        source,
+    })?;
     if let Some(warning) = server::exposure_warning(
         listener.local_addr().unwrap_or(settings.listen),
         settings.credentials.is_some(),
@@ -95,11 +98,11 @@ fn run(args: Args) -> Result<(), String> {
             tls,
             server::termination_signal(),
         ))
-        .map_err(|e| format!("server failed: {e}"))
+        .map_err(StartupError::Serve)
 }
 
 /// Runs a subcommand instead of serving.
-fn run_command(args: &Args, command: Command) -> Result<(), String> {
+fn run_command(args: &Args, command: Command) -> Result<(), StartupError> {
     let summary = match command {
         Command::Import { file, replace } => {
             locker::config::require_etcd_backend("`locker import`")?;
@@ -127,7 +130,7 @@ mod etcd {
     use locker::metrics::Metrics;
     use locker::server;
     use locker::store::LockStore;
-    use locker::store::etcd::{EtcdStore, EtcdStoreOptions};
+    use locker::store::etcd::{EtcdStore, EtcdStoreOptions, OpenError};
 
     pub use locker::store::etcd::migrate::{export_file, import_file};
 
@@ -135,7 +138,7 @@ mod etcd {
         connection: &EtcdConnection,
         settings: &Settings,
         metrics: &Arc<Metrics>,
-    ) -> Result<Arc<dyn LockStore>, String> {
+    ) -> Result<Arc<dyn LockStore>, OpenError> {
         let store = EtcdStore::open(EtcdStoreOptions {
             connection: connection.clone(),
             max_waiters: settings.max_waiters,
@@ -159,7 +162,7 @@ mod etcd {
     use std::path::Path;
     use std::sync::Arc;
 
-    use locker::config::{EtcdConnection, Settings, no_etcd_backend};
+    use locker::config::{ConfigError, EtcdConnection, Settings};
     use locker::metrics::Metrics;
     use locker::store::LockStore;
 
@@ -167,15 +170,15 @@ mod etcd {
         _: &EtcdConnection,
         _: &Settings,
         _: &Arc<Metrics>,
-    ) -> Result<Arc<dyn LockStore>, String> {
-        Err(no_etcd_backend("LOCKER_STORE=etcd"))
+    ) -> Result<Arc<dyn LockStore>, ConfigError> {
+        Err(ConfigError::NoEtcdBackend("LOCKER_STORE=etcd"))
     }
 
-    pub fn import_file(_: &EtcdConnection, _: &Path, _: bool) -> Result<String, String> {
-        Err(no_etcd_backend("`locker import`"))
+    pub fn import_file(_: &EtcdConnection, _: &Path, _: bool) -> Result<String, ConfigError> {
+        Err(ConfigError::NoEtcdBackend("`locker import`"))
     }
 
-    pub fn export_file(_: &EtcdConnection, _: &Path) -> Result<String, String> {
-        Err(no_etcd_backend("`locker export`"))
+    pub fn export_file(_: &EtcdConnection, _: &Path) -> Result<String, ConfigError> {
+        Err(ConfigError::NoEtcdBackend("`locker export`"))
     }
 }

@@ -34,6 +34,48 @@ const SEGMENT: &AsciiSet = &CONTROLS
     .add(b'{')
     .add(b'}');
 
+/// Why a build's state could not be learnt, or the Concourse API client set up. Nothing is
+/// released on such an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ReclaimError {
+    #[error("cannot build the Concourse API client: {0}")]
+    Client(#[source] reqwest::Error),
+    /// The store could not list the holds.
+    #[error(transparent)]
+    List(#[from] crate::store::StoreError),
+    /// No answer (`method` is GET or POST).
+    #[error("{method} {url}: {source}")]
+    Request {
+        method: &'static str,
+        url: String,
+        source: reqwest::Error,
+    },
+    #[error("GET {url}: {status}")]
+    Status {
+        url: String,
+        status: reqwest::StatusCode,
+    },
+    #[error("{method} {url}: unexpected answer: {source}")]
+    Answer {
+        method: &'static str,
+        url: String,
+        source: reqwest::Error,
+    },
+    #[error("signing in to Concourse as {user:?}: {status}")]
+    SignIn {
+        user: String,
+        status: reqwest::StatusCode,
+    },
+    #[error("hold names no build: {0}")]
+    NoBuild(String),
+    /// A round in which some builds' states could not be learnt.
+    #[error("{count} build(s) unknown; first: {first}")]
+    Unknown {
+        count: usize,
+        first: Box<ReclaimError>,
+    },
+}
+
 /// How the server signs in to Concourse.
 #[derive(Clone)]
 pub enum ConcourseAuth {
@@ -116,11 +158,11 @@ impl Reclaimer {
         settings: ReclaimSettings,
         store: Arc<dyn LockStore>,
         metrics: Arc<Metrics>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, ReclaimError> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()
-            .map_err(|e| format!("cannot build the Concourse API client: {e}"))?;
+            .map_err(ReclaimError::Client)?;
         Ok(Reclaimer {
             settings,
             store,
@@ -156,15 +198,9 @@ impl Reclaimer {
 
     /// One round: asks about every build named by a hold, releases the finished ones' holds.
     /// Fails (releasing nothing for that build) when the API cannot say.
-    pub async fn check_once(&self) -> Result<(), String> {
+    pub async fn check_once(&self) -> Result<(), ReclaimError> {
         let mut builds: HashMap<BuildRef, Vec<Candidate>> = HashMap::new();
-        for lock in self
-            .store
-            .list(&crate::store::Page::all())
-            .await
-            .map_err(|e| e.to_string())?
-            .locks
-        {
+        for lock in self.store.list(&crate::store::Page::all()).await?.locks {
             for holder in &lock.holders {
                 for (requestor, hold) in &holder.requestors {
                     if let Some(build) = &hold.release_with_build {
@@ -181,7 +217,7 @@ impl Reclaimer {
                 }
             }
         }
-        let results: Vec<(BuildRef, Vec<Candidate>, Result<BuildState, String>)> =
+        let results: Vec<(BuildRef, Vec<Candidate>, Result<BuildState, ReclaimError>)> =
             futures_util::stream::iter(builds)
                 .map(|(build, holds)| async move {
                     let state = self.build_state(&build).await;
@@ -202,9 +238,13 @@ impl Reclaimer {
                 Err(e) => errors.push(e),
             }
         }
-        match errors.first() {
+        let count = errors.len();
+        match errors.into_iter().next() {
             None => Ok(()),
-            Some(first) => Err(format!("{} build(s) unknown; first: {first}", errors.len())),
+            Some(first) => Err(ReclaimError::Unknown {
+                count,
+                first: Box::new(first),
+            }),
         }
     }
 
@@ -238,7 +278,7 @@ impl Reclaimer {
         }
     }
 
-    async fn build_state(&self, build: &BuildRef) -> Result<BuildState, String> {
+    async fn build_state(&self, build: &BuildRef) -> Result<BuildState, ReclaimError> {
         let url = self.build_url(build)?;
         let mut response = self.get(&url).await?;
         if response.status() == reqwest::StatusCode::UNAUTHORIZED
@@ -250,25 +290,36 @@ impl Reclaimer {
         }
         let status = response.status();
         if !status.is_success() {
-            return Err(format!("GET {url}: {status}"));
+            return Err(ReclaimError::Status { url, status });
         }
         let body: BuildJson = response
             .json()
             .await
-            .map_err(|e| format!("GET {url}: unexpected answer: {e}"))?;
+            .map_err(|source| ReclaimError::Answer {
+                method: "GET",
+                url,
+                source,
+            })?;
         debug!("build {} is {}", describe(build), body.status);
         Ok(build_state(&body.status))
     }
 
-    async fn get(&self, url: &str) -> Result<reqwest::Response, String> {
+    async fn get(&self, url: &str) -> Result<reqwest::Response, ReclaimError> {
         let mut request = self.http.get(url);
         if let Some(token) = self.token().await? {
             request = request.bearer_auth(token);
         }
-        request.send().await.map_err(|e| format!("GET {url}: {e}"))
+        request
+            .send()
+            .await
+            .map_err(|source| ReclaimError::Request {
+                method: "GET",
+                url: url.to_string(),
+                source,
+            })
     }
 
-    async fn token(&self) -> Result<Option<String>, String> {
+    async fn token(&self) -> Result<Option<String>, ReclaimError> {
         match &self.settings.auth {
             ConcourseAuth::None => Ok(None),
             ConcourseAuth::Token(token) => Ok(Some(token.clone())),
@@ -291,17 +342,26 @@ impl Reclaimer {
                     ])
                     .send()
                     .await
-                    .map_err(|e| format!("POST {url}: {e}"))?;
+                    .map_err(|source| ReclaimError::Request {
+                        method: "POST",
+                        url: url.clone(),
+                        source,
+                    })?;
                 if !response.status().is_success() {
-                    return Err(format!(
-                        "signing in to Concourse as {user:?}: {}",
-                        response.status()
-                    ));
+                    return Err(ReclaimError::SignIn {
+                        user: user.clone(),
+                        status: response.status(),
+                    });
                 }
-                let token: TokenJson = response
-                    .json()
-                    .await
-                    .map_err(|e| format!("POST {url}: unexpected answer: {e}"))?;
+                let token: TokenJson =
+                    response
+                        .json()
+                        .await
+                        .map_err(|source| ReclaimError::Answer {
+                            method: "POST",
+                            url,
+                            source,
+                        })?;
                 *cached = Some(token.access_token.clone());
                 Ok(Some(token.access_token))
             }
@@ -312,7 +372,7 @@ impl Reclaimer {
         self.settings.concourse_url.trim_end_matches('/')
     }
 
-    fn build_url(&self, build: &BuildRef) -> Result<String, String> {
+    fn build_url(&self, build: &BuildRef) -> Result<String, ReclaimError> {
         let segment = |s: &str| utf8_percent_encode(s, SEGMENT).to_string();
         if let Some(id) = &build.id {
             return Ok(format!("{}/api/v1/builds/{}", self.base(), segment(id)));
@@ -326,7 +386,7 @@ impl Reclaimer {
                 segment(job),
                 segment(name)
             )),
-            _ => Err(format!("hold names no build: {}", describe(build))),
+            _ => Err(ReclaimError::NoBuild(describe(build))),
         }
     }
 }

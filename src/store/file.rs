@@ -161,7 +161,7 @@ impl Drop for Watcher {
 
 impl FileStore {
     /// Loads (or creates) the state file and starts the writer. Errors name the file.
-    pub fn open(options: FileStoreOptions) -> Result<Self, String> {
+    pub fn open(options: FileStoreOptions) -> Result<Self, OpenError> {
         let path = options.path;
         let paths = StatePaths::new(&path)?;
         paths.remove_stale_temp()?;
@@ -193,7 +193,10 @@ impl FileStore {
         };
         writer
             .start(&loaded, options.journal_bytes)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+            .map_err(|source| OpenError::Start {
+                path: path.clone(),
+                source,
+            })?;
         let table = writer.working.clone();
         info!(
             "state file {}: {} lock(s) held, next generation {}",
@@ -210,7 +213,7 @@ impl FileStore {
         let handle = thread::Builder::new()
             .name("state-writer".into())
             .spawn(move || writer.run(receiver))
-            .map_err(|e| format!("cannot start the state writer: {e}"))?;
+            .map_err(OpenError::Writer)?;
         let (shutdown, _) = watch::channel(false);
         Ok(FileStore {
             commands,
@@ -391,13 +394,10 @@ struct StatePaths {
 }
 
 impl StatePaths {
-    fn new(file: &Path) -> Result<Self, String> {
+    fn new(file: &Path) -> Result<Self, OpenError> {
         let file = &resolve_link(file)?;
-        let name = file
-            .file_name()
-            .ok_or_else(|| format!("state file path {} names no file", file.display()))?;
-        if name.is_empty() {
-            return Err(format!("state file path {} names no file", file.display()));
+        if file.file_name().is_none_or(|name| name.is_empty()) {
+            return Err(OpenError::NoFileName(file.to_path_buf()));
         }
         Ok(StatePaths {
             file: file.to_path_buf(),
@@ -408,7 +408,7 @@ impl StatePaths {
     }
 
     /// A crash between writing the temp file and renaming it leaves the temp file behind.
-    fn remove_stale_temp(&self) -> Result<(), String> {
+    fn remove_stale_temp(&self) -> Result<(), OpenError> {
         match fs::remove_file(&self.temp) {
             Ok(()) => {
                 warn!(
@@ -418,7 +418,10 @@ impl StatePaths {
                 Ok(())
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(format!("cannot remove {}: {e}", self.temp.display())),
+            Err(source) => Err(OpenError::StaleTemp {
+                path: self.temp.clone(),
+                source,
+            }),
         }
     }
 
@@ -443,9 +446,48 @@ impl StatePaths {
     }
 }
 
+/// Why the file store could not start, or `locker import` could not load a state file: each
+/// names the file. A start-up error, never a request's (those are [`StoreError`]s).
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("state file path {} names no file", .0.display())]
+    NoFileName(PathBuf),
+    #[error("{}: a symbolic link whose target cannot be resolved: {source}", path.display())]
+    UnresolvedLink { path: PathBuf, source: io::Error },
+    /// The temp file an interrupted write left behind.
+    #[error("cannot remove {}: {source}", path.display())]
+    StaleTemp { path: PathBuf, source: io::Error },
+    #[error("{}: cannot read the state file: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    #[error("{}: not UTF-8 text ({source})", path.display())]
+    NotText {
+        path: PathBuf,
+        source: std::string::FromUtf8Error,
+    },
+    /// The state file, or a journal record, that does not decode.
+    #[error("{}: {source}", path.display())]
+    Decode {
+        path: PathBuf,
+        source: state_file::DecodeError,
+    },
+    #[error("{}: {source}", path.display())]
+    Journal { path: PathBuf, source: io::Error },
+    /// The writer's start: the journal, or the rewrite of the state file.
+    #[error("{}: {source}", path.display())]
+    Start {
+        path: PathBuf,
+        source: Box<OpenError>,
+    },
+    #[error("{0}")]
+    Rewrite(WriteFailure),
+    #[error("cannot start the state writer: {0}")]
+    Writer(#[source] io::Error),
+}
+
 /// A write of the state file or the journal that failed, and what it may have left on disk.
-#[derive(Debug)]
-struct WriteFailure {
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct WriteFailure {
     message: String,
     left: Left,
     /// The file system is full (or over quota): a start-up goes on without writing.
@@ -488,16 +530,14 @@ impl WriteFailure {
 /// The file a symlinked state file points to (resolved once, at start-up), so that writes
 /// replace the link's target beside it rather than the link itself: BOSH and container setups
 /// often link `LOCKER_CONFIG` onto a persistent disk. Anything else is returned as it is.
-fn resolve_link(file: &Path) -> Result<PathBuf, String> {
+fn resolve_link(file: &Path) -> Result<PathBuf, OpenError> {
     let is_link = fs::symlink_metadata(file).is_ok_and(|m| m.file_type().is_symlink());
     if !is_link {
         return Ok(file.to_path_buf());
     }
-    let target = fs::canonicalize(file).map_err(|e| {
-        format!(
-            "{}: a symbolic link whose target cannot be resolved: {e}",
-            file.display()
-        )
+    let target = fs::canonicalize(file).map_err(|source| OpenError::UnresolvedLink {
+        path: file.to_path_buf(),
+        source,
     })?;
     info!(
         "state file {} is a link to {}: writing there",
@@ -516,12 +556,13 @@ struct Loaded {
     file_exists: bool,
 }
 
-fn load_or_create(paths: &StatePaths) -> Result<Loaded, String> {
-    let file = paths.file.display();
+fn load_or_create(paths: &StatePaths) -> Result<Loaded, OpenError> {
+    let file = || paths.file.clone();
+    let journal = || paths.journal.clone();
     let bytes = match fs::read(&paths.file) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            info!("creating state file {file}");
+            info!("creating state file {}", paths.file.display());
             return Ok(Loaded {
                 table: LockTable::default(),
                 epoch: 0,
@@ -529,18 +570,35 @@ fn load_or_create(paths: &StatePaths) -> Result<Loaded, String> {
                 file_exists: false,
             });
         }
-        Err(e) => return Err(format!("{file}: cannot read the state file: {e}")),
+        Err(source) => {
+            return Err(OpenError::Read {
+                path: file(),
+                source,
+            });
+        }
     };
-    let text = String::from_utf8(bytes).map_err(|e| format!("{file}: not UTF-8 text ({e})"))?;
-    let (table, epoch) = state_file::decode_with_journal(&text, SystemTime::now())
-        .map_err(|e| format!("{file}: {e}"))?;
+    let text = String::from_utf8(bytes).map_err(|source| OpenError::NotText {
+        path: file(),
+        source,
+    })?;
+    let (table, epoch) =
+        state_file::decode_with_journal(&text, SystemTime::now()).map_err(|source| {
+            OpenError::Decode {
+                path: file(),
+                source,
+            }
+        })?;
     let records = match epoch {
         0 => Vec::new(),
-        epoch => journal::read(&paths.journal, epoch)
-            .map_err(|e| format!("{}: {e}", paths.journal.display()))?,
+        epoch => journal::read(&paths.journal, epoch).map_err(|source| OpenError::Journal {
+            path: journal(),
+            source,
+        })?,
     };
-    let table = state_file::replay(table, &records)
-        .map_err(|e| format!("{}: {e}", paths.journal.display()))?;
+    let table = state_file::replay(table, &records).map_err(|source| OpenError::Decode {
+        path: journal(),
+        source,
+    })?;
     Ok(Loaded {
         table,
         epoch,
@@ -551,7 +609,7 @@ fn load_or_create(paths: &StatePaths) -> Result<Loaded, String> {
 
 /// Loads a state file with the journal records that extend it (for `locker import`): a server
 /// that stopped abruptly left its last changes there. `None` when there is no state file.
-pub fn load(path: &Path) -> Result<Option<LockTable>, String> {
+pub fn load(path: &Path) -> Result<Option<LockTable>, OpenError> {
     let paths = StatePaths::new(path)?;
     let loaded = load_or_create(&paths)?;
     Ok(loaded.file_exists.then_some(loaded.table))
@@ -694,9 +752,12 @@ impl Writer {
     /// serves it, and changes are refused with 503 until a write succeeds. With a usable journal
     /// the journal goes on after its records and the rewrite is retried; without room for a new
     /// journal the server goes on without one.
-    fn start(&mut self, loaded: &Loaded, journal_bytes: u64) -> Result<(), String> {
+    fn start(&mut self, loaded: &Loaded, journal_bytes: u64) -> Result<(), Box<OpenError>> {
         let journal_path = self.paths.journal.clone();
-        let in_journal = |e: io::Error| format!("{}: {e}", journal_path.display());
+        let in_journal = |source: io::Error| OpenError::Journal {
+            path: journal_path.clone(),
+            source,
+        };
         if journal_bytes == 0 {
             if !loaded.file_exists || !loaded.records.is_empty() {
                 self.compact_at_start()?;
@@ -746,7 +807,7 @@ impl Writer {
 
     /// Rewrites the state file at start-up; `Ok(false)` when a full disk (or a directory that
     /// could not be synced) prevented it, which does not stop the start.
-    fn compact_at_start(&mut self) -> Result<bool, String> {
+    fn compact_at_start(&mut self) -> Result<bool, Box<OpenError>> {
         match self.compact() {
             Ok(()) => Ok(true),
             Err(e) if e.no_space || e.left == Left::StateFile => {
@@ -757,7 +818,7 @@ impl Writer {
                 );
                 Ok(false)
             }
-            Err(e) => Err(e.message),
+            Err(e) => Err(Box::new(OpenError::Rewrite(e))),
         }
     }
 
@@ -1061,26 +1122,36 @@ fn log_effects(batch: &Batch) {
     }
 }
 
+/// Why a directory cannot take a write now.
+#[derive(Debug, thiserror::Error)]
+enum Unwritable {
+    #[error("the path holds a NUL byte")]
+    NulInPath,
+    #[error("not writable: {0}")]
+    NotWritable(io::Error),
+    #[error("cannot be examined: {0}")]
+    Unexaminable(io::Error),
+    #[error("no free space")]
+    NoSpace,
+}
+
 /// Whether `dir` can take a write now: writable by this process, with free space. Creates
 /// nothing.
-fn directory_writable(dir: &Path) -> Result<(), String> {
+fn directory_writable(dir: &Path) -> Result<(), Unwritable> {
     use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
-        .map_err(|_| "the path holds a NUL byte".to_string())?;
+    let path =
+        std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|_| Unwritable::NulInPath)?;
     // SAFETY: `path` is a valid NUL-terminated string for the duration of the call.
     if unsafe { libc::access(path.as_ptr(), libc::W_OK) } != 0 {
-        return Err(format!("not writable: {}", io::Error::last_os_error()));
+        return Err(Unwritable::NotWritable(io::Error::last_os_error()));
     }
     // SAFETY: statvfs fills the zeroed struct it is given; `path` is valid as above.
     let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
-        return Err(format!(
-            "cannot be examined: {}",
-            io::Error::last_os_error()
-        ));
+        return Err(Unwritable::Unexaminable(io::Error::last_os_error()));
     }
     if stat.f_bavail == 0 {
-        return Err("no free space".into());
+        return Err(Unwritable::NoSpace);
     }
     Ok(())
 }

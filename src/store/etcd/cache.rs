@@ -98,6 +98,15 @@ impl Cache {
     }
 }
 
+/// Why the state could not be read from etcd.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Etcd(#[from] etcd_client::Error),
+    #[error(transparent)]
+    Codec(#[from] codec::CodecError),
+}
+
 /// Reads everything under the prefix into the cache; returns the revision it is valid at.
 /// With `deliver`, grants to this server's waiters that the cache had not seen are handed over
 /// (after the watch lost its place).
@@ -105,11 +114,10 @@ pub(super) async fn load_all(
     client: &mut Client,
     shared: &Arc<Shared>,
     deliver: bool,
-) -> Result<i64, String> {
+) -> Result<i64, LoadError> {
     let response = client
         .get(shared.keys.prefix(), Some(GetOptions::new().with_prefix()))
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     let revision = response.header().map(|h| h.revision()).unwrap_or(0);
     let mut seen = BTreeSet::new();
     let mut replicas = BTreeSet::new();

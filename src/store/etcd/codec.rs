@@ -16,6 +16,20 @@ use serde::{Deserialize, Serialize};
 
 use crate::rules::{Acquire, BuildRef, Grant, Holder, Info, Lock, WaiterGrant, WaiterId};
 
+/// A value in etcd that does not decode, or a lock that cannot be encoded.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("cannot encode lock: {0}")]
+    Encode(#[source] serde_json::Error),
+    #[error("lock {name:?} in etcd does not decode: {source}")]
+    Lock {
+        name: String,
+        source: serde_json::Error,
+    },
+    #[error("the generation counter in etcd does not decode: {0}")]
+    Meta(#[source] serde_json::Error),
+}
+
 /// Bits of a waiter id that number the waiters of one server; the bits above name the server.
 pub const WAITER_BITS: u32 = 40;
 
@@ -174,7 +188,7 @@ pub fn encode_lock(
     lock: &Lock,
     grants: &[WaiterGrant],
     unconfirmed: &[WaiterGrant],
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, CodecError> {
     let stored = StoredLock {
         slots: lock.slots,
         holders: lock.holders.clone(),
@@ -196,13 +210,15 @@ pub fn encode_lock(
         grants: grants.iter().map(stored_grant).collect(),
         unconfirmed: unconfirmed.iter().map(stored_grant).collect(),
     };
-    serde_json::to_vec(&stored).map_err(|e| format!("cannot encode lock: {e}"))
+    serde_json::to_vec(&stored).map_err(CodecError::Encode)
 }
 
 /// Decodes a stored lock.
-pub fn decode_lock(name: &str, bytes: &[u8]) -> Result<Decoded, String> {
-    let stored: StoredLock = serde_json::from_slice(bytes)
-        .map_err(|e| format!("lock {name:?} in etcd does not decode: {e}"))?;
+pub fn decode_lock(name: &str, bytes: &[u8]) -> Result<Decoded, CodecError> {
+    let stored: StoredLock = serde_json::from_slice(bytes).map_err(|source| CodecError::Lock {
+        name: name.to_string(),
+        source,
+    })?;
     let queue = stored
         .queue
         .into_iter()
@@ -240,10 +256,10 @@ pub fn encode_meta(next_generation: u64) -> Vec<u8> {
     format!("{{\"next_generation\":{next_generation}}}").into_bytes()
 }
 
-pub fn decode_meta(bytes: &[u8]) -> Result<u64, String> {
+pub fn decode_meta(bytes: &[u8]) -> Result<u64, CodecError> {
     serde_json::from_slice::<Meta>(bytes)
         .map(|m| m.next_generation)
-        .map_err(|e| format!("the generation counter in etcd does not decode: {e}"))
+        .map_err(CodecError::Meta)
 }
 
 #[cfg(test)]

@@ -2,8 +2,48 @@
 
 use super::*;
 
+/// Why etcd could not be reached at start-up (the server, `locker import` and `export`).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// A TLS file of LOCKER_ETCD_CA, _CERT or _KEY (`what` says which).
+    #[error("{what} {}: {source}", path.display())]
+    File {
+        what: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("LOCKER_ETCD_ENDPOINTS names no endpoint")]
+    NoEndpoints,
+    #[error("cannot reach etcd at {endpoints} after {tries} tries: {last}")]
+    Unreachable {
+        endpoints: String,
+        tries: u32,
+        last: ProbeFailure,
+    },
+    #[error("cannot start the etcd client runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+}
+
+/// Why one try to reach etcd failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeFailure {
+    #[error(transparent)]
+    Etcd(#[from] etcd_client::Error),
+    #[error("no answer in time")]
+    Timeout,
+}
+
+/// Reads a TLS file for the etcd client.
+fn read_file(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>, ConnectError> {
+    std::fs::read(path).map_err(|source| ConnectError::File {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 impl EtcdConnection {
-    pub(super) fn options(&self) -> Result<ConnectOptions, String> {
+    pub(super) fn options(&self) -> Result<ConnectOptions, ConnectError> {
         let mut options = ConnectOptions::new()
             .with_timeout(REQUEST_TIMEOUT)
             .with_connect_timeout(REQUEST_TIMEOUT)
@@ -16,15 +56,12 @@ impl EtcdConnection {
         if self.ca.is_some() || self.client_cert.is_some() {
             let mut tls = etcd_client::TlsOptions::new();
             if let Some(ca) = &self.ca {
-                let pem = std::fs::read(ca)
-                    .map_err(|e| format!("etcd CA certificate {}: {e}", ca.display()))?;
+                let pem = read_file("etcd CA certificate", ca)?;
                 tls = tls.ca_certificate(etcd_client::Certificate::from_pem(pem));
             }
             if let Some((cert, key)) = &self.client_cert {
-                let cert_pem = std::fs::read(cert)
-                    .map_err(|e| format!("etcd client certificate {}: {e}", cert.display()))?;
-                let key_pem = std::fs::read(key)
-                    .map_err(|e| format!("etcd client key {}: {e}", key.display()))?;
+                let cert_pem = read_file("etcd client certificate", cert)?;
+                let key_pem = read_file("etcd client key", key)?;
                 tls = tls.identity(etcd_client::Identity::from_pem(cert_pem, key_pem));
             }
             options = options.with_tls(tls);
@@ -34,14 +71,15 @@ impl EtcdConnection {
 
     /// A client per member (see [`members`]), once the cluster answered a linearizable read;
     /// tried a few times.
-    pub async fn members(&self) -> Result<Members, String> {
+    pub async fn members(&self) -> Result<Members, ConnectError> {
         if self.endpoints.is_empty() {
-            return Err("LOCKER_ETCD_ENDPOINTS names no endpoint".into());
+            return Err(ConnectError::NoEndpoints);
         }
         let members = Members::new(&self.endpoints, self.options()?);
         let endpoints = self.endpoints.join(",");
         let meta = format!("{}meta", self.prefix);
-        for attempt in 1..=CONNECT_TRIES {
+        let mut attempt = 1;
+        loop {
             let probe = members
                 .call(REQUEST_TIMEOUT * 2, |mut client| {
                     let meta = meta.clone();
@@ -50,57 +88,61 @@ impl EtcdConnection {
                 .await;
             let last = match probe {
                 Ok(_) => return Ok(members),
-                Err(e) => e.to_string(),
+                Err(e) => ProbeFailure::Etcd(e),
             };
             warn!("etcd at {endpoints} not reachable (try {attempt} of {CONNECT_TRIES}): {last}");
-            if attempt < CONNECT_TRIES {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            } else {
-                return Err(format!(
-                    "cannot reach etcd at {endpoints} after {CONNECT_TRIES} tries: {last}"
-                ));
+            if attempt >= CONNECT_TRIES {
+                return Err(ConnectError::Unreachable {
+                    endpoints,
+                    tries: CONNECT_TRIES,
+                    last,
+                });
             }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            attempt += 1;
         }
-        Err(format!("cannot reach etcd at {endpoints}"))
     }
 
     /// Connects and proves the cluster answers (a linearizable read), trying a few times.
-    pub async fn connect(&self) -> Result<Client, String> {
+    pub async fn connect(&self) -> Result<Client, ConnectError> {
         if self.endpoints.is_empty() {
-            return Err("LOCKER_ETCD_ENDPOINTS names no endpoint".into());
+            return Err(ConnectError::NoEndpoints);
         }
         let options = self.options()?;
         let endpoints = self.endpoints.join(",");
-        let mut last = String::new();
-        for attempt in 1..=CONNECT_TRIES {
+        let mut attempt = 1;
+        loop {
             let probe = async {
                 let mut client = Client::connect(&self.endpoints, Some(options.clone())).await?;
                 client.get(format!("{}meta", self.prefix), None).await?;
                 Ok::<_, etcd_client::Error>(client)
             };
-            match tokio::time::timeout(REQUEST_TIMEOUT * 2, probe).await {
+            let last = match tokio::time::timeout(REQUEST_TIMEOUT * 2, probe).await {
                 Ok(Ok(client)) => return Ok(client),
-                Ok(Err(e)) => last = e.to_string(),
-                Err(_) => last = "no answer in time".into(),
-            }
+                Ok(Err(e)) => ProbeFailure::Etcd(e),
+                Err(_) => ProbeFailure::Timeout,
+            };
             warn!("etcd at {endpoints} not reachable (try {attempt} of {CONNECT_TRIES}): {last}");
-            if attempt < CONNECT_TRIES {
-                tokio::time::sleep(Duration::from_secs(1)).await;
+            if attempt >= CONNECT_TRIES {
+                return Err(ConnectError::Unreachable {
+                    endpoints,
+                    tries: CONNECT_TRIES,
+                    last,
+                });
             }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            attempt += 1;
         }
-        Err(format!(
-            "cannot reach etcd at {endpoints} after {CONNECT_TRIES} tries: {last}"
-        ))
     }
 }
 
 /// A runtime of its own for the etcd client, the writer and the watch, so they do not depend
 /// on the HTTP server's worker threads.
-pub fn runtime() -> Result<tokio::runtime::Runtime, String> {
+pub fn runtime() -> Result<tokio::runtime::Runtime, ConnectError> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("etcd")
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the etcd client runtime: {e}"))
+        .map_err(ConnectError::Runtime)
 }

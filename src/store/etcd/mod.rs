@@ -24,8 +24,8 @@ pub mod migrate;
 mod replica;
 mod writer;
 
-use self::cache::{Cache, Entry, load_all, watch_prefix};
-pub use self::connection::runtime;
+use self::cache::{Cache, Entry, LoadError, load_all, watch_prefix};
+pub use self::connection::{ConnectError, ProbeFailure, runtime};
 use self::replica::{keep_alive, register, take_replica_id};
 use self::writer::Writer;
 
@@ -84,6 +84,17 @@ pub struct EtcdStoreOptions {
     /// one lock each.
     pub limits: crate::rules::Limits,
     pub metrics: Arc<Metrics>,
+}
+
+/// Why the etcd store could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("etcd: cannot register this server: {0}")]
+    Register(#[source] etcd_client::Error),
+    #[error("etcd: cannot load the lock state: {0}")]
+    Load(#[source] LoadError),
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -188,7 +199,7 @@ pub struct EtcdStore {
 
 impl EtcdStore {
     /// Connects, registers this server and loads the state. Errors say what is wrong.
-    pub fn open(options: EtcdStoreOptions) -> Result<Self, String> {
+    pub fn open(options: EtcdStoreOptions) -> Result<Self, OpenError> {
         let runtime = runtime()?;
         let handle = runtime.handle().clone();
         let (commands, receiver) = mpsc::unbounded_channel();
@@ -357,20 +368,17 @@ async fn start(
         tokio::task::JoinHandle<()>,
         Arc<AtomicU64>,
     ),
-    String,
+    OpenError,
 > {
     let keys = Keys::new(&connection.prefix);
     // Start-up uses the member that just answered; it fails as a whole if that member fails.
-    let (_, mut etcd) = members
-        .pinned()
-        .await
-        .map_err(|e| format!("etcd: cannot register this server: {e}"))?;
+    let (_, mut etcd) = members.pinned().await.map_err(OpenError::Register)?;
     let replica = take_replica_id(&mut etcd, &keys)
         .await
-        .map_err(|e| format!("etcd: cannot register this server: {e}"))?;
+        .map_err(OpenError::Register)?;
     let lease = register(&mut etcd, &keys, replica)
         .await
-        .map_err(|e| format!("etcd: cannot register this server: {e}"))?;
+        .map_err(OpenError::Register)?;
     let lease = Arc::new(AtomicU64::new(lease as u64));
     let shared = Arc::new(Shared {
         keys: keys.clone(),
@@ -383,7 +391,7 @@ async fn start(
     });
     let revision = load_all(&mut etcd, &shared, false)
         .await
-        .map_err(|e| format!("etcd: cannot load the lock state: {e}"))?;
+        .map_err(OpenError::Load)?;
     tokio::spawn(keep_alive(members.clone(), shared.clone(), lease.clone()));
     tokio::spawn(watch_prefix(members.clone(), shared.clone(), revision + 1));
     let writer = Writer {

@@ -223,7 +223,7 @@ impl Writer {
             let plan = match plan {
                 Ok(plan) => plan,
                 Err(e) => {
-                    self.fail(clients, confirms, internal, e);
+                    self.fail(clients, confirms, internal, e.to_string());
                     return;
                 }
             };
@@ -291,7 +291,7 @@ impl Writer {
         ops: &[Op],
         confirms: &[WaiterGrant],
         now: SystemTime,
-    ) -> Result<Plan, String> {
+    ) -> Result<Plan, codec::CodecError> {
         let mut read = self.read_cached(names);
         let effects: Vec<Effect> = ops.iter().map(|op| read.table.apply(op, now)).collect();
         let grants = grants_by_lock(&effects);
@@ -382,7 +382,7 @@ impl Writer {
         read: &CachedRead,
         grants: &BTreeMap<&str, Vec<WaiterGrant>>,
         mut unconfirmed_after: BTreeMap<String, Vec<WaiterGrant>>,
-    ) -> Result<(Vec<TxnOp>, LocksAfter), String> {
+    ) -> Result<(Vec<TxnOp>, LocksAfter), codec::CodecError> {
         let mut writes = Vec::new();
         let mut after = BTreeMap::new();
         for (name, old) in &read.before {
