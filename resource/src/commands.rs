@@ -8,11 +8,12 @@ use reqwest::StatusCode;
 use serde_json::{Map, Value, json};
 
 use crate::client::{Client, ClientError, RetryPolicy, since};
+use crate::error::ResourceError;
 use crate::lock::{BuildEnv, Holding, state_metadata, version_of};
 use crate::log;
 use crate::models::{
-    CheckRequest, ConfigError, InRequest, LockOp, LockTarget, MetadataField, OutParams, OutRequest,
-    Source, VersionResponse, check_lock_name, parse_in_params,
+    CheckRequest, InRequest, LockOp, LockTarget, MetadataField, OutParams, OutRequest, Source,
+    VersionResponse, check_lock_name, parse_in_params,
 };
 use locker_client::Reply;
 use locker_client::acquire::{self, Outcome};
@@ -67,21 +68,8 @@ pub async fn clean_up(abort: &Abort, signal: &str) -> String {
     format!("stopped by {signal} while acquiring lock {name:?}; {what}: {outcome}")
 }
 
-impl From<ConfigError> for String {
-    fn from(error: ConfigError) -> String {
-        error.0
-    }
-}
-
-impl From<ClientError> for String {
-    fn from(error: ClientError) -> String {
-        error.to_string()
-    }
-}
-
-fn parse_request<T: serde::de::DeserializeOwned>(input: &str) -> Result<T, String> {
-    serde_json::from_str(input)
-        .map_err(|e| format!("the request on stdin is not valid JSON for this command: {e}"))
+fn parse_request<T: serde::de::DeserializeOwned>(input: &str) -> Result<T, ResourceError> {
+    serde_json::from_str(input).map_err(ResourceError::Request)
 }
 
 fn warn_all(warnings: Vec<String>) {
@@ -91,7 +79,10 @@ fn warn_all(warnings: Vec<String>) {
 }
 
 /// Reads `source`, sets up the client and finds the lock's name.
-async fn connect(source: &Value, retry: RetryPolicy) -> Result<(Source, Client, String), String> {
+async fn connect(
+    source: &Value,
+    retry: RetryPolicy,
+) -> Result<(Source, Client, String), ResourceError> {
     let (source, warnings) = Source::parse(source)?;
     warn_all(warnings);
     let client = Client::new(&source, retry)?;
@@ -109,7 +100,7 @@ async fn connect(source: &Value, retry: RetryPolicy) -> Result<(Source, Client, 
 }
 
 /// `check`: the current version of this one lock. Concourse adds it if it is new.
-pub async fn check(input: &str, retry: RetryPolicy) -> Result<Value, String> {
+pub async fn check(input: &str, retry: RetryPolicy) -> Result<Value, ResourceError> {
     let request: CheckRequest = parse_request(input)?;
     let (_, client, name) = connect(&request.source, retry).await?;
     let holding = client.holding(&name).await?;
@@ -125,7 +116,11 @@ pub async fn check(input: &str, retry: RetryPolicy) -> Result<Value, String> {
 }
 
 /// `in`: writes the lock's current state into `directory`.
-pub async fn fetch(input: &str, directory: &Path, retry: RetryPolicy) -> Result<Value, String> {
+pub async fn fetch(
+    input: &str,
+    directory: &Path,
+    retry: RetryPolicy,
+) -> Result<Value, ResourceError> {
     let request: InRequest = parse_request(input)?;
     let (source, client, name) = connect(&request.source, retry).await?;
     let (params, warnings) = parse_in_params(&request.params)?;
@@ -149,8 +144,10 @@ pub async fn fetch(input: &str, directory: &Path, retry: RetryPolicy) -> Result<
         None => current,
     };
 
-    std::fs::create_dir_all(directory)
-        .map_err(|e| format!("cannot create {}: {e}", directory.display()))?;
+    std::fs::create_dir_all(directory).map_err(|source| ResourceError::CreateDirectory {
+        path: directory.to_path_buf(),
+        source,
+    })?;
     let (key, locked_by, status) = match &holding {
         Some(h) => {
             let mut status = h.raw.clone();
@@ -174,12 +171,12 @@ pub async fn fetch(input: &str, directory: &Path, retry: RetryPolicy) -> Result<
         version,
         metadata: state_metadata(&name, holding.as_ref()),
     };
-    serde_json::to_value(response).map_err(|e| format!("cannot encode the response: {e}"))
+    serde_json::to_value(response).map_err(ResourceError::Encode)
 }
 
-fn write(directory: &Path, file: &str, content: &str) -> Result<(), String> {
+fn write(directory: &Path, file: &str, content: &str) -> Result<(), ResourceError> {
     let path = directory.join(file);
-    std::fs::write(&path, content).map_err(|e| format!("cannot write {}: {e}", path.display()))
+    std::fs::write(&path, content).map_err(|source| ResourceError::Write { path, source })
 }
 
 /// `out`: locks or unlocks.
@@ -188,7 +185,7 @@ pub async fn put(
     build: &BuildEnv,
     retry: RetryPolicy,
     abort: &Abort,
-) -> Result<Value, String> {
+) -> Result<Value, ResourceError> {
     let request: OutRequest = parse_request(input)?;
     // Params first: a missing key is reported before any network call.
     let (params, warnings) = OutParams::parse(&request.params)?;
@@ -209,7 +206,7 @@ pub async fn put(
             }
         }
     };
-    serde_json::to_value(response).map_err(|e| format!("cannot encode the response: {e}"))
+    serde_json::to_value(response).map_err(ResourceError::Encode)
 }
 
 /// The body of a lock or unlock request: as the original resource sent it, plus holder info and
@@ -238,7 +235,7 @@ async fn lock(
     params: &OutParams,
     build: &BuildEnv,
     abort: &Abort,
-) -> Result<VersionResponse, String> {
+) -> Result<VersionResponse, ResourceError> {
     let body = request_body(params, Some(build));
     let requestor = params
         .locked_by
@@ -279,24 +276,26 @@ async fn lock(
     let granted = match outcome {
         Outcome::Granted(reply) => reply.body,
         Outcome::TimedOut(_) => {
-            return Err(format!(
-                "gave up waiting for lock {name:?} after {} (params.wait_timeout): it is held by {}",
-                since(started),
-                waiting.holder
-            ));
+            return Err(ResourceError::GaveUp {
+                name: name.to_string(),
+                free: false,
+                waited: since(started),
+                holder: waiting.holder,
+            });
         }
         Outcome::Refused(reply) if reply.status == StatusCode::CONFLICT => {
-            return Err(format!(
-                "cannot lock {name:?}: {} (params.slots must match the lock's)",
-                reply.error_message()
-            ));
+            return Err(ResourceError::SlotsDiffer {
+                name: name.to_string(),
+                message: reply.error_message(),
+            });
         }
         Outcome::Refused(reply) => {
-            return Err(format!(
-                "cannot lock {name:?}: the server answered {}: {}",
-                reply.status,
-                reply.error_message()
-            ));
+            return Err(ResourceError::Refused {
+                action: "lock",
+                name: name.to_string(),
+                status: reply.status,
+                message: reply.error_message(),
+            });
         }
     };
 
@@ -386,7 +385,7 @@ async fn wait_until_free(
     source: &Source,
     name: &str,
     wait_timeout: Option<Duration>,
-) -> Result<(), String> {
+) -> Result<(), ResourceError> {
     let started = Instant::now();
     let deadline = wait_timeout.map(|timeout| started + timeout);
     let mut told_fallback = false;
@@ -439,11 +438,12 @@ async fn wait_until_free(
         );
         let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         if remaining == Some(Duration::ZERO) {
-            return Err(format!(
-                "gave up waiting for lock {name:?} to be free after {} (params.wait_timeout): \
-                 it is held by {holder}",
-                since(started)
-            ));
+            return Err(ResourceError::GaveUp {
+                name: name.to_string(),
+                free: true,
+                waited: since(started),
+                holder,
+            });
         }
         if told_fallback || answered_at_once {
             let pause = remaining.map_or(source.retry_interval, |r| r.min(source.retry_interval));
@@ -474,7 +474,7 @@ async fn unlock(
     client: &Client,
     name: &str,
     params: &OutParams,
-) -> Result<VersionResponse, String> {
+) -> Result<VersionResponse, ResourceError> {
     let body = request_body(params, None);
     let requestor = params
         .locked_by
@@ -492,17 +492,19 @@ async fn unlock(
     match reply.status {
         StatusCode::OK => {}
         StatusCode::LOCKED => {
-            return Err(format!(
-                "cannot unlock {name:?} with key {:?}: {}",
-                params.key,
-                reply.error_message()
-            ));
+            return Err(ResourceError::NotHolder {
+                name: name.to_string(),
+                key: params.key.clone(),
+                message: reply.error_message(),
+            });
         }
         status => {
-            return Err(format!(
-                "cannot unlock {name:?}: the server answered {status}: {}",
-                reply.error_message()
-            ));
+            return Err(ResourceError::Refused {
+                action: "unlock",
+                name: name.to_string(),
+                status,
+                message: reply.error_message(),
+            });
         }
     }
     if let Some(response) = reply.body.get("response").and_then(Value::as_str) {

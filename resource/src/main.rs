@@ -9,12 +9,15 @@
 
 mod client;
 mod commands;
+mod error;
 mod lock;
 mod models;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+
+use error::ResourceError;
 
 /// Writes one log line to stderr (stdout carries the response only).
 #[macro_export]
@@ -51,7 +54,7 @@ impl Command {
 
 /// The command and its arguments, from argv: by the program's basename, else by the first
 /// argument.
-fn parse_args(args: &[String]) -> Result<(Command, Vec<String>), String> {
+fn parse_args(args: &[String]) -> Result<(Command, Vec<String>), ResourceError> {
     let program = args
         .first()
         .map(String::as_str)
@@ -65,10 +68,10 @@ fn parse_args(args: &[String]) -> Result<(Command, Vec<String>), String> {
     }
     match args.get(1).and_then(|a| Command::from_name(a)) {
         Some(command) => Ok((command, args[2..].to_vec())),
-        None => Err(format!(
+        None => Err(ResourceError::Usage(format!(
             "usage: {basename} check | in DIR | out DIR (request JSON on stdin), \
              or install as /opt/resource/check, in, out"
-        )),
+        ))),
     }
 }
 
@@ -79,10 +82,9 @@ struct Signals {
 }
 
 impl Signals {
-    fn new() -> Result<Signals, String> {
+    fn new() -> Result<Signals, ResourceError> {
         use tokio::signal::unix::{SignalKind, signal};
-        let listen =
-            |kind: SignalKind| signal(kind).map_err(|e| format!("cannot listen for signals: {e}"));
+        let listen = |kind: SignalKind| signal(kind).map_err(ResourceError::Signals);
         Ok(Signals {
             terminate: listen(SignalKind::terminate())?,
             interrupt: listen(SignalKind::interrupt())?,
@@ -105,33 +107,33 @@ fn main() -> ExitCode {
             println!("{response}");
             ExitCode::SUCCESS
         }
-        Err(message) => {
+        Err(error) => {
             // One line, whatever the message holds.
-            log!("error: {}", message.replace('\n', " "));
+            log!("error: {}", error.to_string().replace('\n', " "));
             ExitCode::FAILURE
         }
     }
 }
 
-fn run(args: &[String]) -> Result<String, String> {
+fn run(args: &[String]) -> Result<String, ResourceError> {
     let (command, rest) = parse_args(args)?;
     let directory = match command {
         Command::Check => None,
         Command::In | Command::Out => Some(PathBuf::from(rest.first().ok_or_else(|| {
-            format!(
+            ResourceError::Usage(format!(
                 "usage: {} DIR: the directory argument is missing",
                 command.name()
-            )
+            ))
         })?)),
     };
     let mut input = String::new();
     std::io::stdin()
         .read_to_string(&mut input)
-        .map_err(|e| format!("cannot read the request from stdin: {e}"))?;
+        .map_err(ResourceError::Stdin)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+        .map_err(ResourceError::Runtime)?;
     let environment = lock::BuildEnv::from_process();
     let retry = client::retry_policy_from_env();
     let abort = commands::Abort::default();
@@ -156,10 +158,10 @@ fn run(args: &[String]) -> Result<String, String> {
         // and fail.
         tokio::select! {
             result = work => result,
-            signal = signals.next() => Err(commands::clean_up(&abort, signal).await),
+            signal = signals.next() => Err(ResourceError::Stopped(commands::clean_up(&abort, signal).await)),
         }
     })?;
-    serde_json::to_string(&response).map_err(|e| format!("cannot encode the response: {e}"))
+    serde_json::to_string(&response).map_err(ResourceError::Encode)
 }
 
 #[cfg(test)]
