@@ -1,6 +1,6 @@
 //! The HTTP contract of the original locker, against the real binary.
 
-mod common;
+pub mod common;
 
 use std::collections::HashMap;
 

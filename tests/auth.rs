@@ -1,6 +1,6 @@
 //! Basic auth: every route but /health needs it when configured.
 
-mod common;
+pub mod common;
 
 use common::{Reply, Server, call, call_with, client};
 use serde_json::json;

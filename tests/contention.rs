@@ -3,7 +3,7 @@
 //! lock is held under its key and generation; over at least 2,000 hand-offs no two holdings
 //! overlap, and the fencing generations strictly increase in the order of the holdings.
 
-mod common;
+pub mod common;
 
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -1,7 +1,7 @@
 //! The dashboard in a real headless Chromium (Debian's `chromium` and `chromium-driver`, which
 //! `.ci/run` installs), driven over WebDriver against a real server with held locks and a waiter.
 
-mod common;
+pub mod common;
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};

@@ -10,7 +10,7 @@
 //! directory's sync, 100 ms later, while the event loop is still held after learning of the
 //! FIN. So the handler finds both at once, and its `select!` picks either at random.
 
-mod common;
+pub mod common;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};

@@ -4,7 +4,7 @@
 //! delays of the syncs its write needs: a bound that only grows on a slower machine. A SIGKILL
 //! keeps the page cache, so no crash test notices a sync that is missing; these do.
 
-mod common;
+pub mod common;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -2,7 +2,7 @@
 //! environments render unset options as `NAME=`), for every variable the binary reads: the
 //! server's, listed from its own `--help`, and the client subcommands'.
 
-mod common;
+pub mod common;
 
 use std::process::{Command, Stdio};
 

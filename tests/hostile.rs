@@ -2,7 +2,7 @@
 //! deeply nested JSON and out-of-range numbers. Each gets a clear 4xx, nothing is applied, and
 //! the server keeps serving afterwards.
 
-mod common;
+pub mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

@@ -4,7 +4,7 @@
 //! asked, until a force release (issue 16). The server speaks HTTP/1.1 only, where a client that
 //! gives up closes its connection and its wait is withdrawn. These tests speak h2 to prove it.
 
-mod common;
+pub mod common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -4,7 +4,7 @@
 //! it: torn (its bytes no longer match its CRC), of another epoch, or out of sequence (each
 //! with a valid CRC). A start replays the records before the damaged one and none after it.
 
-mod common;
+pub mod common;
 
 use std::path::{Path, PathBuf};
 

@@ -4,7 +4,7 @@
 //! pages (`limit`, `after`, `prefix`, `q`) so a large table can be read a page at a time.
 //! Both on the file and the etcd backend.
 
-mod common;
+pub mod common;
 
 use std::collections::BTreeSet;
 

@@ -12,7 +12,7 @@
 //!   connection only releases a shared lock it holds. Releasing a shared lock it does not hold
 //!   is also tried, and must change nothing (200 when free, 423 when another key holds it).
 
-mod common;
+pub mod common;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -1,6 +1,6 @@
 //! `/metrics`: valid Prometheus exposition text whose counters move with the operations.
 
-mod common;
+pub mod common;
 
 use std::time::Duration;
 

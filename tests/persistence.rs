@@ -1,7 +1,7 @@
 //! The state file: restarts, the original locker's format, corrupt files, crashes, full disks
 //! and clean shutdown.
 
-mod common;
+pub mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

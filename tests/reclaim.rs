@@ -2,7 +2,7 @@
 //! (a real Concourse cannot run here): it answers build status by path, like Concourse's
 //! `/api/v1/teams/{team}/pipelines/{pipeline}/jobs/{job}/builds/{name}` and `/api/v1/builds/{id}`.
 
-mod common;
+pub mod common;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};

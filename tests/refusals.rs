@@ -1,7 +1,7 @@
 //! Refusals the API answers with a JSON body: lookalike lock names, control characters in keys
 //! and requestors, errors actix-web answers itself get a JSON body; and `HEAD /health`.
 
-mod common;
+pub mod common;
 
 use common::Server;
 use serde_json::json;

@@ -1,6 +1,6 @@
 //! Semaphores (locks with N slots) and waiting until a lock is free.
 
-mod common;
+pub mod common;
 
 use std::sync::mpsc;
 use std::thread;

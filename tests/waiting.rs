@@ -1,6 +1,6 @@
 //! Waiting acquires, lock status, fencing generations, holder info, leases and force release.
 
-mod common;
+pub mod common;
 
 use std::io::Write;
 use std::sync::mpsc;

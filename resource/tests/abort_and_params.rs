@@ -2,7 +2,7 @@
 //! and `lock_op: wait`, with the real server or a loopback stub.
 
 #[path = "../../tests/common/mod.rs"]
-mod common;
+pub mod common;
 mod support;
 
 use std::time::{Duration, Instant};

@@ -2,7 +2,7 @@
 //! cannot run here), run exactly as Concourse runs it.
 
 #[path = "../../tests/common/mod.rs"]
-mod common;
+pub mod common;
 mod support;
 
 use std::time::{Duration, Instant};
