@@ -1,7 +1,7 @@
 //! The `locker` binary as a client (`locker lock`, `locks`, `status`, `release`, `wait-free`)
 //! against the real server on loopback.
 
-mod common;
+pub mod common;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use common::Server;
+use common::{Server, wait_until};
 
 /// `locker ARGS` pointed at `server`, with no connection settings leaking in.
 fn locker(server: &Server, args: &[&str]) -> Command {
@@ -80,14 +80,6 @@ fn run(command: &mut Command) -> Finished {
 
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
-}
-
-fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn key_of(server: &Server, name: &str) -> Option<String> {
@@ -560,15 +552,10 @@ fn readme_certificate_recipe() -> String {
 
 /// Runs `script` with `sh -e` in `dir`; panics with openssl's output if it fails.
 fn shell(dir: &Path, script: &str) {
-    let output = Command::new("sh")
-        .args(["-e", "-c", script])
-        .current_dir(dir)
-        .output()
-        .expect("run sh (and openssl)");
-    assert!(
-        output.status.success(),
-        "{script}\n{}",
-        String::from_utf8_lossy(&output.stderr)
+    common::run_ok(
+        Command::new("sh")
+            .args(["-e", "-c", script])
+            .current_dir(dir),
     );
 }
 

@@ -2,11 +2,10 @@
 //! number of open connections is capped, and the cap is checked against the descriptor limit at
 //! start-up. Raw TCP sockets against the real binary.
 
-mod common;
+pub mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::Server;
@@ -203,39 +202,16 @@ fn slow_clients_filling_the_cap_are_cut_off_and_health_is_served() {
 
 /// Runs the server under `prlimit --nofile=soft:hard` until it listens or exits.
 fn under_nofile(soft: u64, hard: u64, env: &[(&str, &str)]) -> common::ServerBuilder {
-    let mut builder = common::server()
+    common::server()
         .binary("prlimit")
         .arg(format!("--nofile={soft}:{hard}"))
-        .arg(common::locker_binary().display().to_string());
-    for (name, value) in env {
-        builder = builder.env(name, *value);
-    }
-    builder
+        .arg(common::locker_binary().display().to_string())
+        .envs(env)
 }
 
 #[test]
 fn a_cap_that_cannot_fit_the_descriptor_limit_is_refused_when_set() {
-    let dir = common::temp_dir();
-    let mut child = Command::new("prlimit")
-        .arg("--nofile=256:256")
-        .arg(common::locker_binary())
-        .env("LOCKER_CONFIG", dir.path().join("locker.yml"))
-        .env("PORT", "0")
-        .env("LOCKER_LISTEN", "127.0.0.1")
-        .env("LOCKER_MAX_CONNECTIONS", "1000")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start prlimit");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the server started with a cap its descriptor limit cannot hold");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let output = child.wait_with_output().expect("output");
+    let output = under_nofile(256, 256, &[("LOCKER_MAX_CONNECTIONS", "1000")]).run_to_exit();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     for text in ["LOCKER_MAX_CONNECTIONS", "1000", "256"] {

@@ -3,13 +3,12 @@
 //! `fdatasync` fail once with EIO). What each test checks: a change refused with 503 never comes
 //! back after a crash, and an acknowledged one is never lost.
 
-mod common;
+pub mod common;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
 
-use common::Server;
+use common::{Server, wait_until};
 use serde_json::json;
 
 const FIU_RUN: &str = "/usr/bin/fiu-run";
@@ -48,15 +47,6 @@ fn fail_next(dir: &Path, server: &Server, function: &str) {
 
 fn state_text(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("locker.yml")).expect("state file")
-}
-
-/// Polls (every 20 ms, up to 10 s) until `condition` holds.
-fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]
@@ -274,17 +264,12 @@ fn faults_under_load(journal_bytes: &str, functions: &[&str]) {
 /// Makes the next call through libfiu's failure point `point` fail once with EIO.
 fn fail_next_at(dir: &Path, server: &Server, point: &str) {
     let command = format!("enable name={point},failnum=1,failinfo=5,onetime");
-    let output = Command::new(FIU_CTRL)
-        .arg("-f")
-        .arg(fifo_prefix(dir))
-        .args(["-c", &command])
-        .arg(server.pid().to_string())
-        .output()
-        .expect("run fiu-ctrl");
-    assert!(
-        output.status.success(),
-        "fiu-ctrl failed: {}",
-        String::from_utf8_lossy(&output.stderr)
+    common::run_ok(
+        Command::new(FIU_CTRL)
+            .arg("-f")
+            .arg(fifo_prefix(dir))
+            .args(["-c", &command])
+            .arg(server.pid().to_string()),
     );
 }
 

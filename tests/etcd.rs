@@ -10,17 +10,16 @@
 //! without it the server has no etcd backend.
 #![cfg(feature = "etcd")]
 
-mod common;
+pub mod common;
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::etcd::{self, EtcdCluster};
-use common::{Server, call, call_with};
+use common::{Server, call, call_with, wait_for_waiters};
 use serde_json::{Value, json};
 
 /// One test at a time.
@@ -46,23 +45,6 @@ fn generation(reply: &common::Reply) -> u64 {
     reply.json()["generation"]
         .as_u64()
         .unwrap_or_else(|| panic!("no generation in {}", reply.body))
-}
-
-/// Polls `GET /lock/{name}` on `server` until `waiters` reaches `count`.
-fn wait_for_waiters(server: &Server, name: &str, count: u64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let reply = call("GET", &server.url(&format!("/lock/{name}")), None);
-        if reply.status == 200 && reply.json()["waiters"] == json!(count) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "never saw {count} waiter(s): {}",
-            reply.body
-        );
-        thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// A waiting acquire in a thread; (key, status) comes back on the channel.
@@ -456,22 +438,14 @@ fn an_unreachable_etcd_stops_start_up_with_a_clear_message() {
         .map(|a| a.port())
         .expect("port");
     let started = Instant::now();
-    let output = Command::new(common::locker_binary())
-        .env("LOCKER_STORE", "etcd")
-        .env("LOCKER_ETCD_ENDPOINTS", format!("http://127.0.0.1:{port}"))
-        .env("PORT", "0")
-        .env("LOCKER_LISTEN", "127.0.0.1")
-        .output()
-        .expect("run locker");
+    let output = common::server()
+        .etcd(&format!("http://127.0.0.1:{port}"))
+        .run_to_exit();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("cannot reach etcd"), "{stderr}");
     assert!(started.elapsed() < Duration::from_secs(30));
-    let output = Command::new(common::locker_binary())
-        .env("LOCKER_STORE", "etcd")
-        .env_remove("LOCKER_ETCD_ENDPOINTS")
-        .output()
-        .expect("run locker");
+    let output = common::server().env("LOCKER_STORE", "etcd").run_to_exit();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("LOCKER_ETCD_ENDPOINTS"), "{stderr}");
@@ -479,12 +453,11 @@ fn an_unreachable_etcd_stops_start_up_with_a_clear_message() {
 
 /// Runs `locker <args>` against `prefix` of the shared cluster.
 fn locker_command(prefix: &str, args: &[&str]) -> std::process::Output {
-    let output = Command::new(common::locker_binary())
+    let output = common::server()
         .env("LOCKER_ETCD_ENDPOINTS", etcd::shared().endpoints())
         .env("LOCKER_ETCD_PREFIX", prefix)
-        .args(args)
-        .output()
-        .expect("run locker");
+        .args(args.iter().copied())
+        .run_to_exit();
     eprintln!("{}", String::from_utf8_lossy(&output.stderr));
     output
 }

@@ -16,7 +16,7 @@
 //! every missing piece fails the tests with its name. Building the two static release binaries
 //! takes minutes the first time.
 
-mod common;
+pub mod common;
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -27,6 +27,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use common::{on_path, run_ok, stdout_of};
 use serde_json::{Value, json};
 
 /// The `org.opencontainers.image.source` the tests build with (a clone of a local path has no
@@ -107,14 +108,6 @@ fn images() -> &'static Images {
         Ok(images) => images,
         Err(reason) => panic!("{reason}"),
     }
-}
-
-/// Where `tool` is on PATH.
-fn on_path(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(tool))
-        .find(|candidate| candidate.is_file())
 }
 
 /// Where `tool` is; panics naming it.
@@ -700,15 +693,10 @@ fn docker_archives_name_the_images_and_carry_their_labels() {
             );
         }
         // What `docker load` reads back: the same config, labels included.
-        let inspected = Command::new("skopeo")
-            .args(["--insecure-policy", "inspect", "--config"])
-            .arg(format!("docker-archive:{}", image.archive.display()))
-            .output()
-            .expect("run skopeo");
-        assert!(
-            inspected.status.success(),
-            "{}",
-            String::from_utf8_lossy(&inspected.stderr)
+        let inspected = run_ok(
+            Command::new("skopeo")
+                .args(["--insecure-policy", "inspect", "--config"])
+                .arg(format!("docker-archive:{}", image.archive.display())),
         );
         let config: Value = serde_json::from_slice(&inspected.stdout).expect("config");
         assert_eq!(config["config"]["Labels"], *image.runtime("Labels"));
@@ -722,21 +710,15 @@ fn docker_archives_load_into_podman() {
     // A store of its own: nothing is left in the machine's, and no daemon is needed.
     let store = common::temp_dir();
     let podman = |args: &[&str]| {
-        let output = Command::new("podman")
-            .arg("--storage-driver=vfs")
-            .arg("--root")
-            .arg(store.path().join("root"))
-            .arg("--runroot")
-            .arg(store.path().join("run"))
-            .args(args)
-            .output()
-            .expect("run podman");
-        assert!(
-            output.status.success(),
-            "podman {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
+        stdout_of(
+            Command::new("podman")
+                .arg("--storage-driver=vfs")
+                .arg("--root")
+                .arg(store.path().join("root"))
+                .arg("--runroot")
+                .arg(store.path().join("run"))
+                .args(args),
+        )
     };
     for image in [&images.resource, &images.server] {
         let archive = image.archive.display().to_string();

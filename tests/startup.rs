@@ -1,41 +1,19 @@
 //! Start-up: configuration errors, TLS, version and help.
 
-mod common;
+pub mod common;
 
 use std::path::Path;
 use std::process::{Command, Output};
-use std::time::Duration;
 
 use serde_json::json;
 
-/// Runs the binary with `env` and waits for it to exit (it must, within the deadline).
+/// Runs the binary with `env` and `args` and waits for it to exit (it must, within the
+/// fixture's deadline).
 fn run_to_exit(env: &[(&str, &str)], args: &[&str]) -> Output {
-    let dir = common::temp_dir();
-    let mut command = Command::new(common::locker_binary());
-    command
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("LOCKER_CONFIG", dir.path().join("locker.yml"))
-        .env("PORT", "0")
-        .env("LOCKER_LISTEN", "127.0.0.1")
-        .args(args);
-    for (name, value) in env {
-        command.env(name, value);
-    }
-    let mut child = command
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while child.try_wait().expect("wait").is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the server kept running; it should have refused to start");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().expect("output")
+    common::server()
+        .envs(env)
+        .args(args.iter().copied())
+        .run_to_exit()
 }
 
 fn assert_refuses(env: &[(&str, &str)], mentions: &[&str]) {
