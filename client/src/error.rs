@@ -25,6 +25,7 @@ pub enum Error {
     Certificate {
         method: Method,
         url: String,
+        problem: CertificateProblem,
         cause: String,
     },
     /// No answer: connection refused or reset, timeout, an answer that broke off.
@@ -44,6 +45,69 @@ pub enum Error {
         status: StatusCode,
         message: String,
     },
+}
+
+/// What the TLS handshake found wrong with the server's certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertificateProblem {
+    /// A CA certificate (basicConstraints CA:TRUE) presented as the server's own.
+    CaUsedAsEndEntity,
+    /// Not signed by a CA the client trusts.
+    UnknownIssuer,
+    /// It does not name the host the client connected to.
+    WrongName,
+    /// Expired, or not valid yet.
+    OutsideValidity,
+    /// Anything else rustls refused it for.
+    Other,
+}
+
+impl CertificateProblem {
+    /// The certificate problem somewhere in `error`'s causes, if the TLS handshake refused the
+    /// server's certificate. Found by type: rustls' error, which the TLS stream reports inside
+    /// an I/O error (itself inside another), whose `source` skips what it wraps: so an I/O
+    /// error is looked into rather than past.
+    pub fn of(error: &(dyn std::error::Error + 'static)) -> Option<CertificateProblem> {
+        let mut next = Some(error);
+        while let Some(cause) = next {
+            if let Some(rustls::Error::InvalidCertificate(refusal)) =
+                cause.downcast_ref::<rustls::Error>()
+            {
+                return Some(CertificateProblem::from(refusal));
+            }
+            next = match cause
+                .downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::get_ref)
+            {
+                Some(wrapped) => Some(wrapped as &(dyn std::error::Error + 'static)),
+                None => cause.source(),
+            };
+        }
+        None
+    }
+}
+
+impl From<&rustls::CertificateError> for CertificateProblem {
+    fn from(refusal: &rustls::CertificateError) -> Self {
+        use rustls::CertificateError as E;
+        match refusal {
+            E::UnknownIssuer => CertificateProblem::UnknownIssuer,
+            E::NotValidForName | E::NotValidForNameContext { .. } => CertificateProblem::WrongName,
+            E::Expired
+            | E::ExpiredContext { .. }
+            | E::NotValidYet
+            | E::NotValidYetContext { .. } => CertificateProblem::OutsideValidity,
+            E::Other(other)
+                if matches!(
+                    other.0.downcast_ref::<webpki::Error>(),
+                    Some(webpki::Error::CaUsedAsEndEntity)
+                ) =>
+            {
+                CertificateProblem::CaUsedAsEndEntity
+            }
+            _ => CertificateProblem::Other,
+        }
+    }
 }
 
 fn after(attempts: u32) -> String {
@@ -90,4 +154,49 @@ pub fn describe(error: &reqwest::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// As the TLS stream reports a refused certificate: rustls' error inside an I/O error.
+    fn refused(refusal: rustls::CertificateError) -> std::io::Error {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(refusal),
+        )
+    }
+
+    #[test]
+    fn certificate_problems_are_told_by_type() {
+        // As the TLS connector hands it on: wrapped once more.
+        let twice = std::io::Error::other(refused(rustls::CertificateError::UnknownIssuer));
+        assert_eq!(
+            CertificateProblem::of(&twice),
+            Some(CertificateProblem::UnknownIssuer)
+        );
+        use rustls::CertificateError as E;
+        let ca = E::Other(rustls::OtherError(Arc::new(
+            webpki::Error::CaUsedAsEndEntity,
+        )));
+        let cases = [
+            (ca, CertificateProblem::CaUsedAsEndEntity),
+            (E::UnknownIssuer, CertificateProblem::UnknownIssuer),
+            (E::NotValidForName, CertificateProblem::WrongName),
+            (E::Expired, CertificateProblem::OutsideValidity),
+            (E::NotValidYet, CertificateProblem::OutsideValidity),
+            (E::BadSignature, CertificateProblem::Other),
+        ];
+        for (refusal, problem) in cases {
+            let error = refused(refusal);
+            assert_eq!(CertificateProblem::of(&error), Some(problem), "{error}");
+        }
+        // Whatever its message says, an error that is no certificate refusal is none.
+        let text = std::io::Error::other("invalid peer certificate: UnknownIssuer");
+        assert_eq!(CertificateProblem::of(&text), None);
+        let refused_connection = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(CertificateProblem::of(&refused_connection), None);
+    }
 }

@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::duration::wire_duration;
-use crate::error::{Error, SetupError, describe};
+use crate::error::{CertificateProblem, Error, SetupError, describe};
 use crate::path::lock_path;
 
 /// When and how often to retry.
@@ -263,10 +263,11 @@ impl Client {
             Err(error) => {
                 let cause = describe(&error);
                 // A certificate that fails verification will fail the same way again.
-                if cause.contains("certificate") {
+                if let Some(problem) = CertificateProblem::of(&error) {
                     return Err(Error::Certificate {
                         method: method.clone(),
                         url: shown.to_string(),
+                        problem,
                         cause,
                     });
                 }

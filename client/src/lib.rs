@@ -29,7 +29,7 @@ pub mod path;
 pub mod wire;
 
 pub use acquire::{Abort, Outcome};
-pub use error::{Error, SetupError};
+pub use error::{CertificateProblem, Error, SetupError};
 pub use http::{Client, Reply, RetryPolicy, Settings};
 pub use reqwest::{StatusCode, Url};
 

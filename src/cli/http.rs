@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use locker_client::{Client, Error, RetryPolicy, Settings, SetupError};
+use locker_client::{CertificateProblem, Client, Error, RetryPolicy, Settings, SetupError};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -154,8 +154,12 @@ pub fn failure(error: Error, base: &str) -> Failure {
                  LOCKER_USER/LOCKER_PASSWORD"
             ),
         ),
-        Error::Transport { cause, .. } | Error::Certificate { cause, .. } => {
-            let hint = certificate_hint(&cause, base)
+        Error::Transport { cause, .. } => Failure::new(
+            exit::UNREACHABLE,
+            format!("cannot reach the server at {base}: {cause}"),
+        ),
+        Error::Certificate { problem, cause, .. } => {
+            let hint = certificate_hint(problem, base)
                 .map(|hint| format!(". {hint}"))
                 .unwrap_or_default();
             Failure::new(
@@ -184,41 +188,35 @@ const CERTIFICATE_RECIPE: &str =
     "README, Recipes: \"HTTPS with a certificate of your own\" has the openssl commands";
 
 /// What is wrong with the server's certificate and how to make one that works, when the TLS
-/// handshake refused it (`cause` is the error with its causes).
-fn certificate_hint(cause: &str, base: &str) -> Option<String> {
+/// handshake refused it.
+fn certificate_hint(problem: CertificateProblem, base: &str) -> Option<String> {
     let host = reqwest::Url::parse(base)
         .ok()
         .and_then(|url| url.host_str().map(str::to_string))
         .unwrap_or_else(|| base.to_string());
-    if cause.contains("CaUsedAsEndEntity") {
-        return Some(format!(
+    match problem {
+        CertificateProblem::CaUsedAsEndEntity => Some(format!(
             "The server's certificate is a CA certificate (basicConstraints CA:TRUE, which a \
              plain `openssl req -x509` makes), and TLS clients refuse a CA certificate as a \
              server's own. Make a CA, and a server certificate signed by it that names {host} \
              in subjectAltName; give the server the server certificate (SSL_CERT, SSL_KEY) and \
              this client the CA (--ca-cert or LOCKER_CA_CERT). {CERTIFICATE_RECIPE}"
-        ));
-    }
-    if cause.contains("UnknownIssuer") {
-        return Some(format!(
+        )),
+        CertificateProblem::UnknownIssuer => Some(format!(
             "The server's certificate is not signed by a CA this client trusts: pass the CA \
              certificate that signed it with --ca-cert or LOCKER_CA_CERT. {CERTIFICATE_RECIPE}"
-        ));
-    }
-    if cause.contains("NotValidForName") {
-        return Some(format!(
+        )),
+        CertificateProblem::WrongName => Some(format!(
             "The server's certificate does not name {host} in its subjectAltName: connect with a \
              name it has, or give the server a certificate naming {host}. {CERTIFICATE_RECIPE}"
-        ));
-    }
-    if cause.contains("Expired") || cause.contains("NotValidYet") {
-        return Some(
+        )),
+        CertificateProblem::OutsideValidity => Some(
             "The server's certificate is outside its validity dates: renew it, or check this \
              machine's clock."
                 .to_string(),
-        );
+        ),
+        CertificateProblem::Other => None,
     }
-    None
 }
 
 #[cfg(test)]
@@ -228,11 +226,7 @@ mod tests {
     #[test]
     fn certificate_refusals_say_what_is_wrong_and_how_to_fix_it() {
         let base = "https://locker.example.com:3000";
-        let ca = certificate_hint(
-            "client error (Connect): invalid peer certificate: Other(OtherError(CaUsedAsEndEntity))",
-            base,
-        )
-        .expect("hint");
+        let ca = certificate_hint(CertificateProblem::CaUsedAsEndEntity, base).expect("hint");
         for text in [
             "CA certificate",
             "openssl req -x509",
@@ -241,12 +235,10 @@ mod tests {
         ] {
             assert!(ca.contains(text), "{ca} lacks {text}");
         }
-        let unknown =
-            certificate_hint("invalid peer certificate: UnknownIssuer", base).expect("hint");
+        let unknown = certificate_hint(CertificateProblem::UnknownIssuer, base).expect("hint");
         assert!(unknown.contains("--ca-cert"), "{unknown}");
-        let name =
-            certificate_hint("invalid peer certificate: NotValidForName", base).expect("hint");
+        let name = certificate_hint(CertificateProblem::WrongName, base).expect("hint");
         assert!(name.contains("locker.example.com"), "{name}");
-        assert_eq!(certificate_hint("Connection refused", base), None);
+        assert_eq!(certificate_hint(CertificateProblem::Other, base), None);
     }
 }
