@@ -3,7 +3,7 @@
 
 #[path = "../../tests/common/mod.rs"]
 pub mod common;
-mod support;
+pub mod support;
 
 use std::time::{Duration, Instant};
 
