@@ -76,31 +76,18 @@ impl EtcdConnection {
             return Err(ConnectError::NoEndpoints);
         }
         let members = Members::new(&self.endpoints, self.options()?);
-        let endpoints = self.endpoints.join(",");
         let meta = format!("{}meta", self.prefix);
-        let mut attempt = 1;
-        loop {
-            let probe = members
+        self.tries(|| async {
+            members
                 .call(REQUEST_TIMEOUT * 2, |mut client| {
                     let meta = meta.clone();
                     async move { client.get(meta, None).await }
                 })
-                .await;
-            let last = match probe {
-                Ok(_) => return Ok(members),
-                Err(e) => ProbeFailure::Etcd(e),
-            };
-            warn!("etcd at {endpoints} not reachable (try {attempt} of {CONNECT_TRIES}): {last}");
-            if attempt >= CONNECT_TRIES {
-                return Err(ConnectError::Unreachable {
-                    endpoints,
-                    tries: CONNECT_TRIES,
-                    last,
-                });
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            attempt += 1;
-        }
+                .await?;
+            Ok(())
+        })
+        .await?;
+        Ok(members)
     }
 
     /// Connects and proves the cluster answers (a linearizable read), trying a few times.
@@ -109,18 +96,32 @@ impl EtcdConnection {
             return Err(ConnectError::NoEndpoints);
         }
         let options = self.options()?;
-        let endpoints = self.endpoints.join(",");
-        let mut attempt = 1;
-        loop {
+        self.tries(|| async {
             let probe = async {
                 let mut client = Client::connect(&self.endpoints, Some(options.clone())).await?;
                 client.get(format!("{}meta", self.prefix), None).await?;
                 Ok::<_, etcd_client::Error>(client)
             };
-            let last = match tokio::time::timeout(REQUEST_TIMEOUT * 2, probe).await {
-                Ok(Ok(client)) => return Ok(client),
-                Ok(Err(e)) => ProbeFailure::Etcd(e),
-                Err(_) => ProbeFailure::Timeout,
+            match tokio::time::timeout(REQUEST_TIMEOUT * 2, probe).await {
+                Ok(answer) => Ok(answer?),
+                Err(_) => Err(ProbeFailure::Timeout),
+            }
+        })
+        .await
+    }
+
+    /// Runs `probe` until it succeeds, [`CONNECT_TRIES`] times at most, a second apart, with a
+    /// warning for each failure.
+    async fn tries<T, Probe>(&self, mut probe: impl FnMut() -> Probe) -> Result<T, ConnectError>
+    where
+        Probe: Future<Output = Result<T, ProbeFailure>>,
+    {
+        let endpoints = self.endpoints.join(",");
+        let mut attempt = 1;
+        loop {
+            let last = match probe().await {
+                Ok(answer) => return Ok(answer),
+                Err(failure) => failure,
             };
             warn!("etcd at {endpoints} not reachable (try {attempt} of {CONNECT_TRIES}): {last}");
             if attempt >= CONNECT_TRIES {
