@@ -108,12 +108,7 @@ fn the_deployed_job_serves_tls_and_auth_keeps_the_original_locks_and_stops_withi
     fs::write(&state_file, ORIGINAL_STATE).expect("state file");
 
     // Start it as bpm would, from the fake tree, but on a free loopback port.
-    let mut builder = common::server()
-        .binary(vm.path(&process.executable))
-        .state_file(&state_file);
-    for (name, value) in &process.env {
-        builder = builder.env(name, vm.rewrite(value));
-    }
+    let mut builder = vm.server(process);
     for arg in &process.args {
         builder = builder.arg(vm.rewrite(arg));
     }
@@ -240,13 +235,8 @@ fn the_deployed_job_with_defaults_serves_plain_http_without_auth() {
     let state_file = vm.path(&process.env["LOCKER_CONFIG"]);
     fs::create_dir_all(state_file.parent().unwrap()).expect("store dir");
     fs::write(&state_file, ORIGINAL_STATE).expect("state file");
-    let mut builder = common::server()
-        .binary(vm.path(&process.executable))
-        .state_file(&state_file);
-    for (name, value) in &process.env {
-        builder = builder.env(name, vm.rewrite(value));
-    }
-    let server = builder
+    let server = vm
+        .server(process)
         .env("PORT", "0")
         .env("LOCKER_LISTEN", "127.0.0.1")
         .start();

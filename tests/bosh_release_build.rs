@@ -75,19 +75,7 @@ fn the_release_builds_from_a_fresh_clone_with_the_real_cli() {
             .current_dir(&release)
             .arg("upload-blobs"),
     );
-    let git = |args: &[&str]| {
-        run_ok(
-            Command::new("git")
-                .current_dir(&clone)
-                .args([
-                    "-c",
-                    "user.name=test",
-                    "-c",
-                    "user.email=test@locker.invalid",
-                ])
-                .args(args),
-        )
-    };
+    let git = |args: &[&str]| git(&clone, args);
     git(&["add", "-A"]);
     git(&["commit", "-q", "-m", "blob"]);
     let final_tarball = work.path().join("out/locker-1.2.3.tgz");

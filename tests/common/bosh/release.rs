@@ -32,6 +32,18 @@ impl FakeVm {
         PathBuf::from(self.rewrite(vm_path))
     }
 
+    /// The job's process as bpm starts it from this tree: its executable and its env, paths
+    /// rewritten into the tree, on the state file the env names.
+    pub fn server(&self, process: &BpmProcess) -> crate::common::ServerBuilder {
+        let state_file = self.path(&process.env["LOCKER_CONFIG"]);
+        process.env.iter().fold(
+            crate::common::server()
+                .binary(self.path(&process.executable))
+                .state_file(state_file),
+            |builder, (name, value)| builder.env(name, self.rewrite(value)),
+        )
+    }
+
     /// Renders every job template to its destination, as the BOSH agent would.
     pub fn render_job(&self, render: &Render) {
         for (template, _) in spec_templates() {
@@ -133,23 +145,26 @@ pub fn fresh_clone(into: &Path) -> PathBuf {
         fs::create_dir_all(to.parent().unwrap()).expect("mkdir");
         fs::copy(&from, &to).unwrap_or_else(|e| panic!("copy {name}: {e}"));
     }
-    let git = |args: &[&str]| {
-        run_ok(
-            Command::new("git")
-                .current_dir(&clone)
-                .args([
-                    "-c",
-                    "user.name=test",
-                    "-c",
-                    "user.email=test@locker.invalid",
-                ])
-                .args(args),
-        )
-    };
+    let git = |args: &[&str]| git(&clone, args);
     git(&["init", "-q"]);
     git(&["add", "-A"]);
     git(&["commit", "-q", "-m", "fresh clone"]);
     clone
+}
+
+/// Runs `git ARGS` in `repository` as a test user.
+pub fn git(repository: &Path, args: &[&str]) -> Output {
+    run_ok(
+        Command::new("git")
+            .current_dir(repository)
+            .args([
+                "-c",
+                "user.name=test",
+                "-c",
+                "user.email=test@locker.invalid",
+            ])
+            .args(args),
+    )
 }
 
 /// Runs a script of the clone with the chosen `bosh` on PATH.
