@@ -214,6 +214,7 @@ impl Reclaimer {
         let released = self
             .store
             .reclaim(Reclaim {
+                item: None,
                 name: hold.name.clone(),
                 key: hold.key.clone(),
                 requestor: hold.requestor.clone(),

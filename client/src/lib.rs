@@ -34,4 +34,4 @@ pub use http::{Client, Reply, RetryPolicy, Settings};
 pub use reqwest::{StatusCode, Url};
 
 pub use duration::{DurationError, MAX_DURATION, parse_duration, wire_duration};
-pub use path::lock_path;
+pub use path::{item_path, lock_path, pool_path};

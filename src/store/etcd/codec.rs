@@ -148,6 +148,7 @@ fn stored_grant(g: &WaiterGrant) -> StoredGrant {
 
 fn waiter_grant(name: &str, g: StoredGrant) -> WaiterGrant {
     WaiterGrant {
+        item: None,
         waiter: g.waiter,
         name: name.to_string(),
         key: g.key,

@@ -398,8 +398,80 @@ async fn start(
     Ok((shared, members, writer, lease))
 }
 
+/// Refusal of pool operations until the etcd store keeps pools.
+fn pools_not_kept() -> StoreError {
+    StoreError::Unavailable("pools are not kept by the etcd store yet".into())
+}
+
 #[async_trait]
 impl LockStore for EtcdStore {
+    async fn claim(
+        &self,
+        _pool: String,
+        _item: Option<String>,
+        _request: Acquire,
+        _wait: Option<Duration>,
+    ) -> Result<crate::rules::ItemGrant, StoreError> {
+        Err(pools_not_kept())
+    }
+
+    async fn release_item(
+        &self,
+        _pool: String,
+        _item: String,
+        _key: Option<String>,
+        _requestor: Option<String>,
+    ) -> Result<Option<Holder>, StoreError> {
+        Err(pools_not_kept())
+    }
+
+    async fn add_item(
+        &self,
+        _pool: String,
+        _item: String,
+        _metadata: Arc<str>,
+        _claim: Option<Acquire>,
+    ) -> Result<bool, StoreError> {
+        Err(pools_not_kept())
+    }
+
+    async fn update_item(
+        &self,
+        _pool: String,
+        _item: String,
+        _metadata: Arc<str>,
+        _wait: Option<Duration>,
+    ) -> Result<bool, StoreError> {
+        Err(pools_not_kept())
+    }
+
+    async fn remove_item(
+        &self,
+        _pool: String,
+        _item: String,
+        _key: Option<String>,
+    ) -> Result<Option<Holder>, StoreError> {
+        Err(pools_not_kept())
+    }
+
+    async fn pool(&self, _name: &str) -> Result<Option<crate::rules::Pool>, StoreError> {
+        Ok(None)
+    }
+
+    async fn pools(&self) -> Result<Vec<super::PoolCounts>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    async fn wait_item(
+        &self,
+        _pool: &str,
+        _item: &str,
+        _state: super::ItemState,
+        _wait: Duration,
+    ) -> Result<Option<crate::rules::Item>, StoreError> {
+        Err(pools_not_kept())
+    }
+
     async fn acquire(
         &self,
         name: String,
