@@ -308,7 +308,8 @@ impl Lock {
                 if self.holders.capacity() == 0 {
                     self.holders.reserve_exact(1);
                 }
-                self.holders.push(Holder::new(&request.key, generation, now));
+                self.holders
+                    .push(Holder::new(&request.key, generation, now));
                 self.holders.len() - 1
             }
         };
@@ -533,10 +534,7 @@ impl LockTable {
             .collect::<BTreeMap<_, _>>();
         let expiries = locks
             .iter()
-            .filter_map(|(name, lock)| {
-                lock.expires_at()
-                    .map(|at| (at, Target::Lock(name.clone())))
-            })
+            .filter_map(|(name, lock)| lock.expires_at().map(|at| (at, Target::Lock(name.clone()))))
             .collect();
         LockTable {
             locks,
@@ -676,8 +674,15 @@ impl LockTable {
     }
 
     pub fn waiters(&self) -> usize {
-        self.locks.values().map(|lock| lock.waiters()).sum::<usize>()
-            + self.pools.values().map(|pool| pool.waiters()).sum::<usize>()
+        self.locks
+            .values()
+            .map(|lock| lock.waiters())
+            .sum::<usize>()
+            + self
+                .pools
+                .values()
+                .map(|pool| pool.waiters())
+                .sum::<usize>()
     }
 
     /// Acquires `name` for `request` if it can be granted now. Otherwise, with a waiter id the
@@ -924,10 +929,7 @@ impl LockTable {
     pub fn change_pool(&mut self, name: &str, change: &PoolChange, now: SystemTime) -> PoolOutcome {
         let target = Target::Pool(name.to_string());
         let before = self.expiry_of(&target);
-        let creates = matches!(
-            change,
-            PoolChange::Add { .. } | PoolChange::Update { .. }
-        );
+        let creates = matches!(change, PoolChange::Add { .. } | PoolChange::Update { .. });
         if creates && !self.pools.contains_key(name) {
             self.pools.insert(name.to_string(), Arc::default());
         }
@@ -1038,7 +1040,10 @@ pub enum Op {
     /// lock again with the same key and requestor in the meantime keeps it.
     Reclaim(Reclaim),
     /// A change to a pool.
-    Pool { name: String, change: PoolChange },
+    Pool {
+        name: String,
+        change: PoolChange,
+    },
 }
 
 /// A hold of a finished build, as the reclaimer saw it.

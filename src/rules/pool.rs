@@ -300,7 +300,11 @@ impl Pool {
             }
             None => ClaimOutcome::Held(Conflict {
                 keys: match item {
-                    Some(name) => self.items[name].holder.iter().map(|h| h.key.clone()).collect(),
+                    Some(name) => self.items[name]
+                        .holder
+                        .iter()
+                        .map(|h| h.key.clone())
+                        .collect(),
                     None => Vec::new(),
                 },
             }),
@@ -418,7 +422,10 @@ impl Pool {
                 _ => false,
             };
             return if same_state && existing.metadata == *metadata {
-                PoolOutcome::Stored { changed: false, grants: Vec::new() }
+                PoolOutcome::Stored {
+                    changed: false,
+                    grants: Vec::new(),
+                }
             } else {
                 PoolOutcome::Exists
             };
@@ -435,7 +442,10 @@ impl Pool {
         if let Some(request) = claim {
             self.grant(item, request, now, next_generation);
         }
-        PoolOutcome::Stored { changed: true, grants: Vec::new() }
+        PoolOutcome::Stored {
+            changed: true,
+            grants: Vec::new(),
+        }
     }
 
     pub(super) fn update(&mut self, item: &str, metadata: &Arc<str>) -> PoolOutcome {
@@ -444,10 +454,16 @@ impl Pool {
                 Some(holder) => PoolOutcome::Claimed(Conflict {
                     keys: vec![holder.key.clone()],
                 }),
-                None if entry.metadata == *metadata => PoolOutcome::Stored { changed: false, grants: Vec::new() },
+                None if entry.metadata == *metadata => PoolOutcome::Stored {
+                    changed: false,
+                    grants: Vec::new(),
+                },
                 None => {
                     entry.metadata = metadata.clone();
-                    PoolOutcome::Stored { changed: true, grants: Vec::new() }
+                    PoolOutcome::Stored {
+                        changed: true,
+                        grants: Vec::new(),
+                    }
                 }
             },
             None => {
@@ -460,7 +476,10 @@ impl Pool {
                         freed: self.clock,
                     },
                 );
-                PoolOutcome::Stored { changed: true, grants: Vec::new() }
+                PoolOutcome::Stored {
+                    changed: true,
+                    grants: Vec::new(),
+                }
             }
         }
     }

@@ -30,8 +30,8 @@ use tokio::sync::{oneshot, watch};
 
 use super::atomic_file::{self, ReplaceError};
 use super::flow::{self, Backend};
-use super::pool_flow;
 use super::journal::{self, Journal};
+use super::pool_flow;
 use super::state_file;
 use super::{
     ItemState, LockPage, LockStore, LockView, Page, PoolCounts, Released, StoreError, WaiterSlot,
@@ -1038,8 +1038,7 @@ impl Writer {
         let reason = failure.message;
         error!("{reason}; {} operation(s) refused", batch.replies.len());
         let touched = batch.touched();
-        self.working
-            .copy_from(&self.committed.read(), &touched);
+        self.working.copy_from(&self.committed.read(), &touched);
         let restored = match &mut self.encoder {
             Some(encoder) => encoder.update(&self.working, &touched),
             None => Ok(()),
@@ -1058,12 +1057,8 @@ impl Writer {
             let _ = reply.send(Err(StoreError::Unavailable(reason.clone())));
         }
         // Cleanup must not be lost: it is applied again with a later batch.
-        self.retry.extend(
-            batch
-                .ops
-                .into_iter()
-                .filter(Op::is_cleanup),
-        );
+        self.retry
+            .extend(batch.ops.into_iter().filter(Op::is_cleanup));
     }
 }
 

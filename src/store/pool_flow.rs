@@ -76,7 +76,11 @@ pub(crate) async fn release<B: Backend>(
         key,
         requestor,
     };
-    freed(pool.clone(), item, change_pool(backend, &change_op(&pool, change)).await)
+    freed(
+        pool.clone(),
+        item,
+        change_pool(backend, &change_op(&pool, change)).await,
+    )
 }
 
 /// Removes `item`, claimed or not; with a key, only if unclaimed or held under it.
@@ -90,7 +94,11 @@ pub(crate) async fn remove<B: Backend>(
         item: item.clone(),
         key,
     };
-    freed(pool.clone(), item, change_pool(backend, &change_op(&pool, change)).await)
+    freed(
+        pool.clone(),
+        item,
+        change_pool(backend, &change_op(&pool, change)).await,
+    )
 }
 
 /// Adds `item`, unclaimed or claimed by `claim`; `Ok(false)` when it was there the same way.

@@ -120,10 +120,12 @@ impl Encoder {
                     Some(lock) => Some(format!("{}:{}", json(name)?, json(lock)?)),
                     None => None,
                 },
-                Target::Pool(name) => match table.pool(name).filter(|pool| !pool.items.is_empty()) {
-                    Some(pool) => Some(format!("{}:{}", json(name)?, json(pool)?)),
-                    None => None,
-                },
+                Target::Pool(name) => {
+                    match table.pool(name).filter(|pool| !pool.items.is_empty()) {
+                        Some(pool) => Some(format!("{}:{}", json(name)?, json(pool)?)),
+                        None => None,
+                    }
+                }
             };
             match line {
                 Some(line) => self.lines.insert(target.clone(), line),
