@@ -12,8 +12,8 @@ use tokio::sync::{oneshot, watch};
 
 use super::{Counted, Released, StoreError, WaitGuard, Withdraw};
 use crate::rules::{
-    Acquire, AcquireOutcome, Effect, Grant, Holder, Limit, Op, Reclaim, ReleaseOutcome, Target,
-    WaiterGrant, WaiterId,
+    Acquire, AcquireOutcome, Effect, Grant, Holder, Limit, Op, PoolOutcome, Reclaim,
+    ReleaseOutcome, Target, WaiterGrant, WaiterId,
 };
 
 /// What a store does its own way; everything else of a request is [`acquire`], [`release`],
@@ -231,6 +231,11 @@ fn release_result(
             name,
             keys: conflict.keys,
         }),
+        // A reclaim of a pool item's claim.
+        Effect::Pool(PoolOutcome::Freed { previous, .. }) if previous.is_some() => {
+            Ok(Released::Released)
+        }
+        Effect::Pool(PoolOutcome::Freed { .. } | PoolOutcome::NoSuchItem) => Ok(Released::NotHeld),
         other => Err(StoreError::Unavailable(format!(
             "unexpected outcome of a release: {other:?}"
         ))),

@@ -445,6 +445,11 @@ pub fn table_stats(table: &LockTable) -> LockStats {
             (a, b) => a.or(b),
         };
     }
+    for pool in table.pools().values() {
+        stats.pool_items += pool.items.len();
+        stats.pool_items_claimed += pool.items.values().filter(|i| i.is_claimed()).count();
+        stats.pool_waiters += pool.waiters();
+    }
     stats
 }
 
