@@ -138,6 +138,11 @@ fn items_are_added_listed_and_kept_with_their_metadata() {
         .collect();
     assert_eq!(names, ["env-1", "env-2"]);
     assert_eq!(item(&server, "aws", "env-1")["metadata"], metadata);
+    let one = call("GET", &server.url("/pool/aws/item/env-1"), None);
+    assert_eq!(one.status, 200, "{}", one.body);
+    assert_eq!(one.json()["metadata"], metadata);
+    let bad = call("GET", &server.url("/pool/aws/item/env-1?until=free"), None);
+    assert_eq!(bad.status, 400, "{}", bad.body);
     assert_eq!(item(&server, "aws", "env-1")["claimed"], false);
     let list = call("GET", &server.url("/pools"), None).json();
     assert_eq!(

@@ -3,6 +3,7 @@
 //! Thin like the lock handlers: parse, call the store, map the outcome to a status.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::http::{Method, StatusCode};
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -18,6 +19,7 @@ use super::request::{LockBody, LockQuery, read_body, validate_name};
 use super::{AppState, holder_request, peer, views};
 use crate::rules::{Item, Pool};
 use crate::store::{ItemState, StoreError};
+use crate::timefmt::parse_duration;
 
 /// Largest item metadata, as pool-resource users keep it (YAML or JSON of an environment).
 pub const MAX_METADATA: usize = 64 * 1024;
@@ -147,13 +149,12 @@ async fn item_status(
             )));
         }
     };
-    let wait = LockQuery::parse(&format!(
-        "wait={}",
-        query.wait.as_deref().unwrap_or_default()
-    ))?
-    .wait()?
-    .unwrap_or_default()
-    .min(state.max_wait);
+    let wait = match query.wait.as_deref().filter(|w| !w.is_empty()) {
+        Some(text) => parse_duration(text)
+            .map_err(|e| ApiError::BadRequest(format!("wait: {e}")))?
+            .min(state.max_wait),
+        None => Duration::ZERO,
+    };
     let found = match until {
         Some(until) => tokio::select! {
             found = state.store.wait_item(&pool, &item, until, wait) => found?,
