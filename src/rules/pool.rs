@@ -311,11 +311,15 @@ impl Pool {
         }
     }
 
-    /// Whether no queued waiter could take `item` (one for it, or for any item).
+    /// Whether no queued waiter could take `item`: one for it that it admits, or one for any
+    /// item while it is free (as [`Pool::pick`] chooses).
     fn no_earlier_claim_on(&self, item: &str) -> bool {
-        !self.queue.iter().any(|w| {
-            w.item.as_deref().is_none_or(|wanted| wanted == item)
-                && self.items.get(item).is_some_and(|i| i.admits(&w.request))
+        let Some(entry) = self.items.get(item) else {
+            return true;
+        };
+        !self.queue.iter().any(|w| match w.item.as_deref() {
+            Some(wanted) => wanted == item && entry.admits(&w.request),
+            None => !entry.is_claimed(),
         })
     }
 
