@@ -475,7 +475,7 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
                 let (item, metadata) = (ITEMS[*item], METADATA[*metadata]);
                 let expected = match model.items.get_mut(item) {
                     Some(existing) => match &existing.holder {
-                        Some(h) => format!("claimed {:?}", [h.key.clone()]),
+                        Some(h) => format!("claimed {:?}", std::slice::from_ref(&h.key)),
                         None if existing.metadata == metadata => "stored false []".to_string(),
                         None => {
                             existing.metadata = metadata.to_string();

@@ -154,6 +154,18 @@ fn items_are_added_listed_and_kept_with_their_metadata() {
 }
 
 #[test]
+fn an_item_is_added_claimed_with_only_a_key() {
+    let server = server().start();
+    let body = json!({"metadata": "m", "claim": {"key": "from-git"}}).to_string();
+    let reply = call("POST", &server.url("/pool/p/item/a"), Some(&body));
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    assert_eq!(item(&server, "p", "a")["holder"]["key"], "from-git");
+    // Released by name, as a pipeline's `release:` step of a pool-resource directory does.
+    assert_eq!(release(&server, "p", "a", None).json()["released"], true);
+    assert_eq!(item(&server, "p", "a")["claimed"], false);
+}
+
+#[test]
 fn metadata_up_to_64_kib_is_kept_and_more_is_refused() {
     let server = server().start();
     // Quotes and newlines grow in JSON: the body may be far larger than the metadata.

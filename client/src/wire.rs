@@ -106,6 +106,7 @@ pub type LockMap = BTreeMap<String, Lock>;
 /// leniently, ignoring unknown fields as the original did). Fields left at their defaults are
 /// not sent, so the original server sees only what it knows.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct LockRequest {
     pub key: String,
     #[serde(skip_serializing_if = "Option::is_none")]
