@@ -432,9 +432,11 @@ async fn dashboard_works_under_a_reverse_proxy_path_prefix() {
     blocking(move || drop(server));
 }
 
-/// What a proxy saw of `GET /locks` requests it held back by a delay.
+/// What a proxy saw of the requests it held back by a delay: those whose path starts with one
+/// of `prefixes`.
 #[derive(Default)]
-struct SlowLocks {
+struct SlowRequests {
+    prefixes: Vec<&'static str>,
     delay: Duration,
     asked: std::sync::atomic::AtomicUsize,
     in_flight: std::sync::atomic::AtomicUsize,
@@ -443,12 +445,15 @@ struct SlowLocks {
 
 /// A reverse proxy on a free loopback port: `{prefix}/x` goes to `upstream` as `/x`, anything
 /// else is a 404. It asks both sides to close after one exchange, so it only ever rewrites a
-/// request's first line and then copies bytes both ways. With `slow`, every request for
-/// `/locks` waits its delay before it is passed on, and is counted while it is open.
+/// request's first line and then copies bytes both ways. With `slow`, every request for one of
+/// its paths waits its delay before it is passed on, and is counted as open while it waits: two
+/// requests of a page at once always overlap there, while the end of an exchange (the last
+/// bytes of an answer, the browser closing the connection) may come after the browser has
+/// already sent its next request.
 async fn prefix_proxy(
     upstream: String,
     prefix: &'static str,
-    slow: Option<std::sync::Arc<SlowLocks>>,
+    slow: Option<std::sync::Arc<SlowRequests>>,
 ) -> u16 {
     use std::sync::atomic::Ordering::SeqCst;
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -484,21 +489,19 @@ async fn prefix_proxy(
                         break;
                     }
                 }
-                let slow = slow.filter(|_| path.starts_with("/locks"));
+                let slow = slow.filter(|s| s.prefixes.iter().any(|p| path.starts_with(p)));
                 if let Some(slow) = &slow {
                     slow.asked.fetch_add(1, SeqCst);
                     let now = slow.in_flight.fetch_add(1, SeqCst) + 1;
                     slow.most_at_once.fetch_max(now, SeqCst);
                     tokio::time::sleep(slow.delay).await;
+                    slow.in_flight.fetch_sub(1, SeqCst);
                 }
                 let mut server = tokio::net::TcpStream::connect(&upstream).await.ok();
                 if let Some(server) = &mut server
                     && server.write_all(request.as_bytes()).await.is_ok()
                 {
                     let _ = tokio::io::copy_bidirectional(&mut browser, server).await;
-                }
-                if let Some(slow) = &slow {
-                    slow.in_flight.fetch_sub(1, SeqCst);
                 }
                 Some(())
             });
@@ -530,9 +533,10 @@ async fn dashboard_pages_a_large_table_and_never_polls_twice_at_once() {
         .expect("http")
         .to_string();
     // Slower than the page's 2 s refresh: a timer that does not wait would overlap.
-    let slow = std::sync::Arc::new(SlowLocks {
+    let slow = std::sync::Arc::new(SlowRequests {
+        prefixes: vec!["/locks"],
         delay: Duration::from_millis(2500),
-        ..SlowLocks::default()
+        ..SlowRequests::default()
     });
     let port = prefix_proxy(upstream, "/locker", Some(slow.clone())).await;
     let driver = Driver::start();
