@@ -697,7 +697,8 @@ fn server_with_pools() -> (common::Server, std::thread::JoinHandle<u16>) {
         .start();
     let info = json!({"team": "main", "pipeline": "envs", "job": "deploy", "build": "42",
                       "build_url": POOL_BUILD_URL});
-    // (The two flags are spelled out: the server's ItemBody needs them; see the report.)
+    // The two flags are spelled out: the server reads `claim` as a strict `wire::LockRequest`,
+    // which (for now) refuses a claim without them.
     let claim = json!({"key": "build-42", "requestor": "deploy-job", "ttl": "2h", "info": info,
                        "release_when_build_ends": false, "renew": false});
     for (path, body) in [
