@@ -194,7 +194,7 @@ impl Client {
     }
 
     /// A request to the locker server, with credentials.
-    async fn locker<B: Serialize + ?Sized>(
+    pub(crate) async fn locker<B: Serialize + ?Sized>(
         &self,
         method: Method,
         path: &str,

@@ -36,7 +36,7 @@ pub async fn clean_up(abort: &Abort, signal: &str) -> String {
     } else {
         "a grant may have raced with the signal"
     };
-    let (name, key) = (&pending.name, pending.key());
+    let (target, key) = (&pending.target, pending.key());
     let requestor = pending.requestor().unwrap_or(key);
     let outcome = match pending.release().await {
         Some(Ok(reply)) if reply.status == StatusCode::OK => {
@@ -63,7 +63,7 @@ pub async fn clean_up(abort: &Abort, signal: &str) -> String {
             humantime::format_duration(ABORT_DEADLINE)
         ),
     };
-    format!("stopped by {signal} while acquiring lock {name:?}; {what}: {outcome}")
+    format!("stopped by {signal} while acquiring {target}; {what}: {outcome}")
 }
 
 impl From<ConfigError> for String {
@@ -258,7 +258,7 @@ async fn lock(
         params.key
     );
     let request = acquire::Request {
-        name,
+        target: &acquire::Target::lock(name),
         body: &body,
         deadline: params.wait_timeout.map(|timeout| started + timeout),
         poll: source.wait_poll,

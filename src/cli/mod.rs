@@ -5,9 +5,21 @@
 //!
 //! - [`http`]: the connection (URL, basic auth, CA certificate) and the API calls, with each
 //!   failure mapped to its exit code.
-//! - [`lock`]: `locker lock`: wait, run, renew, forward signals, release.
+//! - [`hold`]: waiting for a lock (or a pool's item), running a command while holding it,
+//!   renewing, forwarding signals, giving it back.
+//! - [`lock`]: `locker lock`.
 //! - [`show`]: the human-readable tables.
 
+/// Writes a line to standard output; a closed pipe ends the command quietly (see
+/// [`stdout_failure`]).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write;
+        writeln!(std::io::stdout().lock(), $($arg)*).map_err($crate::cli::stdout_failure)
+    }};
+}
+
+mod hold;
 mod http;
 mod lock;
 mod show;
