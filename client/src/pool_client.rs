@@ -51,22 +51,23 @@ impl Client {
             .await
     }
 
-    /// `GET /pool/{pool}/item/{item}`, with `?until=...&wait=...` to wait until the item is
-    /// claimed or unclaimed (the answer is the item as it is then; look at `claimed`).
-    pub async fn item(
+    /// `GET /pool/{pool}/item/{item}?until=...&wait=...`: waits until the item is claimed or
+    /// unclaimed (pool-resource's `check_unclaimed` and `check`); the answer is the item as it
+    /// is then (look at `claimed`), 404 at once if it does not exist. (To read an item without
+    /// waiting, read its pool.)
+    pub async fn wait_item(
         &self,
         pool: &str,
         item: &str,
-        until: Option<(Until, Duration)>,
+        until: Until,
+        wait: Duration,
     ) -> Result<Reply, Error> {
-        let (query, wait) = match until {
-            Some((until, wait)) => (
-                format!("?until={}&wait={}", until.as_query(), wire_duration(wait)),
-                wait,
-            ),
-            None => (String::new(), Duration::ZERO),
-        };
-        let path = format!("{}{query}", item_path(pool, item));
+        let path = format!(
+            "{}?until={}&wait={}",
+            item_path(pool, item),
+            until.as_query(),
+            wire_duration(wait)
+        );
         self.locker::<()>(Method::GET, &path, None, wait).await
     }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use locker_client::acquire::{Hooks, Request};
 use locker_client::longpoll::DEFAULT_POLL as POLL;
-use locker_client::wire::{Info, LockRequest, PoolItem, PoolStatus};
+use locker_client::wire::{Info, LockRequest, PoolStatus};
 use locker_client::{Abort, Error, Outcome, Target};
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -269,7 +269,6 @@ impl Hooks for Waiting<'_> {
 /// Why the target cannot be taken now, e.g. `held by key "k" (requestors: r) since ...` or
 /// `all 4 items are claimed`.
 async fn busy(connection: &Connection, target: &Target) -> String {
-    let client = connection.client();
     match target {
         Target::Lock(name) => match connection.status(name, None).await {
             Ok(reply) if reply.status == StatusCode::OK => {
@@ -277,34 +276,24 @@ async fn busy(connection: &Connection, target: &Target) -> String {
             }
             _ => "held by someone".to_string(),
         },
-        Target::Pool {
-            pool,
-            item: Some(item),
-        } => match client
-            .item(pool, item, None)
-            .await
-            .ok()
-            .and_then(|r| r.parse::<PoolItem>())
-        {
-            Some(PoolItem {
-                holder: Some(holder),
-                ..
-            }) => format!("claimed by {}", describe_holding(&holder)),
-            _ => "claimed by someone".to_string(),
-        },
-        Target::Pool { pool, item: None } => {
-            match client
-                .pool(pool)
-                .await
-                .ok()
-                .and_then(|r| r.parse::<PoolStatus>())
-            {
-                Some(status) => format!(
+        Target::Pool { pool, item } => {
+            let status = connection.client().pool(pool).await.ok();
+            let status = status.and_then(|r| r.parse::<PoolStatus>());
+            match (status, item) {
+                (Some(status), Some(item)) => status
+                    .items
+                    .into_iter()
+                    .find(|i| i.name == *item)
+                    .and_then(|i| i.holder)
+                    .map_or("claimed by someone".to_string(), |holder| {
+                        format!("claimed by {}", describe_holding(&holder))
+                    }),
+                (Some(status), None) => format!(
                     "all {} items are claimed ({} claims waiting)",
                     status.items.len(),
                     status.waiters
                 ),
-                None => "every item is claimed".to_string(),
+                (None, _) => "claimed by someone".to_string(),
             }
         }
     }

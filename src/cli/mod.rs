@@ -572,10 +572,61 @@ mod tests {
     }
 
     #[test]
+    fn pool_acquire_takes_an_optional_command_and_json_only_without_one() {
+        let cli = parse(&["pool", "acquire", "aws", "--item", "env-1"]).expect("valid");
+        let Command::Pool(PoolCommand::Acquire(args)) = cli.command else {
+            panic!("not pool acquire")
+        };
+        assert_eq!(args.item.as_deref(), Some("env-1"));
+        assert!(args.command.is_empty() && args.ttl.is_none());
+        let cli = parse(&[
+            "pool", "acquire", "aws", "--ttl", "1m", "--", "make", "deploy",
+        ])
+        .expect("valid");
+        let Command::Pool(PoolCommand::Acquire(args)) = cli.command else {
+            panic!("not pool acquire")
+        };
+        assert_eq!(args.ttl, Some(Duration::from_secs(60)));
+        assert_eq!(
+            args.command,
+            [OsString::from("make"), OsString::from("deploy")]
+        );
+        assert!(parse(&["pool", "acquire", "aws", "--json", "--", "true"]).is_err());
+        assert!(parse(&["pool", "acquire"]).is_err(), "the pool is required");
+    }
+
+    #[test]
+    fn pool_release_needs_a_key_or_force_and_metadata_comes_from_one_place() {
+        assert!(parse(&["pool", "release", "aws", "env-1"]).is_err());
+        assert!(parse(&["pool", "release", "aws", "env-1", "--force"]).is_ok());
+        assert!(parse(&["pool", "release", "aws", "env-1", "--key", "k", "--force"]).is_err());
+        assert!(parse(&["pool", "release", "aws", "env-1", "--requestor", "r"]).is_err());
+        assert!(
+            parse(&["pool", "add", "aws", "e", "--key", "k"]).is_err(),
+            "--key needs --claimed"
+        );
+        assert!(
+            parse(&[
+                "pool",
+                "add",
+                "aws",
+                "e",
+                "--metadata",
+                "x",
+                "--metadata-file",
+                "f"
+            ])
+            .is_err()
+        );
+        assert!(parse(&["pool", "import", "repo", "--dry-run"]).is_ok());
+    }
+
+    #[test]
     fn dispatch_is_by_the_first_argument() {
         let args = |list: &[&str]| list.iter().map(OsString::from).collect::<Vec<_>>();
         assert!(is_client(&args(&["locker", "lock", "x"])));
         assert!(is_client(&args(&["locker", "wait-free", "x"])));
+        assert!(is_client(&args(&["locker", "pool", "list"])));
         assert!(!is_client(&args(&["locker"])));
         assert!(!is_client(&args(&["locker", "--port", "3000"])));
         assert!(!is_client(&args(&["locker", "--config", "lock"])));
