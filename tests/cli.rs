@@ -1,6 +1,7 @@
 //! The `locker` binary as a client (`locker lock`, `locks`, `status`, `release`, `wait-free`)
 //! against the real server on loopback.
 
+mod cli_common;
 mod common;
 
 use std::path::Path;
@@ -9,86 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use cli_common::{finish, locker, read, run, signal, wait_until};
 use common::Server;
-
-/// `locker ARGS` pointed at `server`, with no connection settings leaking in.
-fn locker(server: &Server, args: &[&str]) -> Command {
-    let mut command = Command::new(common::locker_binary());
-    for name in [
-        "LOCKER_URL",
-        "LOCKER_USER",
-        "LOCKER_PASSWORD",
-        "LOCKER_CA_CERT",
-        "AUTH_USER",
-        "AUTH_PASS",
-    ] {
-        command.env_remove(name);
-    }
-    command
-        .env("LOCKER_URL", &server.base)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    command
-}
-
-struct Finished {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-    elapsed: Duration,
-}
-
-/// Waits for `child` up to `timeout` (then kills it and fails).
-fn finish(mut child: Child, started: Instant, timeout: Duration) -> Finished {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if child.try_wait().expect("try_wait").is_some() {
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let output = child.wait_with_output().expect("output");
-            panic!(
-                "locker did not finish in {timeout:?}: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let elapsed = started.elapsed();
-    let output = child.wait_with_output().expect("output");
-    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    eprintln!("[locker] {stderr}");
-    Finished {
-        code: output.status.code(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr,
-        elapsed,
-    }
-}
-
-fn run(command: &mut Command) -> Finished {
-    let started = Instant::now();
-    finish(
-        command.spawn().expect("start locker"),
-        started,
-        Duration::from_secs(30),
-    )
-}
-
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
-}
-
-fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn key_of(server: &Server, name: &str) -> Option<String> {
     server.locks()[name]["key"].as_str().map(str::to_string)
@@ -101,11 +24,6 @@ fn take(server: &Server, name: &str, key: &str) -> common::Reply {
         &server.url(&format!("/lock/{name}?wait=10s")),
         Some(&json!({"key": key}).to_string()),
     )
-}
-
-fn signal(child: &Child, signal: i32) {
-    // SAFETY: plain kill(2) on our own child's pid.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
 }
 
 #[test]
