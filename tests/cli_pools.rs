@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use cli_common::{Finished, finish, locker, read, run, signal, wait_until};
+use cli_common::{Finished, Holdable, finish, locker, read, run, wait_until};
 use common::Server;
 
 fn get(server: &Server, path: &str) -> common::Reply {
@@ -68,6 +68,19 @@ fn waiters(server: &Server, pool_name: &str) -> u64 {
     pool(server, pool_name)["waiters"].as_u64().unwrap_or(0)
 }
 
+/// Runs `locker ARGS` to its end and checks its exit code.
+fn exits(server: &Server, args: &[&str], code: i32) -> Finished {
+    let done = run(&mut locker(server, args));
+    assert_eq!(
+        done.code,
+        Some(code),
+        "locker {args:?}\nstdout: {}\nstderr: {}",
+        done.stdout,
+        done.stderr
+    );
+    done
+}
+
 fn ok(done: &Finished) {
     assert_eq!(
         done.code,
@@ -93,8 +106,7 @@ fn pool_list_shows_pools_and_items_with_state_holder_and_waiters() {
     });
     wait_until("the claim to queue", || waiters(&server, "aws") == 1);
 
-    let pools = run(&mut locker(&server, &["pool", "list"]));
-    ok(&pools);
+    let pools = exits(&server, &["pool", "list"], 0);
     let lines: Vec<Vec<&str>> = pools
         .stdout
         .lines()
@@ -111,8 +123,7 @@ fn pool_list_shows_pools_and_items_with_state_holder_and_waiters() {
         pools.stdout
     );
 
-    let items = run(&mut locker(&server, &["pool", "list", "aws"]));
-    ok(&items);
+    let items = exits(&server, &["pool", "list", "aws"], 0);
     let lines: Vec<&str> = items.stdout.lines().collect();
     assert!(lines[0].starts_with("ITEM") && lines[0].contains("CLAIMED BY"));
     let env1: Vec<&str> = lines[1].split_whitespace().collect();
@@ -135,8 +146,7 @@ fn pool_list_shows_pools_and_items_with_state_holder_and_waiters() {
     let json_list = run(&mut locker(&server, &["pool", "list", "aws", "--json"]));
     let listed: Value = serde_json::from_str(&json_list.stdout).expect("JSON");
     assert_eq!(listed, pool(&server, "aws"));
-    let none = run(&mut locker(&server, &["pool", "list", "nothing-here"]));
-    ok(&none);
+    let none = exits(&server, &["pool", "list", "nothing-here"], 0);
     assert_eq!(
         none.stdout.trim(),
         "pool \"nothing-here\" has no items (0 claims waiting)"
@@ -157,11 +167,7 @@ fn pool_acquire_without_a_command_prints_the_item_and_keeps_it_claimed() {
     let server = Server::start();
     add(&server, "aws", "env-1", "region: eu-west-1\n");
 
-    let taken = run(&mut locker(
-        &server,
-        &["pool", "acquire", "aws", "--key", "k1"],
-    ));
-    ok(&taken);
+    let taken = exits(&server, &["pool", "acquire", "aws", "--key", "k1"], 0);
     assert_eq!(taken.stdout, "env-1\n");
     assert!(
         taken
@@ -176,23 +182,19 @@ fn pool_acquire_without_a_command_prints_the_item_and_keeps_it_claimed() {
     assert!(held["holder"]["expires_at"].is_null(), "{held}");
 
     // Every item is claimed: --wait 0 gives up at once, --wait D after D; both exit 73.
-    let at_once = run(&mut locker(
-        &server,
-        &["pool", "acquire", "aws", "--wait", "0"],
-    ));
-    assert_eq!(at_once.code, Some(73), "{}", at_once.stderr);
+    let at_once = exits(&server, &["pool", "acquire", "aws", "--wait", "0"], 73);
     assert!(
         at_once.stderr.contains("all 1 items are claimed"),
         "{}",
         at_once.stderr
     );
-    let later = run(&mut locker(
+    let later = exits(
         &server,
         &[
             "pool", "acquire", "aws", "--item", "env-1", "--wait", "400ms",
         ],
-    ));
-    assert_eq!(later.code, Some(73), "{}", later.stderr);
+        73,
+    );
     assert!(later.elapsed >= Duration::from_millis(400));
     assert!(later.stderr.contains("key \"k1\""), "{}", later.stderr);
     assert_eq!(holder_key(&server, "aws", "env-1").as_deref(), Some("k1"));
@@ -201,7 +203,7 @@ fn pool_acquire_without_a_command_prints_the_item_and_keeps_it_claimed() {
     add(&server, "aws", "env-2", "region: us-east-1\n");
     let dir = common::temp_dir();
     let saved = dir.path().join("metadata");
-    let as_json = run(&mut locker(
+    let as_json = exits(
         &server,
         &[
             "pool",
@@ -213,8 +215,8 @@ fn pool_acquire_without_a_command_prints_the_item_and_keeps_it_claimed() {
             "--save-metadata",
             saved.to_str().expect("path"),
         ],
-    ));
-    ok(&as_json);
+        0,
+    );
     let claim: Value = serde_json::from_str(&as_json.stdout).expect("JSON");
     assert_eq!(claim["item"], "env-2");
     assert_eq!(claim["metadata"], "region: us-east-1\n");
@@ -222,13 +224,8 @@ fn pool_acquire_without_a_command_prints_the_item_and_keeps_it_claimed() {
     assert!(item(&server, "aws", "env-2")["holder"]["expires_at"].is_string());
 
     // A pool without items, an item that does not exist: refused at once (76).
-    let no_pool = run(&mut locker(&server, &["pool", "acquire", "nothing-here"]));
-    assert_eq!(no_pool.code, Some(76), "{}", no_pool.stderr);
-    let no_item = run(&mut locker(
-        &server,
-        &["pool", "acquire", "aws", "--item", "env-9"],
-    ));
-    assert_eq!(no_item.code, Some(76), "{}", no_item.stderr);
+    exits(&server, &["pool", "acquire", "nothing-here"], 76);
+    exits(&server, &["pool", "acquire", "aws", "--item", "env-9"], 76);
 }
 
 #[test]
@@ -342,116 +339,45 @@ fn concurrent_pool_acquires_never_share_an_item() {
     }
 }
 
-#[test]
-fn a_signal_while_waiting_for_an_item_stops_at_once_and_holds_nothing() {
+/// Item "env-1" of pool "aws", for the scenarios `locker pool acquire` shares with
+/// `locker lock`.
+fn with_item(scenario: fn(&Holdable)) {
     let server = Server::start();
     add(&server, "aws", "env-1", "");
-    claim(&server, "aws", "env-1", "holder");
-    let started = Instant::now();
-    let child = locker(&server, &["pool", "acquire", "aws", "--", "true"])
-        .spawn()
-        .expect("start");
-    wait_until("the claim to queue", || waiters(&server, "aws") == 1);
-    signal(&child, libc::SIGTERM);
-    let done = finish(child, started, Duration::from_secs(20));
-    assert_eq!(done.code, Some(128 + libc::SIGTERM), "{}", done.stderr);
-    assert!(
-        done.stderr
-            .contains("stopped by SIGTERM while waiting for an item of pool \"aws\""),
-        "{}",
-        done.stderr
-    );
-    wait_until("the server to withdraw the waiter", || {
-        waiters(&server, "aws") == 0
+    let server = &server;
+    scenario(&Holdable {
+        server,
+        take: &["pool", "acquire", "aws", "--item", "env-1"],
+        named: "item \"env-1\" of pool \"aws\"",
+        key: &|| holder_key(server, "aws", "env-1"),
+        waiters: &|| waiters(server, "aws"),
+        hold: &|key| {
+            let url = server.url("/pool/aws/item/env-1/claim");
+            let body = json!({ "key": key }).to_string();
+            common::call("PUT", &url, Some(&body)).status == 200
+        },
+        // By name, as pool-resource's release does.
+        force_release: &|| {
+            let url = server.url("/pool/aws/item/env-1/claim");
+            let released = common::call("DELETE", &url, None);
+            assert_eq!(released.status, 200, "{}", released.body);
+        },
     });
-    let released = common::call(
-        "DELETE",
-        &server.url("/pool/aws/item/env-1/claim"),
-        Some(&json!({"key": "holder"}).to_string()),
-    );
-    assert_eq!(released.status, 200, "{}", released.body);
-    assert_eq!(
-        holder_key(&server, "aws", "env-1"),
-        None,
-        "the stopped waiter got it"
-    );
+}
+
+#[test]
+fn a_signal_while_waiting_for_an_item_stops_at_once_and_holds_nothing() {
+    with_item(cli_common::a_signal_while_waiting_stops_at_once_and_holds_nothing);
 }
 
 #[test]
 fn sigint_is_forwarded_and_the_item_released_after_the_command_exits() {
-    let server = Server::start();
-    add(&server, "aws", "env-1", "");
-    let dir = common::temp_dir();
-    let log = dir.path().join("log");
-    let go = dir.path().join("go");
-    let script = format!(
-        "trap 'echo INT >> {0}; while [ ! -e {1} ]; do sleep 0.05; done; exit 130' INT; \
-         echo started >> {0}; while true; do sleep 0.1; done",
-        log.display(),
-        go.display()
-    );
-    let started = Instant::now();
-    let child = locker(
-        &server,
-        &["pool", "acquire", "aws", "--", "sh", "-c", &script],
-    )
-    .spawn()
-    .expect("start");
-    wait_until("the command to start", || read(&log).contains("started"));
-    signal(&child, libc::SIGINT);
-    wait_until("the command to get SIGINT", || read(&log).contains("INT"));
-    assert!(
-        holder_key(&server, "aws", "env-1").is_some(),
-        "released before the command exited"
-    );
-    std::fs::write(&go, "").expect("let the command exit");
-    let done = finish(child, started, Duration::from_secs(20));
-    assert_eq!(done.code, Some(130), "{}", done.stderr);
-    assert_eq!(holder_key(&server, "aws", "env-1"), None, "not released");
+    with_item(cli_common::sigint_is_forwarded_and_released_after_the_command_exits);
 }
 
 #[test]
 fn a_lost_item_signals_the_command_and_exits_74() {
-    let server = Server::start();
-    add(&server, "aws", "env-1", "");
-    let dir = common::temp_dir();
-    let log = dir.path().join("log");
-    let script = format!(
-        "trap 'echo TERM >> {0}; exit 0' TERM; echo started >> {0}; while true; do sleep 0.1; done",
-        log.display()
-    );
-    let started = Instant::now();
-    let child = locker(
-        &server,
-        &[
-            "pool", "acquire", "aws", "--ttl", "1s", "--grace", "3s", "--", "sh", "-c", &script,
-        ],
-    )
-    .spawn()
-    .expect("start");
-    wait_until("the command to start", || read(&log).contains("started"));
-    // Taken away: released by name, then claimed by another key (waiting, should the
-    // renewal re-take it first: a new generation, lost all the same).
-    let forced = common::call("DELETE", &server.url("/pool/aws/item/env-1/claim"), None);
-    assert_eq!(forced.status, 200, "{}", forced.body);
-    let thief = common::call(
-        "PUT",
-        &server.url("/pool/aws/item/env-1/claim?wait=15s"),
-        Some(&json!({"key": "thief"}).to_string()),
-    );
-    assert_eq!(thief.status, 200, "{}", thief.body);
-    let done = finish(child, started, Duration::from_secs(20));
-    assert_eq!(done.code, Some(74), "{}", done.stderr);
-    assert!(
-        done.stderr.contains("lost item \"env-1\" of pool \"aws\""),
-        "{}",
-        done.stderr
-    );
-    assert!(read(&log).contains("TERM"), "the command was not signalled");
-    assert_eq!(
-        holder_key(&server, "aws", "env-1").as_deref(),
-        Some("thief")
-    );
+    with_item(cli_common::a_lost_holding_signals_the_command_and_exits_74);
 }
 
 #[test]
@@ -460,7 +386,7 @@ fn pool_add_reads_metadata_from_a_file_stdin_or_the_flag_and_adding_again_change
     let dir = common::temp_dir();
     let file = dir.path().join("env-1.yml");
     std::fs::write(&file, "from: file\n").expect("write");
-    let from_file = run(&mut locker(
+    let from_file = exits(
         &server,
         &[
             "pool",
@@ -470,8 +396,8 @@ fn pool_add_reads_metadata_from_a_file_stdin_or_the_flag_and_adding_again_change
             "--metadata-file",
             file.to_str().expect("path"),
         ],
-    ));
-    ok(&from_file);
+        0,
+    );
     assert_eq!(
         from_file.stdout.trim(),
         "added item \"env-1\" of pool \"aws\""
@@ -489,30 +415,30 @@ fn pool_add_reads_metadata_from_a_file_stdin_or_the_flag_and_adding_again_change
     ok(&finish(child, Instant::now(), Duration::from_secs(20)));
     assert_eq!(item(&server, "aws", "env-2")["metadata"], "from: stdin\n");
 
-    let flag = run(&mut locker(
+    exits(
         &server,
         &["pool", "add", "aws", "env-3", "--metadata", "from: flag"],
-    ));
-    ok(&flag);
+        0,
+    );
     assert_eq!(item(&server, "aws", "env-3")["metadata"], "from: flag");
 
     // Again, the same way: nothing changes, and that is success.
-    let again = run(&mut locker(
+    let again = exits(
         &server,
         &["pool", "add", "aws", "env-3", "--metadata", "from: flag"],
-    ));
-    ok(&again);
+        0,
+    );
     assert!(again.stdout.contains("nothing changed"), "{}", again.stdout);
     // Otherwise: refused (76), the item as it was.
-    let other = run(&mut locker(
+    exits(
         &server,
         &["pool", "add", "aws", "env-3", "--metadata", "other"],
-    ));
-    assert_eq!(other.code, Some(76), "{}", other.stderr);
+        76,
+    );
     assert_eq!(item(&server, "aws", "env-3")["metadata"], "from: flag");
 
     // --claimed: added claimed under the key given.
-    let claimed = run(&mut locker(
+    exits(
         &server,
         &[
             "pool",
@@ -525,13 +451,13 @@ fn pool_add_reads_metadata_from_a_file_stdin_or_the_flag_and_adding_again_change
             "--metadata",
             "",
         ],
-    ));
-    ok(&claimed);
+        0,
+    );
     assert_eq!(
         holder_key(&server, "aws", "env-4").as_deref(),
         Some("build-9")
     );
-    let unreadable = run(&mut locker(
+    exits(
         &server,
         &[
             "pool",
@@ -541,8 +467,8 @@ fn pool_add_reads_metadata_from_a_file_stdin_or_the_flag_and_adding_again_change
             "--metadata-file",
             "/nonexistent/file",
         ],
-    ));
-    assert_eq!(unreadable.code, Some(2), "{}", unreadable.stderr);
+        2,
+    );
 }
 
 #[test]
@@ -551,20 +477,19 @@ fn pool_release_needs_the_key_or_force_and_a_wrong_key_exits_76() {
     add(&server, "aws", "env-1", "");
     claim(&server, "aws", "env-1", "k1");
 
-    let usage = run(&mut locker(&server, &["pool", "release", "aws", "env-1"]));
-    assert_eq!(usage.code, Some(2), "{}", usage.stderr);
-    let wrong = run(&mut locker(
+    exits(&server, &["pool", "release", "aws", "env-1"], 2);
+    exits(
         &server,
         &["pool", "release", "aws", "env-1", "--key", "nope"],
-    ));
-    assert_eq!(wrong.code, Some(76), "{}", wrong.stderr);
+        76,
+    );
     assert_eq!(holder_key(&server, "aws", "env-1").as_deref(), Some("k1"));
 
-    let released = run(&mut locker(
+    let released = exits(
         &server,
         &["pool", "release", "aws", "env-1", "--key", "k1"],
-    ));
-    ok(&released);
+        0,
+    );
     assert!(
         released.stdout.contains("released item \"env-1\""),
         "{}",
@@ -573,21 +498,17 @@ fn pool_release_needs_the_key_or_force_and_a_wrong_key_exits_76() {
     assert_eq!(holder_key(&server, "aws", "env-1"), None);
 
     claim(&server, "aws", "env-1", "k2");
-    let forced = run(&mut locker(
+    let forced = exits(
         &server,
         &["pool", "release", "aws", "env-1", "--force", "--json"],
-    ));
-    ok(&forced);
+        0,
+    );
     let freed: Value = serde_json::from_str(&forced.stdout).expect("JSON");
     assert_eq!(freed["released"], true);
     assert_eq!(freed["previous"]["key"], "k2");
     assert_eq!(holder_key(&server, "aws", "env-1"), None);
 
-    let missing = run(&mut locker(
-        &server,
-        &["pool", "release", "aws", "env-9", "--force"],
-    ));
-    assert_eq!(missing.code, Some(76), "{}", missing.stderr);
+    exits(&server, &["pool", "release", "aws", "env-9", "--force"], 76);
 }
 
 #[test]
@@ -596,19 +517,17 @@ fn pool_remove_takes_claimed_or_unclaimed_items_unless_a_key_guards_them() {
     for name in ["env-1", "env-2", "env-3"] {
         add(&server, "aws", name, "");
     }
-    let plain = run(&mut locker(&server, &["pool", "remove", "aws", "env-1"]));
-    ok(&plain);
+    exits(&server, &["pool", "remove", "aws", "env-1"], 0);
     assert!(item(&server, "aws", "env-1").is_null());
 
     claim(&server, "aws", "env-2", "k1");
-    let guarded = run(&mut locker(
+    exits(
         &server,
         &["pool", "remove", "aws", "env-2", "--key", "other"],
-    ));
-    assert_eq!(guarded.code, Some(76), "{}", guarded.stderr);
+        76,
+    );
     assert_eq!(holder_key(&server, "aws", "env-2").as_deref(), Some("k1"));
-    let claimed = run(&mut locker(&server, &["pool", "remove", "aws", "env-2"]));
-    ok(&claimed);
+    let claimed = exits(&server, &["pool", "remove", "aws", "env-2"], 0);
     assert!(
         claimed.stdout.contains("it was claimed under key \"k1\""),
         "{}",
@@ -616,25 +535,23 @@ fn pool_remove_takes_claimed_or_unclaimed_items_unless_a_key_guards_them() {
     );
     assert!(item(&server, "aws", "env-2").is_null());
 
-    let missing = run(&mut locker(&server, &["pool", "remove", "aws", "env-2"]));
-    assert_eq!(missing.code, Some(76), "{}", missing.stderr);
+    exits(&server, &["pool", "remove", "aws", "env-2"], 76);
     assert!(!item(&server, "aws", "env-3").is_null());
 }
 
 #[test]
 fn pool_update_adds_an_absent_item_and_waits_while_it_is_claimed() {
     let server = Server::start();
-    let added = run(&mut locker(
+    exits(
         &server,
         &["pool", "update", "aws", "env-1", "--metadata", "v1"],
-    ));
-    ok(&added);
+        0,
+    );
     assert_eq!(item(&server, "aws", "env-1")["metadata"], "v1");
 
     claim(&server, "aws", "env-1", "k1");
-    let at_once = run(&mut locker(
-        &server,
-        &[
+    let update = |wait| {
+        [
             "pool",
             "update",
             "aws",
@@ -642,28 +559,14 @@ fn pool_update_adds_an_absent_item_and_waits_while_it_is_claimed() {
             "--metadata",
             "v2",
             "--wait",
-            "0",
-        ],
-    ));
-    assert_eq!(at_once.code, Some(73), "{}", at_once.stderr);
+            wait,
+        ]
+    };
+    exits(&server, &update("0"), 73);
     assert_eq!(item(&server, "aws", "env-1")["metadata"], "v1");
 
     let started = Instant::now();
-    let waiting = locker(
-        &server,
-        &[
-            "pool",
-            "update",
-            "aws",
-            "env-1",
-            "--metadata",
-            "v2",
-            "--wait",
-            "20s",
-        ],
-    )
-    .spawn()
-    .expect("start");
+    let waiting = locker(&server, &update("20s")).spawn().expect("start");
     server.wait_for_metric("locker_waiting_requests 1");
     assert_eq!(
         item(&server, "aws", "env-1")["metadata"],
@@ -887,11 +790,7 @@ fn items_claimed_in_git_are_imported_claimed_and_released_by_name() {
     assert_eq!(env2["holder"]["info"]["client"], "locker pool import");
     assert!(env2["holder"]["expires_at"].is_null(), "{env2}");
     // Claimed: a pipeline acquiring from the pool gets the unclaimed item, not this one.
-    let taken = run(&mut locker(
-        &server,
-        &["pool", "acquire", "aws", "--wait", "0"],
-    ));
-    ok(&taken);
+    let taken = exits(&server, &["pool", "acquire", "aws", "--wait", "0"], 0);
     assert_eq!(taken.stdout.trim(), "env-1");
 
     // The holding pipeline's `release:` step knows only `name` and `metadata`: a release
@@ -902,7 +801,7 @@ fn items_claimed_in_git_are_imported_claimed_and_released_by_name() {
     assert_eq!(holder_key(&server, "aws", "env-2"), None);
     // ... and from a shell, by its key.
     let vsphere = "f3cb3823-a45a-49e8-ab41-e43268494205";
-    let by_key = run(&mut locker(
+    exits(
         &server,
         &[
             "pool",
@@ -912,8 +811,8 @@ fn items_claimed_in_git_are_imported_claimed_and_released_by_name() {
             "--key",
             "imported-from-git",
         ],
-    ));
-    ok(&by_key);
+        0,
+    );
     assert_eq!(holder_key(&server, "vsphere", vsphere), None);
 }
 

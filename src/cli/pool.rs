@@ -373,6 +373,19 @@ impl Drop for MetadataFile {
     }
 }
 
+/// The answer to a release or removal, refused unless 200; `None` once printed as JSON
+/// (`--json`: nothing more to say).
+fn freed(reply: Reply, what: &str, as_json: bool) -> Result<Option<ItemFreed>, Failure> {
+    if reply.status != StatusCode::OK {
+        return Err(refused(&reply, what));
+    }
+    if as_json {
+        out!("{}", pretty(&reply.body))?;
+        return Ok(None);
+    }
+    parse(&reply, what).map(Some)
+}
+
 async fn release(
     connection: &Connection,
     pool: &str,
@@ -381,16 +394,10 @@ async fn release(
     as_json: bool,
 ) -> Result<u8, Failure> {
     let call = connection.client().release_item(pool, item, &body);
-    let reply = connection.answer(call).await?;
     let what = format!("cannot release item {item:?} of pool {pool:?}");
-    if reply.status != StatusCode::OK {
-        return Err(refused(&reply, &what));
-    }
-    if as_json {
-        out!("{}", pretty(&reply.body))?;
+    let Some(freed) = freed(connection.answer(call).await?, &what, as_json)? else {
         return Ok(0);
-    }
-    let freed: ItemFreed = parse(&reply, &what)?;
+    };
     match (&freed.previous, &body.key) {
         (Some(previous), _) => out!(
             "released item {item:?} of pool {pool:?} (it was claimed under key {:?})",
@@ -505,16 +512,10 @@ async fn remove(
         requestor: None,
     };
     let call = connection.client().remove_item(pool, item, &body);
-    let reply = connection.answer(call).await?;
     let what = format!("cannot remove item {item:?} of pool {pool:?}");
-    if reply.status != StatusCode::OK {
-        return Err(refused(&reply, &what));
-    }
-    if as_json {
-        out!("{}", pretty(&reply.body))?;
+    let Some(freed) = freed(connection.answer(call).await?, &what, as_json)? else {
         return Ok(0);
-    }
-    let freed: ItemFreed = parse(&reply, &what)?;
+    };
     match freed.previous {
         Some(previous) => out!(
             "removed item {item:?} of pool {pool:?} (it was claimed under key {:?})",
