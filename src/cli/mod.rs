@@ -117,7 +117,8 @@ pub fn stdout_failure(error: std::io::Error) -> Failure {
 }
 
 /// Client of a locker server: run a command under a lock, list, show, release and wait for
-/// locks. `locker` without a subcommand starts the server.
+/// locks; the same for pools' items (`locker pool`). `locker` without a subcommand starts the
+/// server.
 #[derive(Parser, Debug)]
 #[command(name = "locker", version, after_help = EXIT_CODES)]
 struct Cli {
