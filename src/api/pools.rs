@@ -160,11 +160,7 @@ async fn item_status(
             found = state.store.wait_item(&pool, &item, until, wait) => found?,
             () = peer::client_gone(request) => return Err(ApiError::ClientGone),
         },
-        None => state
-            .store
-            .pool(&pool)
-            .await?
-            .and_then(|p| p.items.get(&item).cloned()),
+        None => state.store.item(&pool, &item).await?,
     };
     match found {
         Some(found) => Ok(HttpResponse::Ok().json(item_view(&item, &found))),
@@ -214,9 +210,9 @@ async fn claim(
     // The metadata as committed with the grant: an update waits while the item is claimed.
     let metadata = state
         .store
-        .pool(&pool)
+        .item(&pool, &grant.item)
         .await?
-        .and_then(|p| p.items.get(&grant.item).map(|i| i.metadata.to_string()))
+        .map(|i| i.metadata.to_string())
         .unwrap_or_default();
     Ok(HttpResponse::Ok().json(ItemClaim {
         pool,

@@ -354,6 +354,11 @@ impl LockStore for FileStore {
         Ok(self.committed.read().pool(name).cloned())
     }
 
+    async fn item(&self, pool: &str, item: &str) -> Result<Option<Item>, StoreError> {
+        let table = self.committed.read();
+        Ok(table.pool(pool).and_then(|p| p.items.get(item).cloned()))
+    }
+
     async fn pools(&self) -> Result<Vec<PoolCounts>, StoreError> {
         let table = self.committed.read();
         Ok(table

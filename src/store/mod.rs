@@ -356,6 +356,15 @@ pub trait LockStore: Send + Sync + 'static {
     /// Every pool's counts, by name.
     async fn pools(&self) -> Result<Vec<PoolCounts>, StoreError>;
 
+    /// One item of a pool as committed; `None`: no such item. Cheaper than [`LockStore::pool`]
+    /// where a store can read one item alone.
+    async fn item(&self, pool: &str, item: &str) -> Result<Option<Item>, StoreError> {
+        Ok(self
+            .pool(pool)
+            .await?
+            .and_then(|p| p.items.get(item).cloned()))
+    }
+
     /// Waits up to `wait` for `item` of `pool` to be in `state`; the item as it is then
     /// (`None`: there is no such item, answered at once). Counts against the waiter limit
     /// while it waits.
