@@ -15,6 +15,9 @@
 //!   lines and messages come in through [`acquire::Hooks`].
 //! - [`http`]: the [`Client`]: basic auth, CA certificates, per-request deadlines, retries of
 //!   what can heal; every answer worth interpreting comes back as a [`Reply`].
+//! - [`pools`]: the pool API as [`Client`] methods (`pool`, `claim`, `release_item`,
+//!   `add_item`, `update_item`, `remove_item`, `wait_item` ...) and what clients ask of a
+//!   pool's listing.
 //! - [`wire`]: the request and response bodies as types ([`wire::LockStatus`], ...), which
 //!   the server's views serialize and the clients read.
 //! - [`error`]: typed failures ([`Error`], [`SetupError`]); the front ends add their advice.
@@ -26,6 +29,7 @@ pub mod http;
 pub mod limits;
 pub mod longpoll;
 pub mod path;
+pub mod pools;
 pub mod wire;
 
 pub use acquire::{Abort, Outcome};
