@@ -32,7 +32,9 @@ pub struct Version {
 /// item the version is about (the one a `put` acted on; for a version `check` found, the item
 /// claimed last), and `key` and `generation` the claim of it when the version is a claim (an
 /// `acquire`, `claim` or `add_claimed`): what `in` writes to `claim.json` so that a later
-/// `release` can check the key.
+/// `release` can check the key. `at` is when the resource took the version, so that a pool
+/// that returns to an earlier state (every item free again) is still a new version, as each
+/// commit is with pool-resource; `check` compares `ref` only.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolVersion {
     #[serde(rename = "ref")]
@@ -43,6 +45,9 @@ pub struct PoolVersion {
     pub key: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<String>,
+    /// RFC 3339, UTC, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
 }
 
 /// One metadata entry. Concourse requires both to be strings.

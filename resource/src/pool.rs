@@ -22,8 +22,8 @@ pub const CLAIM_FILE: &str = "claim.json";
 /// The `ref` of a pool's state: a hash of every item's name, metadata and claim (key,
 /// generation and requestors), so it changes when an item is added, removed, updated, claimed
 /// or released, and not when claims wait, counts change or leases are renewed. A pool that
-/// returns to an earlier state (every item free again, say) has that state's `ref` again; the
-/// fencing generation in a claim's version keeps every claim's version new.
+/// returns to an earlier state (every item free again, say) has that state's `ref` again: the
+/// version's `at` keeps it new to Concourse.
 pub fn state_ref(pool: Option<&PoolStatus>) -> String {
     let Some(pool) = pool.filter(|p| !p.items.is_empty()) else {
         return EMPTY.to_string();
@@ -58,16 +58,22 @@ pub fn latest_claim(pool: &PoolStatus) -> Option<&PoolItem> {
         .max_by_key(|item| item.holder.as_ref().and_then(|h| h.generation))
 }
 
-/// The version `check` emits: the state's `ref`, naming the item claimed last (what a plain
-/// `get` then writes, as pool-resource's names the item of the last commit), or no item when
-/// none is claimed.
-pub fn check_version(pool: Option<&PoolStatus>) -> PoolVersion {
+/// The version `check` emits, taken `at`: the state's `ref`, naming the item claimed last (what
+/// a plain `get` then writes, as pool-resource's names the item of the last commit), or no item
+/// when none is claimed.
+pub fn check_version(pool: Option<&PoolStatus>, at: SystemTime) -> PoolVersion {
     PoolVersion {
         reference: state_ref(pool),
         item: pool.and_then(latest_claim).map(|item| item.name.clone()),
         key: None,
         generation: None,
+        at: Some(timestamp(at)),
     }
+}
+
+/// A version's `at`: RFC 3339, UTC, in milliseconds.
+pub fn timestamp(at: SystemTime) -> String {
+    humantime::format_rfc3339_millis(at).to_string()
 }
 
 /// The key of one claim: the build's page (`{ATC_EXTERNAL_URL}/builds/{BUILD_ID}`, else
@@ -235,12 +241,14 @@ mod tests {
             unclaimed("b", "m"),
             claimed("c", "j", 4)
         ]));
-        let version = check_version(Some(&p));
+        let at = humantime::parse_rfc3339("2024-01-01T00:00:00.5Z").expect("time");
+        let version = check_version(Some(&p), at);
         assert_eq!(version.item.as_deref(), Some("a"));
         assert_eq!((version.key, version.generation), (None, None));
+        assert_eq!(version.at.as_deref(), Some("2024-01-01T00:00:00.500Z"));
         let free = pool(json!([unclaimed("a", "m")]));
-        assert_eq!(check_version(Some(&free)).item, None);
-        assert_eq!(check_version(None).item, None);
+        assert_eq!(check_version(Some(&free), at).item, None);
+        assert_eq!(check_version(None, at).item, None);
     }
 
     #[test]
@@ -281,6 +289,7 @@ mod tests {
                 item: item.map(str::to_string),
                 key: key.map(str::to_string),
                 generation: generation.map(str::to_string),
+                at: None,
             };
         let claim = ClaimFile::of_version("aws", &version(Some("e"), Some("k"), Some("7")))
             .expect("a claim");

@@ -35,7 +35,7 @@ use crate::models::{
 };
 use crate::pool::{
     CLAIM_FILE, ClaimFile, EMPTY, check_version, claim_key, describe_claims, describe_item,
-    item_metadata, state_ref,
+    item_metadata, state_ref, timestamp,
 };
 use crate::waits::{self, Round, Wait};
 
@@ -51,7 +51,7 @@ pub async fn check(
     let request: CheckRequest<PoolVersion> = parse_request(input)?;
     let client = Client::new(source, retry)?;
     let status = pool_status(&client, pool).await?;
-    let current = check_version(status.as_ref());
+    let current = check_version(status.as_ref(), SystemTime::now());
     match &status {
         Some(status) => log!(
             "pool {pool:?}: {}",
@@ -84,7 +84,10 @@ pub async fn fetch(
     let client = Client::new(source, retry)?;
     let version = match request.version {
         Some(version) => version,
-        None => check_version(pool_status(&client, pool).await?.as_ref()),
+        None => check_version(
+            pool_status(&client, pool).await?.as_ref(),
+            SystemTime::now(),
+        ),
     };
     std::fs::create_dir_all(directory)
         .map_err(|e| format!("cannot create {}: {e}", directory.display()))?;
@@ -628,6 +631,7 @@ impl Put<'_> {
                 item: Some(item.to_string()),
                 key: claim.map(|(key, _)| key.to_string()),
                 generation: claim.map(|(_, generation)| generation.to_string()),
+                at: Some(timestamp(SystemTime::now())),
             },
             metadata,
         })

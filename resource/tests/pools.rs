@@ -832,7 +832,7 @@ fn ttl_release_when_build_ends_and_holder_info_reach_the_server() {
         .map(|r| serde_json::from_str(&r.body).expect("claim body"))
         .collect();
     assert_eq!(claims.len(), 1, "{claims:?}");
-    assert_eq!(claims[0]["ttl"], "1h", "{}", claims[0]);
+    assert_eq!(claims[0]["ttl"], "3600s", "{}", claims[0]);
     assert_eq!(claims[0]["release_when_build_ends"], true);
     assert_eq!(claims[0]["info"]["build_id"], "1801");
     assert_eq!(claims[0]["info"]["job"], "deploy");
