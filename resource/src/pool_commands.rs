@@ -166,10 +166,10 @@ pub async fn put(
     let response = match &params.op {
         PoolOp::Acquire => put.claim(None, abort).await?,
         PoolOp::Claim(item) => put.claim(Some(item), abort).await?,
-        PoolOp::Release(dir) => put.release(dir).await?,
+        PoolOp::Release(dir) => put.free(dir, false).await?,
         PoolOp::Add(dir) => put.add(dir, false).await?,
         PoolOp::AddClaimed(dir) => put.add(dir, true).await?,
-        PoolOp::Remove(dir) => put.remove(dir).await?,
+        PoolOp::Remove(dir) => put.free(dir, true).await?,
         PoolOp::Update(dir) => put.update(dir).await?,
         PoolOp::Check(dir) => put.watch(dir, Until::Unclaimed).await?,
         PoolOp::CheckUnclaimed(dir) => put.watch(dir, Until::Claimed).await?,
@@ -275,50 +275,34 @@ impl Put<'_> {
         }
     }
 
-    /// `release`: by name, or under the key of the directory's `claim.json`.
-    async fn release(&self, dir: &str) -> Result<VersionResponse<PoolVersion>, String> {
-        let found = self.read_dir("release", dir, false)?;
+    /// `release` (with `removing` false) and `remove`: of the item named in `dir`, by name or,
+    /// with `claim.json` there, only while the item is held under its key (a removal also
+    /// while unclaimed). A release of an item nobody holds fails, as pool-resource's does (its
+    /// item is not in `claimed/`); a removal takes claimed and unclaimed items.
+    async fn free(
+        &self,
+        dir: &str,
+        removing: bool,
+    ) -> Result<VersionResponse<PoolVersion>, String> {
+        let (param, doing) = match removing {
+            false => ("release", "releasing"),
+            true => ("remove", "removing"),
+        };
+        let found = self.read_dir(param, dir, false)?;
         let (pool, name) = (self.pool, &found.name);
-        let body = self.log_acting("releasing", &found);
-        let reply = self
-            .client
-            .shared()
-            .release_item(pool, name, &body)
-            .await
-            .map_err(ClientError::from)?;
-        let freed = self.freed(
-            &format!("release item {name:?} of pool {pool:?}"),
-            &found,
-            &reply,
-        )?;
-        if !freed.released {
-            // pool-resource fails too: its item is not in `claimed/`.
-            return Err(format!(
-                "cannot release item {name:?} of pool {pool:?}: it is not claimed"
-            ));
-        }
-        self.respond(name, None).await
-    }
-
-    /// `remove`: the item, claimed or not; with `claim.json`, only while it is unclaimed or
-    /// held under that key.
-    async fn remove(&self, dir: &str) -> Result<VersionResponse<PoolVersion>, String> {
-        let found = self.read_dir("remove", dir, false)?;
-        let (pool, name) = (self.pool, &found.name);
-        let body = self.log_acting("removing", &found);
-        let reply = self
-            .client
-            .shared()
-            .remove_item(pool, name, &body)
-            .await
-            .map_err(ClientError::from)?;
-        let freed = self.freed(
-            &format!("remove item {name:?} of pool {pool:?}"),
-            &found,
-            &reply,
-        )?;
-        if !freed.released {
-            log!("removed item {name:?} (it was unclaimed)");
+        let body = self.log_acting(doing, &found);
+        let api = self.client.shared();
+        let sent = match removing {
+            false => api.release_item(pool, name, &body).await,
+            true => api.remove_item(pool, name, &body).await,
+        };
+        let reply = sent.map_err(ClientError::from)?;
+        let what = format!("{param} item {name:?} of pool {pool:?}");
+        let freed = self.freed(&what, &found, &reply)?;
+        match (freed.released, removing) {
+            (false, false) => return Err(format!("cannot {what}: it is not claimed")),
+            (false, true) => log!("removed item {name:?} (it was unclaimed)"),
+            (true, _) => {}
         }
         self.respond(name, None).await
     }

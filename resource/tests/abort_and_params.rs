@@ -8,7 +8,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{Stub, build_env, run, start};
+use support::{Stub, build_env, forward, run, start, wait_for_log};
 
 fn source(server: &common::Server, lock: &str) -> Value {
     json!({"locker_uri": server.base, "lock_name": lock, "retry_interval": "200ms"})
@@ -16,28 +16,6 @@ fn source(server: &common::Server, lock: &str) -> Value {
 
 fn out(source: &Value, params: Value) -> Value {
     json!({"source": source, "params": params})
-}
-
-/// Waits until `running`'s stderr contains `text`.
-fn wait_for_log(running: &support::Running, text: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !running.stderr().contains(text) {
-        assert!(
-            Instant::now() < deadline,
-            "no {text:?} in:\n{}",
-            running.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Forwards a request the stub received to the real server at `base` and answers what it
-/// answered: a stub in front of the real server, to delay or withhold what it would say. (The
-/// stub keeps only the address: the test owns the server, which is killed when it ends.)
-fn forward(base: &str, request: &support::StubRequest) -> (u16, String) {
-    let body = Some(request.body.as_str()).filter(|b| !b.is_empty());
-    let reply = common::call(&request.method, &format!("{base}{}", request.target), body);
-    (reply.status, reply.body)
 }
 
 fn held_key(server: &common::Server, name: &str) -> Option<String> {

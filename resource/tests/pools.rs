@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{Outcome, Running, Stub, run, start};
+use support::{Outcome, Running, Stub, forward, metadata, run, start, wait_for_log};
 
 /// The `source` of a pool resource on `server`: what replaces pool-resource's `uri`,
 /// `branch` and `private_key`.
@@ -181,34 +181,6 @@ fn wait_for_pool_waiters(server: &common::Server, pool: &str, count: u64) {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-/// Waits until a running resource's log contains `text`.
-fn wait_for_log(running: &Running, text: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !running.stderr().contains(text) {
-        assert!(
-            Instant::now() < deadline,
-            "no {text:?} in:\n{}",
-            running.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Metadata as name → value.
-fn metadata(response: &Value) -> std::collections::BTreeMap<String, String> {
-    response["metadata"]
-        .as_array()
-        .expect("metadata list")
-        .iter()
-        .map(|entry| {
-            (
-                entry["name"].as_str().expect("string name").to_string(),
-                entry["value"].as_str().expect("string value").to_string(),
-            )
-        })
-        .collect()
 }
 
 /// The pool of pool-resource's README (`aws` with `env-1` and `env-2`), with metadata.
@@ -764,13 +736,12 @@ fn a_grant_raced_by_sigterm_is_given_back() {
     add(&server, "aws", "env-2", "");
     let base = server.base.clone();
     let stub = Stub::start(move |request| {
-        let body = Some(request.body.as_str()).filter(|b| !b.is_empty());
-        let reply = common::call(&request.method, &format!("{base}{}", request.target), body);
+        let answer = forward(&base, request);
         if request.method == "PUT" && request.path().ends_with("/claim") {
             // Granted on the server; the answer never arrives.
             std::thread::sleep(Duration::from_secs(30));
         }
-        (reply.status, reply.body)
+        answer
     });
     let src = json!({"locker_uri": stub.base, "pool": "aws"});
     let build = Build::new(&src, "deploy", "1701");
@@ -814,11 +785,7 @@ fn ttl_release_when_build_ends_and_holder_info_reach_the_server() {
     let server = common::Server::start();
     add(&server, "aws", "env-1", "");
     let base = server.base.clone();
-    let stub = Stub::start(move |request| {
-        let body = Some(request.body.as_str()).filter(|b| !b.is_empty());
-        let reply = common::call(&request.method, &format!("{base}{}", request.target), body);
-        (reply.status, reply.body)
-    });
+    let stub = Stub::start(move |request| forward(&base, request));
     let src = json!({"locker_uri": stub.base, "pool": "aws"});
     let build = Build::new(&src, "deploy", "1801");
     build.put(

@@ -218,6 +218,45 @@ pub fn run(
     start(command, dir, request, env).finish(RUN_TIMEOUT)
 }
 
+/// Waits until `running`'s stderr contains `text` (10 s at most).
+pub fn wait_for_log(running: &Running, text: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !running.stderr().contains(text) {
+        assert!(
+            Instant::now() < deadline,
+            "no {text:?} in:\n{}",
+            running.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A response's metadata as name → value; asserts every entry is a pair of strings.
+pub fn metadata(response: &Value) -> BTreeMap<String, String> {
+    response["metadata"]
+        .as_array()
+        .expect("metadata list")
+        .iter()
+        .map(|entry| {
+            let object = entry.as_object().expect("metadata entry is an object");
+            assert_eq!(object.len(), 2, "{entry}");
+            (
+                entry["name"].as_str().expect("string name").to_string(),
+                entry["value"].as_str().expect("string value").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Forwards a request a stub received to the real server at `base` and answers what it
+/// answered: a stub in front of the real server, to delay, withhold or record what passes.
+/// (The stub keeps only the address: the test owns the server, which is killed when it ends.)
+pub fn forward(base: &str, request: &StubRequest) -> (u16, String) {
+    let body = Some(request.body.as_str()).filter(|b| !b.is_empty());
+    let reply = crate::common::call(&request.method, &format!("{base}{}", request.target), body);
+    (reply.status, reply.body)
+}
+
 /// A request the stub received.
 #[derive(Debug, Clone)]
 pub struct StubRequest {
