@@ -779,49 +779,88 @@ fn a_grant_raced_by_sigterm_is_given_back() {
 }
 
 /// `ttl` and `release_when_build_ends` (locker's additions to pool-resource's params) reach
-/// the server with the claim, and the build as holder info.
+/// the server with the claim, with the build as holder info, and take effect: the item
+/// claimed with `release_when_build_ends` is released once Concourse (a stand-in answering
+/// every build's status: started, then aborted) says its build ended; the other is kept. A
+/// forwarding stub in front of the server records what the resource sends.
 #[test]
-fn ttl_release_when_build_ends_and_holder_info_reach_the_server() {
-    let server = common::Server::start();
+fn ttl_and_release_when_build_ends_reach_the_server_and_take_effect() {
+    let status = std::sync::Arc::new(std::sync::Mutex::new("started"));
+    let answer = status.clone();
+    let concourse = Stub::start(move |request| {
+        if request.path().starts_with("/api/v1/builds/") {
+            let status = *answer.lock().expect("status");
+            (200, json!({"id": 1, "status": status}).to_string())
+        } else {
+            (404, json!({"error": "not found"}).to_string())
+        }
+    });
+    let server = common::server()
+        .env("LOCKER_CONCOURSE_URL", &concourse.base)
+        .env("LOCKER_RECLAIM_INTERVAL", "200ms")
+        .start();
     add(&server, "aws", "env-1", "");
+    add(&server, "aws", "env-2", "");
     let base = server.base.clone();
-    let stub = Stub::start(move |request| forward(&base, request));
-    let src = json!({"locker_uri": stub.base, "pool": "aws"});
-    let build = Build::new(&src, "deploy", "1801");
-    build.put(
-        "env",
-        json!({"acquire": true, "ttl": "1h", "release_when_build_ends": true}),
+    let recorder = Stub::start(move |request| forward(&base, request));
+    let src = json!({"locker_uri": recorder.base, "pool": "aws"});
+    let claims = || -> Vec<Value> {
+        recorder
+            .requests()
+            .into_iter()
+            .filter(|r| r.method == "PUT" && r.path().ends_with("/claim"))
+            .map(|r| serde_json::from_str(&r.body).expect("claim body"))
+            .collect()
+    };
+
+    // env-1 with a lease only: kept whatever becomes of the build.
+    let leased = Build::new(&src, "deploy", "1801");
+    leased.put("env", json!({"claim": "env-1", "ttl": "1h"}));
+    let sent = claims();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0]["ttl"], "3600s", "{}", sent[0]);
+    assert!(
+        sent[0].get("release_when_build_ends").is_none(),
+        "{}",
+        sent[0]
     );
-    let claims: Vec<Value> = stub
-        .requests()
-        .into_iter()
-        .filter(|r| r.method == "PUT" && r.path() == "/pool/aws/claim")
-        .map(|r| serde_json::from_str(&r.body).expect("claim body"))
-        .collect();
-    assert_eq!(claims.len(), 1, "{claims:?}");
-    assert_eq!(claims[0]["ttl"], "3600s", "{}", claims[0]);
-    assert_eq!(claims[0]["release_when_build_ends"], true);
-    assert_eq!(claims[0]["info"]["build_id"], "1801");
-    assert_eq!(claims[0]["info"]["job"], "deploy");
+    assert_eq!(sent[0]["info"]["build_id"], "1801");
     let held = item(&server, "aws", "env-1").expect("item");
     assert!(held["holder"]["expires_at"].is_string(), "no lease: {held}");
-    assert_eq!(held["holder"]["info"]["pipeline"], "environments");
+    assert_eq!(held["holder"]["info"]["job"], "deploy");
 
-    // Without them, neither is sent.
-    let plain = Build::new(&src, "deploy", "1802");
-    plain.task_output("env", "env-1", "");
-    plain.out(json!({"release": "env"})).json();
-    plain.out(json!({"acquire": true})).json();
-    let last = stub
-        .requests()
-        .into_iter()
-        .filter(|r| r.method == "PUT" && r.path() == "/pool/aws/claim")
-        .last()
-        .expect("a claim");
-    let body: Value = serde_json::from_str(&last.body).expect("claim body");
+    // env-2 released when its build ends.
+    let ending = Build::new(&src, "deploy", "1802");
+    ending.put(
+        "env",
+        json!({"claim": "env-2", "release_when_build_ends": true}),
+    );
+    let sent = claims();
+    assert_eq!(sent[1]["release_when_build_ends"], true, "{}", sent[1]);
+    assert!(sent[1].get("ttl").is_none(), "{}", sent[1]);
+    // Kept while the build runs (the server asks Concourse every 200 ms).
+    let asked = concourse.requests().len();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while concourse.requests().len() < asked + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the server never asked Concourse"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(holder_key(&server, "aws", "env-2").is_some());
+    *status.lock().expect("status") = "aborted";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while holder_key(&server, "aws", "env-2").is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "env-2 was kept after its build ended"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(
-        body.get("ttl").is_none() && body.get("release_when_build_ends").is_none(),
-        "{body}"
+        holder_key(&server, "aws", "env-1").is_some(),
+        "env-1 (no release_when_build_ends) was released too"
     );
 }
 
