@@ -16,7 +16,7 @@
 //! - [`http`]: the [`Client`]: basic auth, CA certificates, per-request deadlines, retries of
 //!   what can heal; every answer worth interpreting comes back as a [`Reply`].
 //! - [`pools`]: the pool API as [`Client`] methods (`pool`, `claim`, `release_item`,
-//!   `add_item`, `update_item`, `remove_item`, `wait_item` ...) and what clients ask of a
+//!   `add_item`, `update_item`, `remove_item`, `item` ...) and what clients ask of a
 //!   pool's listing.
 //! - [`wire`]: the request and response bodies as types ([`wire::LockStatus`], ...), which
 //!   the server's views serialize and the clients read.

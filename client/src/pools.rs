@@ -54,28 +54,24 @@ impl Client {
             .await
     }
 
-    /// `GET /pool/{pool}/item/{item}`: one item, at once.
-    pub async fn item(&self, pool: &str, item: &str) -> Result<Reply, Error> {
-        self.locker::<()>(Method::GET, &item_path(pool, item), None, Duration::ZERO)
-            .await
-    }
-
-    /// `GET /pool/{pool}/item/{item}?until=...&wait=...`: the item once it is in the state
-    /// asked for, or as it is when the wait ran out (look at `claimed`); 404 at once when the
-    /// item does not exist (or is removed meanwhile).
-    pub async fn wait_item(
+    /// `GET /pool/{pool}/item/{item}`: one item, at once; with `until`,
+    /// `?until=...&wait=...`: the item once it is in that state, or as it is when the wait ran
+    /// out (look at `claimed`). 404 (at once) when the item does not exist or is removed
+    /// meanwhile.
+    pub async fn item(
         &self,
         pool: &str,
         item: &str,
-        until: Until,
-        wait: Duration,
+        until: Option<(Until, Duration)>,
     ) -> Result<Reply, Error> {
-        let path = format!(
-            "{}?until={}&wait={}",
-            item_path(pool, item),
-            until.query(),
-            wire_duration(wait)
-        );
+        let (query, wait) = match until {
+            Some((until, wait)) => (
+                format!("?until={}&wait={}", until.query(), wire_duration(wait)),
+                wait,
+            ),
+            None => (String::new(), Duration::ZERO),
+        };
+        let path = format!("{}{query}", item_path(pool, item));
         self.locker::<()>(Method::GET, &path, None, wait).await
     }
 

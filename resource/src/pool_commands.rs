@@ -478,7 +478,7 @@ impl Put<'_> {
             let reply = self
                 .client
                 .shared()
-                .wait_item(pool, name, until, wait.unwrap_or_default())
+                .item(pool, name, Some((until, wait.unwrap_or_default())))
                 .await
                 .map_err(ClientError::from)?;
             if reply.status != StatusCode::OK {
@@ -649,7 +649,7 @@ async fn pool_status(client: &Client, pool: &str) -> Result<Option<PoolStatus>, 
 async fn find_item(client: &Client, pool: &str, item: &str) -> Result<Option<PoolItem>, String> {
     let reply = client
         .shared()
-        .item(pool, item)
+        .item(pool, item, None)
         .await
         .map_err(ClientError::from)?;
     match reply.status {
