@@ -497,6 +497,9 @@ const POOL_OPS: &[&str] = &[
 
 const POOL_OUT_EXTRAS: &[&str] = &["ttl", "release_when_build_ends", "wait_timeout"];
 
+/// The operation of a param that names a directory or an item.
+type DirOp = fn(String) -> PoolOp;
+
 impl PoolOutParams {
     /// Reads and validates `params` of a pool's `out`; unknown fields come back as warnings.
     pub fn parse(value: &Value) -> Result<(PoolOutParams, Vec<String>), ConfigError> {
@@ -505,7 +508,7 @@ impl PoolOutParams {
         if fields.boolean("acquire")? == Some(true) {
             ops.push(PoolOp::Acquire);
         }
-        let paths: [(&str, fn(String) -> PoolOp); 8] = [
+        let paths: [(&str, DirOp); 8] = [
             ("claim", PoolOp::Claim),
             ("release", PoolOp::Release),
             ("add", PoolOp::Add),

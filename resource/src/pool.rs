@@ -131,19 +131,29 @@ pub fn describe_item(item: &PoolItem, now: SystemTime) -> String {
     }
 }
 
-/// Why a claim of any item waits, for a log line: every item and its holder, and how many
-/// claims wait.
+/// Most claimed items a line names.
+const NAMED_CLAIMS: usize = 10;
+
+/// Why a claim of any item waits, for a log line: how many items are claimed and by whom (the
+/// first [`NAMED_CLAIMS`] of them), and how many claims wait.
 pub fn describe_claims(pool: &PoolStatus, now: SystemTime) -> String {
-    let items: Vec<String> = pool
-        .items
+    let claimed: Vec<&PoolItem> = pool.items.iter().filter(|i| i.claimed).collect();
+    let mut named: Vec<String> = claimed
         .iter()
+        .take(NAMED_CLAIMS)
         .map(|item| format!("{} {}", item.name, describe_item(item, now)))
         .collect();
+    if claimed.len() > NAMED_CLAIMS {
+        named.push(format!("and {} more", claimed.len() - NAMED_CLAIMS));
+    }
+    let holders = match named.is_empty() {
+        true => String::new(),
+        false => format!(" ({})", named.join("; ")),
+    };
     format!(
-        "{} of {} item(s) claimed ({}); {} claim(s) waiting",
-        pool.items.iter().filter(|i| i.claimed).count(),
+        "{} of {} item(s) claimed{holders}; {} claim(s) waiting",
+        claimed.len(),
         pool.items.len(),
-        items.join("; "),
         pool.waiters
     )
 }
@@ -318,6 +328,36 @@ mod tests {
         assert!(claim.is(&holder("k", 7)));
         assert!(!claim.is(&holder("k", 8)));
         assert!(!claim.is(&holder("j", 7)));
+    }
+
+    #[test]
+    fn a_wait_names_the_first_holders_and_counts() {
+        let now = SystemTime::UNIX_EPOCH;
+        let mut items: Vec<Value> = (0..12)
+            .map(|n| claimed(&format!("e{n:02}"), "k", n))
+            .collect();
+        items.push(unclaimed("free", ""));
+        let mut p = pool(Value::Array(items));
+        p.waiters = 3;
+        let line = describe_claims(&p, now);
+        assert!(
+            line.starts_with("12 of 13 item(s) claimed (e00 claimed by key \"k\""),
+            "{line}"
+        );
+        assert!(
+            line.contains("e09 claimed") && !line.contains("e10 claimed"),
+            "{line}"
+        );
+        assert!(
+            line.ends_with("; and 2 more); 3 claim(s) waiting"),
+            "{line}"
+        );
+        assert!(!line.contains("free"), "{line}");
+        let none = pool(json!([unclaimed("a", "")]));
+        assert_eq!(
+            describe_claims(&none, now),
+            "0 of 1 item(s) claimed; 0 claim(s) waiting"
+        );
     }
 
     #[test]

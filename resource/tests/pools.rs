@@ -645,7 +645,7 @@ fn check_emits_a_new_version_when_the_pool_changes() {
     assert_eq!(first.len(), 1);
     let v1 = first[0].clone();
     // Unchanged: the version given comes back.
-    assert_eq!(check(Some(&v1)), [v1.clone()]);
+    assert_eq!(check(Some(&v1)), std::slice::from_ref(&v1));
 
     let mut seen = vec![v1.clone()];
     let mut previous = v1;
