@@ -8,7 +8,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{Stub, build_env, forward, run, start, wait_for_log};
+use support::{Concourse, Stub, build_env, forward, run, start, wait_for_log};
 
 fn source(server: &common::Server, lock: &str) -> Value {
     json!({"locker_uri": server.base, "lock_name": lock, "retry_interval": "200ms"})
@@ -156,17 +156,8 @@ fn signal_during_a_get_holds_nothing() {
 /// answering the build's status) says the build has ended.
 #[test]
 fn slots_and_release_when_build_ends_reach_the_server_and_take_effect() {
-    let concourse = Stub::start(|request| {
-        if request.path().starts_with("/api/v1/") {
-            (200, json!({"id": 4242, "status": "aborted"}).to_string())
-        } else {
-            (404, json!({"error": "not found"}).to_string())
-        }
-    });
-    let server = common::server()
-        .env("LOCKER_CONCOURSE_URL", &concourse.base)
-        .env("LOCKER_RECLAIM_INTERVAL", "200ms")
-        .start();
+    let concourse = Concourse::start("aborted");
+    let server = concourse.server();
     let src = source(&server, "envs");
     let dir = common::temp_dir();
     run(
@@ -182,9 +173,9 @@ fn slots_and_release_when_build_ends_reach_the_server_and_take_effect() {
     assert_eq!(status["info"]["job"], "deploy", "{status}");
     // Without release_when_build_ends nobody asks Concourse about the holding.
     assert!(
-        concourse.requests().is_empty(),
+        concourse.stub.requests().is_empty(),
         "{:?}",
-        concourse.requests()
+        concourse.stub.requests()
     );
 
     run(
@@ -213,7 +204,7 @@ fn slots_and_release_when_build_ends_reach_the_server_and_take_effect() {
         std::thread::sleep(Duration::from_millis(20));
     }
     // k (same build, no release_when_build_ends) was kept through every round since.
-    assert!(!concourse.requests().is_empty());
+    assert!(!concourse.stub.requests().is_empty());
 }
 
 #[test]

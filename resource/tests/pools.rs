@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{Outcome, Running, Stub, forward, metadata, run, start, wait_for_log};
+use support::{Concourse, Outcome, Running, Stub, forward, metadata, run, start, wait_for_log};
 
 /// The `source` of a pool resource on `server`: what replaces pool-resource's `uri`,
 /// `branch` and `private_key`.
@@ -785,20 +785,8 @@ fn a_grant_raced_by_sigterm_is_given_back() {
 /// forwarding stub in front of the server records what the resource sends.
 #[test]
 fn ttl_and_release_when_build_ends_reach_the_server_and_take_effect() {
-    let status = std::sync::Arc::new(std::sync::Mutex::new("started"));
-    let answer = status.clone();
-    let concourse = Stub::start(move |request| {
-        if request.path().starts_with("/api/v1/builds/") {
-            let status = *answer.lock().expect("status");
-            (200, json!({"id": 1, "status": status}).to_string())
-        } else {
-            (404, json!({"error": "not found"}).to_string())
-        }
-    });
-    let server = common::server()
-        .env("LOCKER_CONCOURSE_URL", &concourse.base)
-        .env("LOCKER_RECLAIM_INTERVAL", "200ms")
-        .start();
+    let concourse = Concourse::start("started");
+    let server = concourse.server();
     add(&server, "aws", "env-1", "");
     add(&server, "aws", "env-2", "");
     let base = server.base.clone();
@@ -839,9 +827,9 @@ fn ttl_and_release_when_build_ends_reach_the_server_and_take_effect() {
     assert_eq!(sent[1]["release_when_build_ends"], true, "{}", sent[1]);
     assert!(sent[1].get("ttl").is_none(), "{}", sent[1]);
     // Kept while the build runs (the server asks Concourse every 200 ms).
-    let asked = concourse.requests().len();
+    let asked = concourse.stub.requests().len();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while concourse.requests().len() < asked + 2 {
+    while concourse.stub.requests().len() < asked + 2 {
         assert!(
             Instant::now() < deadline,
             "the server never asked Concourse"
@@ -849,7 +837,7 @@ fn ttl_and_release_when_build_ends_reach_the_server_and_take_effect() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(holder_key(&server, "aws", "env-2").is_some());
-    *status.lock().expect("status") = "aborted";
+    concourse.set("aborted");
     let deadline = Instant::now() + Duration::from_secs(20);
     while holder_key(&server, "aws", "env-2").is_some() {
         assert!(

@@ -257,6 +257,45 @@ pub fn forward(base: &str, request: &StubRequest) -> (u16, String) {
     (reply.status, reply.body)
 }
 
+/// A stand-in for Concourse's API: every build's status is `status` (which a test changes), for
+/// the server's release of holdings whose build has ended.
+pub struct Concourse {
+    pub stub: Stub,
+    status: Arc<Mutex<&'static str>>,
+}
+
+impl Concourse {
+    pub fn start(status: &'static str) -> Concourse {
+        let status = Arc::new(Mutex::new(status));
+        let answer = status.clone();
+        let stub = Stub::start(move |request| {
+            if request.path().starts_with("/api/v1/builds/") {
+                let status = *answer.lock().expect("status");
+                (
+                    200,
+                    serde_json::json!({"id": 1, "status": status}).to_string(),
+                )
+            } else {
+                (404, serde_json::json!({"error": "not found"}).to_string())
+            }
+        });
+        Concourse { stub, status }
+    }
+
+    /// What every build's status is from now on.
+    pub fn set(&self, status: &'static str) {
+        *self.status.lock().expect("status") = status;
+    }
+
+    /// The real server, asking this stand-in about builds every 200 ms.
+    pub fn server(&self) -> crate::common::Server {
+        crate::common::server()
+            .env("LOCKER_CONCOURSE_URL", &self.stub.base)
+            .env("LOCKER_RECLAIM_INTERVAL", "200ms")
+            .start()
+    }
+}
+
 /// A request the stub received.
 #[derive(Debug, Clone)]
 pub struct StubRequest {
