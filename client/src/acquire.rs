@@ -1,12 +1,11 @@
-//! The long-poll acquire loop, one for every client and for both things a client can wait to
-//! hold: a lock (`PUT /lock/{name}?wait=...`) and an item of a pool
-//! (`PUT /pool/{pool}/claim?wait=...`, or `.../item/{item}/claim` for a named one). A first try
-//! that does not wait (so the caller can name the holder at once), then long-polls until
-//! granted or the deadline passes; against a server that answers at once (the original locker
-//! ignores `?wait`) a pause between tries instead. While it runs it keeps an [`Abort`] up to
-//! date, so that a caller stopped by a signal can give back what a request in flight may have
-//! been granted. What the front ends say along the way (log lines, messages, exit codes) is
-//! theirs, through [`Hooks`].
+//! The long-poll acquire loop, one for every client and for everything that can be held: a
+//! lock, a named item of a pool, or any free item of a pool ([`Target`]). A first try that does
+//! not wait (so the caller can name the holder at once), then `PUT ...?wait=...` until granted
+//! or the deadline passes; against a server that answers at once (the original locker ignores
+//! `?wait`) a pause between tries instead. While it runs it keeps an [`Abort`] up to date, so
+//! that a caller stopped by a signal can give back what a request in flight may have been
+//! granted. What the front ends say along the way (log lines, messages, exit codes) is theirs,
+//! through [`Hooks`].
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,13 +15,112 @@ use reqwest::StatusCode;
 use crate::error::Error;
 use crate::http::{Client, Reply};
 use crate::longpoll::{ABORT_DEADLINE, poll_length, server_waited};
-use crate::pools::claimed_by;
-use crate::wire::{ItemFreed, ItemRelease, LockRequest, PoolStatus};
+use crate::wire::{ItemRelease, LockRequest, PoolStatus};
+
+/// What an acquire takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A lock: `PUT /lock/{name}`.
+    Lock(String),
+    /// An item of a pool: the named one (`PUT /pool/{pool}/item/{item}/claim`), or with no
+    /// item any free one (`PUT /pool/{pool}/claim`).
+    Pool { pool: String, item: Option<String> },
+}
+
+impl Target {
+    /// A lock by name.
+    pub fn lock(name: &str) -> Target {
+        Target::Lock(name.to_string())
+    }
+
+    /// What a grant made definite: for a claim of any item, the item the server granted (the
+    /// answer's `item`); otherwise the same target.
+    pub fn granted(&self, reply: &Reply) -> Target {
+        match self {
+            Target::Pool { pool, item: None } => Target::Pool {
+                pool: pool.clone(),
+                item: reply
+                    .body
+                    .get("item")
+                    .and_then(serde_json::Value::as_str)
+                    .map(str::to_string),
+            },
+            other => other.clone(),
+        }
+    }
+
+    /// One `PUT` asking for the target, the server waiting up to `wait`.
+    pub async fn ask(
+        &self,
+        client: &Client,
+        body: &LockRequest,
+        wait: Option<Duration>,
+    ) -> Result<Reply, Error> {
+        match self {
+            Target::Lock(name) => client.acquire(name, body, wait).await,
+            Target::Pool { pool, item } => client.claim(pool, item.as_deref(), body, wait).await,
+        }
+    }
+
+    /// Gives back what `body`'s key and requestor hold of the target: `DELETE /lock/{name}`,
+    /// or `DELETE /pool/{pool}/item/{item}/claim`. For a claim of any item that was not seen
+    /// granted, every item of the pool held under that key and requestor is released (the key
+    /// is the caller's own; a release names the requestor, so a shared key loses nothing of
+    /// another's); the answer is then the last release's, or the pool's status when nothing
+    /// was held.
+    pub async fn give_back(&self, client: &Client, body: &LockRequest) -> Result<Reply, Error> {
+        let release = ItemRelease {
+            key: Some(body.key.clone()),
+            requestor: body.requestor.clone(),
+        };
+        match self {
+            Target::Lock(name) => client.release(name, &body.release(), false).await,
+            Target::Pool {
+                pool,
+                item: Some(item),
+            } => client.release_item(pool, item, &release).await,
+            Target::Pool { pool, item: None } => {
+                let status = client.pool(pool).await?;
+                let requestor = body.requestor.as_deref().unwrap_or(&body.key);
+                let held: Vec<String> = status
+                    .parse::<PoolStatus>()
+                    .map(|p| p.items)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|i| {
+                        i.holder.as_ref().is_some_and(|h| {
+                            h.key == body.key && h.locked_by.contains_key(requestor)
+                        })
+                    })
+                    .map(|i| i.name)
+                    .collect();
+                let mut answer = status;
+                for item in held {
+                    answer = client.release_item(pool, &item, &release).await?;
+                }
+                Ok(answer)
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    /// `lock "name"`, `item "env-1" of pool "aws"`, `an item of pool "aws"`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Lock(name) => write!(f, "lock {name:?}"),
+            Target::Pool {
+                pool,
+                item: Some(item),
+            } => write!(f, "item {item:?} of pool {pool:?}"),
+            Target::Pool { pool, item: None } => write!(f, "an item of pool {pool:?}"),
+        }
+    }
+}
 
 /// One acquire to run.
 pub struct Request<'a> {
-    /// The lock's name; for a [`Claim`], the pool's.
-    pub name: &'a str,
+    pub target: &'a Target,
     /// Sent with every `PUT`; its key and requestor with the `DELETE` that gives back a grant
     /// after an abort.
     pub body: &'a LockRequest,
@@ -34,36 +132,22 @@ pub struct Request<'a> {
     pub fallback_pause: Duration,
 }
 
-/// One claim of an item of the pool `request.name` to run.
-pub struct Claim<'a> {
-    pub request: Request<'a>,
-    /// The item asked for; `None`: any free item (the server picks the one freed longest ago).
-    pub item: Option<&'a str>,
-}
-
-/// What an acquire asks for.
-#[derive(Debug, Clone, Copy)]
-enum Asked<'a> {
-    Lock,
-    Item(Option<&'a str>),
-}
-
 /// How an acquire ended, short of a transport error.
 #[derive(Debug)]
 pub enum Outcome {
-    /// 200: the lock (or item, named in the answer's `item`) is ours.
+    /// 200: the lock (the item) is ours.
     Granted(Reply),
     /// 423 when the deadline had passed: the last answer.
     TimedOut(Reply),
-    /// Any other answer (409 for a slot count that differs, 404 for an item or pool that does
-    /// not exist, 4xx ...), given up at once.
+    /// Any other answer (409 for a slot count that differs, 404 for a pool without items or
+    /// an item that does not exist, 4xx ...), given up at once.
     Refused(Reply),
 }
 
 /// What each front end says or decides along the way.
 #[allow(async_fn_in_trait)] // Used with concrete types on one task; no `Send` bound wanted.
 pub trait Hooks {
-    /// Each answer that the lock (or every item the claim could take) is held. `out_of_time` is true for the last one, after which
+    /// Each answer that the lock is held. `out_of_time` is true for the last one, after which
     /// [`acquire`] returns [`Outcome::TimedOut`].
     async fn held(&mut self, reply: &Reply, out_of_time: bool);
 
@@ -77,7 +161,7 @@ pub trait Hooks {
     fn answered_at_once(&mut self) {}
 }
 
-/// Takes the lock (see the module doc). Transport errors on the first try, and those
+/// Takes the target (see the module doc). Transport errors on the first try, and those
 /// [`Hooks::unreachable`] does not ride out, are returned as they are.
 pub async fn acquire<H: Hooks>(
     client: &Client,
@@ -85,54 +169,17 @@ pub async fn acquire<H: Hooks>(
     abort: &Abort,
     hooks: &mut H,
 ) -> Result<Outcome, Error> {
-    run(client, request, Asked::Lock, abort, hooks).await
-}
-
-/// Claims an item of a pool, as [`acquire`] takes a lock; the granted answer is an
-/// [`crate::wire::ItemClaim`] naming the item.
-pub async fn claim<H: Hooks>(
-    client: &Client,
-    claim: &Claim<'_>,
-    abort: &Abort,
-    hooks: &mut H,
-) -> Result<Outcome, Error> {
-    run(
-        client,
-        &claim.request,
-        Asked::Item(claim.item),
-        abort,
-        hooks,
-    )
-    .await
-}
-
-/// The loop of [`acquire`] and [`claim`].
-async fn run<H: Hooks>(
-    client: &Client,
-    request: &Request<'_>,
-    what: Asked<'_>,
-    abort: &Abort,
-    hooks: &mut H,
-) -> Result<Outcome, Error> {
-    let name = request.name;
+    let target = request.target;
     let mut wait: Option<Duration> = None;
     let mut failures = 0u32;
     loop {
         abort.set(Some(Pending {
             client: client.clone(),
-            name: name.to_string(),
-            kind: match what {
-                Asked::Lock => Kind::Lock,
-                Asked::Item(item) => Kind::Item(item.map(str::to_string)),
-            },
+            target: target.clone(),
             release_body: request.body.release(),
             granted: false,
         }));
-        let sent = match what {
-            Asked::Lock => client.acquire(name, request.body, wait).await,
-            Asked::Item(item) => client.claim(name, item, request.body, wait).await,
-        };
-        let reply = match sent {
+        let reply = match target.ask(client, request.body, wait).await {
             Ok(reply) => {
                 failures = 0;
                 reply
@@ -151,7 +198,7 @@ async fn run<H: Hooks>(
         };
         match reply.status {
             StatusCode::OK => {
-                abort.mark_granted(reply.body.get("item").and_then(|i| i.as_str()));
+                abort.mark_granted(target.granted(&reply));
                 return Ok(Outcome::Granted(reply));
             }
             StatusCode::LOCKED => abort.set(None),
@@ -184,17 +231,16 @@ async fn run<H: Hooks>(
 }
 
 /// What an acquire is doing, for the clean-up when a signal stops it: whether a request is in
-/// flight or was granted, and how to give it back. Cheap to clone; [`acquire`] and [`claim`]
-/// keep it up to date.
+/// flight or was granted, and how to give it back. Cheap to clone; [`acquire`] keeps it up to
+/// date.
 #[derive(Clone, Default)]
 pub struct Abort(Arc<Mutex<Option<Pending>>>);
 
 /// An acquire request in flight, or granted.
 pub struct Pending {
     client: Client,
-    /// The lock's name, or the pool's.
-    pub name: String,
-    kind: Kind,
+    /// What was asked for; once granted, what was granted (the item, for a claim of any).
+    pub target: Target,
     release_body: LockRequest,
     /// Whether the server's grant arrived (else it may have raced with the signal).
     pub granted: bool,
@@ -207,15 +253,12 @@ impl Abort {
         }
     }
 
-    /// Records the grant; for a claim, of the item the answer names.
-    fn mark_granted(&self, item: Option<&str>) {
+    fn mark_granted(&self, target: Target) {
         if let Ok(mut slot) = self.0.lock()
             && let Some(pending) = slot.as_mut()
         {
             pending.granted = true;
-            if let (Kind::Item(asked), Some(item)) = (&mut pending.kind, item) {
-                *asked = Some(item.to_string());
-            }
+            pending.target = target;
         }
     }
 
@@ -225,40 +268,7 @@ impl Abort {
     }
 }
 
-/// What a [`Pending`] request asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Kind {
-    Lock,
-    /// An item of the pool: the one asked for or granted, `None` while a claim of any item has
-    /// not been answered.
-    Item(Option<String>),
-}
-
 impl Pending {
-    /// Whether this is a claim of a pool's item (else an acquire of a lock).
-    pub fn is_claim(&self) -> bool {
-        matches!(self.kind, Kind::Item(_))
-    }
-
-    /// The item of a claim: the one asked for, or granted; `None` for a lock and for a claim of
-    /// any item that has no answer yet.
-    pub fn item(&self) -> Option<&str> {
-        match &self.kind {
-            Kind::Item(item) => item.as_deref(),
-            Kind::Lock => None,
-        }
-    }
-
-    /// What the request asks for, for messages: `lock "prod"`, `item "env-1" of pool "aws"`,
-    /// `an item of pool "aws"`.
-    pub fn describe(&self) -> String {
-        match &self.kind {
-            Kind::Lock => format!("lock {:?}", self.name),
-            Kind::Item(Some(item)) => format!("item {item:?} of pool {:?}", self.name),
-            Kind::Item(None) => format!("an item of pool {:?}", self.name),
-        }
-    }
-
     /// The key the acquire asked for.
     pub fn key(&self) -> &str {
         &self.release_body.key
@@ -269,68 +279,18 @@ impl Pending {
         self.release_body.requestor.as_deref()
     }
 
-    /// Gives back what the request may have been granted, tried once within
-    /// [`ABORT_DEADLINE`] (Concourse kills a step soon after signalling it); `None` when it did
-    /// not finish in time. A waiter is never granted once its connection is gone, but a grant
-    /// may have been on its way when the request was dropped: this gives it back either way.
-    ///
-    /// A lock: `DELETE /lock/{name}` with the key and requestor. An item: `DELETE
-    /// /pool/{pool}/item/{item}/claim` with them; when a claim of any item was cut off before
-    /// its answer, the item is looked up (`GET /pool/{pool}`) as the one held under this key by
-    /// this requestor, released if there is exactly one (a client that claims several items
-    /// under one key and requestor at once cannot tell which was granted, and none is
-    /// released), else answered as the server answers a release of an unclaimed item.
+    /// [`Target::give_back`] with the release body, each request tried once, all within
+    /// [`ABORT_DEADLINE`] (Concourse kills a step soon after signalling it). `None` when it
+    /// did not finish in time. A waiter is never granted once its connection is gone, but a
+    /// grant may have been on its way when the request was dropped: this gives it back either
+    /// way.
     pub async fn release(&self) -> Option<Result<Reply, Error>> {
         let quick = self.client.quick(ABORT_DEADLINE);
-        tokio::time::timeout(ABORT_DEADLINE, self.give_back(&quick))
-            .await
-            .ok()
-    }
-
-    async fn give_back(&self, client: &Client) -> Result<Reply, Error> {
-        let item = match &self.kind {
-            Kind::Lock => return client.release(&self.name, &self.release_body, false).await,
-            Kind::Item(item) => item,
-        };
-        let body = ItemRelease {
-            key: Some(self.release_body.key.clone()),
-            requestor: self.release_body.requestor.clone(),
-        };
-        if let Some(item) = item {
-            return client.release_item(&self.name, item, &body).await;
-        }
-        let listing = client.pool(&self.name).await?;
-        let held: Vec<String> = listing
-            .parse::<PoolStatus>()
-            .map(|pool| {
-                claimed_by(&pool, self.key(), self.requestor())
-                    .map(|item| item.name.clone())
-                    .collect()
-            })
-            .unwrap_or_default();
-        match held.as_slice() {
-            [item] => client.release_item(&self.name, item, &body).await,
-            [] => Ok(Reply {
-                status: StatusCode::OK,
-                body: serde_json::to_value(ItemFreed {
-                    pool: self.name.clone(),
-                    item: String::new(),
-                    released: false,
-                    previous: None,
-                })
-                .unwrap_or_default(),
-                elapsed: listing.elapsed,
-            }),
-            several => Ok(Reply {
-                status: StatusCode::CONFLICT,
-                body: serde_json::json!({"error": format!(
-                    "items {} of pool {:?} are held under this key and requestor: which one \
-                     the interrupted claim was granted is unknown, so none was released",
-                    several.join(", "),
-                    self.name
-                )}),
-                elapsed: listing.elapsed,
-            }),
-        }
+        tokio::time::timeout(
+            ABORT_DEADLINE,
+            self.target.give_back(&quick, &self.release_body),
+        )
+        .await
+        .ok()
     }
 }

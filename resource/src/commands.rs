@@ -16,10 +16,10 @@ use crate::models::{
     Source, VersionResponse, check_lock_name, parse_in_params,
 };
 use crate::pool_commands;
-use locker_client::Reply;
 use locker_client::acquire::{self, Outcome};
 use locker_client::longpoll::{ABORT_DEADLINE, poll_length, server_waited};
 use locker_client::wire::{Holder, LockRequest};
+use locker_client::{Reply, Target};
 
 /// What `out` is doing, for the clean-up when a signal stops it (kept by the shared acquire
 /// loop).
@@ -32,7 +32,7 @@ pub async fn clean_up(abort: &Abort, signal: &str) -> String {
     let Some(pending) = abort.take() else {
         return format!("stopped by {signal}; holding no lock");
     };
-    if pending.is_claim() {
+    if matches!(pending.target, Target::Pool { .. }) {
         return pool_commands::clean_up(&pending, signal).await;
     }
     // The key cannot be held by this requestor otherwise: it would have been granted at once,
@@ -42,7 +42,7 @@ pub async fn clean_up(abort: &Abort, signal: &str) -> String {
     } else {
         "a grant may have raced with the signal"
     };
-    let (name, key) = (&pending.name, pending.key());
+    let (target, key) = (&pending.target, pending.key());
     let requestor = pending.requestor().unwrap_or(key);
     let outcome = match pending.release().await {
         Some(Ok(reply)) if reply.status == StatusCode::OK => {
@@ -69,7 +69,7 @@ pub async fn clean_up(abort: &Abort, signal: &str) -> String {
             humantime::format_duration(ABORT_DEADLINE)
         ),
     };
-    format!("stopped by {signal} while acquiring lock {name:?}; {what}: {outcome}")
+    format!("stopped by {signal} while acquiring {target}; {what}: {outcome}")
 }
 
 impl From<ConfigError> for String {
@@ -277,14 +277,15 @@ async fn lock(
         "acquiring lock {name:?} with key {:?} as {requestor:?}",
         params.key
     );
+    let target = Target::lock(name);
     let request = acquire::Request {
-        name,
+        target: &target,
         body: &body,
         deadline: params.wait_timeout.map(|timeout| started + timeout),
         poll: source.wait_poll,
         fallback_pause: source.retry_interval,
     };
-    let mut waiting = Waiting::new(client, Subject::Lock(name), started, source);
+    let mut waiting = Waiting::new(client, &target, started, source);
     let outcome = acquire::acquire(client.shared(), &request, abort, &mut waiting)
         .await
         .map_err(ClientError::from)?;
@@ -362,7 +363,7 @@ pub(crate) fn warn_if_build_unknown(release_when_build_ends: bool, build: &Build
 /// out an unreachable server with its own retries.
 pub(crate) struct Waiting<'a> {
     client: &'a Client,
-    subject: Subject<'a>,
+    target: &'a Target,
     started: Instant,
     retry_interval: Duration,
     told_fallback: bool,
@@ -370,27 +371,11 @@ pub(crate) struct Waiting<'a> {
     pub holder: String,
 }
 
-/// What the acquire loop waits for.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Subject<'a> {
-    Lock(&'a str),
-    /// An item of a pool: the one named, or any (`None`).
-    Pool {
-        pool: &'a str,
-        item: Option<&'a str>,
-    },
-}
-
 impl<'a> Waiting<'a> {
-    pub fn new(
-        client: &'a Client,
-        subject: Subject<'a>,
-        started: Instant,
-        source: &Source,
-    ) -> Self {
+    pub fn new(client: &'a Client, target: &'a Target, started: Instant, source: &Source) -> Self {
         Waiting {
             client,
-            subject,
+            target,
             started,
             retry_interval: source.retry_interval,
             told_fallback: false,
@@ -402,8 +387,8 @@ impl<'a> Waiting<'a> {
 impl acquire::Hooks for Waiting<'_> {
     async fn held(&mut self, reply: &Reply, _out_of_time: bool) {
         let message = reply.error_message();
-        let line = match self.subject {
-            Subject::Lock(name) => {
+        let line = match self.target {
+            Target::Lock(name) => {
                 self.holder = match self.client.holding(name).await {
                     Ok(Some(holding)) => holding.describe(SystemTime::now()),
                     Ok(None) => format!(
@@ -413,9 +398,10 @@ impl acquire::Hooks for Waiting<'_> {
                 };
                 format!("lock {name:?} is held by {}", self.holder)
             }
-            Subject::Pool { pool, item } => {
+            Target::Pool { pool, item } => {
                 let (line, holder) =
-                    pool_commands::describe_wait(self.client, pool, item, &message).await;
+                    pool_commands::describe_wait(self.client, pool, item.as_deref(), &message)
+                        .await;
                 self.holder = holder;
                 line
             }

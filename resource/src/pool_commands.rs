@@ -18,15 +18,15 @@ use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
 use locker_client::acquire::{self, Outcome, Pending};
-use locker_client::pools::Until;
+use locker_client::pool_client::Until;
 use locker_client::wire::{
     ItemBody, ItemClaim, ItemFreed, ItemRelease, LockRequest, PoolItem, PoolStatus,
 };
-use locker_client::{Reply, StatusCode};
+use locker_client::{Reply, StatusCode, Target};
 use serde_json::Value;
 
 use crate::client::{Client, ClientError, RetryPolicy, since};
-use crate::commands::{Abort, Subject, Waiting, parse_request, warn_all, warn_if_build_unknown};
+use crate::commands::{Abort, Waiting, parse_request, warn_all, warn_if_build_unknown};
 use crate::lock::BuildEnv;
 use crate::log;
 use crate::models::{
@@ -207,28 +207,21 @@ impl Put<'_> {
     ) -> Result<VersionResponse<PoolVersion>, String> {
         let pool = self.pool;
         let body = self.claim_body();
-        let what = match item {
-            Some(item) => format!("item {item:?} of pool {pool:?}"),
-            None => format!("an item of pool {pool:?}"),
+        let target = Target::Pool {
+            pool: pool.to_string(),
+            item: item.map(str::to_string),
         };
+        let what = target.to_string();
         log!("claiming {what} with key {:?}", body.key);
-        let request = acquire::Claim {
-            request: acquire::Request {
-                name: pool,
-                body: &body,
-                deadline: self.params.wait_timeout.map(|t| self.started + t),
-                poll: self.source.wait_poll,
-                fallback_pause: self.source.retry_interval,
-            },
-            item,
+        let request = acquire::Request {
+            target: &target,
+            body: &body,
+            deadline: self.params.wait_timeout.map(|t| self.started + t),
+            poll: self.source.wait_poll,
+            fallback_pause: self.source.retry_interval,
         };
-        let mut waiting = Waiting::new(
-            self.client,
-            Subject::Pool { pool, item },
-            self.started,
-            self.source,
-        );
-        let outcome = acquire::claim(self.client.shared(), &request, abort, &mut waiting)
+        let mut waiting = Waiting::new(self.client, &target, self.started, self.source);
+        let outcome = acquire::acquire(self.client.shared(), &request, abort, &mut waiting)
             .await
             .map_err(ClientError::from)?;
         let granted = match outcome {
@@ -478,7 +471,7 @@ impl Put<'_> {
             let reply = self
                 .client
                 .shared()
-                .item(pool, name, Some((until, wait.unwrap_or_default())))
+                .wait_item(pool, name, until, wait.unwrap_or_default())
                 .await
                 .map_err(ClientError::from)?;
             if reply.status != StatusCode::OK {
@@ -645,26 +638,12 @@ async fn pool_status(client: &Client, pool: &str) -> Result<Option<PoolStatus>, 
     }
 }
 
-/// `GET /pool/{pool}/item/{item}`: `None` when there is no such item.
+/// The item as the pool's listing has it (`GET /pool/{pool}`, as the CLI reads one item):
+/// `None` when there is no such item.
 async fn find_item(client: &Client, pool: &str, item: &str) -> Result<Option<PoolItem>, String> {
-    let reply = client
-        .shared()
-        .item(pool, item, None)
-        .await
-        .map_err(ClientError::from)?;
-    match reply.status {
-        StatusCode::OK => reply.parse().map(Some).ok_or_else(|| {
-            format!("GET item {item:?} of pool {pool:?}: the server's answer is not an item")
-        }),
-        StatusCode::NOT_FOUND => {
-            no_pool_api(client).await?;
-            Ok(None)
-        }
-        _ => Err(refusal(
-            &format!("read item {item:?} of pool {pool:?}"),
-            &reply,
-        )),
-    }
+    Ok(pool_status(client, pool)
+        .await?
+        .and_then(|status| status.items.into_iter().find(|found| found.name == item)))
 }
 
 /// After a 404: fails when the server has no pool API at all (a locker without pools, or the
@@ -733,7 +712,7 @@ pub(crate) async fn describe_wait(
 /// After a signal stopped a claim: gives back what it may have been granted, and says what
 /// it did.
 pub(crate) async fn clean_up(pending: &Pending, signal: &str) -> String {
-    let what = pending.describe();
+    let what = &pending.target;
     let state = if pending.granted {
         "it had been granted"
     } else {
