@@ -291,4 +291,23 @@ mod tests {
             json!({"key": "k", "requestor": "r"})
         );
     }
+
+    #[test]
+    fn what_is_sent_reads_back() {
+        // Fields left at their defaults are not sent, so they must read back as defaults: an
+        // item added claimed carries its claim inside the body the server reads with serde.
+        let body = ItemBody {
+            metadata: "m".into(),
+            claim: Some(LockRequest {
+                key: "k".into(),
+                ..LockRequest::default()
+            }),
+        };
+        let sent = serde_json::to_string(&body).expect("json");
+        assert_eq!(sent, r#"{"metadata":"m","claim":{"key":"k"}}"#);
+        assert_eq!(
+            serde_json::from_str::<ItemBody>(&sent).expect("reads"),
+            body
+        );
+    }
 }
