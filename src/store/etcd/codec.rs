@@ -22,10 +22,13 @@
 //! of twenty-odd such items would not fit in one value; and every claim and release rewrites
 //! the pool's value, which would copy all of its metadata into etcd's history each time. A
 //! transaction writes an item's metadata key only when the metadata changes (an addition or an
-//! update), always together with the pool's value, so the pool key's mod revision covers its
-//! metadata too: a transaction that compared the pool key read consistent metadata. The
-//! writer keeps the metadata a transaction carries under a budget (`MAX_TXN_METADATA_BYTES`
-//! in `writer.rs`), so a batch of additions never makes a request etcd refuses.
+//! update; deleted with the item), always together with the pool's value, so the pool key's mod
+//! revision covers its metadata too: a transaction whose comparison of the pool key holds was
+//! planned on the metadata as it is (see `cache.rs` for how the cache keeps that true). The
+//! writer keeps the metadata a transaction carries under a budget (`MAX_TXN_METADATA_BYTES`,
+//! see `writer::Budget`), so a batch of additions never makes a request etcd refuses. What this
+//! does not bound is a pool's own value, which grows with its items' holdings and its waiting
+//! claims (`docs/scaling-out.md`, "How it works").
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
