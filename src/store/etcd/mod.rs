@@ -266,6 +266,68 @@ impl EtcdStore {
             .collect())
     }
 
+    /// Fills in `pool`'s metadata from the cache if the cache holds the pool as of
+    /// `mod_revision` with every item's metadata; `false` (nothing changed) otherwise.
+    fn metadata_from_cache(&self, name: &str, mod_revision: i64, pool: &mut Pool) -> bool {
+        let cache = self.shared.cache.lock();
+        let current = cache
+            .pools
+            .get(name)
+            .is_some_and(|e| e.value.is_some() && e.mod_revision == mod_revision);
+        if !current {
+            return false;
+        }
+        let known = cache.metadata.get(name);
+        let complete = pool.items.keys().all(|item| {
+            known
+                .and_then(|m| m.get(item))
+                .is_some_and(|m| m.mod_revision <= mod_revision)
+        });
+        if !complete {
+            return false;
+        }
+        if let Some(known) = known {
+            for (item, state) in &mut pool.items {
+                if let Some(m) = known.get(item) {
+                    state.metadata = m.text.clone();
+                }
+            }
+        }
+        true
+    }
+
+    /// A pool's value and its items' metadata, read from etcd at one revision.
+    async fn read_pool(&self, name: &str) -> Result<Option<Pool>, StoreError> {
+        let txn = Txn::new().and_then([
+            TxnOp::get(self.shared.keys.pool(name), None),
+            TxnOp::get(
+                self.shared.keys.pool_items(name),
+                Some(GetOptions::new().with_prefix()),
+            ),
+        ]);
+        let mut gets = self.read_txn(txn).await?.into_iter();
+        let (Some(value), Some(items)) = (gets.next(), gets.next()) else {
+            return Err(unavailable("a pool read came back incomplete"));
+        };
+        let Some(kv) = value.kvs().first() else {
+            return Ok(None);
+        };
+        let mut pool = codec::decode_pool(name, kv.value())
+            .map_err(unavailable)?
+            .pool;
+        let prefix = self.shared.keys.pool_items(name);
+        for kv in items.kvs() {
+            let Some(item) = kv.key_str().ok().and_then(|k| k.strip_prefix(&prefix)) else {
+                continue;
+            };
+            if let Some(state) = pool.items.get_mut(item) {
+                state.metadata =
+                    codec::decode_metadata(name, item, kv.value()).map_err(unavailable)?;
+            }
+        }
+        Ok(Some(pool))
+    }
+
     /// One item of a pool with its metadata, read at one revision; `None`: no such item.
     async fn read_item(&self, pool: &str, item: &str) -> Result<Option<Item>, StoreError> {
         let txn = Txn::new().and_then([
@@ -493,36 +555,29 @@ impl LockStore for EtcdStore {
         pool_flow::remove(self, pool, item, key).await
     }
 
-    /// A linearizable read of the pool's value and its items' metadata, at one revision.
+    /// A linearizable read of the pool's value. Its items' metadata comes from this server's
+    /// cache when the cache holds that very value (the usual case: the watch is quick), as the
+    /// cache then holds the metadata as of it too (see `cache.rs`); otherwise it is read from
+    /// etcd with the value, at one revision. So a claim's answer, which shows its item's
+    /// metadata, does not read every item's.
     async fn pool(&self, name: &str) -> Result<Option<Pool>, StoreError> {
-        let txn = Txn::new().and_then([
-            TxnOp::get(self.shared.keys.pool(name), None),
-            TxnOp::get(
-                self.shared.keys.pool_items(name),
-                Some(GetOptions::new().with_prefix()),
-            ),
-        ]);
-        let mut gets = self.read_txn(txn).await?.into_iter();
-        let (Some(value), Some(items)) = (gets.next(), gets.next()) else {
-            return Err(unavailable("a pool read came back incomplete"));
-        };
-        let Some(kv) = value.kvs().first() else {
+        let key = self.shared.keys.pool(name);
+        let response = self
+            .read(REQUEST_TIMEOUT, move |client| {
+                let (mut kv, key) = (kv(&client), key.clone());
+                async move { kv.get(key, None).await }
+            })
+            .await?;
+        let Some(kv) = response.kvs().first() else {
             return Ok(None);
         };
         let mut pool = codec::decode_pool(name, kv.value())
             .map_err(unavailable)?
             .pool;
-        let prefix = self.shared.keys.pool_items(name);
-        for kv in items.kvs() {
-            let Some(item) = kv.key_str().ok().and_then(|k| k.strip_prefix(&prefix)) else {
-                continue;
-            };
-            if let Some(state) = pool.items.get_mut(item) {
-                state.metadata =
-                    codec::decode_metadata(name, item, kv.value()).map_err(unavailable)?;
-            }
+        if self.metadata_from_cache(name, kv.mod_revision(), &mut pool) {
+            return Ok(Some(pool));
         }
-        Ok(Some(pool))
+        self.read_pool(name).await
     }
 
     /// A linearizable read of every pool's value (their metadata is not needed).
