@@ -291,3 +291,8 @@ fn churn(base: &str, round: usize, client: usize, known: &Mutex<Model>) {
         known.lock().expect("model").clients[client] = Known::Nothing;
     }
 }
+
+also_on_etcd!(
+    thirty_two_clients_share_four_items_without_a_double_hold_in_arrival_order,
+    sigkill_while_clients_claim_and_release_loses_no_acknowledged_claim,
+);

@@ -555,3 +555,20 @@ fn pool_gauges_count_items_claims_and_waiters() {
     wait_for_pool_waiters(&server, "p", 1);
     assert_eq!(server.metric("locker_pool_waiters"), 1.0);
 }
+
+also_on_etcd!(
+    items_are_added_listed_and_kept_with_their_metadata,
+    an_item_is_added_claimed_with_only_a_key,
+    metadata_up_to_64_kib_is_kept_and_more_is_refused,
+    a_claim_of_any_item_takes_the_one_freed_longest_ago,
+    waiting_claims_are_served_in_arrival_order,
+    a_waiter_for_a_held_item_does_not_hold_up_a_later_claim_of_another,
+    claims_of_what_does_not_exist_fail_at_once,
+    a_release_checks_the_key_it_is_given_and_without_one_frees_the_item,
+    items_are_removed_claimed_or_not_and_a_key_is_checked,
+    an_update_changes_metadata_adds_if_absent_and_waits_while_claimed,
+    checks_wait_for_an_item_to_be_unclaimed_or_claimed,
+    a_claim_with_a_lease_is_freed_when_it_runs_out_and_the_next_waiter_gets_it,
+    a_waiting_claim_whose_client_went_away_is_withdrawn,
+    pool_gauges_count_items_claims_and_waiters,
+);
