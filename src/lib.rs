@@ -1,9 +1,10 @@
 //! locker: a lock server for Concourse pipelines.
 //!
 //! # Layout
-//! - [`rules`]: the lock rules (acquire, release, counts, queues, slots, leases). Pure, no I/O.
+//! - [`rules`]: the lock rules (acquire, release, counts, queues, slots, leases) and the pool
+//!   rules ([`rules::pool`]: items with metadata, claims in one FIFO queue per pool). Pure, no I/O.
 //! - [`store`]: the [`store::LockStore`] interface, the request flow both backends share
-//!   (`store::flow`) and the backends: [`store::file`] keeps the state in a YAML file (and an
+//!   (`store::flow`, and `store::pool_flow` for pools) and the backends: [`store::file`] keeps the state in a YAML file (and an
 //!   opt-in journal, [`store::journal`]) with group-committed, fsynced writes; `store::etcd`
 //!   (with the `etcd` feature) shares it between servers through an etcd cluster.
 //! - [`api`]: HTTP routes and thin handlers; [`auth`] basic auth; [`tls`] rustls set-up.

@@ -30,6 +30,10 @@ pub struct LockStats {
     pub oldest_acquired_at: Option<SystemTime>,
     /// Requests counted against `LOCKER_MAX_WAITERS` now: queued acquires and `wait_free`s.
     pub waiting_requests: usize,
+    /// Items of every pool, those claimed, and claims queued for one.
+    pub pool_items: usize,
+    pub pool_items_claimed: usize,
+    pub pool_waiters: usize,
 }
 
 pub struct Metrics {
@@ -47,6 +51,9 @@ pub struct Metrics {
     slots_used: Gauge,
     slots_total: Gauge,
     oldest_lock_age: Gauge<f64, AtomicU64>,
+    pool_items: Gauge,
+    pool_items_claimed: Gauge,
+    pool_waiters: Gauge,
 }
 
 impl Default for Metrics {
@@ -72,11 +79,14 @@ impl Metrics {
             slots_used: Gauge::default(),
             slots_total: Gauge::default(),
             oldest_lock_age: Gauge::default(),
+            pool_items: Gauge::default(),
+            pool_items_claimed: Gauge::default(),
+            pool_waiters: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
             "acquires",
-            "Acquire requests by outcome (granted, conflict, timed_out, client_gone, slots_mismatch, too_many_waiters, shutting_down, unavailable)",
+            "Acquire requests and pool claims by outcome (granted, conflict, timed_out, client_gone, slots_mismatch, no_such_item, too_many_waiters, shutting_down, unavailable)",
             metrics.acquires.clone(),
         );
         registry.register(
@@ -142,6 +152,21 @@ impl Metrics {
             metrics.oldest_lock_age.clone(),
         );
         registry.register(
+            "pool_items",
+            "Items of all pools",
+            metrics.pool_items.clone(),
+        );
+        registry.register(
+            "pool_items_claimed",
+            "Items of all pools that are claimed",
+            metrics.pool_items_claimed.clone(),
+        );
+        registry.register(
+            "pool_waiters",
+            "Claims waiting for a pool item",
+            metrics.pool_waiters.clone(),
+        );
+        registry.register(
             "build",
             "Build information",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
@@ -189,6 +214,9 @@ impl Metrics {
         self.waiting_requests.set(stats.waiting_requests as i64);
         self.slots_used.set(stats.slots_used as i64);
         self.slots_total.set(stats.slots_total as i64);
+        self.pool_items.set(stats.pool_items as i64);
+        self.pool_items_claimed.set(stats.pool_items_claimed as i64);
+        self.pool_waiters.set(stats.pool_waiters as i64);
         let age = stats
             .oldest_acquired_at
             .and_then(|at| now.duration_since(at).ok())

@@ -139,10 +139,20 @@ struct TokenJson {
 #[derive(Clone, Debug)]
 struct Candidate {
     name: String,
+    /// The pool item, when `name` is a pool.
+    item: Option<String>,
     key: String,
     requestor: String,
     /// The holding's fencing generation when the list was taken.
     generation: u64,
+}
+
+/// The requestors of a holding that asked to be released with their build, and the build.
+fn builds_of(holder: &crate::rules::Holder) -> impl Iterator<Item = (&String, &BuildRef)> {
+    holder
+        .requestors
+        .iter()
+        .filter_map(|(requestor, hold)| hold.release_with_build.as_deref().map(|b| (requestor, b)))
 }
 
 pub struct Reclaimer {
@@ -200,20 +210,45 @@ impl Reclaimer {
     /// Fails (releasing nothing for that build) when the API cannot say.
     pub async fn check_once(&self) -> Result<(), ReclaimError> {
         let mut builds: HashMap<BuildRef, Vec<Candidate>> = HashMap::new();
+        let mut note = |build: &BuildRef, candidate: Candidate| {
+            builds.entry(build.clone()).or_default().push(candidate);
+        };
         for lock in self.store.list(&crate::store::Page::all()).await?.locks {
             for holder in &lock.holders {
-                for (requestor, hold) in &holder.requestors {
-                    if let Some(build) = &hold.release_with_build {
-                        builds
-                            .entry((**build).clone())
-                            .or_default()
-                            .push(Candidate {
-                                name: lock.name.clone(),
-                                key: holder.key.clone(),
-                                requestor: requestor.clone(),
-                                generation: holder.generation,
-                            });
-                    }
+                for (requestor, build) in builds_of(holder) {
+                    note(
+                        build,
+                        Candidate {
+                            name: lock.name.clone(),
+                            item: None,
+                            key: holder.key.clone(),
+                            requestor: requestor.clone(),
+                            generation: holder.generation,
+                        },
+                    );
+                }
+            }
+        }
+        for pool in self.store.pools().await? {
+            let Some(found) = self.store.pool(&pool.name).await? else {
+                continue;
+            };
+            for (item, holder) in found
+                .items
+                .iter()
+                .filter_map(|(item, i)| i.holder.as_ref().map(|h| (item, h)))
+            {
+                for (requestor, build) in builds_of(holder) {
+                    note(
+                        build,
+                        Candidate {
+                            name: pool.name.clone(),
+                            item: Some(item.clone()),
+                            key: holder.key.clone(),
+                            requestor: requestor.clone(),
+                            generation: holder.generation,
+                        },
+                    );
                 }
             }
         }
@@ -254,6 +289,7 @@ impl Reclaimer {
         let released = self
             .store
             .reclaim(Reclaim {
+                item: hold.item.clone(),
                 name: hold.name.clone(),
                 key: hold.key.clone(),
                 requestor: hold.requestor.clone(),
@@ -262,19 +298,20 @@ impl Reclaimer {
             })
             .await;
         let url = build.url.clone().unwrap_or_else(|| describe(build));
+        let what = match &hold.item {
+            Some(item) => format!("item {item:?} of pool {:?}", hold.name),
+            None => format!("lock {:?}", hold.name),
+        };
         match released {
             Ok(Released::Released) => {
                 self.metrics.release("reclaimed");
                 warn!(
-                    "released lock {:?} (key {:?}, requestor {:?}): its build {url} has {status}",
-                    hold.name, hold.key, hold.requestor
+                    "released {what} (key {:?}, requestor {:?}): its build {url} has {status}",
+                    hold.key, hold.requestor
                 );
             }
             Ok(Released::NotHeld) => {}
-            Err(e) => warn!(
-                "could not release lock {:?} of ended build {url}: {e}",
-                hold.name
-            ),
+            Err(e) => warn!("could not release {what} of ended build {url}: {e}"),
         }
     }
 

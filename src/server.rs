@@ -280,9 +280,9 @@ async fn refuse_oversized(
         .get(header::CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.trim().parse::<u64>().ok());
-    if announced.is_some_and(|length| length > api::request::MAX_BODY as u64) {
-        let response =
-            api::error::ApiError::PayloadTooLarge(api::request::MAX_BODY).error_response();
+    let limit = api::request::body_limit(request.path());
+    if announced.is_some_and(|length| length > limit as u64) {
+        let response = api::error::ApiError::PayloadTooLarge(limit).error_response();
         return Ok(request.into_response(response).map_into_right_body());
     }
     Ok(next.call(request).await?.map_into_left_body())

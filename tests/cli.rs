@@ -1,6 +1,7 @@
 //! The `locker` binary as a client (`locker lock`, `locks`, `status`, `release`, `wait-free`)
 //! against the real server on loopback.
 
+pub mod cli_common;
 pub mod common;
 
 use std::path::Path;
@@ -9,78 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use cli_common::{Holdable, finish, locker, read, run};
 use common::{Server, wait_until};
-
-/// `locker ARGS` pointed at `server`, with no connection settings leaking in.
-fn locker(server: &Server, args: &[&str]) -> Command {
-    let mut command = Command::new(common::locker_binary());
-    for name in [
-        "LOCKER_URL",
-        "LOCKER_USER",
-        "LOCKER_PASSWORD",
-        "LOCKER_CA_CERT",
-        "AUTH_USER",
-        "AUTH_PASS",
-    ] {
-        command.env_remove(name);
-    }
-    command
-        .env("LOCKER_URL", &server.base)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    command
-}
-
-struct Finished {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-    elapsed: Duration,
-}
-
-/// Waits for `child` up to `timeout` (then kills it and fails).
-fn finish(mut child: Child, started: Instant, timeout: Duration) -> Finished {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if child.try_wait().expect("try_wait").is_some() {
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let output = child.wait_with_output().expect("output");
-            panic!(
-                "locker did not finish in {timeout:?}: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let elapsed = started.elapsed();
-    let output = child.wait_with_output().expect("output");
-    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    eprintln!("[locker] {stderr}");
-    Finished {
-        code: output.status.code(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr,
-        elapsed,
-    }
-}
-
-fn run(command: &mut Command) -> Finished {
-    let started = Instant::now();
-    finish(
-        command.spawn().expect("start locker"),
-        started,
-        Duration::from_secs(30),
-    )
-}
-
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
-}
 
 fn key_of(server: &Server, name: &str) -> Option<String> {
     server.locks()[name]["key"].as_str().map(str::to_string)
@@ -93,11 +24,6 @@ fn take(server: &Server, name: &str, key: &str) -> common::Reply {
         &server.url(&format!("/lock/{name}?wait=10s")),
         Some(&json!({"key": key}).to_string()),
     )
-}
-
-fn signal(child: &Child, signal: i32) {
-    // SAFETY: plain kill(2) on our own child's pid.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
 }
 
 #[test]
@@ -212,49 +138,32 @@ fn renewals_keep_the_lease_without_counting_up() {
     assert_eq!(key_of(&server, "renewing"), None);
 }
 
+/// The lock `name`, for the scenarios `locker lock` shares with `locker pool acquire`.
+fn with_lock(server: &Server, name: &str, scenario: fn(&Holdable)) {
+    let take = ["lock", name];
+    let named = format!("lock {name:?}");
+    scenario(&Holdable {
+        server,
+        take: &take,
+        named: &named,
+        key: &|| key_of(server, name),
+        waiters: &|| server.locks()[name]["waiters"].as_u64().unwrap_or(0),
+        hold: &|key| server.lock(name, json!({ "key": key })).status == 200,
+        force_release: &|| {
+            let url = server.url(&format!("/lock/{name}?force=true"));
+            let forced = common::call("DELETE", &url, Some("{}"));
+            assert_eq!(forced.status, 200, "{}", forced.body);
+        },
+    });
+}
+
 #[test]
 fn a_lost_lock_signals_the_command_and_exits_74() {
-    let server = Server::start();
-    let dir = common::temp_dir();
-    let log = dir.path().join("log");
-    let script = format!(
-        "trap 'echo TERM >> {0}; exit 0' TERM; echo started >> {0}; while true; do sleep 0.1; done",
-        log.display()
+    with_lock(
+        &Server::start(),
+        "lease",
+        cli_common::a_lost_holding_signals_the_command_and_exits_74,
     );
-    let started = Instant::now();
-    let child = locker(
-        &server,
-        &[
-            "lock", "lease", "--ttl", "1s", "--grace", "3s", "--", "sh", "-c", &script,
-        ],
-    )
-    .spawn()
-    .expect("start");
-    wait_until("the command to start", || read(&log).contains("started"));
-    // Taken away from outside: force-released and taken by another key.
-    let forced_at = Instant::now();
-    let forced = common::call("DELETE", &server.url("/lock/lease?force=true"), Some("{}"));
-    assert_eq!(forced.status, 200, "{}", forced.body);
-    // The renewal may re-take the freed lock first (a new generation: lost all the same);
-    // the thief then gets it once locker lets go.
-    assert_eq!(take(&server, "lease", "thief").status, 200);
-
-    let done = finish(child, started, Duration::from_secs(20));
-    assert_eq!(done.code, Some(74), "{}", done.stderr);
-    // Noticed at a renewal (every 200 ms), long before the test's own deadline.
-    assert!(
-        forced_at.elapsed() < Duration::from_secs(15),
-        "{:?}",
-        forced_at.elapsed()
-    );
-    assert!(
-        done.stderr.contains("lost lock \"lease\""),
-        "{}",
-        done.stderr
-    );
-    assert!(read(&log).contains("TERM"), "the command was not signalled");
-    // Its release did not free the new holder's lock.
-    assert_eq!(key_of(&server, "lease").as_deref(), Some("thief"));
 }
 
 #[test]
@@ -290,57 +199,20 @@ fn a_command_ignoring_sigterm_is_killed_after_the_grace_period() {
 
 #[test]
 fn sigint_is_forwarded_and_the_lock_released_after_the_command_exits() {
-    let server = Server::start();
-    let dir = common::temp_dir();
-    let log = dir.path().join("log");
-    // The command cleans up until this file exists.
-    let go = dir.path().join("go");
-    let script = format!(
-        "trap 'echo INT >> {0}; while [ ! -e {1} ]; do sleep 0.05; done; exit 130' INT; \
-         echo started >> {0}; while true; do sleep 0.1; done",
-        log.display(),
-        go.display()
+    with_lock(
+        &Server::start(),
+        "ctrl-c",
+        cli_common::sigint_is_forwarded_and_released_after_the_command_exits,
     );
-    let started = Instant::now();
-    let child = locker(&server, &["lock", "ctrl-c", "--", "sh", "-c", &script])
-        .spawn()
-        .expect("start");
-    wait_until("the command to start", || read(&log).contains("started"));
-    signal(&child, libc::SIGINT);
-    // Forwarded, and still held while the command cleans up.
-    wait_until("the command to get SIGINT", || read(&log).contains("INT"));
-    assert!(key_of(&server, "ctrl-c").is_some());
-    std::fs::write(&go, "").expect("let the command exit");
-    let done = finish(child, started, Duration::from_secs(20));
-    assert_eq!(done.code, Some(130), "{}", done.stderr);
-    assert!(read(&log).contains("INT"), "SIGINT was not forwarded");
-    assert_eq!(key_of(&server, "ctrl-c"), None, "not released");
 }
 
 #[test]
 fn a_signal_while_waiting_stops_at_once_and_holds_nothing() {
-    let server = Server::start();
-    assert_eq!(server.lock("busy", json!({"key": "holder"})).status, 200);
-    let started = Instant::now();
-    let child = locker(&server, &["lock", "busy", "--", "true"])
-        .spawn()
-        .expect("start");
-    wait_until("the waiter to queue", || {
-        server.locks()["busy"]["waiters"].as_u64() == Some(1)
-    });
-    signal(&child, libc::SIGTERM);
-    // It would wait forever: only the signal can end it within this (generous) bound.
-    let done = finish(child, started, Duration::from_secs(20));
-    assert_eq!(done.code, Some(128 + libc::SIGTERM), "{}", done.stderr);
-    assert!(
-        done.stderr.contains("stopped by SIGTERM"),
-        "{}",
-        done.stderr
+    with_lock(
+        &Server::start(),
+        "busy",
+        cli_common::a_signal_while_waiting_stops_at_once_and_holds_nothing,
     );
-    // The server let the gone waiter go; a queued one would be granted by this release.
-    common::wait_for_waiters(&server, "busy", 0);
-    assert_eq!(server.unlock("busy", json!({"key": "holder"})).status, 200);
-    assert_eq!(key_of(&server, "busy"), None);
 }
 
 #[test]

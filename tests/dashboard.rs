@@ -432,9 +432,11 @@ async fn dashboard_works_under_a_reverse_proxy_path_prefix() {
     blocking(move || drop(server));
 }
 
-/// What a proxy saw of `GET /locks` requests it held back by a delay.
+/// What a proxy saw of the requests it held back by a delay: those whose path starts with one
+/// of `prefixes`.
 #[derive(Default)]
-struct SlowLocks {
+struct SlowRequests {
+    prefixes: Vec<&'static str>,
     delay: Duration,
     asked: std::sync::atomic::AtomicUsize,
     in_flight: std::sync::atomic::AtomicUsize,
@@ -443,12 +445,15 @@ struct SlowLocks {
 
 /// A reverse proxy on a free loopback port: `{prefix}/x` goes to `upstream` as `/x`, anything
 /// else is a 404. It asks both sides to close after one exchange, so it only ever rewrites a
-/// request's first line and then copies bytes both ways. With `slow`, every request for
-/// `/locks` waits its delay before it is passed on, and is counted while it is open.
+/// request's first line and then copies bytes both ways. With `slow`, every request for one of
+/// its paths waits its delay before it is passed on, and is counted as open while it waits: two
+/// requests of a page at once always overlap there, while the end of an exchange (the last
+/// bytes of an answer, the browser closing the connection) may come after the browser has
+/// already sent its next request.
 async fn prefix_proxy(
     upstream: String,
     prefix: &'static str,
-    slow: Option<std::sync::Arc<SlowLocks>>,
+    slow: Option<std::sync::Arc<SlowRequests>>,
 ) -> u16 {
     use std::sync::atomic::Ordering::SeqCst;
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -484,21 +489,19 @@ async fn prefix_proxy(
                         break;
                     }
                 }
-                let slow = slow.filter(|_| path.starts_with("/locks"));
+                let slow = slow.filter(|s| s.prefixes.iter().any(|p| path.starts_with(p)));
                 if let Some(slow) = &slow {
                     slow.asked.fetch_add(1, SeqCst);
                     let now = slow.in_flight.fetch_add(1, SeqCst) + 1;
                     slow.most_at_once.fetch_max(now, SeqCst);
                     tokio::time::sleep(slow.delay).await;
+                    slow.in_flight.fetch_sub(1, SeqCst);
                 }
                 let mut server = tokio::net::TcpStream::connect(&upstream).await.ok();
                 if let Some(server) = &mut server
                     && server.write_all(request.as_bytes()).await.is_ok()
                 {
                     let _ = tokio::io::copy_bidirectional(&mut browser, server).await;
-                }
-                if let Some(slow) = &slow {
-                    slow.in_flight.fetch_sub(1, SeqCst);
                 }
                 Some(())
             });
@@ -530,9 +533,10 @@ async fn dashboard_pages_a_large_table_and_never_polls_twice_at_once() {
         .expect("http")
         .to_string();
     // Slower than the page's 2 s refresh: a timer that does not wait would overlap.
-    let slow = std::sync::Arc::new(SlowLocks {
+    let slow = std::sync::Arc::new(SlowRequests {
+        prefixes: vec!["/locks"],
         delay: Duration::from_millis(2500),
-        ..SlowLocks::default()
+        ..SlowRequests::default()
     });
     let port = prefix_proxy(upstream, "/locker", Some(slow.clone())).await;
     let driver = Driver::start();
@@ -591,6 +595,405 @@ async fn dashboard_pages_a_large_table_and_never_polls_twice_at_once() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(slow.most_at_once.load(SeqCst), 1, "overlapping GET /locks");
+    client.close().await.expect("close browser");
+    blocking(move || drop(server));
+}
+
+/// Metadata that would run or draw something if it ever reached the page as HTML.
+const HOSTILE_METADATA: &str =
+    "<script>alert(3)</script>\n<img src=x onerror=alert(4)>\n<b>bold</b> & <!-- -->";
+const ENV_1_METADATA: &str = "region: eu-west-1\nurl: https://env-1.example.com\nuser: ci\n";
+const POOL_BUILD_URL: &str =
+    "https://ci.example.com/teams/main/pipelines/envs/jobs/deploy/builds/42";
+
+/// What the page shows of its pools: per listed pool whether it is open, its summary line and,
+/// per item row, each cell's text by its label, the holder's link and the metadata's state; the
+/// section's summary line, the error banner, and how many images and scripts the page holds.
+const POOLS_STATE: &str = "const pools = {};
+    for (const d of document.querySelectorAll('#pool-list details.pool')) {
+      const items = {};
+      for (const r of d.querySelectorAll('tbody tr')) {
+        const cells = {};
+        for (const c of r.cells) cells[c.dataset.label] = c.textContent;
+        const link = r.querySelector('td[data-label=\"Holder\"] a');
+        cells.link = link && link.href;
+        const meta = r.querySelector('details.metadata');
+        cells.metadataOpen = meta ? meta.open : null;
+        cells.metadataSummary = meta ? meta.querySelector('summary').textContent : null;
+        cells.metadataText = meta ? meta.querySelector('pre').textContent : null;
+        cells.metadataMarked = meta ? meta.dataset.marked === 'yes' : null;
+        items[r.dataset.item] = cells;
+      }
+      pools[d.dataset.pool] = {open: d.open, summary: d.querySelector(':scope > summary').textContent,
+                               rows: d.querySelectorAll('tbody tr').length, items};
+    }
+    const error = document.getElementById('error');
+    return {pools, shown: !document.getElementById('pools').hidden,
+            summary: document.getElementById('pools-summary').textContent,
+            error: error.hidden ? null : error.textContent,
+            images: document.querySelectorAll('img').length,
+            scripts: document.querySelectorAll('script').length};";
+
+/// The page's pools (see [`POOLS_STATE`]) once `expected` holds; panics naming `what` with the
+/// last state seen if it does not within `timeout`.
+async fn wait_for_pools(
+    client: &Client,
+    what: &str,
+    timeout: Duration,
+    expected: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let state = client
+            .execute(POOLS_STATE, vec![])
+            .await
+            .expect("read pools");
+        if expected(&state) {
+            return state;
+        }
+        assert!(Instant::now() < deadline, "never saw {what}: {state:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Clicks the summary of pool `pool` (opening or closing it) or, with `item`, of that item's
+/// metadata; with `mark`, marks that metadata's element instead, to tell later whether it is
+/// still the same element. Found and acted on in one script, waiting (up to 10 s) for it.
+async fn on_pool(client: &Client, pool: &str, item: Option<&str>, mark: bool) {
+    const ACT: &str = "const [pool, item, mark] = arguments;
+      for (const d of document.querySelectorAll('#pool-list details.pool')) {
+        if (d.dataset.pool !== pool) continue;
+        if (item === null) { d.querySelector(':scope > summary').click(); return true; }
+        for (const r of d.querySelectorAll('tbody tr')) {
+          const meta = r.dataset.item === item && r.querySelector('details.metadata');
+          if (meta && mark) { meta.dataset.marked = 'yes'; return true; }
+          if (meta) { meta.querySelector('summary').click(); return true; }
+        }
+      }
+      return false;";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client
+        .execute(ACT, vec![json!(pool), json!(item), json!(mark)])
+        .await
+        .expect("pool script")
+        != json!(true)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no pool {pool} (item {item:?}) on the page"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A server behind basic auth with a lock and two pools: `aws` holds `env-1` (claimed with
+/// build info and a lease, and a claim of it queued behind) and `env-2` (unclaimed, with
+/// [`HOSTILE_METADATA`]); `gcp` holds `gke-1`. Items are added through the HTTP API. The
+/// queued claim's thread answers its status once granted.
+fn server_with_pools() -> (common::Server, std::thread::JoinHandle<u16>) {
+    let server = common::server()
+        .auth(USER, PASS)
+        .env("LOCKER_MAX_WAIT", "300s")
+        .start();
+    let info = json!({"team": "main", "pipeline": "envs", "job": "deploy", "build": "42",
+                      "build_url": POOL_BUILD_URL});
+    // The two flags are spelled out: the server reads `claim` as a strict `wire::LockRequest`,
+    // which (for now) refuses a claim without them.
+    let claim = json!({"key": "build-42", "requestor": "deploy-job", "ttl": "2h", "info": info,
+                       "release_when_build_ends": false, "renew": false});
+    for (path, body) in [
+        (
+            "/pool/aws/item/env-1",
+            json!({"metadata": ENV_1_METADATA, "claim": claim}),
+        ),
+        (
+            "/pool/aws/item/env-2",
+            json!({"metadata": HOSTILE_METADATA}),
+        ),
+        (
+            "/pool/gcp/item/gke-1",
+            json!({"metadata": "project: ci-gke\n"}),
+        ),
+    ] {
+        let reply = authed(&server, "POST", path, Some(body));
+        assert_eq!(reply.status, 201, "{path}: {}", reply.body);
+    }
+    let lock = json!({"key": "build-41", "requestor": "prod-job",
+                      "info": {"team": "main", "pipeline": "deploy", "job": "prod", "build": "41"}});
+    let reply = authed(&server, "PUT", "/lock/deploy-prod", Some(lock));
+    assert_eq!(reply.status, 200, "{}", reply.body);
+
+    let url = server.url("/pool/aws/item/env-1/claim?wait=300s");
+    let queued = std::thread::spawn(move || {
+        reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(330))
+            .build()
+            .expect("http client")
+            .put(url)
+            .basic_auth(USER, Some(PASS))
+            .body(json!({"key": "queued", "requestor": "next-job"}).to_string())
+            .send()
+            .expect("queued claim answered")
+            .status()
+            .as_u16()
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let pools = authed(&server, "GET", "/pools", None);
+        if pools.json()["pools"][0]["waiters"] == json!(1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "claim never queued: {}",
+            pools.body
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (server, queued)
+}
+
+/// The pools section in Chromium, opened with credentials in the URL: pools listed closed
+/// with their counts, an opened pool's items with state, holder and lease, metadata as text
+/// (closed until asked for, and never run), claims and releases through the API shown on the
+/// next refresh, the filter box narrowing pools by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_shows_pools_their_items_and_changes_in_a_real_browser() {
+    let (server, queued) = blocking(server_with_pools);
+    let page = server
+        .base
+        .replacen("http://", &format!("http://{}", userinfo()), 1)
+        + "/";
+    let driver = Driver::start();
+    let profile = common::temp_dir();
+    let client = browser(&driver, profile.path()).await;
+    client.goto(&page).await.expect("open dashboard");
+    let ten = Duration::from_secs(10);
+
+    // Both pools are listed, closed: their counts only, no items fetched or shown.
+    let state = wait_for_pools(&client, "both pools", ten, |s| {
+        s["pools"]["aws"].is_object() && s["pools"]["gcp"].is_object()
+    })
+    .await;
+    assert_eq!(state["error"], json!(null));
+    assert_eq!(state["shown"], true);
+    assert_eq!(
+        state["summary"],
+        "2 pools, 1 of 3 items claimed, 1 queued claim"
+    );
+    assert_eq!(
+        state["pools"]["aws"]["summary"],
+        "aws 1 of 2 items claimed 1 queued claim"
+    );
+    assert_eq!(
+        state["pools"]["gcp"]["summary"],
+        "gcp 0 of 1 item claimed 0 queued claims"
+    );
+    for pool in ["aws", "gcp"] {
+        assert_eq!(state["pools"][pool]["open"], false);
+        assert_eq!(state["pools"][pool]["rows"], 0);
+    }
+
+    // Opened, a pool shows its items.
+    on_pool(&client, "aws", None, false).await;
+    let state = wait_for_pools(&client, "the items of aws", ten, |s| {
+        s["pools"]["aws"]["rows"] == 2
+    })
+    .await;
+    let env1 = &state["pools"]["aws"]["items"]["env-1"];
+    assert_eq!(env1["State"], "claimed", "{env1}");
+    assert_eq!(env1["Key"], "build-42");
+    assert_eq!(env1["Requestors"], "deploy-job");
+    assert_eq!(env1["Holder"], "main / envs / deploy / 42");
+    assert_eq!(env1["link"], POOL_BUILD_URL);
+    let text = |cell: &str| env1[cell].as_str().unwrap_or_default().to_string();
+    assert!(text("Claimed for").ends_with('s'), "{env1}");
+    assert!(text("Lease left").starts_with("1h"), "{env1}");
+    assert!(text("Generation").parse::<u64>().is_ok(), "{env1}");
+    assert_eq!(env1["metadataOpen"], false);
+    assert_eq!(env1["metadataText"], ENV_1_METADATA);
+    assert_eq!(
+        env1["metadataSummary"],
+        format!("3 lines, {} bytes", ENV_1_METADATA.len())
+    );
+    let env2 = &state["pools"]["aws"]["items"]["env-2"];
+    assert_eq!(env2["State"], "unclaimed", "{env2}");
+    for cell in ["Key", "Requestors", "Holder", "Claimed for", "Lease left"] {
+        assert_eq!(env2[cell], "—", "{cell}: {env2}");
+    }
+    // Metadata is text: as stored, and nothing in it became an element or ran.
+    assert_eq!(env2["metadataText"], HOSTILE_METADATA);
+    assert_eq!(state["images"], 0);
+    assert_eq!(state["scripts"], 1, "only the dashboard's own script");
+    assert!(client.get_alert_text().await.is_err(), "an alert opened");
+    assert_eq!(state["pools"]["gcp"]["rows"], 0, "gcp was not opened");
+
+    // Opened metadata stays open (the same element) across refreshes.
+    on_pool(&client, "aws", Some("env-1"), false).await;
+    on_pool(&client, "aws", Some("env-1"), true).await;
+    let state = wait_for_pools(&client, "env-1's metadata open", ten, |s| {
+        s["pools"]["aws"]["items"]["env-1"]["metadataOpen"] == true
+    })
+    .await;
+    assert_eq!(
+        state["pools"]["aws"]["items"]["env-1"]["metadataMarked"],
+        true
+    );
+    let screenshot = client.screenshot().await.expect("screenshot");
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-pools.png");
+    std::fs::write(&path, screenshot).expect("save screenshot");
+    eprintln!("dashboard screenshot saved to {}", path.display());
+
+    // A claim through the API shows on the next refresh.
+    blocking(|| {
+        let claim = json!({"key": "nightly", "requestor": "nightly-job"});
+        let reply = authed(&server, "PUT", "/pool/aws/item/env-2/claim", Some(claim));
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    });
+    let state = wait_for_pools(&client, "env-2 claimed", ten, |s| {
+        s["pools"]["aws"]["items"]["env-2"]["Key"] == "nightly"
+    })
+    .await;
+    assert_eq!(state["pools"]["aws"]["items"]["env-2"]["State"], "claimed");
+    assert_eq!(
+        state["pools"]["aws"]["summary"],
+        "aws 2 of 2 items claimed 1 queued claim"
+    );
+    // A release hands env-1 to the queued claim: new holder, no queue.
+    blocking(|| {
+        let reply = authed(
+            &server,
+            "DELETE",
+            "/pool/aws/item/env-1/claim",
+            Some(json!({"key": "build-42"})),
+        );
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    });
+    let state = wait_for_pools(&client, "env-1 handed to the queued claim", ten, |s| {
+        s["pools"]["aws"]["items"]["env-1"]["Key"] == "queued"
+            && s["summary"] == "2 pools, 2 of 3 items claimed, 0 queued claims"
+    })
+    .await;
+    let env1 = &state["pools"]["aws"]["items"]["env-1"];
+    assert_eq!(env1["Requestors"], "next-job", "{env1}");
+    assert_eq!(env1["Holder"], "—");
+    assert_eq!(env1["link"], json!(null));
+    assert_eq!(env1["Lease left"], "no expiry");
+    assert_eq!(
+        (env1["metadataOpen"].clone(), env1["metadataMarked"].clone()),
+        (json!(true), json!(true)),
+        "metadata redrawn though unchanged"
+    );
+    assert_eq!(blocking(|| queued.join()).expect("queued claim"), 200);
+    // And a release to no one shows the item unclaimed again.
+    blocking(|| {
+        let reply = authed(&server, "DELETE", "/pool/aws/item/env-2/claim", None);
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    });
+    wait_for_pools(&client, "env-2 unclaimed", ten, |s| {
+        s["pools"]["aws"]["items"]["env-2"]["State"] == "unclaimed"
+    })
+    .await;
+
+    // The filter box narrows pools by name, ignoring case; cleared, aws is still open.
+    let filter = client
+        .find(Locator::Css("#filter"))
+        .await
+        .expect("filter box");
+    filter.send_keys("GC").await.expect("type");
+    let state = wait_for_pools(&client, "only gcp", ten, |s| {
+        s["pools"].as_object().is_some_and(|p| p.len() == 1) && s["pools"]["gcp"].is_object()
+    })
+    .await;
+    assert!(
+        state["summary"]
+            .as_str()
+            .is_some_and(|t| t.ends_with(", 1 matching")),
+        "{state}"
+    );
+    filter.clear().await.expect("clear");
+    filter.send_keys(" ").await.expect("type");
+    wait_for_pools(&client, "both pools again, aws open", ten, |s| {
+        s["pools"]["gcp"].is_object() && s["pools"]["aws"]["rows"] == 2
+    })
+    .await;
+
+    // On a phone, items become cards too.
+    client.set_window_size(390, 844).await.expect("resize");
+    let head: serde_json::Value = client
+        .execute(
+            "return getComputedStyle(document.querySelector('#pool-list thead')).display",
+            vec![],
+        )
+        .await
+        .expect("style");
+    assert_eq!(head, "none");
+    let phone = client.screenshot().await.expect("screenshot");
+    std::fs::write(path.with_file_name("dashboard-pools-phone.png"), phone).expect("save");
+    client.close().await.expect("close browser");
+    blocking(move || drop(server));
+}
+
+/// However slow the server, a refresh asks one thing at a time (the locks, the pools, then each
+/// opened pool) and the next refresh waits for it: the page never has two of them open at once,
+/// even when a pool is opened while a refresh is under way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_polls_locks_and_pools_one_request_at_a_time() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let server = blocking(|| {
+        let server = common::Server::start();
+        let item = common::call(
+            "POST",
+            &server.url("/pool/aws/item/env-1"),
+            Some(r#"{"metadata": "region: eu-west-1"}"#),
+        );
+        assert_eq!(item.status, 201, "{}", item.body);
+        let reply = server.lock("deploy-prod", json!({"key": "k"}));
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        server
+    });
+    let upstream = server
+        .base
+        .strip_prefix("http://")
+        .expect("http")
+        .to_string();
+    // 1.2 s a request: a refresh of the locks, the pools and one opened pool takes 3.6 s, longer
+    // than the 2 s between refreshes, and any two requests at once would be seen.
+    let slow = std::sync::Arc::new(SlowRequests {
+        prefixes: vec!["/locks", "/pool"],
+        delay: Duration::from_millis(1200),
+        ..SlowRequests::default()
+    });
+    let port = prefix_proxy(upstream, "/locker", Some(slow.clone())).await;
+    let driver = Driver::start();
+    let profile = common::temp_dir();
+    let client = browser(&driver, profile.path()).await;
+    client
+        .goto(&format!("http://127.0.0.1:{port}/locker/"))
+        .await
+        .expect("open dashboard");
+
+    let long = Duration::from_secs(30);
+    wait_for_pools(&client, "the pool", long, |s| s["pools"]["aws"].is_object()).await;
+    on_pool(&client, "aws", None, false).await;
+    let state = wait_for_pools(&client, "its item", long, |s| {
+        s["pools"]["aws"]["rows"] == 1
+    })
+    .await;
+    assert_eq!(
+        state["pools"]["aws"]["items"]["env-1"]["State"],
+        "unclaimed"
+    );
+    assert_eq!(state["error"], json!(null));
+
+    // Let two more refreshes go by (three requests each).
+    let asked = slow.asked.load(SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while slow.asked.load(SeqCst) < asked + 6 {
+        assert!(Instant::now() < deadline, "the page stopped refreshing");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(slow.most_at_once.load(SeqCst), 1, "two requests at once");
     client.close().await.expect("close browser");
     blocking(move || drop(server));
 }

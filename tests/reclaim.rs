@@ -328,3 +328,37 @@ fn release_when_build_ends_needs_info_naming_a_build() {
     assert_eq!(reply.status, 400);
     assert!(reply.error().contains("build"), "{}", reply.body);
 }
+
+#[test]
+fn a_pool_item_claimed_by_an_aborted_build_is_released_and_the_next_claim_granted() {
+    let (fake, url) = FakeConcourse::start();
+    fake.set(BUILD_PATH, 200, "started");
+    let server = start(&url);
+    let added = call(
+        "POST",
+        &server.url("/pool/envs/item/env-1"),
+        Some(r#"{"metadata":"m"}"#),
+    );
+    assert_eq!(added.status, 201, "{}", added.body);
+    let body = json!({"key": "k", "info": build_info(), "release_when_build_ends": true});
+    let claimed = call(
+        "PUT",
+        &server.url("/pool/envs/claim"),
+        Some(&body.to_string()),
+    );
+    assert_eq!(claimed.status, 200, "{}", claimed.body);
+    let waiter_url = server.url("/pool/envs/claim?wait=20s");
+    let waiter = std::thread::spawn(move || call("PUT", &waiter_url, Some(r#"{"key":"next"}"#)));
+    wait_for_checks(&fake, fake.requests(), 2);
+    let item = call("GET", &server.url("/pool/envs/item/env-1"), None).json();
+    assert_eq!(
+        item["holder"]["key"], "k",
+        "released while the build ran: {item}"
+    );
+    fake.set(BUILD_PATH, 200, "aborted");
+    let granted = waiter.join().expect("waiter");
+    assert_eq!(granted.status, 200, "{}", granted.body);
+    assert_eq!(granted.json()["item"], "env-1");
+    let log = server.log();
+    assert!(log.contains("item \"env-1\" of pool \"envs\""), "{log}");
+}

@@ -504,6 +504,7 @@ proptest! {
                         _ => "not held".to_string(),
                     };
                     let hold = Reclaim {
+                        item: None,
                         name: name.into(), key: key.into(), requestor: requestor.into(),
                         generation, build: build_ref(build),
                     };
@@ -567,6 +568,7 @@ proptest! {
                 Effect::Revoke(Some(grants)) => format!("revoked {:?}", grant_ids(grants)),
                 Effect::Revoke(None) => "not revoked".to_string(),
                 Effect::Expiry(_) => unreachable!("expiry is checked above"),
+                Effect::Pool(_) => unreachable!("the lock model makes no pool changes"),
             };
             prop_assert_eq!(&actual, &expected, "after {:?}", op);
             prop_assert_eq!(visible(&table), visible_model(&model), "after {:?}", op);

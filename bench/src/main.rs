@@ -111,6 +111,18 @@ enum Scenario {
         #[arg(long, default_value_t = 300)]
         cycles: usize,
     },
+    /// Pools (issue 19): claim+release of any item of a pool of `items` from `clients`
+    /// clients, and the hand-off of a pool's only item to a waiting claim.
+    Pool {
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        #[arg(long, default_value_t = 100)]
+        items: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 1000)]
+        handoffs: usize,
+    },
     /// Start-up time with a state file of `held` locks.
     Startup {
         #[arg(long, default_value_t = 10_000)]
@@ -135,6 +147,7 @@ fn main() -> Result<(), Error> {
                 throughput(&server, 64, 10_000, 10).await?;
                 pollers_beside(&server, 64, 2_000, 10).await?;
                 handoff(&server, 1000).await?;
+                pool(&server, 64, 100, 10, 1000).await?;
                 memory(&server, 10_000, 2_000).await?;
                 #[cfg(feature = "etcd")]
                 etcd(&server, 64, 10, 1000).await?;
@@ -167,6 +180,12 @@ fn main() -> Result<(), Error> {
             Scenario::Startup { held } => startup(&server, held).await,
             Scenario::Large { held, cycles } => large(&server, held, cycles).await,
             Scenario::Queue { waiters, cycles } => queue(&server, waiters, cycles).await,
+            Scenario::Pool {
+                clients,
+                items,
+                seconds,
+                handoffs,
+            } => pool(&server, clients, items, seconds, handoffs).await,
         }
     })
 }
@@ -566,18 +585,130 @@ async fn handoff(binary: &Path, count: usize) -> Result<(), Error> {
     Ok(())
 }
 
+/// Where a hand-off happens: a lock, or a pool's only item.
+struct Handoff {
+    /// Waiting acquire or claim (with `?wait=`).
+    acquire: &'static str,
+    release: &'static str,
+    /// What says how many wait.
+    status: &'static str,
+}
+
+const LOCK_HANDOFF: Handoff = Handoff {
+    acquire: "/lock/handoff?wait=30s",
+    release: "/lock/handoff",
+    status: "/lock/handoff",
+};
+
+/// Pools: claim+release cycles of any item from `clients` clients on a pool of `items`, then
+/// hand-offs of a one-item pool to a waiting claim.
+async fn pool(
+    binary: &Path,
+    clients: usize,
+    items: usize,
+    seconds: u64,
+    count: usize,
+) -> Result<(), Error> {
+    let server = Server::start(binary, 0).await?;
+    let mut setup = Connection::open(&server.address).await?;
+    for item in 0..items {
+        let path = format!("/pool/bench/item/env-{item}");
+        if setup
+            .request(
+                "POST",
+                &path,
+                r#"{"metadata":"url: https://env.example\n"}"#,
+            )
+            .await?
+            != 201
+        {
+            return Err("adding an item was refused".into());
+        }
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let measuring = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for client in 0..clients {
+        let address = server.address.clone();
+        let (stop, measuring) = (stop.clone(), measuring.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut connection = Connection::open(&address).await?;
+            let body = format!(r#"{{"key":"client-{client}"}}"#);
+            let mut cycles = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                let (status, answer) = connection
+                    .exchange("PUT", "/pool/bench/claim?wait=30s", &body)
+                    .await?;
+                let claim: serde_json::Value = serde_json::from_slice(&answer)?;
+                let item = claim["item"].as_str().unwrap_or_default();
+                let path = format!("/pool/bench/item/{item}/claim");
+                let released = connection.request("DELETE", &path, &body).await?;
+                if status != 200 || released != 200 {
+                    return Err::<_, Error>(
+                        format!("unexpected status {status}/{released}").into(),
+                    );
+                }
+                if measuring.load(Ordering::Relaxed) {
+                    cycles.push(started.elapsed());
+                }
+            }
+            Ok(cycles)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    measuring.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let mut cycles = Vec::new();
+    for task in tasks {
+        cycles.extend(task.await??);
+    }
+    cycles.sort();
+    println!(
+        "pool           {clients} clients, pool of {items}: {:.0} requests/s (claim+release), cycle p50 {} p99 {}",
+        2.0 * cycles.len() as f64 / elapsed.as_secs_f64(),
+        millis(percentile(&cycles, 0.5)),
+        millis(percentile(&cycles, 0.99)),
+    );
+    let one = Handoff {
+        acquire: "/pool/handoff/claim?wait=30s",
+        release: "/pool/handoff/item/only/claim",
+        status: "/pool/handoff",
+    };
+    if setup
+        .request("POST", "/pool/handoff/item/only", r#"{"metadata":""}"#)
+        .await?
+        != 201
+    {
+        return Err("adding the hand-off item was refused".into());
+    }
+    let figures = handoffs_of(&one, &server.address, &server.address, count).await?;
+    println!("pool handoff   {count} hand-offs: {figures}");
+    Ok(())
+}
+
 /// Ping-pong of one lock between two clients, the holder on `first`, the waiter on `second`
 /// (then the other way round).
 async fn handoffs(first: &str, second: &str, count: usize) -> Result<String, Error> {
+    handoffs_of(&LOCK_HANDOFF, first, second, count).await
+}
+
+/// Ping-pong of what `at` names between two clients.
+async fn handoffs_of(
+    at: &Handoff,
+    first: &str,
+    second: &str,
+    count: usize,
+) -> Result<String, Error> {
     let mut holder = Connection::open(first).await?;
     let mut observer = Connection::open(first).await?;
     let mut waiter = Some(Connection::open(second).await?);
     let (mut holder_key, mut waiter_key) = ("a", "b");
-    if holder
-        .request("PUT", "/lock/handoff", r#"{"key":"a"}"#)
-        .await?
-        != 200
-    {
+    if holder.request("PUT", at.acquire, r#"{"key":"a"}"#).await? != 200 {
         return Err("first acquire refused".into());
     }
     let mut handoffs: Vec<Duration> = Vec::with_capacity(count);
@@ -585,15 +716,14 @@ async fn handoffs(first: &str, second: &str, count: usize) -> Result<String, Err
     for _ in 0..count {
         let mut connection = waiter.take().ok_or("no waiter connection")?;
         let body = format!(r#"{{"key":"{waiter_key}"}}"#);
+        let acquire = at.acquire;
         let waiting = tokio::spawn(async move {
-            let status = connection
-                .request("PUT", "/lock/handoff?wait=30s", &body)
-                .await;
+            let status = connection.request("PUT", acquire, &body).await;
             (status, Instant::now(), connection)
         });
         // Release only once the waiter is queued, so each hand-off is a real one.
         loop {
-            let status = observer_waiters(&mut observer).await?;
+            let status = observer_waiters(&mut observer, at.status).await?;
             if status >= 1 {
                 break;
             }
@@ -601,7 +731,7 @@ async fn handoffs(first: &str, second: &str, count: usize) -> Result<String, Err
         }
         let release = format!(r#"{{"key":"{holder_key}"}}"#);
         let release_sent = Instant::now();
-        if holder.request("DELETE", "/lock/handoff", &release).await? != 200 {
+        if holder.request("DELETE", at.release, &release).await? != 200 {
             return Err("release refused".into());
         }
         let released = Instant::now();
@@ -627,11 +757,11 @@ async fn handoffs(first: &str, second: &str, count: usize) -> Result<String, Err
     ))
 }
 
-async fn observer_waiters(observer: &mut Connection) -> Result<u64, Error> {
+async fn observer_waiters(observer: &mut Connection, status: &str) -> Result<u64, Error> {
     observer.sender.ready().await?;
     let request = hyper::Request::builder()
         .method("GET")
-        .uri("/lock/handoff")
+        .uri(status)
         .header("host", "bench")
         .body(Full::new(Bytes::new()))?;
     let response = observer.sender.send_request(request).await?;

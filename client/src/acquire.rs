@@ -1,6 +1,7 @@
-//! The long-poll acquire loop, one for every client: a first try that does not wait (so the
-//! caller can name the holder at once), then `PUT /lock/{name}?wait=...` until granted or the
-//! deadline passes; against a server that answers at once (the original locker ignores
+//! The long-poll acquire loop, one for every client and for everything that can be held: a
+//! lock, a named item of a pool, or any free item of a pool ([`Target`]). A first try that does
+//! not wait (so the caller can name the holder at once), then `PUT ...?wait=...` until granted
+//! or the deadline passes; against a server that answers at once (the original locker ignores
 //! `?wait`) a pause between tries instead. While it runs it keeps an [`Abort`] up to date, so
 //! that a caller stopped by a signal can give back what a request in flight may have been
 //! granted. What the front ends say along the way (log lines, messages, exit codes) is theirs,
@@ -14,11 +15,112 @@ use reqwest::StatusCode;
 use crate::error::Error;
 use crate::http::{Client, Reply};
 use crate::longpoll::{ABORT_DEADLINE, poll_length, server_waited};
-use crate::wire::LockRequest;
+use crate::wire::{ItemRelease, LockRequest, PoolStatus};
+
+/// What an acquire takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A lock: `PUT /lock/{name}`.
+    Lock(String),
+    /// An item of a pool: the named one (`PUT /pool/{pool}/item/{item}/claim`), or with no
+    /// item any free one (`PUT /pool/{pool}/claim`).
+    Pool { pool: String, item: Option<String> },
+}
+
+impl Target {
+    /// A lock by name.
+    pub fn lock(name: &str) -> Target {
+        Target::Lock(name.to_string())
+    }
+
+    /// What a grant made definite: for a claim of any item, the item the server granted (the
+    /// answer's `item`); otherwise the same target.
+    pub fn granted(&self, reply: &Reply) -> Target {
+        match self {
+            Target::Pool { pool, item: None } => Target::Pool {
+                pool: pool.clone(),
+                item: reply
+                    .body
+                    .get("item")
+                    .and_then(serde_json::Value::as_str)
+                    .map(str::to_string),
+            },
+            other => other.clone(),
+        }
+    }
+
+    /// One `PUT` asking for the target, the server waiting up to `wait`.
+    pub async fn ask(
+        &self,
+        client: &Client,
+        body: &LockRequest,
+        wait: Option<Duration>,
+    ) -> Result<Reply, Error> {
+        match self {
+            Target::Lock(name) => client.acquire(name, body, wait).await,
+            Target::Pool { pool, item } => client.claim(pool, item.as_deref(), body, wait).await,
+        }
+    }
+
+    /// Gives back what `body`'s key and requestor hold of the target: `DELETE /lock/{name}`,
+    /// or `DELETE /pool/{pool}/item/{item}/claim`. For a claim of any item that was not seen
+    /// granted, every item of the pool held under that key and requestor is released (the key
+    /// is the caller's own; a release names the requestor, so a shared key loses nothing of
+    /// another's); the answer is then the last release's, or the pool's status when nothing
+    /// was held.
+    pub async fn give_back(&self, client: &Client, body: &LockRequest) -> Result<Reply, Error> {
+        let release = ItemRelease {
+            key: Some(body.key.clone()),
+            requestor: body.requestor.clone(),
+        };
+        match self {
+            Target::Lock(name) => client.release(name, &body.release(), false).await,
+            Target::Pool {
+                pool,
+                item: Some(item),
+            } => client.release_item(pool, item, &release).await,
+            Target::Pool { pool, item: None } => {
+                let status = client.pool(pool).await?;
+                let requestor = body.requestor.as_deref().unwrap_or(&body.key);
+                let held: Vec<String> = status
+                    .parse::<PoolStatus>()
+                    .map(|p| p.items)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|i| {
+                        i.holder.as_ref().is_some_and(|h| {
+                            h.key == body.key && h.locked_by.contains_key(requestor)
+                        })
+                    })
+                    .map(|i| i.name)
+                    .collect();
+                let mut answer = status;
+                for item in held {
+                    answer = client.release_item(pool, &item, &release).await?;
+                }
+                Ok(answer)
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    /// `lock "name"`, `item "env-1" of pool "aws"`, `an item of pool "aws"`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Lock(name) => write!(f, "lock {name:?}"),
+            Target::Pool {
+                pool,
+                item: Some(item),
+            } => write!(f, "item {item:?} of pool {pool:?}"),
+            Target::Pool { pool, item: None } => write!(f, "an item of pool {pool:?}"),
+        }
+    }
+}
 
 /// One acquire to run.
 pub struct Request<'a> {
-    pub name: &'a str,
+    pub target: &'a Target,
     /// Sent with every `PUT`; its key and requestor with the `DELETE` that gives back a grant
     /// after an abort.
     pub body: &'a LockRequest,
@@ -33,11 +135,12 @@ pub struct Request<'a> {
 /// How an acquire ended, short of a transport error.
 #[derive(Debug)]
 pub enum Outcome {
-    /// 200: the lock is ours.
+    /// 200: the lock (the item) is ours.
     Granted(Reply),
     /// 423 when the deadline had passed: the last answer.
     TimedOut(Reply),
-    /// Any other answer (409 for a slot count that differs, 4xx ...), given up at once.
+    /// Any other answer (409 for a slot count that differs, 404 for a pool without items or
+    /// an item that does not exist, 4xx ...), given up at once.
     Refused(Reply),
 }
 
@@ -58,7 +161,7 @@ pub trait Hooks {
     fn answered_at_once(&mut self) {}
 }
 
-/// Takes the lock (see the module doc). Transport errors on the first try, and those
+/// Takes the target (see the module doc). Transport errors on the first try, and those
 /// [`Hooks::unreachable`] does not ride out, are returned as they are.
 pub async fn acquire<H: Hooks>(
     client: &Client,
@@ -66,17 +169,17 @@ pub async fn acquire<H: Hooks>(
     abort: &Abort,
     hooks: &mut H,
 ) -> Result<Outcome, Error> {
-    let name = request.name;
+    let target = request.target;
     let mut wait: Option<Duration> = None;
     let mut failures = 0u32;
     loop {
         abort.set(Some(Pending {
             client: client.clone(),
-            name: name.to_string(),
+            target: target.clone(),
             release_body: request.body.release(),
             granted: false,
         }));
-        let reply = match client.acquire(name, request.body, wait).await {
+        let reply = match target.ask(client, request.body, wait).await {
             Ok(reply) => {
                 failures = 0;
                 reply
@@ -95,7 +198,7 @@ pub async fn acquire<H: Hooks>(
         };
         match reply.status {
             StatusCode::OK => {
-                abort.mark_granted();
+                abort.mark_granted(target.granted(&reply));
                 return Ok(Outcome::Granted(reply));
             }
             StatusCode::LOCKED => abort.set(None),
@@ -136,7 +239,8 @@ pub struct Abort(Arc<Mutex<Option<Pending>>>);
 /// An acquire request in flight, or granted.
 pub struct Pending {
     client: Client,
-    pub name: String,
+    /// What was asked for; once granted, what was granted (the item, for a claim of any).
+    pub target: Target,
     release_body: LockRequest,
     /// Whether the server's grant arrived (else it may have raced with the signal).
     pub granted: bool,
@@ -149,11 +253,12 @@ impl Abort {
         }
     }
 
-    fn mark_granted(&self) {
+    fn mark_granted(&self, target: Target) {
         if let Ok(mut slot) = self.0.lock()
             && let Some(pending) = slot.as_mut()
         {
             pending.granted = true;
+            pending.target = target;
         }
     }
 
@@ -174,15 +279,16 @@ impl Pending {
         self.release_body.requestor.as_deref()
     }
 
-    /// `DELETE /lock/{name}` with the release body, tried once within [`ABORT_DEADLINE`]
-    /// (Concourse kills a step soon after signalling it). `None` when it did not finish in
-    /// time. A waiter is never granted once its connection is gone, but a grant may have been
-    /// on its way when the request was dropped: this gives it back either way.
+    /// [`Target::give_back`] with the release body, each request tried once, all within
+    /// [`ABORT_DEADLINE`] (Concourse kills a step soon after signalling it). `None` when it
+    /// did not finish in time. A waiter is never granted once its connection is gone, but a
+    /// grant may have been on its way when the request was dropped: this gives it back either
+    /// way.
     pub async fn release(&self) -> Option<Result<Reply, Error>> {
         let quick = self.client.quick(ABORT_DEADLINE);
         tokio::time::timeout(
             ABORT_DEADLINE,
-            quick.release(&self.name, &self.release_body, false),
+            self.target.give_back(&quick, &self.release_body),
         )
         .await
         .ok()

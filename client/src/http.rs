@@ -193,8 +193,9 @@ impl Client {
             .await
     }
 
-    /// A request to the locker server, with credentials.
-    async fn locker<B: Serialize + ?Sized>(
+    /// A request to the locker server, with credentials (`wait`: the long-poll it asks for, on
+    /// top of the request's deadline).
+    pub(crate) async fn locker<B: Serialize + ?Sized>(
         &self,
         method: Method,
         path: &str,

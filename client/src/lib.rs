@@ -10,11 +10,13 @@
 //! - [`limits`]: what the server accepts (name, key, holder info, slots), so clients fit
 //!   within it before they send.
 //! - [`longpoll`]: poll lengths, telling a server that does not wait, the abort deadline.
-//! - [`acquire`]: the long-poll acquire loop both clients run, with the [`Abort`] state that
-//!   lets a signalled client give back what it may have been granted; each front end's log
-//!   lines and messages come in through [`acquire::Hooks`].
+//! - [`acquire`]: the long-poll acquire loop both clients run, for a lock or a pool's item
+//!   ([`Target`]), with the [`Abort`] state that lets a signalled client give back what it
+//!   may have been granted; each front end's log lines and messages come in through
+//!   [`acquire::Hooks`].
 //! - [`http`]: the [`Client`]: basic auth, CA certificates, per-request deadlines, retries of
-//!   what can heal; every answer worth interpreting comes back as a [`Reply`].
+//!   what can heal; every answer worth interpreting comes back as a [`Reply`]. The lock
+//!   calls are in `http.rs`, the pool calls in [`pool_client`].
 //! - [`wire`]: the request and response bodies as types ([`wire::LockStatus`], ...), which
 //!   the server's views serialize and the clients read.
 //! - [`error`]: typed failures ([`Error`], [`SetupError`]); the front ends add their advice.
@@ -26,12 +28,13 @@ pub mod http;
 pub mod limits;
 pub mod longpoll;
 pub mod path;
+pub mod pool_client;
 pub mod wire;
 
-pub use acquire::{Abort, Outcome};
+pub use acquire::{Abort, Outcome, Target};
 pub use error::{CertificateProblem, Error, SetupError};
 pub use http::{Client, Reply, RetryPolicy, Settings};
 pub use reqwest::{StatusCode, Url};
 
 pub use duration::{DurationError, MAX_DURATION, parse_duration, wire_duration};
-pub use path::lock_path;
+pub use path::{item_path, lock_path, pool_path};

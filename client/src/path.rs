@@ -15,6 +15,20 @@ pub fn lock_path(name: &str) -> String {
     )
 }
 
+fn segment(text: &str) -> percent_encoding::PercentEncode<'_> {
+    percent_encoding::utf8_percent_encode(text, PATH_SEGMENT)
+}
+
+/// `/pool/{pool}` with the name percent-encoded.
+pub fn pool_path(pool: &str) -> String {
+    format!("/pool/{}", segment(pool))
+}
+
+/// `/pool/{pool}/item/{item}` with both names percent-encoded.
+pub fn item_path(pool: &str, item: &str) -> String {
+    format!("/pool/{}/item/{}", segment(pool), segment(item))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -26,5 +40,7 @@ mod tests {
         assert_eq!(lock_path("a/b c.d"), "/lock/a%2Fb%20c%2Ed");
         assert_eq!(lock_path("my.director"), "/lock/my%2Edirector");
         assert_eq!(lock_path("é"), "/lock/%C3%A9");
+        assert_eq!(pool_path("aws/x"), "/pool/aws%2Fx");
+        assert_eq!(item_path("aws", "env.1"), "/pool/aws/item/env%2E1");
     }
 }

@@ -158,6 +158,98 @@ impl LockRequest {
     }
 }
 
+/// `GET /pools`: every pool with its counts, by name.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct PoolList {
+    pub pools: Vec<PoolSummary>,
+}
+
+/// One pool in `GET /pools`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct PoolSummary {
+    pub name: String,
+    pub items: u64,
+    pub claimed: u64,
+    /// Claims queued for an item.
+    pub waiters: u64,
+}
+
+/// One item of a pool: its metadata (text, as pool-resource keeps it) and who claimed it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(bound(deserialize = "I: Deserialize<'de> + Default"))]
+pub struct PoolItem<I = Info> {
+    pub name: String,
+    pub metadata: String,
+    pub claimed: bool,
+    /// The claim, shaped like a lock's holding; absent when unclaimed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<Holder<I>>,
+}
+
+/// `GET /pool/{pool}`: the pool's items by name, and how many claims wait.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(bound(deserialize = "I: Deserialize<'de> + Default"))]
+pub struct PoolStatus<I = Info> {
+    pub name: String,
+    pub waiters: u64,
+    pub items: Vec<PoolItem<I>>,
+}
+
+/// The answer to a granted claim (`PUT /pool/{pool}/claim`, `PUT /pool/{pool}/item/{item}/claim`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ItemClaim {
+    pub pool: String,
+    pub item: String,
+    pub metadata: String,
+    pub key: String,
+    /// Fencing token of the claim.
+    pub generation: u64,
+    /// How many times this requestor holds the claim.
+    pub count: u64,
+}
+
+/// The body of `POST /pool/{pool}/item/{item}` (add; with `claim`, add claimed) and of
+/// `PUT /pool/{pool}/item/{item}` (update the metadata, adding the item if absent).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ItemBody {
+    #[serde(default)]
+    pub metadata: String,
+    /// Add the item claimed by this holder (pool-resource's `add_claimed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<LockRequest>,
+}
+
+/// The body of `DELETE /pool/{pool}/item/{item}/claim` (release) and
+/// `DELETE /pool/{pool}/item/{item}` (remove). Without a key, the item is released or removed
+/// whoever holds it (what pool-resource does with a step that holds only `name` and
+/// `metadata`); with one, only if it is held under that key (or, for a removal, unclaimed).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ItemRelease {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requestor: Option<String>,
+}
+
+/// The answer to a release or removal of an item: whether it was claimed (the holding it
+/// had, if so).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ItemFreed {
+    pub pool: String,
+    pub item: String,
+    pub released: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<Holder>,
+}
+
+/// The answer to an addition or update: whether it changed anything.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ItemStored {
+    pub pool: String,
+    pub item: String,
+    pub changed: bool,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,6 +312,25 @@ mod tests {
         assert_eq!(
             serde_json::to_value(full.release()).expect("json"),
             json!({"key": "k", "requestor": "r"})
+        );
+    }
+
+    #[test]
+    fn what_is_sent_reads_back() {
+        // Fields left at their defaults are not sent, so they must read back as defaults: an
+        // item added claimed carries its claim inside the body the server reads with serde.
+        let body = ItemBody {
+            metadata: "m".into(),
+            claim: Some(LockRequest {
+                key: "k".into(),
+                ..LockRequest::default()
+            }),
+        };
+        let sent = serde_json::to_string(&body).expect("json");
+        assert_eq!(sent, r#"{"metadata":"m","claim":{"key":"k"}}"#);
+        assert_eq!(
+            serde_json::from_str::<ItemBody>(&sent).expect("reads"),
+            body
         );
     }
 }

@@ -1,5 +1,6 @@
 //! The three commands, each from the request text to the response value. Errors are one-line
-//! reasons for the build log.
+//! reasons for the build log. With `source.pool` set, each hands over to the pool mode
+//! (`pool_commands.rs`).
 
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
@@ -15,22 +16,27 @@ use crate::models::{
     CheckRequest, InRequest, LockOp, LockTarget, MetadataField, OutParams, OutRequest, Source,
     VersionResponse, check_lock_name, parse_in_params,
 };
-use locker_client::Reply;
+use crate::pool_commands;
 use locker_client::acquire::{self, Outcome};
 use locker_client::duration::WireDuration;
 use locker_client::longpoll::{ABORT_DEADLINE, poll_length, server_waited};
 use locker_client::wire::{Holder, LockRequest};
+use locker_client::{Reply, Target};
 
 /// What `out` is doing, for the clean-up when a signal stops it (kept by the shared acquire
 /// loop).
 pub use locker_client::Abort;
 
 /// After a signal, with the work abandoned (its requests dropped, so the server withdraws a
-/// waiting acquire): releases what the acquire may have been granted, and says what it did.
+/// waiting acquire): releases what the acquire (or claim) may have been granted, and says what
+/// it did.
 pub async fn clean_up(abort: &Abort, signal: &str) -> String {
     let Some(pending) = abort.take() else {
         return format!("stopped by {signal}; holding no lock");
     };
+    if matches!(pending.target, Target::Pool { .. }) {
+        return pool_commands::clean_up(&pending, signal).await;
+    }
     // The key cannot be held by this requestor otherwise: it would have been granted at once,
     // not kept waiting.
     let what = if pending.granted {
@@ -38,7 +44,7 @@ pub async fn clean_up(abort: &Abort, signal: &str) -> String {
     } else {
         "a grant may have raced with the signal"
     };
-    let (name, key) = (&pending.name, pending.key());
+    let (target, key) = (&pending.target, pending.key());
     let requestor = pending.requestor().unwrap_or(key);
     let outcome = match pending.release().await {
         Some(Ok(reply)) if reply.status == StatusCode::OK => {
@@ -65,29 +71,33 @@ pub async fn clean_up(abort: &Abort, signal: &str) -> String {
             humantime::format_duration(ABORT_DEADLINE)
         ),
     };
-    format!("stopped by {signal} while acquiring lock {name:?}; {what}: {outcome}")
+    format!("stopped by {signal} while acquiring {target}; {what}: {outcome}")
 }
 
-fn parse_request<T: serde::de::DeserializeOwned>(input: &str) -> Result<T, ResourceError> {
+pub(crate) fn parse_request<T: serde::de::DeserializeOwned>(
+    input: &str,
+) -> Result<T, ResourceError> {
     serde_json::from_str(input).map_err(ResourceError::Request)
 }
 
-fn warn_all(warnings: Vec<String>) {
+pub(crate) fn warn_all(warnings: Vec<String>) {
     for warning in warnings {
         log!("{warning}");
     }
 }
 
-/// Reads `source`, sets up the client and finds the lock's name.
-async fn connect(
-    source: &Value,
-    retry: RetryPolicy,
-) -> Result<(Source, Client, String), ResourceError> {
+/// Reads `source`, warning of unknown fields.
+fn read_source(source: &Value) -> Result<Source, ResourceError> {
     let (source, warnings) = Source::parse(source)?;
     warn_all(warnings);
-    let client = Client::new(&source, retry)?;
+    Ok(source)
+}
+
+/// Sets up the client and finds the lock's name.
+async fn connect(source: &Source, retry: RetryPolicy) -> Result<(Client, String), ResourceError> {
+    let client = Client::new(source, retry)?;
     let name = match &source.target {
-        LockTarget::Name(name) => name.clone(),
+        LockTarget::Name(name) | LockTarget::Pool(name) => name.clone(),
         LockTarget::BoshDirector(url) => {
             log!("determining the lock name from the BOSH director at {url}");
             let name = client.bosh_director_name(url).await?;
@@ -96,13 +106,19 @@ async fn connect(
             name
         }
     };
-    Ok((source, client, name))
+    Ok((client, name))
 }
 
 /// `check`: the current version of this one lock. Concourse adds it if it is new.
 pub async fn check(input: &str, retry: RetryPolicy) -> Result<Value, ResourceError> {
     let request: CheckRequest = parse_request(input)?;
-    let (_, client, name) = connect(&request.source, retry).await?;
+    let source = read_source(&request.source)?;
+    if let LockTarget::Pool(pool) = &source.target {
+        return pool_commands::check(input, &source, pool, retry)
+            .await
+            .map_err(ResourceError::Pool);
+    }
+    let (client, name) = connect(&source, retry).await?;
     let holding = client.holding(&name).await?;
     let version = version_of(holding.as_ref());
     match &holding {
@@ -122,7 +138,13 @@ pub async fn fetch(
     retry: RetryPolicy,
 ) -> Result<Value, ResourceError> {
     let request: InRequest = parse_request(input)?;
-    let (source, client, name) = connect(&request.source, retry).await?;
+    let source = read_source(&request.source)?;
+    if let LockTarget::Pool(pool) = &source.target {
+        return pool_commands::fetch(input, directory, &source, pool, retry)
+            .await
+            .map_err(ResourceError::Pool);
+    }
+    let (client, name) = connect(&source, retry).await?;
     let (params, warnings) = parse_in_params(&request.params)?;
     warn_all(warnings);
     if params.wait {
@@ -179,18 +201,26 @@ fn write(directory: &Path, file: &str, content: &str) -> Result<(), ResourceErro
     std::fs::write(&path, content).map_err(|source| ResourceError::Write { path, source })
 }
 
-/// `out`: locks or unlocks.
+/// `out`: locks or unlocks (with `source.pool`, what pool-resource's params say, with the
+/// directories they name under `sources`).
 pub async fn put(
     input: &str,
+    sources: &Path,
     build: &BuildEnv,
     retry: RetryPolicy,
     abort: &Abort,
 ) -> Result<Value, ResourceError> {
     let request: OutRequest = parse_request(input)?;
-    // Params first: a missing key is reported before any network call.
+    let source = read_source(&request.source)?;
+    if let LockTarget::Pool(pool) = &source.target {
+        return pool_commands::put(&request, sources, &source, pool, build, retry, abort)
+            .await
+            .map_err(ResourceError::Pool);
+    }
+    // Params before any network call: a missing key is reported at once.
     let (params, warnings) = OutParams::parse(&request.params)?;
     warn_all(warnings);
-    let (source, client, name) = connect(&request.source, retry).await?;
+    let (client, name) = connect(&source, retry).await?;
     let response = match params.op {
         LockOp::Lock => lock(&client, &source, &name, &params, build, abort).await?,
         LockOp::Unlock => unlock(&client, &name, &params).await?,
@@ -241,12 +271,7 @@ async fn lock(
         .locked_by
         .clone()
         .unwrap_or_else(|| params.key.clone());
-    if params.release_when_build_ends && build.build_url().is_none() && build.build_id.is_none() {
-        log!(
-            "warning: release_when_build_ends is set but the build's identity (BUILD_* and \
-             ATC_EXTERNAL_URL) is unknown: the server cannot tell when the build ends"
-        );
-    }
+    warn_if_build_unknown(params.release_when_build_ends, build);
     if let Some(slots) = params.slots {
         log!("lock {name:?} is a semaphore of {slots} slots");
     }
@@ -255,21 +280,15 @@ async fn lock(
         "acquiring lock {name:?} with key {:?} as {requestor:?}",
         params.key
     );
+    let target = Target::lock(name);
     let request = acquire::Request {
-        name,
+        target: &target,
         body: &body,
         deadline: params.wait_timeout.map(|timeout| started + timeout),
         poll: source.wait_poll,
         fallback_pause: source.retry_interval,
     };
-    let mut waiting = Waiting {
-        client,
-        name,
-        started,
-        retry_interval: source.retry_interval,
-        told_fallback: false,
-        holder: String::new(),
-    };
+    let mut waiting = Waiting::new(client, &target, started, source);
     let outcome = acquire::acquire(client.shared(), &request, abort, &mut waiting)
         .await
         .map_err(ClientError::from)?;
@@ -334,35 +353,65 @@ async fn lock(
     })
 }
 
+/// With `release_when_build_ends`, says when the build's identity is unknown.
+pub(crate) fn warn_if_build_unknown(release_when_build_ends: bool, build: &BuildEnv) {
+    if release_when_build_ends && build.build_url().is_none() && build.build_id.is_none() {
+        log!(
+            "warning: release_when_build_ends is set but the build's identity (BUILD_* and \
+             ATC_EXTERNAL_URL) is unknown: the server cannot tell when the build ends"
+        );
+    }
+}
+
 /// The resource's part in the shared acquire loop: a log line naming the holder each round,
 /// one line when the server turns out not to long-poll. The resource's client already rides
 /// out an unreachable server with its own retries.
-struct Waiting<'a> {
+pub(crate) struct Waiting<'a> {
     client: &'a Client,
-    name: &'a str,
+    target: &'a Target,
     started: Instant,
     retry_interval: Duration,
     told_fallback: bool,
     /// The holder as last described, for the message when time runs out.
-    holder: String,
+    pub holder: String,
+}
+
+impl<'a> Waiting<'a> {
+    pub fn new(client: &'a Client, target: &'a Target, started: Instant, source: &Source) -> Self {
+        Waiting {
+            client,
+            target,
+            started,
+            retry_interval: source.retry_interval,
+            told_fallback: false,
+            holder: String::new(),
+        }
+    }
 }
 
 impl acquire::Hooks for Waiting<'_> {
     async fn held(&mut self, reply: &Reply, _out_of_time: bool) {
-        let name = self.name;
         let message = reply.error_message();
-        self.holder = match self.client.holding(name).await {
-            Ok(Some(holding)) => holding.describe(SystemTime::now()),
-            Ok(None) => {
-                format!("nobody GET /locks lists (freed just now? the server said: {message})")
+        let line = match self.target {
+            Target::Lock(name) => {
+                self.holder = match self.client.holding(name).await {
+                    Ok(Some(holding)) => holding.describe(SystemTime::now()),
+                    Ok(None) => format!(
+                        "nobody GET /locks lists (freed just now? the server said: {message})"
+                    ),
+                    Err(e) => format!("an unknown holder ({e}; the server said: {message})"),
+                };
+                format!("lock {name:?} is held by {}", self.holder)
             }
-            Err(e) => format!("an unknown holder ({e}; the server said: {message})"),
+            Target::Pool { pool, item } => {
+                let (line, holder) =
+                    pool_commands::describe_wait(self.client, pool, item.as_deref(), &message)
+                        .await;
+                self.holder = holder;
+                line
+            }
         };
-        log!(
-            "lock {name:?} is held by {}; waited {} so far",
-            self.holder,
-            since(self.started)
-        );
+        log!("{line}; waited {} so far", since(self.started));
     }
 
     fn answered_at_once(&mut self) {

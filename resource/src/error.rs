@@ -64,6 +64,9 @@ pub enum ResourceError {
         key: String,
         message: String,
     },
+    /// A pool command (`source.pool`) failed; the message says why.
+    #[error("{0}")]
+    Pool(String),
     /// Stopped by SIGTERM or SIGINT; says what the clean-up did.
     #[error("{0}")]
     Stopped(String),

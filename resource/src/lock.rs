@@ -43,29 +43,34 @@ impl Holding {
 
     /// Who holds the lock, for a log line: key, requestors, since when, which build.
     pub fn describe(&self, now: SystemTime) -> String {
-        let holder = &self.holder;
-        let mut text = format!("key {:?} (requestors: {})", holder.key, holder.requestors());
-        if let Some(since) = &holder.acquired_at {
-            text.push_str(&format!(" since {since}"));
-            if let Some(held) = humantime::parse_rfc3339_weak(since)
-                .ok()
-                .and_then(|at| now.duration_since(at).ok())
-            {
-                text.push_str(&format!(" ({} ago)", short_duration(held)));
-            }
-        }
-        if let Some(build) = build_description(&holder.info) {
-            text.push_str(&format!(", build {build}"));
-        }
-        if let Some(expires) = &holder.expires_at {
-            text.push_str(&format!(", lease until {expires}"));
-        }
-        text
+        describe_holder(&self.holder, now)
     }
 }
 
+/// Who holds a lock or a pool's item, for a log line: key, requestors, since when, which
+/// build, the lease.
+pub fn describe_holder(holder: &Holder, now: SystemTime) -> String {
+    let mut text = format!("key {:?} (requestors: {})", holder.key, holder.requestors());
+    if let Some(since) = &holder.acquired_at {
+        text.push_str(&format!(" since {since}"));
+        if let Some(held) = humantime::parse_rfc3339_weak(since)
+            .ok()
+            .and_then(|at| now.duration_since(at).ok())
+        {
+            text.push_str(&format!(" ({} ago)", short_duration(held)));
+        }
+    }
+    if let Some(build) = build_description(&holder.info) {
+        text.push_str(&format!(", build {build}"));
+    }
+    if let Some(expires) = &holder.expires_at {
+        text.push_str(&format!(", lease until {expires}"));
+    }
+    text
+}
+
 /// The build named by holder info, e.g. `main/deploy/prod #12 (https://ci/...)`.
-fn build_description(info: &BTreeMap<String, String>) -> Option<String> {
+pub fn build_description(info: &BTreeMap<String, String>) -> Option<String> {
     let get = |name: &str| info.get(name).map(String::as_str).filter(|v| !v.is_empty());
     let mut text = match (get("team"), get("pipeline"), get("job"), get("build_name")) {
         (Some(team), Some(pipeline), Some(job), Some(build)) => {
@@ -97,23 +102,40 @@ pub fn version_of(state: Option<&Holding>) -> Version {
             reference: FREE.to_string(),
         };
     };
-    let mut hasher = Sha1::new();
-    // Length-prefixed, so no two different states hash the same input.
-    let mut field = |text: &str| {
-        hasher.update((text.len() as u64).to_be_bytes());
-        hasher.update(text.as_bytes());
-    };
-    field(&holding.key);
+    let mut fingerprint = Fingerprint::default();
+    fingerprint.field(&holding.key);
     for requestor in holding.locked_by.keys() {
-        field(requestor);
+        fingerprint.field(requestor);
     }
-    let digest = hasher.finalize();
-    let hash: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let hash = fingerprint.hex();
     let reference = match holding.generation {
         Some(generation) => format!("g{generation}-{hash}"),
         None => hash,
     };
     Version { reference }
+}
+
+/// A stable hash of a state, field by field (SHA-1, as the original used): the same fields give
+/// the same hex on every release of the resource, so versions survive upgrades.
+#[derive(Default)]
+pub struct Fingerprint(Sha1);
+
+impl Fingerprint {
+    /// Adds one field. Length-prefixed, so no two different sequences hash the same input.
+    pub fn field(&mut self, text: &str) {
+        self.0.update((text.len() as u64).to_be_bytes());
+        self.0.update(text.as_bytes());
+    }
+
+    /// The first 8 bytes of the digest in hex.
+    pub fn hex(self) -> String {
+        self.0
+            .finalize()
+            .iter()
+            .take(8)
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
 }
 
 /// Metadata describing a lock's current state, as `in` shows it.

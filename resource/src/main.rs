@@ -12,6 +12,9 @@ mod commands;
 mod error;
 mod lock;
 mod models;
+mod pool;
+mod pool_commands;
+mod waits;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -150,7 +153,16 @@ fn run(args: &[String]) -> Result<String, ResourceError> {
                     )
                     .await
                 }
-                Command::Out => commands::put(&input, &environment, retry, &abort).await,
+                Command::Out => {
+                    commands::put(
+                        &input,
+                        directory.as_deref().unwrap_or(Path::new(".")),
+                        &environment,
+                        retry,
+                        &abort,
+                    )
+                    .await
+                }
             }
         };
         // Concourse stops an aborted or timed-out step by signalling it: stop at once (the

@@ -26,6 +26,30 @@ pub struct Version {
     pub reference: String,
 }
 
+/// A version of a pool resource (`source.pool`); Concourse keeps every value a string.
+///
+/// `ref` identifies the pool's state (its items, their metadata and claims); `item` names the
+/// item the version is about (the one a `put` acted on; for a version `check` found, the item
+/// claimed last), and `key` and `generation` the claim of it when the version is a claim (an
+/// `acquire`, `claim` or `add_claimed`): what `in` writes to `claim.json` so that a later
+/// `release` can check the key. `at` is when the resource took the version, so that a pool
+/// that returns to an earlier state (every item free again) is still a new version, as each
+/// commit is with pool-resource; `check` compares `ref` only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolVersion {
+    #[serde(rename = "ref")]
+    pub reference: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<String>,
+    /// RFC 3339, UTC, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
+}
+
 /// One metadata entry. Concourse requires both to be strings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct MetadataField {
@@ -42,24 +66,28 @@ impl MetadataField {
     }
 }
 
-/// `check`'s request.
+/// `check`'s request; `V` is the version's type ([`Version`] of a lock, [`PoolVersion`]).
 #[derive(Debug, Deserialize)]
-pub struct CheckRequest {
+pub struct CheckRequest<V = Version> {
     #[serde(default)]
     pub source: Value,
-    #[serde(default)]
-    pub version: Option<Version>,
+    #[serde(default = "none")]
+    pub version: Option<V>,
 }
 
 /// `in`'s request.
 #[derive(Debug, Deserialize)]
-pub struct InRequest {
+pub struct InRequest<V = Version> {
     #[serde(default)]
     pub source: Value,
-    #[serde(default)]
-    pub version: Option<Version>,
+    #[serde(default = "none")]
+    pub version: Option<V>,
     #[serde(default)]
     pub params: Value,
+}
+
+fn none<V>() -> Option<V> {
+    None
 }
 
 /// `out`'s request.
@@ -73,18 +101,21 @@ pub struct OutRequest {
 
 /// The response of `in` and `out`.
 #[derive(Debug, Serialize)]
-pub struct VersionResponse {
-    pub version: Version,
+pub struct VersionResponse<V = Version> {
+    pub version: V,
     pub metadata: Vec<MetadataField>,
 }
 
-/// Which lock the resource is about.
+/// Which lock (or pool) the resource is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LockTarget {
     /// `source.lock_name`.
     Name(String),
     /// `source.bosh_lock`: the lock is named after this BOSH director (`GET {url}/info`).
     BoshDirector(Url),
+    /// `source.pool`: the resource is about this pool's items, with pool-resource's params
+    /// (see `pool_commands.rs`).
+    Pool(String),
 }
 
 /// A validated `source`.
@@ -117,6 +148,7 @@ const SOURCE_FIELDS: &[&str] = &[
     "skip_ssl_validation",
     "lock_name",
     "bosh_lock",
+    "pool",
     "wait_poll",
     "retry_interval",
     "request_timeout",
@@ -132,6 +164,7 @@ pub struct RawSource {
     pub skip_ssl_validation: Option<bool>,
     pub lock_name: Option<String>,
     pub bosh_lock: Option<String>,
+    pub pool: Option<String>,
     pub wait_poll: Option<Duration>,
     pub retry_interval: Option<Duration>,
     pub request_timeout: Option<Duration>,
@@ -149,6 +182,7 @@ impl RawSource {
             skip_ssl_validation: fields.boolean("skip_ssl_validation")?,
             lock_name: fields.string("lock_name")?,
             bosh_lock: fields.string("bosh_lock")?,
+            pool: fields.string("pool")?,
             wait_poll: fields.duration("wait_poll")?,
             retry_interval: fields.duration("retry_interval")?,
             request_timeout: fields.duration("request_timeout")?,
@@ -168,21 +202,37 @@ impl RawSource {
             (Some(_), None) => return Err(error("source.username is set without source.password")),
             (None, Some(_)) => return Err(error("source.password is set without source.username")),
         };
-        let target = match (self.lock_name, self.bosh_lock) {
-            (Some(name), None) => {
+        let target = match (self.lock_name, self.bosh_lock, self.pool) {
+            (Some(name), None, None) => {
                 check_lock_name("source.lock_name", &name)?;
                 LockTarget::Name(name)
             }
-            (None, Some(url)) => LockTarget::BoshDirector(http_url("source.bosh_lock", &url)?),
-            (None, None) => {
+            (None, Some(url), None) => {
+                LockTarget::BoshDirector(http_url("source.bosh_lock", &url)?)
+            }
+            (None, None, Some(pool)) => {
+                check_name("source.pool", &pool, "pool")?;
+                LockTarget::Pool(pool)
+            }
+            (None, None, None) => {
                 return Err(error(
-                    "source.lock_name or source.bosh_lock is required (which lock to use)",
+                    "source.lock_name or source.bosh_lock is required (which lock to use), \
+                     or source.pool (which pool's items)",
                 ));
             }
-            (Some(_), Some(_)) => {
+            (Some(_), Some(_), _) => {
                 return Err(error(
                     "source.lock_name and source.bosh_lock are both set: set exactly one",
                 ));
+            }
+            (lock_name, _, Some(_)) => {
+                let other = match lock_name {
+                    Some(_) => "source.lock_name",
+                    None => "source.bosh_lock",
+                };
+                return Err(error(&format!(
+                    "source.pool and {other} are both set: a resource is about one pool or one lock"
+                )));
             }
         };
         if let Some(pem) = &self.ca_cert
@@ -359,6 +409,189 @@ impl OutParams {
     }
 }
 
+/// What a pool `put` does: pool-resource's params, one per put. The directories are relative to
+/// the build's directory `out` is given (a step's name, or a task's output).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PoolOp {
+    /// `acquire: true`: claim any free item, waiting for one.
+    Acquire,
+    /// `claim: NAME`: claim this item, waiting until it is free.
+    Claim(String),
+    /// `release: DIR`: release the item named in `DIR/name`.
+    Release(String),
+    /// `add: DIR`: add `DIR/name` with `DIR/metadata`, unclaimed.
+    Add(String),
+    /// `add_claimed: DIR`: the same, claimed by this build.
+    AddClaimed(String),
+    /// `remove: DIR`: remove the item named in `DIR/name`, claimed or not.
+    Remove(String),
+    /// `update: DIR`: replace the metadata (adding the item if absent), waiting while claimed.
+    Update(String),
+    /// `check: DIR`: wait until the item is unclaimed.
+    Check(String),
+    /// `check_unclaimed: DIR`: wait until the item is claimed.
+    CheckUnclaimed(String),
+}
+
+impl PoolOp {
+    /// The param's name.
+    pub fn param(&self) -> &'static str {
+        match self {
+            PoolOp::Acquire => "acquire",
+            PoolOp::Claim(_) => "claim",
+            PoolOp::Release(_) => "release",
+            PoolOp::Add(_) => "add",
+            PoolOp::AddClaimed(_) => "add_claimed",
+            PoolOp::Remove(_) => "remove",
+            PoolOp::Update(_) => "update",
+            PoolOp::Check(_) => "check",
+            PoolOp::CheckUnclaimed(_) => "check_unclaimed",
+        }
+    }
+
+    /// Whether it claims an item (and so takes `ttl` and `release_when_build_ends`).
+    pub fn claims(&self) -> bool {
+        matches!(
+            self,
+            PoolOp::Acquire | PoolOp::Claim(_) | PoolOp::AddClaimed(_)
+        )
+    }
+
+    /// Whether it may wait (and so takes `wait_timeout`).
+    pub fn waits(&self) -> bool {
+        matches!(
+            self,
+            PoolOp::Acquire
+                | PoolOp::Claim(_)
+                | PoolOp::Update(_)
+                | PoolOp::Check(_)
+                | PoolOp::CheckUnclaimed(_)
+        )
+    }
+}
+
+/// Validated `out` params of a pool resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolOutParams {
+    pub op: PoolOp,
+    /// Lease of a claim: the server releases it after this long.
+    pub ttl: Option<Duration>,
+    /// Ask the server to release the claim once this build has finished.
+    pub release_when_build_ends: bool,
+    /// Give up waiting after this long.
+    pub wait_timeout: Option<Duration>,
+}
+
+/// pool-resource's params, each naming one operation.
+const POOL_OPS: &[&str] = &[
+    "acquire",
+    "claim",
+    "release",
+    "add",
+    "add_claimed",
+    "remove",
+    "update",
+    "check",
+    "check_unclaimed",
+];
+
+const POOL_OUT_EXTRAS: &[&str] = &["ttl", "release_when_build_ends", "wait_timeout"];
+
+/// The operation of a param that names a directory or an item.
+type DirOp = fn(String) -> PoolOp;
+
+impl PoolOutParams {
+    /// Reads and validates `params` of a pool's `out`; unknown fields come back as warnings.
+    pub fn parse(value: &Value) -> Result<(PoolOutParams, Vec<String>), ConfigError> {
+        let fields = Fields::new("params", value)?;
+        let mut ops = Vec::new();
+        if fields.boolean("acquire")? == Some(true) {
+            ops.push(PoolOp::Acquire);
+        }
+        let paths: [(&str, DirOp); 8] = [
+            ("claim", PoolOp::Claim),
+            ("release", PoolOp::Release),
+            ("add", PoolOp::Add),
+            ("add_claimed", PoolOp::AddClaimed),
+            ("remove", PoolOp::Remove),
+            ("update", PoolOp::Update),
+            ("check", PoolOp::Check),
+            ("check_unclaimed", PoolOp::CheckUnclaimed),
+        ];
+        for (name, op) in paths {
+            if let Some(value) = fields.string(name)? {
+                ops.push(op(value));
+            }
+        }
+        let ttl = fields.duration("ttl")?;
+        let release_when_build_ends = fields.boolean("release_when_build_ends")?.unwrap_or(false);
+        let wait_timeout = fields.duration("wait_timeout")?;
+        let known: Vec<&str> = POOL_OPS.iter().chain(POOL_OUT_EXTRAS).copied().collect();
+        let warnings = fields.unknown(&known);
+
+        let op = match ops.as_slice() {
+            [op] => op.clone(),
+            [] => {
+                return Err(error(
+                    "params: one of acquire: true, claim, release, add, add_claimed, remove, \
+                     update, check or check_unclaimed is required (source.pool is set: the \
+                     params are pool-resource's)",
+                ));
+            }
+            [first, second, ..] => {
+                return Err(error(&format!(
+                    "params.{} and params.{} are both set: a put does one thing to the pool",
+                    first.param(),
+                    second.param()
+                )));
+            }
+        };
+        if let PoolOp::Claim(item) = &op {
+            check_name("params.claim", item, "item")?;
+        }
+        let only = |field: &str, params: &str| {
+            Err(error(&format!(
+                "params.{field} applies only to {params}, not to {}",
+                op.param()
+            )))
+        };
+        if !op.claims() && ttl.is_some() {
+            return only("ttl", "acquire, claim and add_claimed");
+        }
+        if !op.claims() && release_when_build_ends {
+            return only("release_when_build_ends", "acquire, claim and add_claimed");
+        }
+        if !op.waits() && wait_timeout.is_some() {
+            return only(
+                "wait_timeout",
+                "acquire, claim, update, check and check_unclaimed",
+            );
+        }
+        if wait_timeout == Some(Duration::ZERO) {
+            return Err(error(
+                "params.wait_timeout must be more than 0 (leave it out to wait without limit)",
+            ));
+        }
+        Ok((
+            PoolOutParams {
+                op,
+                // 0 means no lease, as on the server.
+                ttl: ttl.filter(|t| !t.is_zero()),
+                release_when_build_ends,
+                wait_timeout,
+            },
+            warnings,
+        ))
+    }
+}
+
+/// Reads a pool's `in` params: it takes none; pool-resource's `depth` (of its git clone) is
+/// accepted and means nothing here. Unknown fields come back as warnings.
+pub fn parse_pool_in_params(value: &Value) -> Result<Vec<String>, ConfigError> {
+    let fields = Fields::new("params", value)?;
+    Ok(fields.unknown(&["depth"]))
+}
+
 /// Validated `in` (`get`) params.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct InParams {
@@ -413,9 +646,14 @@ fn http_url(field: &str, text: &str) -> Result<Url, ConfigError> {
 
 /// Names that cannot be put in a URL path: `.` and `..` are path segments, not names.
 pub fn check_lock_name(field: &str, name: &str) -> Result<(), ConfigError> {
+    check_name(field, name, "lock")
+}
+
+/// [`check_lock_name`] for a lock, pool or item name (`what`).
+pub fn check_name(field: &str, name: &str, what: &str) -> Result<(), ConfigError> {
     if name == "." || name == ".." {
         return Err(error(&format!(
-            "{field} {name:?} cannot be used as a lock name"
+            "{field} {name:?} cannot be used as a {what} name"
         )));
     }
     Ok(())
@@ -780,6 +1018,126 @@ mod tests {
         ];
         for (value, expected) in cases {
             let err = params(value.clone()).expect_err(&value.to_string());
+            assert!(
+                err.0.contains(expected),
+                "{value}: {err} lacks {expected:?}"
+            );
+        }
+    }
+
+    fn pool_params(value: Value) -> Result<PoolOutParams, ConfigError> {
+        PoolOutParams::parse(&value).map(|(p, _)| p)
+    }
+
+    #[test]
+    fn pool_source() {
+        let s = source(json!({"locker_uri": "http://l", "pool": "aws"})).unwrap();
+        assert_eq!(s.target, LockTarget::Pool("aws".into()));
+        let cases = [
+            (
+                json!({"locker_uri": "http://l", "pool": "aws", "lock_name": "a"}),
+                "source.pool and source.lock_name are both set",
+            ),
+            (
+                json!({"locker_uri": "http://l", "pool": "aws", "bosh_lock": "https://d"}),
+                "source.pool and source.bosh_lock are both set",
+            ),
+            (
+                json!({"locker_uri": "http://l", "pool": ".."}),
+                "source.pool \"..\" cannot be used as a pool name",
+            ),
+            (json!({"locker_uri": "http://l"}), "or source.pool"),
+        ];
+        for (value, expected) in cases {
+            let err = source(value.clone()).expect_err(&value.to_string());
+            assert!(err.0.contains(expected), "{value}: {err}");
+        }
+    }
+
+    #[test]
+    fn pool_params_take_pool_resources_names() {
+        let cases = [
+            (json!({"acquire": true}), PoolOp::Acquire),
+            (json!({"acquire": "true"}), PoolOp::Acquire),
+            (json!({"claim": "env-1"}), PoolOp::Claim("env-1".into())),
+            (json!({"release": "step"}), PoolOp::Release("step".into())),
+            (json!({"add": "d"}), PoolOp::Add("d".into())),
+            (json!({"add_claimed": "d"}), PoolOp::AddClaimed("d".into())),
+            (json!({"remove": "step"}), PoolOp::Remove("step".into())),
+            (json!({"update": "d"}), PoolOp::Update("d".into())),
+            (json!({"check": "d"}), PoolOp::Check("d".into())),
+            (
+                json!({"check_unclaimed": "d"}),
+                PoolOp::CheckUnclaimed("d".into()),
+            ),
+            // `acquire: false` asks for nothing.
+            (
+                json!({"acquire": false, "release": "s"}),
+                PoolOp::Release("s".into()),
+            ),
+        ];
+        for (value, op) in cases {
+            assert_eq!(pool_params(value.clone()).expect("valid").op, op, "{value}");
+        }
+        let p = pool_params(json!({"acquire": true, "ttl": "1h", "wait_timeout": 30,
+            "release_when_build_ends": true}))
+        .unwrap();
+        assert_eq!(p.ttl, Some(Duration::from_secs(3600)));
+        assert_eq!(p.wait_timeout, Some(Duration::from_secs(30)));
+        assert!(p.release_when_build_ends);
+        let (_, warnings) =
+            PoolOutParams::parse(&json!({"claim": "e", "key": "k", "depth": 1})).unwrap();
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(
+            parse_pool_in_params(&json!({"depth": 1}))
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(parse_pool_in_params(&json!({"x": 1})).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn pool_param_errors_name_their_field() {
+        let cases = [
+            (json!({}), "one of acquire: true, claim, release"),
+            (json!({"acquire": false}), "one of acquire: true"),
+            (
+                json!({"key": "k", "lock_op": "lock"}),
+                "one of acquire: true",
+            ),
+            (
+                json!({"acquire": true, "release": "s"}),
+                "params.acquire and params.release are both set",
+            ),
+            (
+                json!({"add": "a", "remove": "r"}),
+                "params.add and params.remove are both set",
+            ),
+            (json!({"claim": ".."}), "params.claim"),
+            (
+                json!({"release": "s", "ttl": "1m"}),
+                "params.ttl applies only",
+            ),
+            (
+                json!({"update": "s", "release_when_build_ends": true}),
+                "params.release_when_build_ends applies only",
+            ),
+            (
+                json!({"add": "s", "wait_timeout": "1m"}),
+                "params.wait_timeout applies only",
+            ),
+            (
+                json!({"acquire": true, "wait_timeout": "0s"}),
+                "params.wait_timeout must be more than 0",
+            ),
+            (
+                json!({"acquire": "yes"}),
+                "params.acquire must be true or false",
+            ),
+            (json!({"release": ["a"]}), "params.release must be a string"),
+        ];
+        for (value, expected) in cases {
+            let err = pool_params(value.clone()).expect_err(&value.to_string());
             assert!(
                 err.0.contains(expected),
                 "{value}: {err} lacks {expected:?}"

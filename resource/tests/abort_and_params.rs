@@ -8,7 +8,7 @@ pub mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{Stub, build_env, run, start};
+use support::{Concourse, Stub, build_env, forward, run, start, wait_for_log};
 
 fn source(server: &common::Server, lock: &str) -> Value {
     json!({"locker_uri": server.base, "lock_name": lock, "retry_interval": "200ms"})
@@ -16,28 +16,6 @@ fn source(server: &common::Server, lock: &str) -> Value {
 
 fn out(source: &Value, params: Value) -> Value {
     json!({"source": source, "params": params})
-}
-
-/// Waits until `running`'s stderr contains `text`.
-fn wait_for_log(running: &support::Running, text: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !running.stderr().contains(text) {
-        assert!(
-            Instant::now() < deadline,
-            "no {text:?} in:\n{}",
-            running.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Forwards a request the stub received to the real server at `base` and answers what it
-/// answered: a stub in front of the real server, to delay or withhold what it would say. (The
-/// stub keeps only the address: the test owns the server, which is killed when it ends.)
-fn forward(base: &str, request: &support::StubRequest) -> (u16, String) {
-    let body = Some(request.body.as_str()).filter(|b| !b.is_empty());
-    let reply = common::call(&request.method, &format!("{base}{}", request.target), body);
-    (reply.status, reply.body)
 }
 
 fn held_key(server: &common::Server, name: &str) -> Option<String> {
@@ -178,17 +156,8 @@ fn signal_during_a_get_holds_nothing() {
 /// answering the build's status) says the build has ended.
 #[test]
 fn slots_and_release_when_build_ends_reach_the_server_and_take_effect() {
-    let concourse = Stub::start(|request| {
-        if request.path().starts_with("/api/v1/") {
-            (200, json!({"id": 4242, "status": "aborted"}).to_string())
-        } else {
-            (404, json!({"error": "not found"}).to_string())
-        }
-    });
-    let server = common::server()
-        .env("LOCKER_CONCOURSE_URL", &concourse.base)
-        .env("LOCKER_RECLAIM_INTERVAL", "200ms")
-        .start();
+    let concourse = Concourse::start("aborted");
+    let server = concourse.server();
     let src = source(&server, "envs");
     let dir = common::temp_dir();
     run(
@@ -204,9 +173,9 @@ fn slots_and_release_when_build_ends_reach_the_server_and_take_effect() {
     assert_eq!(status["info"]["job"], "deploy", "{status}");
     // Without release_when_build_ends nobody asks Concourse about the holding.
     assert!(
-        concourse.requests().is_empty(),
+        concourse.stub.requests().is_empty(),
         "{:?}",
-        concourse.requests()
+        concourse.stub.requests()
     );
 
     run(
@@ -235,7 +204,7 @@ fn slots_and_release_when_build_ends_reach_the_server_and_take_effect() {
         std::thread::sleep(Duration::from_millis(20));
     }
     // k (same build, no release_when_build_ends) was kept through every round since.
-    assert!(!concourse.requests().is_empty());
+    assert!(!concourse.stub.requests().is_empty());
 }
 
 #[test]

@@ -8,7 +8,7 @@ pub mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{Stub, build_env, run, start};
+use support::{Stub, build_env, metadata, run, start};
 
 fn source(server: &common::Server, lock: &str) -> Value {
     json!({"locker_uri": server.base, "lock_name": lock})
@@ -29,23 +29,6 @@ fn status(server: &common::Server, name: &str) -> Option<Value> {
         404 => None,
         other => panic!("GET /lock/{name} answered {other}"),
     }
-}
-
-/// Metadata as name → value; asserts every entry is a pair of strings.
-fn metadata(response: &Value) -> std::collections::BTreeMap<String, String> {
-    response["metadata"]
-        .as_array()
-        .expect("metadata list")
-        .iter()
-        .map(|entry| {
-            let object = entry.as_object().expect("metadata entry is an object");
-            assert_eq!(object.len(), 2, "{entry}");
-            (
-                entry["name"].as_str().expect("string name").to_string(),
-                entry["value"].as_str().expect("string value").to_string(),
-            )
-        })
-        .collect()
 }
 
 #[test]

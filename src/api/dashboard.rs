@@ -1,5 +1,6 @@
 //! The web dashboard: one HTML page, a stylesheet and a script, embedded in the binary at
-//! compile time (no CDN, no build step). The page reads the documented `GET /locks`.
+//! compile time (no CDN, no build step). The page reads the documented `GET /locks`, `GET /pools`
+//! and `GET /pool/{pool}`.
 
 use actix_web::HttpResponse;
 use actix_web::http::header;

@@ -46,10 +46,13 @@ impl ResponseError for ApiError {
             ApiError::Store(error) => match error {
                 StoreError::Held { .. }
                 | StoreError::TimedOut { .. }
-                | StoreError::WrongKey { .. } => StatusCode::LOCKED,
-                StoreError::SlotsMismatch { .. } | StoreError::TooManyRequestors { .. } => {
-                    StatusCode::CONFLICT
-                }
+                | StoreError::WrongKey { .. }
+                | StoreError::ItemClaimed { .. }
+                | StoreError::ItemTimedOut { .. } => StatusCode::LOCKED,
+                StoreError::SlotsMismatch { .. }
+                | StoreError::TooManyRequestors { .. }
+                | StoreError::ItemExists { .. } => StatusCode::CONFLICT,
+                StoreError::NoSuchItem { .. } => StatusCode::NOT_FOUND,
                 StoreError::TooManyWaiters { .. }
                 | StoreError::TooManyLocks { .. }
                 | StoreError::ShuttingDown

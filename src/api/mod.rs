@@ -4,6 +4,7 @@
 mod dashboard;
 pub mod error;
 pub mod peer;
+mod pools;
 pub mod request;
 mod views;
 
@@ -45,6 +46,12 @@ pub fn routes(config: &mut web::ServiceConfig) {
                 .route(web::get().to(list_locks))
                 .default_service(web::to(method_not_allowed)),
         )
+        .service(
+            web::resource("/pools")
+                .route(web::get().to(pools::list))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(web::resource("/pool/{rest:.*}").to(pools::dispatch))
         .service(
             web::resource("/lock/{name:.*}")
                 .route(web::get().to(lock_status))
@@ -143,35 +150,15 @@ async fn acquire(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let (name, query, body) = parse_lock_request(&request, payload).await?;
-    let key = request::key(&body)?;
-    let requestor = request::requestor(&body, &key)?;
     let wait = query
         .wait()?
         .or(body.wait.map(|w| w.0))
         .map(|w| w.min(state.max_wait));
-    let ttl = body
-        .ttl
-        .map(|t| t.0)
-        .or(state.default_ttl)
-        .filter(|t| !t.is_zero());
-    let info = request::info(&body)?;
-    let release_with_build = match body.release_when_build_ends {
-        false => None,
-        true => Some(Box::new(BuildRef::from_info(&info).ok_or_else(|| {
-            ApiError::BadRequest(
-                "release_when_build_ends needs info naming the build: build_id, or team, pipeline, job and build_name".into(),
-            )
-        })?)),
-    };
     let acquire = Acquire {
-        key: key.clone(),
-        requestor: requestor.clone(),
-        ttl,
-        info,
         slots: request::slots(&body)?,
-        release_with_build,
-        renew: body.renew,
+        ..holder_request(&body, &state)?
     };
+    let (key, requestor) = (acquire.key.clone(), acquire.requestor.clone());
     let result = match wait {
         // A waiting client may hang up: withdraw its request rather than grant it the lock.
         Some(_) => tokio::select! {
@@ -192,6 +179,36 @@ async fn acquire(
         "response": format!("lock {name:?} acquired with key {key:?} by {requestor:?} (count {})", grant.count),
         "generation": grant.generation,
     })))
+}
+
+/// What a lock acquire or a pool claim asks for, from its body: key, requestor, lease, info
+/// and the build to release with (no slots: only locks have them).
+fn holder_request(body: &LockRequest, state: &AppState) -> Result<Acquire, ApiError> {
+    let key = request::key(body)?;
+    let requestor = request::requestor(body, &key)?;
+    let ttl = body
+        .ttl
+        .map(|t| t.0)
+        .or(state.default_ttl)
+        .filter(|t| !t.is_zero());
+    let info = request::info(body)?;
+    let release_with_build = match body.release_when_build_ends {
+        false => None,
+        true => Some(Box::new(BuildRef::from_info(&info).ok_or_else(|| {
+            ApiError::BadRequest(
+                "release_when_build_ends needs info naming the build: build_id, or team, pipeline, job and build_name".into(),
+            )
+        })?)),
+    };
+    Ok(Acquire {
+        key,
+        requestor,
+        ttl,
+        info,
+        slots: None,
+        release_with_build,
+        renew: body.renew,
+    })
 }
 
 async fn release(

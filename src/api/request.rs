@@ -17,6 +17,18 @@ use crate::timefmt::parse_duration;
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
+/// Largest body of a request under `/pool/`: an item's metadata may be 64 KiB, and JSON
+/// escaping can make its text up to six times as long.
+pub const MAX_POOL_BODY: usize = 512 * 1024;
+
+/// The largest body accepted for a request to `path`.
+pub fn body_limit(path: &str) -> usize {
+    if path.starts_with("/pool/") {
+        MAX_POOL_BODY
+    } else {
+        MAX_BODY
+    }
+}
 /// The limits on names, keys, holder info and slots, shared with the clients.
 pub use locker_client::limits::{MAX_INFO_BYTES, MAX_INFO_ENTRIES, MAX_KEY, MAX_NAME, MAX_SLOTS};
 
@@ -112,12 +124,13 @@ async fn collect_body(request: &HttpRequest, mut payload: web::Payload) -> Resul
         .get(actix_web::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    let mut body = bytes::BytesMut::with_capacity(declared.unwrap_or(0).min(MAX_BODY));
+    let limit = body_limit(request.path());
+    let mut body = bytes::BytesMut::with_capacity(declared.unwrap_or(0).min(limit));
     while let Some(chunk) = payload.next().await {
         let chunk = chunk
             .map_err(|e| ApiError::BadRequest(format!("cannot read the request body: {e}")))?;
-        if body.len() + chunk.len() > MAX_BODY {
-            return Err(ApiError::PayloadTooLarge(MAX_BODY));
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::PayloadTooLarge(limit));
         }
         body.extend_from_slice(&chunk);
     }

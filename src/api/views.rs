@@ -26,7 +26,8 @@ impl Serialize for InfoObject<'_> {
     }
 }
 
-fn holder(holder: &crate::rules::Holder) -> Holder<InfoObject<'_>> {
+/// A holding as the API shows it (a lock's, or a pool item's claim).
+pub fn holder(holder: &crate::rules::Holder) -> Holder<InfoObject<'_>> {
     Holder {
         key: holder.key.clone(),
         locked_by: holder.counts(),
@@ -34,6 +35,23 @@ fn holder(holder: &crate::rules::Holder) -> Holder<InfoObject<'_>> {
         acquired_at: Some(rfc3339(holder.acquired_at)),
         expires_at: holder.expires_at().map(rfc3339),
         info: InfoObject(&holder.info),
+    }
+}
+
+/// A holding with its info copied out, for answers that outlive the store's copy.
+pub fn client_holder(holder: &crate::rules::Holder) -> Holder {
+    let view = self::holder(holder);
+    Holder {
+        key: view.key,
+        locked_by: view.locked_by,
+        generation: view.generation,
+        acquired_at: view.acquired_at,
+        expires_at: view.expires_at,
+        info: holder
+            .info
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     }
 }
 

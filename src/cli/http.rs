@@ -95,19 +95,6 @@ impl Connection {
         }
     }
 
-    /// `PUT /lock/{name}`, asking the server to wait up to `wait`.
-    pub async fn acquire<B: Serialize + ?Sized>(
-        &self,
-        name: &str,
-        body: &B,
-        wait: Option<Duration>,
-    ) -> Result<Reply, Failure> {
-        self.client
-            .acquire(name, body, wait)
-            .await
-            .map_err(|e| self.failure(e))
-    }
-
     /// `DELETE /lock/{name}` (`?force=true` when forced).
     pub async fn release<B: Serialize + ?Sized>(
         &self,
@@ -136,6 +123,14 @@ impl Connection {
             return Err(refused(&reply, "cannot list the locks"));
         }
         Ok(reply.body)
+    }
+
+    /// The answer to a call of the shared client, its error mapped to a failure.
+    pub async fn answer(
+        &self,
+        call: impl Future<Output = Result<Reply, Error>>,
+    ) -> Result<Reply, Failure> {
+        call.await.map_err(|e| self.failure(e))
     }
 
     /// The failure, with its exit code, for an error of the shared client.

@@ -1,15 +1,32 @@
 //! `locker` as a client of a locker server: `locker lock NAME -- CMD...` runs a command while
-//! holding a lock, and `locks`, `status`, `release`, `wait-free` read and change locks from a
-//! shell. `main.rs` sends here when the first argument is one of these subcommands; with none,
-//! `locker` is the server, as before.
+//! holding a lock, `locks`, `status`, `release`, `wait-free` read and change locks from a
+//! shell, and `locker pool ...` does the same for pools (docs/pools.md), down to importing a
+//! pool-resource git repository. `main.rs` sends here when the first argument is one of these
+//! subcommands; with none, `locker` is the server, as before.
 //!
 //! - [`http`]: the connection (URL, basic auth, CA certificate) and the API calls, with each
 //!   failure mapped to its exit code.
-//! - [`lock`]: `locker lock`: wait, run, renew, forward signals, release.
+//! - [`hold`]: waiting for a lock or a pool's item, running a command while holding it,
+//!   renewing, forwarding signals, giving it back: shared by `lock` and `pool acquire`.
+//! - [`lock`]: `locker lock`.
+//! - [`pool`]: `locker pool list|acquire|release|add|remove|update`.
+//! - [`pool_import`]: `locker pool import DIR`: a pool-resource repository into the server.
 //! - [`show`]: the human-readable tables.
 
+/// Writes a line to standard output; a closed pipe ends the command quietly (see
+/// [`stdout_failure`]).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write;
+        writeln!(std::io::stdout().lock(), $($arg)*).map_err($crate::cli::stdout_failure)
+    }};
+}
+
+mod hold;
 mod http;
 mod lock;
+mod pool;
+mod pool_import;
 mod show;
 
 use std::ffi::OsString;
@@ -24,7 +41,7 @@ use crate::timefmt::parse_duration;
 pub use http::Connection;
 
 /// The subcommands that make `locker` a client rather than the server.
-pub const SUBCOMMANDS: [&str; 5] = ["lock", "locks", "status", "release", "wait-free"];
+pub const SUBCOMMANDS: [&str; 6] = ["lock", "locks", "status", "release", "wait-free", "pool"];
 
 /// Exit codes of the client subcommands (besides a command's own status, which `locker lock`
 /// passes through).
@@ -32,14 +49,17 @@ pub mod exit {
     /// Bad usage or local configuration (clap's code for usage errors).
     pub const USAGE: u8 = 2;
     /// The lock is held (and no waiting was asked for, or the wait ran out); for `wait-free`,
-    /// still held when the wait ran out.
+    /// still held when the wait ran out; for `pool acquire`, the item (every item) is claimed;
+    /// for `pool update`, the item is still claimed.
     pub const HELD: u8 = 73;
     /// `locker lock`: the lock was lost while the command ran (renewal refused, or the TTL ran
     /// out while the server was unreachable); the command was signalled.
     pub const LOST: u8 = 74;
     /// The server cannot be reached (connection refused, timeout, TLS failure).
     pub const UNREACHABLE: u8 = 75;
-    /// The server refused the request (bad request, wrong key, slot count mismatch, 5xx).
+    /// The server refused the request (bad request, wrong key, slot count mismatch, no such
+    /// pool or item, an item that exists otherwise, 5xx); `pool import`: an item on the server
+    /// differs from the repository's, or could not be imported.
     pub const REFUSED: u8 = 76;
     /// The server refused the credentials (401).
     pub const AUTH: u8 = 77;
@@ -97,7 +117,8 @@ pub fn stdout_failure(error: std::io::Error) -> Failure {
 }
 
 /// Client of a locker server: run a command under a lock, list, show, release and wait for
-/// locks. `locker` without a subcommand starts the server.
+/// locks; the same for pools' items (`locker pool`). `locker` without a subcommand starts the
+/// server.
 #[derive(Parser, Debug)]
 #[command(name = "locker", version, after_help = EXIT_CODES)]
 struct Cli {
@@ -225,6 +246,180 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Pools of items with metadata (pool-resource's model): list, acquire, release, add,
+    /// remove, update, import.
+    #[command(subcommand)]
+    Pool(PoolCommand),
+}
+
+const POOL_EXIT_CODES: &str = "\
+Exit codes:
+  0    success (pool acquire -- CMD: the command's own status is passed through,
+       128+N when it was killed by signal N)
+  2    bad usage or configuration
+  73   pool acquire: the item (every item) is claimed and no wait was asked for, or
+       the wait ran out; pool update: the item is still claimed
+  74   pool acquire -- CMD: the item was lost while the command ran
+  75   server unreachable (connection, timeout, TLS)
+  76   server refused the request (no such pool or item, wrong key, an item that
+       exists otherwise, bad request, 5xx); pool import: an item differs or failed
+  77   server refused the credentials (401)
+  126  command could not be run;  127  command not found
+  141  standard output was closed by its reader
+
+Connection: --url/LOCKER_URL (default http://127.0.0.1:3000),
+--user/LOCKER_USER (or AUTH_USER), --password/LOCKER_PASSWORD (or AUTH_PASS),
+--ca-cert/LOCKER_CA_CERT (PEM file of the CA that signed the server's certificate).";
+
+#[derive(Subcommand, Debug)]
+pub enum PoolCommand {
+    /// List the pools (items, claimed, waiting claims), or one pool's items with their state
+    /// and holder.
+    #[command(after_help = POOL_EXIT_CODES)]
+    List {
+        /// The pool whose items to list (default: every pool, in one line each).
+        pool: Option<String>,
+        /// Print the server's JSON (with each item's metadata) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Claim an item of a pool (any free one, or --item), waiting in arrival order; with
+    /// `-- CMD`, run CMD while holding it and release it when CMD exits.
+    ///
+    /// Without CMD, prints the item's name on stdout and keeps the claim (no lease unless
+    /// --ttl: release it with `locker pool release`). With CMD, the claim's lease is renewed
+    /// while CMD runs; CMD finds the item in LOCKER_POOL, LOCKER_POOL_ITEM,
+    /// LOCKER_POOL_METADATA (the metadata text), LOCKER_POOL_METADATA_FILE (a file holding
+    /// it), LOCKER_POOL_KEY, LOCKER_POOL_REQUESTOR and LOCKER_POOL_GENERATION; signals are
+    /// forwarded and a lost claim ends CMD as `locker lock` does.
+    #[command(after_help = POOL_EXIT_CODES)]
+    Acquire(PoolAcquireArgs),
+    /// Release a claimed item held under KEY (the requestor's part), or whoever holds it with
+    /// --force (what pool-resource's `release` does).
+    #[command(after_help = POOL_EXIT_CODES)]
+    Release {
+        pool: String,
+        item: String,
+        /// The key the item is claimed under.
+        #[arg(long, required_unless_present = "force")]
+        key: Option<String>,
+        /// The requestor to release (default: the key's whole claim).
+        #[arg(long, requires = "key")]
+        requestor: Option<String>,
+        /// Release the item whoever holds it.
+        #[arg(long, conflicts_with = "key")]
+        force: bool,
+        /// Print the server's JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add an item (unclaimed, or claimed with --claimed); adding it again the same way
+    /// changes nothing.
+    #[command(after_help = POOL_EXIT_CODES)]
+    Add {
+        pool: String,
+        item: String,
+        #[command(flatten)]
+        metadata: MetadataArgs,
+        /// Add the item claimed (pool-resource's `add_claimed`), under --key.
+        #[arg(long)]
+        claimed: bool,
+        /// Key of the claim (default: unique to this invocation; printed).
+        #[arg(long, requires = "claimed")]
+        key: Option<String>,
+        /// Print the server's JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an item, claimed or not (with --key: only if unclaimed or claimed under it).
+    #[command(after_help = POOL_EXIT_CODES)]
+    Remove {
+        pool: String,
+        item: String,
+        /// Remove only if unclaimed or claimed under this key.
+        #[arg(long)]
+        key: Option<String>,
+        /// Print the server's JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replace an item's metadata, adding the item if absent; waits while it is claimed.
+    #[command(after_help = POOL_EXIT_CODES)]
+    Update {
+        pool: String,
+        item: String,
+        #[command(flatten)]
+        metadata: MetadataArgs,
+        /// Longest to wait while the item is claimed (0: do not wait; default: no limit).
+        #[arg(long, value_parser = parse_wait)]
+        wait: Option<WaitLimit>,
+        /// Print the server's JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Import a checked-out pool-resource repository (POOL/unclaimed/ITEM,
+    /// POOL/claimed/ITEM; file contents are the metadata) into the server.
+    ///
+    /// Idempotent: an item already on the server the same way is left alone; one that is
+    /// there otherwise (other metadata or state) is reported and left as it is, never
+    /// overwritten (exit 76 after importing the rest). Items claimed in git are added claimed
+    /// under the key "imported-from-git", so the pipeline holding one releases it by name
+    /// with its `release:` step (or: locker pool release POOL ITEM --force).
+    #[command(after_help = POOL_EXIT_CODES)]
+    Import {
+        /// The repository's top directory (one directory per pool).
+        dir: PathBuf,
+        /// Print what would be done and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct PoolAcquireArgs {
+    /// The pool.
+    pub pool: String,
+    /// Claim this item (default: any free item, the one released longest ago).
+    #[arg(long)]
+    pub item: Option<String>,
+    /// Key to claim under (default: unique to this invocation: host/pid/time).
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Requestor name (default: unique to this invocation).
+    #[arg(long)]
+    pub requestor: Option<String>,
+    /// Lease: the server releases the item if it is not renewed for this long (0: none).
+    /// Default: 30s with CMD (renewed while it runs), none without.
+    #[arg(long, value_parser = parse_duration)]
+    pub ttl: Option<Duration>,
+    /// Longest to wait for an item (e.g. 10m; 0: do not wait; default: no limit).
+    #[arg(long, value_parser = parse_wait)]
+    pub wait: Option<WaitLimit>,
+    /// After SIGTERM to a command whose item was lost, wait this long before SIGKILL.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub grace: Duration,
+    /// Also write the item's metadata to this file.
+    #[arg(long, value_name = "FILE")]
+    pub save_metadata: Option<PathBuf>,
+    /// Without CMD: print the claim as JSON (pool, item, metadata, key, generation) instead
+    /// of the item's name.
+    #[arg(long, conflicts_with = "command")]
+    pub json: bool,
+    /// The command and its arguments, after `--` (optional).
+    #[arg(last = true, num_args = 1.., value_name = "CMD")]
+    pub command: Vec<OsString>,
+}
+
+/// Where an item's metadata comes from.
+#[derive(Args, Debug, Clone)]
+pub struct MetadataArgs {
+    /// Read the metadata from this file (`-`: standard input). Without this or --metadata,
+    /// standard input is read when it is not a terminal; otherwise the metadata is empty.
+    #[arg(long, value_name = "FILE", conflicts_with = "metadata")]
+    pub metadata_file: Option<PathBuf>,
+    /// The metadata as text.
+    #[arg(long, value_name = "TEXT")]
+    pub metadata: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -331,6 +526,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         Command::WaitFree { name, wait, json } => {
             show::wait_free(&connection, &name, wait.unwrap_or(WaitLimit(None)), json).await
         }
+        Command::Pool(command) => pool::run(connection, command).await,
     }
 }
 
@@ -377,10 +573,61 @@ mod tests {
     }
 
     #[test]
+    fn pool_acquire_takes_an_optional_command_and_json_only_without_one() {
+        let cli = parse(&["pool", "acquire", "aws", "--item", "env-1"]).expect("valid");
+        let Command::Pool(PoolCommand::Acquire(args)) = cli.command else {
+            panic!("not pool acquire")
+        };
+        assert_eq!(args.item.as_deref(), Some("env-1"));
+        assert!(args.command.is_empty() && args.ttl.is_none());
+        let cli = parse(&[
+            "pool", "acquire", "aws", "--ttl", "1m", "--", "make", "deploy",
+        ])
+        .expect("valid");
+        let Command::Pool(PoolCommand::Acquire(args)) = cli.command else {
+            panic!("not pool acquire")
+        };
+        assert_eq!(args.ttl, Some(Duration::from_secs(60)));
+        assert_eq!(
+            args.command,
+            [OsString::from("make"), OsString::from("deploy")]
+        );
+        assert!(parse(&["pool", "acquire", "aws", "--json", "--", "true"]).is_err());
+        assert!(parse(&["pool", "acquire"]).is_err(), "the pool is required");
+    }
+
+    #[test]
+    fn pool_release_needs_a_key_or_force_and_metadata_comes_from_one_place() {
+        assert!(parse(&["pool", "release", "aws", "env-1"]).is_err());
+        assert!(parse(&["pool", "release", "aws", "env-1", "--force"]).is_ok());
+        assert!(parse(&["pool", "release", "aws", "env-1", "--key", "k", "--force"]).is_err());
+        assert!(parse(&["pool", "release", "aws", "env-1", "--requestor", "r"]).is_err());
+        assert!(
+            parse(&["pool", "add", "aws", "e", "--key", "k"]).is_err(),
+            "--key needs --claimed"
+        );
+        assert!(
+            parse(&[
+                "pool",
+                "add",
+                "aws",
+                "e",
+                "--metadata",
+                "x",
+                "--metadata-file",
+                "f"
+            ])
+            .is_err()
+        );
+        assert!(parse(&["pool", "import", "repo", "--dry-run"]).is_ok());
+    }
+
+    #[test]
     fn dispatch_is_by_the_first_argument() {
         let args = |list: &[&str]| list.iter().map(OsString::from).collect::<Vec<_>>();
         assert!(is_client(&args(&["locker", "lock", "x"])));
         assert!(is_client(&args(&["locker", "wait-free", "x"])));
+        assert!(is_client(&args(&["locker", "pool", "list"])));
         assert!(!is_client(&args(&["locker"])));
         assert!(!is_client(&args(&["locker", "--port", "3000"])));
         assert!(!is_client(&args(&["locker", "--config", "lock"])));

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use locker_client::longpoll::{DEFAULT_POLL as POLL, poll_length};
-use locker_client::wire::{Lock, LockMap, LockStatus};
+use locker_client::wire::{Holder, Lock, LockMap, LockStatus};
 use reqwest::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -27,27 +27,7 @@ pub fn describe_holder(status: &Value) -> String {
 }
 
 fn describe(lock: &Lock) -> String {
-    let described: Vec<String> = lock
-        .holdings()
-        .into_iter()
-        .map(|holding| {
-            let mut line = format!(
-                "key {:?} (requestors: {})",
-                holding.key,
-                holding.requestors()
-            );
-            if let Some(since) = &holding.acquired_at {
-                line.push_str(&format!(" since {since}"));
-            }
-            if let Some(url) = holding.info.get("build_url") {
-                line.push_str(&format!(", build {url}"));
-            }
-            if let Some(expires) = &holding.expires_at {
-                line.push_str(&format!(", lease until {expires}"));
-            }
-            line
-        })
-        .collect();
+    let described: Vec<String> = lock.holdings().into_iter().map(describe_holding).collect();
     if described.is_empty() {
         "nobody".to_string()
     } else {
@@ -55,17 +35,27 @@ fn describe(lock: &Lock) -> String {
     }
 }
 
-/// Prints rows as columns, the first row being the header.
-/// Writes a line to standard output; a closed pipe ends the command quietly (see
-/// [`super::closed_stdout`]).
-macro_rules! out {
-    ($($arg:tt)*) => {{
-        use std::io::Write;
-        writeln!(std::io::stdout().lock(), $($arg)*).map_err(super::stdout_failure)
-    }};
+/// One holding in one line, e.g. `key "deploy" (requestors: ci) since ..., lease until ...`.
+pub fn describe_holding(holding: &Holder) -> String {
+    let mut line = format!(
+        "key {:?} (requestors: {})",
+        holding.key,
+        holding.requestors()
+    );
+    if let Some(since) = &holding.acquired_at {
+        line.push_str(&format!(" since {since}"));
+    }
+    if let Some(url) = holding.info.get("build_url") {
+        line.push_str(&format!(", build {url}"));
+    }
+    if let Some(expires) = &holding.expires_at {
+        line.push_str(&format!(", lease until {expires}"));
+    }
+    line
 }
 
-fn table(rows: &[Vec<String>]) -> Result<(), Failure> {
+/// Prints rows as columns, the first row being the header.
+pub fn table(rows: &[Vec<String>]) -> Result<(), Failure> {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
         .map(|c| {
@@ -87,7 +77,7 @@ fn table(rows: &[Vec<String>]) -> Result<(), Failure> {
     Ok(())
 }
 
-fn pretty(value: &Value) -> String {
+pub fn pretty(value: &Value) -> String {
     serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
 }
 

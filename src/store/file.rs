@@ -31,13 +31,16 @@ use tokio::sync::{oneshot, watch};
 use super::atomic_file::{self, ReplaceError};
 use super::flow::{self, Backend};
 use super::journal::{self, Journal};
+use super::pool_flow;
 use super::state_file;
 use super::{
-    LockPage, LockStore, LockView, Page, Released, StoreError, WaiterSlot, Withdraw, view,
+    ItemState, LockPage, LockStore, LockView, Page, PoolCounts, Released, StoreError, WaiterSlot,
+    Withdraw, view,
 };
 use crate::metrics::{LockStats, Metrics};
 use crate::rules::{
-    Acquire, AcquireOutcome, Effect, Grant, Holder, LockTable, Op, WaiterGrant, WaiterId,
+    Acquire, Effect, Grant, Holder, Item, ItemGrant, LockTable, Op, Pool, Target, WaiterGrant,
+    WaiterId,
 };
 
 /// Most commands folded into one write; bounds the latency a batch adds.
@@ -103,7 +106,7 @@ pub struct FileStore {
 /// The `wait_free` requests of each lock, woken by the writer only when a commit touched that
 /// lock: 2,000 idle pollers woken by every commit cut unrelated throughput by four fifths.
 #[derive(Default)]
-struct Watchers(Mutex<HashMap<String, Watched>>);
+struct Watchers(Mutex<HashMap<Target, Watched>>);
 
 struct Watched {
     changed: Arc<tokio::sync::Notify>,
@@ -112,16 +115,16 @@ struct Watched {
 
 impl Watchers {
     /// Registers a watcher of `name` until the returned guard is dropped.
-    fn watch(self: &Arc<Self>, name: &str) -> Watcher {
+    fn watch(self: &Arc<Self>, target: Target) -> Watcher {
         let mut map = self.0.lock();
-        let watched = map.entry(name.to_string()).or_insert_with(|| Watched {
+        let watched = map.entry(target.clone()).or_insert_with(|| Watched {
             changed: Arc::new(tokio::sync::Notify::new()),
             watchers: 0,
         });
         watched.watchers += 1;
         Watcher {
             changed: watched.changed.clone(),
-            name: name.to_string(),
+            target,
             watchers: self.clone(),
         }
     }
@@ -132,8 +135,8 @@ impl Watchers {
         if map.is_empty() {
             return;
         }
-        for name in batch.touched() {
-            if let Some(watched) = map.get(&name) {
+        for target in batch.touched() {
+            if let Some(watched) = map.get(&target) {
                 watched.changed.notify_waiters();
             }
         }
@@ -143,17 +146,17 @@ impl Watchers {
 /// One `wait_free` request's registration; the lock's entry goes with its last watcher.
 struct Watcher {
     changed: Arc<tokio::sync::Notify>,
-    name: String,
+    target: Target,
     watchers: Arc<Watchers>,
 }
 
 impl Drop for Watcher {
     fn drop(&mut self) {
         let mut map = self.watchers.0.lock();
-        if let Some(watched) = map.get_mut(&self.name) {
+        if let Some(watched) = map.get_mut(&self.target) {
             watched.watchers -= 1;
             if watched.watchers == 0 {
-                map.remove(&self.name);
+                map.remove(&self.target);
             }
         }
     }
@@ -301,6 +304,110 @@ impl LockStore for FileStore {
         flow::force_release(self, name).await
     }
 
+    async fn claim(
+        &self,
+        pool: String,
+        item: Option<String>,
+        request: Acquire,
+        wait: Option<Duration>,
+    ) -> Result<ItemGrant, StoreError> {
+        pool_flow::claim(self, pool, item, request, wait).await
+    }
+
+    async fn release_item(
+        &self,
+        pool: String,
+        item: String,
+        key: Option<String>,
+        requestor: Option<String>,
+    ) -> Result<Option<Holder>, StoreError> {
+        pool_flow::release(self, pool, item, key, requestor).await
+    }
+
+    async fn add_item(
+        &self,
+        pool: String,
+        item: String,
+        metadata: Arc<str>,
+        claim: Option<Acquire>,
+    ) -> Result<bool, StoreError> {
+        pool_flow::add(self, pool, item, metadata, claim).await
+    }
+
+    async fn update_item(
+        &self,
+        pool: String,
+        item: String,
+        metadata: Arc<str>,
+        wait: Option<Duration>,
+    ) -> Result<bool, StoreError> {
+        pool_flow::update(self, pool, item, metadata, wait).await
+    }
+
+    async fn remove_item(
+        &self,
+        pool: String,
+        item: String,
+        key: Option<String>,
+    ) -> Result<Option<Holder>, StoreError> {
+        pool_flow::remove(self, pool, item, key).await
+    }
+
+    async fn pool(&self, name: &str) -> Result<Option<Pool>, StoreError> {
+        Ok(self.committed.read().pool(name).cloned())
+    }
+
+    async fn item(&self, pool: &str, item: &str) -> Result<Option<Item>, StoreError> {
+        let table = self.committed.read();
+        Ok(table.pool(pool).and_then(|p| p.items.get(item).cloned()))
+    }
+
+    async fn pools(&self) -> Result<Vec<PoolCounts>, StoreError> {
+        let table = self.committed.read();
+        Ok(table
+            .pools()
+            .iter()
+            .map(|(name, pool)| PoolCounts::of(name, pool))
+            .collect())
+    }
+
+    async fn wait_item(
+        &self,
+        pool: &str,
+        item: &str,
+        state: ItemState,
+        wait: Duration,
+    ) -> Result<Option<Item>, StoreError> {
+        let mut shutdown = self.shutdown.subscribe();
+        let watcher = self.watchers.watch(Target::Pool(pool.to_string()));
+        let mut slot = None;
+        let deadline = tokio::time::sleep(wait);
+        tokio::pin!(deadline);
+        loop {
+            // Listening before looking, as in `wait_free`.
+            let changed = watcher.changed.notified();
+            let current = self
+                .committed
+                .read()
+                .pool(pool)
+                .and_then(|p| p.items.get(item).cloned());
+            let Some(current) = current else {
+                return Ok(None);
+            };
+            if ItemState::of(&current) == state {
+                return Ok(Some(current));
+            }
+            if slot.is_none() {
+                slot = Some(WaiterSlot::take(&self.waiting, self.max_waiters)?);
+            }
+            tokio::select! {
+                () = changed => {}
+                () = &mut deadline => return Ok(Some(current)),
+                _ = shutdown.wait_for(|stopping| *stopping) => return Err(StoreError::ShuttingDown),
+            }
+        }
+    }
+
     async fn status(&self, name: &str) -> Result<Option<LockView>, StoreError> {
         let table = self.committed.read();
         Ok(table
@@ -315,7 +422,7 @@ impl LockStore for FileStore {
 
     async fn wait_free(&self, name: &str, wait: Duration) -> Result<Option<LockView>, StoreError> {
         let mut shutdown = self.shutdown.subscribe();
-        let watcher = self.watchers.watch(name);
+        let watcher = self.watchers.watch(Target::Lock(name.to_string()));
         let mut slot = None;
         let deadline = tokio::time::sleep(wait);
         tokio::pin!(deadline);
@@ -656,19 +763,14 @@ struct Batch {
 }
 
 impl Batch {
-    /// Names of the locks this batch may have changed.
-    fn touched(&self) -> std::collections::BTreeSet<String> {
-        let mut names = std::collections::BTreeSet::new();
+    /// The locks and pools this batch may have changed.
+    fn touched(&self) -> std::collections::BTreeSet<Target> {
+        let mut targets = std::collections::BTreeSet::new();
         for (op, effect) in self.ops.iter().zip(&self.effects) {
-            if let Some(name) = op.lock_name() {
-                names.insert(name.to_string());
-            }
-            if let Effect::Expiry(expiry) = effect {
-                names.extend(expiry.expired.iter().map(|e| e.name.clone()));
-            }
-            names.extend(effect.grants().iter().map(|g| g.name.clone()));
+            targets.extend(op.target());
+            targets.extend(effect.targets());
         }
-        names
+        targets
     }
 }
 
@@ -879,25 +981,17 @@ impl Writer {
             match command {
                 Command::Client { op, reply, grant } => {
                     let index = self.apply(&mut batch, op, now);
-                    if let (
-                        Op::Acquire {
-                            waiter: Some(id), ..
-                        },
-                        Some(grant),
-                    ) = (&batch.ops[index], grant)
-                        && matches!(
-                            batch.effects[index],
-                            Effect::Acquire(AcquireOutcome::Queued)
-                        )
+                    if let (Some(id), Some(grant)) = (batch.ops[index].queues_waiter(), grant)
+                        && batch.effects[index].is_queued()
                     {
-                        self.waiters.insert(*id, grant);
-                        batch.queued.push(*id);
+                        self.waiters.insert(id, grant);
+                        batch.queued.push(id);
                     }
                     batch.replies.push((index, reply));
                 }
                 Command::Internal(op) => {
-                    if let Op::Cancel { waiter, .. } = &op {
-                        self.waiters.remove(waiter);
+                    if let Some(waiter) = op.cancelled_waiter() {
+                        self.waiters.remove(&waiter);
                     }
                     self.apply(&mut batch, op, now);
                 }
@@ -963,7 +1057,7 @@ impl Writer {
         // of the batch, not of the table.
         self.committed
             .write()
-            .copy_locks_from(&self.working, &batch.touched());
+            .copy_from(&self.working, &batch.touched());
         debug_assert!(
             self.encoder
                 .as_ref()
@@ -1010,8 +1104,7 @@ impl Writer {
         let reason = failure.message;
         error!("{reason}; {} operation(s) refused", batch.replies.len());
         let touched = batch.touched();
-        self.working
-            .copy_locks_from(&self.committed.read(), &touched);
+        self.working.copy_from(&self.committed.read(), &touched);
         let restored = match &mut self.encoder {
             Some(encoder) => encoder.update(&self.working, &touched),
             None => Ok(()),
@@ -1030,12 +1123,8 @@ impl Writer {
             let _ = reply.send(Err(StoreError::Unavailable(reason.clone())));
         }
         // Cleanup must not be lost: it is applied again with a later batch.
-        self.retry.extend(
-            batch
-                .ops
-                .into_iter()
-                .filter(|op| matches!(op, Op::Cancel { .. } | Op::Revoke(_))),
-        );
+        self.retry
+            .extend(batch.ops.into_iter().filter(Op::is_cleanup));
     }
 }
 

@@ -12,8 +12,8 @@ use tokio::sync::{oneshot, watch};
 
 use super::{Counted, Released, StoreError, WaitGuard, Withdraw};
 use crate::rules::{
-    Acquire, AcquireOutcome, Effect, Grant, Holder, Limit, Op, Reclaim, ReleaseOutcome,
-    WaiterGrant, WaiterId,
+    Acquire, AcquireOutcome, Effect, Grant, Holder, Limit, Op, PoolOutcome, Reclaim,
+    ReleaseOutcome, Target, WaiterGrant, WaiterId,
 };
 
 /// What a store does its own way; everything else of a request is [`acquire`], [`release`],
@@ -79,6 +79,42 @@ async fn acquire_waiting<B: Backend>(
     request: Acquire,
     wait: Duration,
 ) -> Result<Grant, StoreError> {
+    let target = Target::Lock(name.clone());
+    let op = |waiter| Op::Acquire {
+        name: name.clone(),
+        request,
+        waiter: Some(waiter),
+    };
+    match submit_waiting(backend, target, op, wait).await? {
+        Waited::Answered(effect) => acquire_result(&name, Ok(effect)),
+        Waited::Granted(grant) => Ok(grant.grant),
+        Waited::TimedOut => Err(StoreError::TimedOut {
+            keys: backend.current_keys(&name),
+            name,
+            waited: wait,
+        }),
+    }
+}
+
+/// How a request that may wait ended.
+pub(super) enum Waited {
+    /// Answered without queueing: the effect of its operation.
+    Answered(Effect),
+    /// Queued, then granted (and the grant confirmed).
+    Granted(WaiterGrant),
+    /// Queued until the wait ran out; withdrawn.
+    TimedOut,
+}
+
+/// Submits an operation that may queue a waiter on `target` (built by `op` from the waiter's
+/// id) and waits up to `wait` for its grant. The waiter is withdrawn whenever the request ends
+/// without the grant in hand, and a grant that raced with that is given back.
+pub(super) async fn submit_waiting<B: Backend>(
+    backend: &B,
+    target: Target,
+    op: impl FnOnce(WaiterId) -> Op,
+    wait: Duration,
+) -> Result<Waited, StoreError> {
     let mut shutdown = backend.shutdown().subscribe();
     if *shutdown.borrow() {
         return Err(StoreError::ShuttingDown);
@@ -86,21 +122,16 @@ async fn acquire_waiting<B: Backend>(
     let waiter = backend.new_waiter();
     let (grant_sender, grant_receiver) = oneshot::channel();
     let mut guard = WaitGuard {
-        name: name.clone(),
+        target,
         waiter,
         backend: backend.withdrawer(),
         grant: Some(grant_receiver),
     };
-    let op = Op::Acquire {
-        name: name.clone(),
-        request,
-        waiter: Some(waiter),
-    };
-    match backend.submit(op, Some(grant_sender)).await {
-        Ok(Effect::Acquire(AcquireOutcome::Queued)) => {}
-        Ok(other) => {
+    match backend.submit(op(waiter), Some(grant_sender)).await {
+        Ok(effect) if effect.is_queued() => {}
+        Ok(effect) => {
             guard.disarm();
-            return acquire_result(&name, Ok(other));
+            return Ok(Waited::Answered(effect));
         }
         // Whether a failed operation left the waiter queued is the backend's to know (a file
         // store rolled it back, an etcd transaction may have landed): the guard withdraws it,
@@ -110,16 +141,17 @@ async fn acquire_waiting<B: Backend>(
     let (waiting, limit) = backend.waiting();
     let _slot = match guard.count(waiting, limit)? {
         Counted::Waiting(slot) => slot,
-        Counted::Granted(grant) => return backend.confirm(grant).await,
+        Counted::Granted(grant) => return confirmed(backend, grant).await,
     };
-    if let Some(grant) = guard.wait(wait, &mut shutdown).await? {
-        return backend.confirm(grant).await;
+    match guard.wait(wait, &mut shutdown).await? {
+        Some(grant) => confirmed(backend, grant).await,
+        None => Ok(Waited::TimedOut),
     }
-    Err(StoreError::TimedOut {
-        keys: backend.current_keys(&name),
-        name,
-        waited: wait,
-    })
+}
+
+async fn confirmed<B: Backend>(backend: &B, mut grant: WaiterGrant) -> Result<Waited, StoreError> {
+    grant.grant = backend.confirm(grant.clone()).await?;
+    Ok(Waited::Granted(grant))
 }
 
 /// Clears `requestor`'s count on `name` held under `key`.
@@ -199,6 +231,11 @@ fn release_result(
             name,
             keys: conflict.keys,
         }),
+        // A reclaim of a pool item's claim.
+        Effect::Pool(PoolOutcome::Freed { previous, .. }) if previous.is_some() => {
+            Ok(Released::Released)
+        }
+        Effect::Pool(PoolOutcome::Freed { .. } | PoolOutcome::NoSuchItem) => Ok(Released::NotHeld),
         other => Err(StoreError::Unavailable(format!(
             "unexpected outcome of a release: {other:?}"
         ))),

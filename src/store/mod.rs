@@ -10,6 +10,7 @@ pub mod etcd;
 pub mod file;
 mod flow;
 pub mod journal;
+mod pool_flow;
 pub mod state_file;
 
 use std::time::Duration;
@@ -17,7 +18,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::metrics::LockStats;
-use crate::rules::{Acquire, Grant, Holder, LockTable};
+use crate::rules::{Acquire, Grant, Holder, Item, ItemGrant, LockTable, Pool};
 
 /// How often [`poll_free`] looks again.
 #[cfg(feature = "etcd")]
@@ -30,6 +31,43 @@ pub struct LockView {
     pub slots: u32,
     pub holders: Vec<Holder>,
     pub waiters: usize,
+}
+
+/// The state an item is waited for in (`check`: unclaimed; `check_unclaimed`: claimed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ItemState {
+    Claimed,
+    Unclaimed,
+}
+
+impl ItemState {
+    pub fn of(item: &Item) -> ItemState {
+        if item.is_claimed() {
+            ItemState::Claimed
+        } else {
+            ItemState::Unclaimed
+        }
+    }
+}
+
+/// A pool's counts, for `GET /pools`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolCounts {
+    pub name: String,
+    pub items: usize,
+    pub claimed: usize,
+    pub waiters: usize,
+}
+
+impl PoolCounts {
+    pub fn of(name: &str, pool: &Pool) -> Self {
+        PoolCounts {
+            name: name.to_string(),
+            items: pool.items.len(),
+            claimed: pool.items.values().filter(|i| i.is_claimed()).count(),
+            waiters: pool.waiters(),
+        }
+    }
 }
 
 /// Which held locks a listing shows, in name order.
@@ -154,6 +192,22 @@ pub enum StoreError {
          (LOCKER_MAX_REQUESTORS); a new requestor must wait for one to release"
     )]
     TooManyRequestors { name: String, limit: usize },
+    #[error("{}", no_such_item_text(.pool, .item.as_deref()))]
+    NoSuchItem { pool: String, item: Option<String> },
+    #[error("{} is claimed{}", item_text(.pool, .item.as_deref()), held_text(.keys))]
+    ItemClaimed {
+        pool: String,
+        item: Option<String>,
+        keys: Vec<String>,
+    },
+    #[error("item {item:?} of pool {pool:?} already exists with other metadata or state")]
+    ItemExists { pool: String, item: String },
+    #[error("timed out after {waited:?} waiting for {}", item_text(.pool, .item.as_deref()))]
+    ItemTimedOut {
+        pool: String,
+        item: Option<String>,
+        waited: Duration,
+    },
     #[error("the server is shutting down; try again")]
     ShuttingDown,
     #[error("state could not be saved, nothing was changed: {0}")]
@@ -172,9 +226,35 @@ impl StoreError {
             StoreError::TooManyWaiters { .. } => "too_many_waiters",
             StoreError::TooManyLocks { .. } => "too_many_locks",
             StoreError::TooManyRequestors { .. } => "too_many_requestors",
+            StoreError::NoSuchItem { .. } => "no_such_item",
+            StoreError::ItemClaimed { .. } => "conflict",
+            StoreError::ItemExists { .. } => "item_exists",
+            StoreError::ItemTimedOut { .. } => "timed_out",
             StoreError::ShuttingDown => "shutting_down",
             StoreError::Unavailable(_) => "unavailable",
         }
+    }
+}
+
+fn item_text(pool: &str, item: Option<&str>) -> String {
+    match item {
+        Some(item) => format!("item {item:?} of pool {pool:?}"),
+        None => format!("every item of pool {pool:?}"),
+    }
+}
+
+fn no_such_item_text(pool: &str, item: Option<&str>) -> String {
+    match item {
+        Some(item) => format!("pool {pool:?} has no item {item:?}"),
+        None => format!("pool {pool:?} has no items"),
+    }
+}
+
+fn held_text(keys: &[String]) -> String {
+    if keys.is_empty() {
+        String::new()
+    } else {
+        format!(" under key {}", keys_text(keys))
     }
 }
 
@@ -224,6 +304,77 @@ pub trait LockStore: Send + Sync + 'static {
     ///
     /// A request that has to wait counts against the waiter limit like a waiting acquire.
     async fn wait_free(&self, name: &str, wait: Duration) -> Result<Option<LockView>, StoreError>;
+
+    /// Claims `item` of `pool`, or any free item; with `wait`, queues in arrival order.
+    async fn claim(
+        &self,
+        pool: String,
+        item: Option<String>,
+        request: Acquire,
+        wait: Option<Duration>,
+    ) -> Result<ItemGrant, StoreError>;
+
+    /// Releases `item`: with a key, only that holding's `requestor` (or all of them); with
+    /// none, whoever holds it. The holding ended, if any.
+    async fn release_item(
+        &self,
+        pool: String,
+        item: String,
+        key: Option<String>,
+        requestor: Option<String>,
+    ) -> Result<Option<Holder>, StoreError>;
+
+    /// Adds `item` unclaimed, or claimed by `claim`; `Ok(false)` when already there so.
+    async fn add_item(
+        &self,
+        pool: String,
+        item: String,
+        metadata: std::sync::Arc<str>,
+        claim: Option<Acquire>,
+    ) -> Result<bool, StoreError>;
+
+    /// Replaces `item`'s metadata (adding it if absent), waiting up to `wait` while claimed.
+    async fn update_item(
+        &self,
+        pool: String,
+        item: String,
+        metadata: std::sync::Arc<str>,
+        wait: Option<Duration>,
+    ) -> Result<bool, StoreError>;
+
+    /// Removes `item`, claimed or not (with a key: only if unclaimed or held under it).
+    async fn remove_item(
+        &self,
+        pool: String,
+        item: String,
+        key: Option<String>,
+    ) -> Result<Option<Holder>, StoreError>;
+
+    /// The committed state of one pool; `None` when it has no items and no waiters.
+    async fn pool(&self, name: &str) -> Result<Option<Pool>, StoreError>;
+
+    /// Every pool's counts, by name.
+    async fn pools(&self) -> Result<Vec<PoolCounts>, StoreError>;
+
+    /// One item of a pool as committed; `None`: no such item. Cheaper than [`LockStore::pool`]
+    /// where a store can read one item alone.
+    async fn item(&self, pool: &str, item: &str) -> Result<Option<Item>, StoreError> {
+        Ok(self
+            .pool(pool)
+            .await?
+            .and_then(|p| p.items.get(item).cloned()))
+    }
+
+    /// Waits up to `wait` for `item` of `pool` to be in `state`; the item as it is then
+    /// (`None`: there is no such item, answered at once). Counts against the waiter limit
+    /// while it waits.
+    async fn wait_item(
+        &self,
+        pool: &str,
+        item: &str,
+        state: ItemState,
+        wait: Duration,
+    ) -> Result<Option<Item>, StoreError>;
 
     /// Whether the store can take writes now, cheaply and within about a second: `Err` with
     /// the reason when it cannot. Answers `GET /ready`.
@@ -303,6 +454,11 @@ pub fn table_stats(table: &LockTable) -> LockStats {
             (a, b) => a.or(b),
         };
     }
+    for pool in table.pools().values() {
+        stats.pool_items += pool.items.len();
+        stats.pool_items_claimed += pool.items.values().filter(|i| i.is_claimed()).count();
+        stats.pool_waiters += pool.waiters();
+    }
     stats
 }
 
@@ -356,7 +512,8 @@ pub(crate) trait Withdraw {
 /// shutdown, or the client went away and its future was dropped). A grant that arrived in the
 /// meantime is given back, so nobody holds a lock its client never learned about.
 pub(crate) struct WaitGuard<W: Withdraw> {
-    pub(crate) name: String,
+    /// The lock or pool waited for.
+    pub(crate) target: crate::rules::Target,
     pub(crate) waiter: crate::rules::WaiterId,
     pub(crate) backend: W,
     pub(crate) grant: Option<tokio::sync::oneshot::Receiver<crate::rules::WaiterGrant>>,
@@ -432,10 +589,8 @@ impl<W: Withdraw> WaitGuard<W> {
 
     fn cancel(&self) {
         self.backend.forget(self.waiter);
-        self.backend.withdraw(crate::rules::Op::Cancel {
-            name: self.name.clone(),
-            waiter: self.waiter,
-        });
+        self.backend
+            .withdraw(crate::rules::Op::cancel(&self.target, self.waiter));
     }
 }
 

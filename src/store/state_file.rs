@@ -23,7 +23,7 @@ use std::time::SystemTime;
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 
-use crate::rules::{Holder, Info, Lock, LockTable, RequestorHold, Requestors};
+use crate::rules::{Holder, Info, Lock, LockTable, Pool, RequestorHold, Requestors, Target};
 
 /// Why a state file (or a journal record) could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +65,8 @@ struct StateIn {
     journal: u64,
     #[serde(default)]
     locks: BTreeMap<String, Lock>,
+    #[serde(default)]
+    pools: BTreeMap<String, Pool>,
 }
 
 /// One journal record: the new state of every lock a batch changed (`None`: no longer held).
@@ -73,7 +75,10 @@ struct StateIn {
 #[serde(deny_unknown_fields)]
 struct RecordIn {
     next_generation: u64,
+    #[serde(default)]
     locks: BTreeMap<String, Option<Lock>>,
+    #[serde(default)]
+    pools: BTreeMap<String, Option<Pool>>,
 }
 
 /// One lock of the original Go locker's file.
@@ -85,36 +90,47 @@ struct OriginalLock {
     locked_by: BTreeMap<String, i64>,
 }
 
-/// Keeps one encoded line per held lock and renders the whole file from them.
+/// Keeps one encoded line per held lock and per pool, and renders the whole file from them.
 #[derive(Clone, Debug, Default)]
 pub struct Encoder {
-    lines: BTreeMap<String, String>,
+    /// Locks first, then pools (the order of [`Target`]), as the file has them.
+    lines: BTreeMap<Target, String>,
 }
 
 impl Encoder {
-    /// Encodes every lock of `table`.
+    /// Encodes every lock and pool of `table`.
     pub fn new(table: &LockTable) -> Result<Self, EncodeError> {
         let mut encoder = Encoder::default();
-        encoder.update(table, table.locks().keys())?;
+        let locks = table.locks().keys().map(|name| Target::Lock(name.clone()));
+        let pools = table.pools().keys().map(|name| Target::Pool(name.clone()));
+        let all: Vec<Target> = locks.chain(pools).collect();
+        encoder.update(table, &all)?;
         Ok(encoder)
     }
 
-    /// Re-encodes the locks named in `changed` as they are now in `table`.
+    /// Re-encodes the locks and pools in `changed` as they are now in `table`.
     pub fn update<'a>(
         &mut self,
         table: &LockTable,
-        changed: impl IntoIterator<Item = &'a String>,
+        changed: impl IntoIterator<Item = &'a Target>,
     ) -> Result<(), EncodeError> {
-        for name in changed {
-            match table.lock(name).filter(|lock| lock.is_held()) {
-                Some(lock) => {
-                    let line = format!("{}:{}", json(name)?, json(lock)?);
-                    self.lines.insert(name.clone(), line);
+        for target in changed {
+            let line = match target {
+                Target::Lock(name) => match table.lock(name).filter(|lock| lock.is_held()) {
+                    Some(lock) => Some(format!("{}:{}", json(name)?, json(lock)?)),
+                    None => None,
+                },
+                Target::Pool(name) => {
+                    match table.pool(name).filter(|pool| !pool.items.is_empty()) {
+                        Some(pool) => Some(format!("{}:{}", json(name)?, json(pool)?)),
+                        None => None,
+                    }
                 }
-                None => {
-                    self.lines.remove(name);
-                }
-            }
+            };
+            match line {
+                Some(line) => self.lines.insert(target.clone(), line),
+                None => self.lines.remove(target),
+            };
         }
         Ok(())
     }
@@ -130,9 +146,18 @@ impl Encoder {
             out.push_str(&format!("\"journal\":{journal},"));
         }
         out.push_str("\"locks\":{");
-        for (i, line) in self.lines.values().enumerate() {
-            out.push_str(if i == 0 { "\n" } else { ",\n" });
+        let mut pools = false;
+        let mut first = true;
+        for (target, line) in &self.lines {
+            if !pools && matches!(target, Target::Pool(_)) {
+                // Only files with pools have the section, so files without them stay as before.
+                out.push_str("\n},\"pools\":{");
+                pools = true;
+                first = true;
+            }
+            out.push_str(if first { "\n" } else { ",\n" });
             out.push_str(line);
+            first = false;
         }
         out.push_str("\n}}\n");
         out.into_bytes()
@@ -140,26 +165,29 @@ impl Encoder {
 }
 
 impl Encoder {
-    /// A journal record of the locks named in `changed`, from their current lines.
+    /// A journal record of the locks and pools in `changed`, from their current lines.
     pub fn record<'a>(
         &self,
-        changed: impl IntoIterator<Item = &'a String>,
+        changed: impl IntoIterator<Item = &'a Target>,
         next_generation: u64,
     ) -> Result<Vec<u8>, EncodeError> {
-        let mut out = format!("{{\"next_generation\":{next_generation},\"locks\":{{");
-        for (i, name) in changed.into_iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            match self.lines.get(name) {
-                Some(line) => out.push_str(line),
-                None => {
-                    out.push_str(&json(name)?);
-                    out.push_str(":null");
-                }
-            }
+        let mut locks = Vec::new();
+        let mut pools = Vec::new();
+        for target in changed {
+            let (name, section) = match target {
+                Target::Lock(name) => (name, &mut locks),
+                Target::Pool(name) => (name, &mut pools),
+            };
+            section.push(match self.lines.get(target) {
+                Some(line) => line.clone(),
+                None => format!("{}:null", json(name)?),
+            });
         }
-        out.push_str("}}");
+        let out = format!(
+            "{{\"next_generation\":{next_generation},\"locks\":{{{}}},\"pools\":{{{}}}}}",
+            locks.join(","),
+            pools.join(",")
+        );
         Ok(out.into_bytes())
     }
 }
@@ -169,6 +197,11 @@ pub fn replay(table: LockTable, records: &[Vec<u8>]) -> Result<LockTable, Decode
     if records.is_empty() {
         return Ok(table);
     }
+    let mut pools: BTreeMap<String, Pool> = table
+        .pools()
+        .iter()
+        .map(|(name, pool)| (name.clone(), Pool::clone(pool)))
+        .collect();
     let (mut locks, mut next_generation) = table.into_parts();
     for (index, bytes) in records.iter().enumerate() {
         let record: RecordIn =
@@ -183,8 +216,14 @@ pub fn replay(table: LockTable, records: &[Vec<u8>]) -> Result<LockTable, Decode
                 None => locks.remove(&name),
             };
         }
+        for (name, pool) in record.pools {
+            match pool {
+                Some(pool) => pools.insert(name, pool),
+                None => pools.remove(&name),
+            };
+        }
     }
-    Ok(LockTable::from_parts(locks, next_generation))
+    Ok(LockTable::from_parts(locks, next_generation).with_pools(pools))
 }
 
 fn json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String, EncodeError> {
@@ -266,7 +305,7 @@ fn decode_ours(document: Value, text: &str) -> Result<(LockTable, u64), DecodeEr
 impl StateIn {
     fn into_table(self) -> (LockTable, u64) {
         (
-            LockTable::from_parts(self.locks, self.next_generation),
+            LockTable::from_parts(self.locks, self.next_generation).with_pools(self.pools),
             self.journal,
         )
     }
@@ -386,7 +425,7 @@ mod tests {
         table.acquire("l2", request("k", "r2", Some(5)), at(20), None);
         table.release("l4", "k", "r", at(21));
         table.acquire("new", request("k", "r", None), at(22), None);
-        let changed: Vec<String> = ["l2", "l4", "new"].map(String::from).to_vec();
+        let changed: Vec<Target> = ["l2", "l4", "new"].map(|n| Target::Lock(n.into())).to_vec();
         encoder.update(&table, &changed).expect("updates");
         let rendered = encoder.render(table.next_generation(), 0);
         assert_eq!(rendered, encode(&table).expect("encodes"));

@@ -218,6 +218,84 @@ pub fn run(
     start(command, dir, request, env).finish(RUN_TIMEOUT)
 }
 
+/// Waits until `running`'s stderr contains `text` (10 s at most).
+pub fn wait_for_log(running: &Running, text: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !running.stderr().contains(text) {
+        assert!(
+            Instant::now() < deadline,
+            "no {text:?} in:\n{}",
+            running.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A response's metadata as name → value; asserts every entry is a pair of strings.
+pub fn metadata(response: &Value) -> BTreeMap<String, String> {
+    response["metadata"]
+        .as_array()
+        .expect("metadata list")
+        .iter()
+        .map(|entry| {
+            let object = entry.as_object().expect("metadata entry is an object");
+            assert_eq!(object.len(), 2, "{entry}");
+            (
+                entry["name"].as_str().expect("string name").to_string(),
+                entry["value"].as_str().expect("string value").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Forwards a request a stub received to the real server at `base` and answers what it
+/// answered: a stub in front of the real server, to delay, withhold or record what passes.
+/// (The stub keeps only the address: the test owns the server, which is killed when it ends.)
+pub fn forward(base: &str, request: &StubRequest) -> (u16, String) {
+    let body = Some(request.body.as_str()).filter(|b| !b.is_empty());
+    let reply = crate::common::call(&request.method, &format!("{base}{}", request.target), body);
+    (reply.status, reply.body)
+}
+
+/// A stand-in for Concourse's API: every build's status is `status` (which a test changes), for
+/// the server's release of holdings whose build has ended.
+pub struct Concourse {
+    pub stub: Stub,
+    status: Arc<Mutex<&'static str>>,
+}
+
+impl Concourse {
+    pub fn start(status: &'static str) -> Concourse {
+        let status = Arc::new(Mutex::new(status));
+        let answer = status.clone();
+        let stub = Stub::start(move |request| {
+            if request.path().starts_with("/api/v1/builds/") {
+                let status = *answer.lock().expect("status");
+                (
+                    200,
+                    serde_json::json!({"id": 1, "status": status}).to_string(),
+                )
+            } else {
+                (404, serde_json::json!({"error": "not found"}).to_string())
+            }
+        });
+        Concourse { stub, status }
+    }
+
+    /// What every build's status is from now on.
+    pub fn set(&self, status: &'static str) {
+        *self.status.lock().expect("status") = status;
+    }
+
+    /// The real server, asking this stand-in about builds every 200 ms.
+    pub fn server(&self) -> crate::common::Server {
+        crate::common::server()
+            .env("LOCKER_CONCOURSE_URL", &self.stub.base)
+            .env("LOCKER_RECLAIM_INTERVAL", "200ms")
+            .start()
+    }
+}
+
 /// A request the stub received.
 #[derive(Debug, Clone)]
 pub struct StubRequest {

@@ -5,26 +5,63 @@
 //! - `{prefix}locks/{name}`: one JSON value per lock that is held (and so may have waiters):
 //!   slots, holdings, the shared FIFO queue, and the grants the writing transaction made to
 //!   queued waiters (so the waiters' servers learn of them through their watch).
+//! - `{prefix}pools/{name}`: one JSON value per pool (a pool exists while it has items or
+//!   waiting claims): every item's state (its holding, and when it was last freed), the pool's
+//!   release clock, its shared FIFO claim queue, and grants as a lock's value has them (each
+//!   naming the item granted). No metadata: see the next key.
+//! - `{prefix}pool-items/{pool}/{item}`: one item's metadata, the text as given (not JSON).
+//!   `{pool}` is escaped (`%` → `%25`, `/` → `%2F`) so a pool's items are exactly the keys
+//!   under `pool-items/{pool}/`, whatever `/` the names hold.
 //! - `{prefix}replicas/{id}`: one key per running server, attached to that server's etcd lease;
 //!   it disappears when the server stops renewing it, and queue entries tagged with its id are
 //!   then dropped by any other server.
 //! - `{prefix}next-replica`: the counter replica ids are taken from.
+//!
+//! Why an item's metadata has a key of its own: etcd refuses a request over
+//! `--max-request-bytes` (1.5 MiB by default), and metadata may be 64 KiB per item, so a pool
+//! of twenty-odd such items would not fit in one value; and every claim and release rewrites
+//! the pool's value, which would copy all of its metadata into etcd's history each time. A
+//! transaction writes an item's metadata key only when the metadata changes (an addition or an
+//! update; deleted with the item), always together with the pool's value, so the pool key's mod
+//! revision covers its metadata too: a transaction whose comparison of the pool key holds was
+//! planned on the metadata as it is (see `cache.rs` for how the cache keeps that true). The
+//! writer keeps the metadata a transaction carries under a budget (`MAX_TXN_METADATA_BYTES`,
+//! see `writer::Budget`), so a batch of additions never makes a request etcd refuses. What this
+//! does not bound is a pool's own value, which grows with its items' holdings and its waiting
+//! claims (`docs/scaling-out.md`, "How it works").
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::rules::{Acquire, BuildRef, Grant, Holder, Info, Lock, WaiterGrant, WaiterId};
+use crate::rules::{
+    Acquire, BuildRef, Grant, Holder, Info, Item, Lock, Pool, WaiterGrant, WaiterId,
+};
 
 /// A value in etcd that does not decode, or a lock that cannot be encoded.
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
     #[error("cannot encode lock: {0}")]
     Encode(#[source] serde_json::Error),
+    #[error("cannot encode pool: {0}")]
+    EncodePool(#[source] serde_json::Error),
     #[error("lock {name:?} in etcd does not decode: {source}")]
     Lock {
         name: String,
         source: serde_json::Error,
+    },
+    #[error("pool {name:?} in etcd does not decode: {source}")]
+    Pool {
+        name: String,
+        source: serde_json::Error,
+    },
+    #[error("metadata of item {item:?} of pool {pool:?} in etcd is not UTF-8: {source}")]
+    Metadata {
+        pool: String,
+        item: String,
+        source: std::str::Utf8Error,
     },
     #[error("the generation counter in etcd does not decode: {0}")]
     Meta(#[source] serde_json::Error),
@@ -71,6 +108,28 @@ impl Keys {
         format!("{}locks/{name}", self.prefix)
     }
 
+    pub fn pools_prefix(&self) -> String {
+        format!("{}pools/", self.prefix)
+    }
+
+    pub fn pool(&self, name: &str) -> String {
+        format!("{}pools/{name}", self.prefix)
+    }
+
+    /// Where every pool's item metadata is kept.
+    pub fn pool_items_prefix(&self) -> String {
+        format!("{}pool-items/", self.prefix)
+    }
+
+    /// Where the metadata of `pool`'s items is kept: exactly the keys under this prefix.
+    pub fn pool_items(&self, pool: &str) -> String {
+        format!("{}pool-items/{}/", self.prefix, escape_segment(pool))
+    }
+
+    pub fn pool_item(&self, pool: &str, item: &str) -> String {
+        format!("{}{item}", self.pool_items(pool))
+    }
+
     pub fn replicas_prefix(&self) -> String {
         format!("{}replicas/", self.prefix)
     }
@@ -88,6 +147,15 @@ impl Keys {
             KeyKind::Meta
         } else if let Some(name) = rest.strip_prefix("locks/") {
             KeyKind::Lock(name)
+        } else if let Some(name) = rest.strip_prefix("pools/") {
+            KeyKind::Pool(name)
+        } else if let Some(rest) = rest.strip_prefix("pool-items/") {
+            match rest.split_once('/').and_then(|(pool, item)| {
+                unescape_segment(pool).map(|pool| KeyKind::PoolItem(pool, item))
+            }) {
+                Some(kind) => kind,
+                None => KeyKind::Other,
+            }
         } else if let Some(id) = rest.strip_prefix("replicas/") {
             id.parse().map(KeyKind::Replica).unwrap_or(KeyKind::Other)
         } else {
@@ -99,8 +167,34 @@ impl Keys {
 pub enum KeyKind<'a> {
     Meta,
     Lock(&'a str),
+    Pool(&'a str),
+    /// An item's metadata: the pool (unescaped) and the item.
+    PoolItem(String, &'a str),
     Replica(u64),
     Other,
+}
+
+/// A pool name as one key segment: `%` and `/` escaped, so it never spans two segments.
+fn escape_segment(name: &str) -> String {
+    name.replace('%', "%25").replace('/', "%2F")
+}
+
+/// The name [`escape_segment`] escaped; `None` for text it cannot have made.
+fn unescape_segment(segment: &str) -> Option<String> {
+    let mut name = String::with_capacity(segment.len());
+    let mut rest = segment;
+    while let Some(at) = rest.find('%') {
+        name.push_str(&rest[..at]);
+        let escaped = rest.get(at..at + 3)?;
+        name.push(match escaped {
+            "%25" => '%',
+            "%2F" => '/',
+            _ => return None,
+        });
+        rest = &rest[at + 3..];
+    }
+    name.push_str(rest);
+    Some(name)
 }
 
 #[derive(Serialize, Deserialize)]
@@ -108,10 +202,13 @@ pub struct Meta {
     pub next_generation: u64,
 }
 
-/// A queued waiting acquire as stored in etcd.
+/// A queued waiting acquire (or pool claim) as stored in etcd.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct StoredWaiter {
     id: WaiterId,
+    /// The item a pool claim asks for; absent: any item (and always for a lock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    item: Option<String>,
     key: String,
     requestor: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -130,6 +227,9 @@ struct StoredWaiter {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct StoredGrant {
     waiter: WaiterId,
+    /// The pool item granted; absent for a lock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    item: Option<String>,
     key: String,
     requestor: String,
     generation: u64,
@@ -153,6 +253,7 @@ struct StoredLock {
 fn stored_grant(g: &WaiterGrant) -> StoredGrant {
     StoredGrant {
         waiter: g.waiter,
+        item: g.item.clone(),
         key: g.key.clone(),
         requestor: g.requestor.clone(),
         generation: g.grant.generation,
@@ -162,6 +263,7 @@ fn stored_grant(g: &WaiterGrant) -> StoredGrant {
 
 fn waiter_grant(name: &str, g: StoredGrant) -> WaiterGrant {
     WaiterGrant {
+        item: g.item,
         waiter: g.waiter,
         name: name.to_string(),
         key: g.key,
@@ -171,6 +273,35 @@ fn waiter_grant(name: &str, g: StoredGrant) -> WaiterGrant {
             count: g.count,
         },
     }
+}
+
+fn stored_waiter(id: WaiterId, item: Option<&str>, request: &Acquire) -> StoredWaiter {
+    StoredWaiter {
+        id,
+        item: item.map(str::to_string),
+        key: request.key.clone(),
+        requestor: request.requestor.clone(),
+        ttl_ms: request
+            .ttl
+            .map(|ttl| u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
+        info: request.info.clone(),
+        slots: request.slots,
+        release_with_build: request.release_with_build.clone(),
+        renew: request.renew,
+    }
+}
+
+fn queued_request(w: StoredWaiter) -> (WaiterId, Option<String>, Acquire) {
+    let request = Acquire {
+        key: w.key,
+        requestor: w.requestor,
+        ttl: w.ttl_ms.map(Duration::from_millis),
+        info: w.info,
+        slots: w.slots,
+        release_with_build: w.release_with_build,
+        renew: w.renew,
+    };
+    (w.id, w.item, request)
 }
 
 /// A stored lock: the rules' view, the grants of the transaction that wrote it, and the grants
@@ -194,18 +325,7 @@ pub fn encode_lock(
         holders: lock.holders.clone(),
         queue: lock
             .queued()
-            .map(|(id, request)| StoredWaiter {
-                id,
-                key: request.key.clone(),
-                requestor: request.requestor.clone(),
-                ttl_ms: request
-                    .ttl
-                    .map(|ttl| u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
-                info: request.info.clone(),
-                slots: request.slots,
-                release_with_build: request.release_with_build.clone(),
-                renew: request.renew,
-            })
+            .map(|(id, request)| stored_waiter(id, None, request))
             .collect(),
         grants: grants.iter().map(stored_grant).collect(),
         unconfirmed: unconfirmed.iter().map(stored_grant).collect(),
@@ -223,18 +343,8 @@ pub fn decode_lock(name: &str, bytes: &[u8]) -> Result<Decoded, CodecError> {
         .queue
         .into_iter()
         .map(|w| {
-            (
-                w.id,
-                Acquire {
-                    key: w.key,
-                    requestor: w.requestor,
-                    ttl: w.ttl_ms.map(Duration::from_millis),
-                    info: w.info,
-                    slots: w.slots,
-                    release_with_build: w.release_with_build,
-                    renew: w.renew,
-                },
-            )
+            let (id, _, request) = queued_request(w);
+            (id, request)
         })
         .collect();
     Ok(Decoded {
@@ -252,6 +362,114 @@ pub fn decode_lock(name: &str, bytes: &[u8]) -> Result<Decoded, CodecError> {
     })
 }
 
+/// An item as stored in its pool's value: everything but its metadata.
+#[derive(Serialize, Deserialize)]
+struct StoredItem {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    holder: Option<Holder>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    freed: u64,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredPool {
+    #[serde(default, skip_serializing_if = "is_zero")]
+    clock: u64,
+    items: BTreeMap<String, StoredItem>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    queue: Vec<StoredWaiter>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    grants: Vec<StoredGrant>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    unconfirmed: Vec<StoredGrant>,
+}
+
+/// A stored pool, as [`Decoded`] is a stored lock. Its items' metadata is empty: it is kept
+/// under keys of its own ([`Keys::pool_item`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DecodedPool {
+    pub pool: Pool,
+    pub grants: Vec<WaiterGrant>,
+    pub unconfirmed: Vec<WaiterGrant>,
+}
+
+/// Encodes a pool without its items' metadata: their state, the release clock, the claim
+/// queue, the grants the writing transaction made and the grants not yet confirmed.
+pub fn encode_pool(
+    pool: &Pool,
+    grants: &[WaiterGrant],
+    unconfirmed: &[WaiterGrant],
+) -> Result<Vec<u8>, CodecError> {
+    let stored = StoredPool {
+        clock: pool.clock,
+        items: pool
+            .items
+            .iter()
+            .map(|(name, item)| {
+                let stored = StoredItem {
+                    holder: item.holder.clone(),
+                    freed: item.freed,
+                };
+                (name.clone(), stored)
+            })
+            .collect(),
+        queue: pool
+            .queued()
+            .map(|(id, item, request)| stored_waiter(id, item, request))
+            .collect(),
+        grants: grants.iter().map(stored_grant).collect(),
+        unconfirmed: unconfirmed.iter().map(stored_grant).collect(),
+    };
+    serde_json::to_vec(&stored).map_err(CodecError::EncodePool)
+}
+
+/// Decodes a stored pool; every item's metadata is empty until filled in from its own key.
+pub fn decode_pool(name: &str, bytes: &[u8]) -> Result<DecodedPool, CodecError> {
+    let stored: StoredPool = serde_json::from_slice(bytes).map_err(|source| CodecError::Pool {
+        name: name.to_string(),
+        source,
+    })?;
+    let no_metadata: Arc<str> = Arc::from("");
+    let items = stored
+        .items
+        .into_iter()
+        .map(|(item, s)| {
+            let item_state = Item {
+                metadata: no_metadata.clone(),
+                holder: s.holder,
+                freed: s.freed,
+            };
+            (item, item_state)
+        })
+        .collect();
+    let queue = stored.queue.into_iter().map(queued_request).collect();
+    let grants = |list: Vec<StoredGrant>| list.into_iter().map(|g| waiter_grant(name, g)).collect();
+    Ok(DecodedPool {
+        pool: Pool::restore(items, stored.clock, queue),
+        grants: grants(stored.grants),
+        unconfirmed: grants(stored.unconfirmed),
+    })
+}
+
+/// An item's metadata as stored: the text itself.
+pub fn encode_metadata(metadata: &str) -> Vec<u8> {
+    metadata.as_bytes().to_vec()
+}
+
+pub fn decode_metadata(pool: &str, item: &str, bytes: &[u8]) -> Result<Arc<str>, CodecError> {
+    std::str::from_utf8(bytes)
+        .map(Arc::from)
+        .map_err(|source| CodecError::Metadata {
+            pool: pool.to_string(),
+            item: item.to_string(),
+            source,
+        })
+}
+
 pub fn encode_meta(next_generation: u64) -> Vec<u8> {
     format!("{{\"next_generation\":{next_generation}}}").into_bytes()
 }
@@ -265,7 +483,7 @@ pub fn decode_meta(bytes: &[u8]) -> Result<u64, CodecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::LockTable;
+    use crate::rules::{LockTable, Op, PoolChange};
     use std::time::SystemTime;
 
     fn request(key: &str) -> Acquire {
@@ -293,6 +511,103 @@ mod tests {
         assert_eq!(decoded.lock.queued().count(), 1);
         assert!(decoded.grants.is_empty() && decoded.unconfirmed.is_empty());
         assert_eq!(waiter_replica(7 << WAITER_BITS | 3), 7);
+    }
+
+    #[test]
+    fn a_pool_with_its_queue_and_grants_round_trips_without_its_metadata() {
+        let mut table = LockTable::default();
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let add = |item: &str, metadata: &str| Op::Pool {
+            name: "p".into(),
+            change: PoolChange::Add {
+                item: item.into(),
+                metadata: Arc::from(metadata),
+                claim: None,
+            },
+        };
+        let claim = |item: Option<&str>, key: &str, waiter: Option<WaiterId>| Op::Pool {
+            name: "p".into(),
+            change: PoolChange::Claim {
+                item: item.map(str::to_string),
+                request: request(key),
+                waiter,
+            },
+        };
+        table.apply(&add("e1", "url: one"), now);
+        table.apply(&add("e2", "url: two"), now);
+        table.apply(&claim(None, "a", None), now);
+        table.apply(&claim(Some("e2"), "b", None), now);
+        table.apply(&claim(Some("e1"), "c", Some(7 << WAITER_BITS | 1)), now);
+        table.apply(&claim(None, "d", Some(7 << WAITER_BITS | 2)), now);
+        let released = table.apply(
+            &Op::Pool {
+                name: "p".into(),
+                change: PoolChange::Release {
+                    item: "e1".into(),
+                    key: None,
+                    requestor: None,
+                },
+            },
+            now,
+        );
+        let grants = released.grants().to_vec();
+        assert_eq!(grants.len(), 1, "{released:?}");
+        assert_eq!(grants[0].item.as_deref(), Some("e1"));
+        let pool = table.pool("p").expect("pool");
+        assert_eq!(pool.waiters(), 1);
+        let bytes = encode_pool(pool, &grants, &grants).expect("encodes");
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains("url:"),
+            "metadata is kept under keys of its own"
+        );
+        let decoded = decode_pool("p", &bytes).expect("decodes");
+        assert_eq!(decoded.grants, grants);
+        assert_eq!(decoded.unconfirmed, grants);
+        let mut restored = decoded.pool;
+        for (name, item) in &mut restored.items {
+            assert_eq!(&*item.metadata, "");
+            item.metadata = pool.items[name].metadata.clone();
+        }
+        assert_eq!(&restored, pool);
+        let queued: Vec<_> = restored
+            .queued()
+            .map(|(id, item, r)| (id, item, r.key.clone()))
+            .collect();
+        assert_eq!(queued, [(7 << WAITER_BITS | 2, None, "d".to_string())]);
+    }
+
+    #[test]
+    fn metadata_is_stored_as_its_text() {
+        let text = "url: https://example.com/\nuser: \"x\" ünïcode";
+        let bytes = encode_metadata(text);
+        assert_eq!(bytes, text.as_bytes());
+        assert_eq!(&*decode_metadata("p", "i", &bytes).expect("decodes"), text);
+        assert!(decode_metadata("p", "i", b"\xff").is_err());
+    }
+
+    #[test]
+    fn pool_item_keys_are_unambiguous_whatever_the_names_hold() {
+        let keys = Keys::new("/locker/");
+        // Pool "a" with item "b/c", and pool "a/b" with item "c".
+        let first = keys.pool_item("a", "b/c");
+        let second = keys.pool_item("a/b", "c");
+        assert_ne!(first, second);
+        assert!(first.starts_with(&keys.pool_items("a")));
+        assert!(!second.starts_with(&keys.pool_items("a")));
+        for (pool, item) in [("a", "b/c"), ("a/b", "c"), ("100%", "x%2Fy"), ("%2F", "")] {
+            match keys.classify(&keys.pool_item(pool, item)) {
+                KeyKind::PoolItem(p, i) => assert_eq!((p.as_str(), i), (pool, item)),
+                _ => panic!("{pool:?}/{item:?} does not classify as an item"),
+            }
+        }
+        assert!(matches!(
+            keys.classify("/locker/pools/a/b"),
+            KeyKind::Pool("a/b")
+        ));
+        assert!(matches!(
+            keys.classify("/locker/pool-items/a%2/b"),
+            KeyKind::Other
+        ));
     }
 
     #[test]

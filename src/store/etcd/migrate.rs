@@ -1,5 +1,6 @@
 //! Moving lock state between a YAML state file (ours, or the original Go locker's) and etcd:
-//! `locker import FILE` and `locker export FILE`.
+//! `locker import FILE` and `locker export FILE`. Held locks and pools (items, metadata,
+//! claims) go both ways; waiters do not (they belong to open connections).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -8,13 +9,14 @@ use std::path::{Path, PathBuf};
 use etcd_client::{Client, DeleteOptions, GetOptions, Txn, TxnOp};
 
 use super::codec::{self, CodecError, KeyKind, Keys};
-use super::{ConnectError, EtcdConnection, runtime};
-use crate::rules::LockTable;
+use super::{ConnectError, EtcdConnection, MAX_TXN_OPS, kv, runtime};
+use crate::rules::{LockTable, Pool};
 use crate::store::atomic_file::ReplaceError;
 use crate::store::state_file;
 
-/// Puts per transaction (etcd allows 128 operations in one).
-const CHUNK: usize = 100;
+/// Bytes of keys and values per transaction, well under etcd's `--max-request-bytes` (1.5 MiB
+/// by default); a single put larger than this goes alone.
+const CHUNK_BYTES: usize = 1024 * 1024;
 
 /// Why `locker import` or `locker export` failed; each says which side.
 #[derive(Debug, thiserror::Error)]
@@ -44,8 +46,8 @@ pub enum TransferError {
     #[error(transparent)]
     Codec(#[from] CodecError),
     #[error(
-        "{count} lock(s) already stored under {prefix:?}; export them first, or import with \
-         --replace to overwrite them"
+        "{count} lock(s) and pool(s) already stored under {prefix:?}; export them first, or \
+         import with --replace to overwrite them"
     )]
     AlreadyStored { count: i64, prefix: String },
 }
@@ -69,9 +71,13 @@ pub fn import_file(
             .map_err(MigrateError::Etcd)
     });
     runtime.shutdown_background();
-    let locks = result?;
+    let imported = result?;
     Ok(format!(
-        "imported {locks} held lock(s) from {file} into etcd under {:?}; next generation {}",
+        "imported {} held lock(s) and {} pool(s) ({} item(s)) from {file} into etcd under {:?}; \
+         next generation {}",
+        imported.locks,
+        imported.pools,
+        imported.items,
         connection.prefix,
         table.next_generation()
     ))
@@ -104,27 +110,40 @@ pub fn export_file(connection: &EtcdConnection, path: &Path) -> Result<String, M
         )?;
     }
     Ok(format!(
-        "exported {} held lock(s) from etcd under {:?} to {file}; next generation {}",
+        "exported {} held lock(s) and {} pool(s) from etcd under {:?} to {file}; next \
+         generation {}",
         table.locks().len(),
+        table.pools().len(),
         connection.prefix,
         table.next_generation()
     ))
 }
 
-/// Puts every lock of `table`; returns how many.
+/// What [`import`] put into etcd.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Imported {
+    pub locks: usize,
+    pub pools: usize,
+    pub items: usize,
+}
+
+/// Puts every lock and pool of `table`.
 pub async fn import(
     client: &mut Client,
     keys: &Keys,
     table: &LockTable,
     replace: bool,
-) -> Result<usize, TransferError> {
-    let existing = client
-        .get(
-            keys.locks_prefix(),
-            Some(GetOptions::new().with_prefix().with_count_only()),
-        )
-        .await?
-        .count();
+) -> Result<Imported, TransferError> {
+    let mut existing = 0;
+    for prefix in [keys.locks_prefix(), keys.pools_prefix()] {
+        existing += client
+            .get(
+                prefix,
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            )
+            .await?
+            .count();
+    }
     if existing > 0 && !replace {
         return Err(TransferError::AlreadyStored {
             count: existing,
@@ -132,22 +151,36 @@ pub async fn import(
         });
     }
     if existing > 0 {
-        client
-            .delete(
-                keys.locks_prefix(),
-                Some(DeleteOptions::new().with_prefix()),
-            )
-            .await?;
+        let deletes: Vec<TxnOp> = [
+            keys.locks_prefix(),
+            keys.pools_prefix(),
+            keys.pool_items_prefix(),
+        ]
+        .into_iter()
+        .map(|prefix| TxnOp::delete(prefix, Some(DeleteOptions::new().with_prefix())))
+        .collect();
+        client.txn(Txn::new().and_then(deletes)).await?;
     }
-    let mut puts = Vec::new();
+    // Metadata before the pools that name it, so that a server never sees an item without.
+    let mut puts: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut imported = Imported::default();
+    for (name, pool) in table.pools() {
+        for (item, state) in &pool.items {
+            puts.push((
+                keys.pool_item(name, item),
+                codec::encode_metadata(&state.metadata),
+            ));
+            imported.items += 1;
+        }
+    }
+    for (name, pool) in table.pools() {
+        puts.push((keys.pool(name), codec::encode_pool(pool, &[], &[])?));
+        imported.pools += 1;
+    }
     for (name, lock) in table.locks() {
-        puts.push(TxnOp::put(
-            keys.lock(name),
-            codec::encode_lock(lock, &[], &[])?,
-            None,
-        ));
+        puts.push((keys.lock(name), codec::encode_lock(lock, &[], &[])?));
+        imported.locks += 1;
     }
-    let count = puts.len();
     let current = client
         .get(keys.meta(), None)
         .await?
@@ -163,18 +196,28 @@ pub async fn import(
         .await?;
     let mut puts = puts.into_iter().peekable();
     while puts.peek().is_some() {
-        let chunk: Vec<TxnOp> = puts.by_ref().take(CHUNK).collect();
+        let mut chunk = Vec::new();
+        let mut bytes = 0;
+        while let Some((key, value)) = puts.next_if(|(key, value)| {
+            chunk.is_empty()
+                || (chunk.len() < MAX_TXN_OPS && bytes + key.len() + value.len() <= CHUNK_BYTES)
+        }) {
+            bytes += key.len() + value.len();
+            chunk.push(TxnOp::put(key, value, None));
+        }
         client.txn(Txn::new().and_then(chunk)).await?;
     }
-    Ok(count)
+    Ok(imported)
 }
 
-/// Reads every lock and the generation counter, at one revision.
+/// Reads every lock and pool and the generation counter, at one revision.
 pub async fn export(client: &mut Client, keys: &Keys) -> Result<LockTable, TransferError> {
-    let response = client
+    let response = kv(client)
         .get(keys.prefix(), Some(GetOptions::new().with_prefix()))
         .await?;
     let mut locks = BTreeMap::new();
+    let mut pools: BTreeMap<String, Pool> = BTreeMap::new();
+    let mut metadata = BTreeMap::new();
     let mut next_generation = 1;
     for kv in response.kvs() {
         let Ok(key) = kv.key_str() else { continue };
@@ -186,8 +229,25 @@ pub async fn export(client: &mut Client, keys: &Keys) -> Result<LockTable, Trans
                 let lock = crate::rules::Lock::restore(lock.slots, lock.holders, Vec::new());
                 locks.insert(name.to_string(), lock);
             }
+            KeyKind::Pool(name) => {
+                let pool = codec::decode_pool(name, kv.value())?.pool;
+                // Nor are waiting claims.
+                pools.insert(
+                    name.to_string(),
+                    Pool::restore(pool.items, pool.clock, Vec::new()),
+                );
+            }
+            KeyKind::PoolItem(pool, item) => {
+                let text = codec::decode_metadata(&pool, item, kv.value())?;
+                metadata.insert((pool, item.to_string()), text);
+            }
             _ => {}
         }
     }
-    Ok(LockTable::from_parts(locks, next_generation))
+    for ((pool, item), text) in metadata {
+        if let Some(state) = pools.get_mut(&pool).and_then(|p| p.items.get_mut(&item)) {
+            state.metadata = text;
+        }
+    }
+    Ok(LockTable::from_parts(locks, next_generation).with_pools(pools))
 }

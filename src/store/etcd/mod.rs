@@ -8,9 +8,12 @@
 //! first the transaction fails, returns the current values, and the batch is applied again on
 //! them. Nothing is answered before etcd committed.
 //!
-//! Waiting acquires queue inside the stored lock, so arrival order holds across servers. The
-//! transaction that lets a waiter in records the grant in the lock's value; every server watches
-//! the prefix and hands grants to its own waiters. Queue entries carry the id of the server whose
+//! Pools are kept the same way, one value per pool (its items' metadata under keys of their own:
+//! see [`codec`]); a batch touches locks and pools alike ([`Target`]).
+//!
+//! Waiting acquires (and claims) queue inside the stored lock (or pool), so arrival order holds
+//! across servers. The transaction that lets a waiter in records the grant in the value; every
+//! server watches the prefix and hands grants to its own waiters. Queue entries carry the id of the server whose
 //! client waits; a server's liveness is a key on its etcd lease, and queue entries of servers
 //! that are gone are dropped by whichever server notices. Leases of holds are plain times in
 //! the stored value: any server expires them. See `docs/scaling-out.md`.
@@ -39,8 +42,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn,
-    TxnOp, TxnOpResponse, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, Event, EventType, GetOptions,
+    KeyValue, KvClient, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use log::{error, info, warn};
 use parking_lot::Mutex;
@@ -49,11 +52,16 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use self::codec::{KeyKind, Keys, WAITER_BITS, waiter_replica};
 use self::members::Members;
 use super::flow::{self, Backend};
+use super::pool_flow;
 use super::{
-    LockPage, LockStore, LockView, Page, Released, StoreError, WaiterSlot, Withdraw, view,
+    ItemState, LockPage, LockStore, LockView, Page, PoolCounts, Released, StoreError, WaiterSlot,
+    Withdraw, view,
 };
 use crate::metrics::{LockStats, Metrics};
-use crate::rules::{Acquire, Effect, Grant, Holder, Lock, LockTable, Op, WaiterGrant, WaiterId};
+use crate::rules::{
+    Acquire, Effect, Grant, Holder, Item, ItemGrant, Lock, LockTable, Op, Pool, PoolChange, Target,
+    WaiterGrant, WaiterId,
+};
 
 /// Longest one etcd request may take before it counts as failed.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -62,8 +70,23 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(1);
 /// Longest a batch keeps retrying conflicting transactions; and the age past which a queued
 /// operation is refused unapplied. Together they bound how long a request waits for etcd.
 const BATCH_DEADLINE: Duration = Duration::from_secs(4);
-/// Most distinct locks one transaction touches (etcd allows 128 operations per transaction).
-const MAX_LOCKS_PER_TXN: usize = 100;
+/// Most operations in each branch of one transaction (etcd allows 128 by default,
+/// `--max-txn-ops`); the rest is room for the generation counter. A lock costs one, a pool two
+/// (its value, and the metadata its items' keys hold); see `writer::Budget`.
+const MAX_TXN_OPS: usize = 100;
+/// Of [`MAX_TXN_OPS`], what a batch keeps for expiring leases that ran out.
+const EXPIRY_ROOM: usize = 20;
+/// Most item metadata one transaction writes, in bytes: etcd refuses requests over
+/// `--max-request-bytes` (1.5 MiB by default), and the pools' values and the locks of the batch
+/// need room too. A single addition or update (at most 64 KiB of metadata) always fits.
+const MAX_TXN_METADATA_BYTES: usize = 512 * 1024;
+/// Largest answer this server takes from etcd (gRPC's default is 4 MiB): reading a pool with its
+/// metadata, or everything under the prefix at start-up, can be more.
+const MAX_ANSWER_BYTES: usize = 1 << 30;
+/// How often a `check` of a pool item (`wait_item`) looks at this server's cache, and how
+/// often at least it asks etcd itself.
+const POLL_ITEM: Duration = Duration::from_millis(50);
+const RECHECK_ITEM: Duration = Duration::from_secs(1);
 /// Most operations in one batch.
 const MAX_BATCH: usize = 4096;
 /// Lifetime of a server's liveness lease, and how often it is renewed.
@@ -145,43 +168,21 @@ impl Shared {
         }
     }
 
-    /// Applies one lock's value (or its deletion) seen at `as_of`, delivering grants it records.
-    fn observe_lock(&self, name: &str, kv: Option<&KeyValue>, as_of: i64, deliver: bool) {
-        let (entry, grants) = match kv {
-            Some(kv) => match codec::decode_lock(name, kv.value()) {
-                Ok(decoded) => (
-                    Entry {
-                        lock: Some(decoded.lock),
-                        unconfirmed: decoded.unconfirmed,
-                        mod_revision: kv.mod_revision(),
-                        as_of,
-                    },
-                    decoded.grants,
-                ),
-                Err(e) => {
-                    error!("{e}");
-                    return;
-                }
-            },
-            None => (
-                Entry {
-                    lock: None,
-                    unconfirmed: Vec::new(),
-                    mod_revision: 0,
-                    as_of,
-                },
-                Vec::new(),
-            ),
-        };
-        self.cache.lock().set_lock(name, entry);
-        if deliver {
-            for grant in grants {
-                if waiter_replica(grant.waiter) == self.replica {
-                    self.deliver(grant);
-                }
+    /// Hands over the grants, recorded in values this server took in, to its own waiters.
+    fn deliver_all(&self, grants: Vec<WaiterGrant>) {
+        for grant in grants {
+            if waiter_replica(grant.waiter) == self.replica {
+                self.deliver(grant);
             }
         }
     }
+}
+
+/// A KV client that takes answers of up to [`MAX_ANSWER_BYTES`].
+fn kv(client: &Client) -> KvClient {
+    client
+        .kv_client()
+        .max_decoding_message_size(MAX_ANSWER_BYTES)
 }
 
 pub struct EtcdStore {
@@ -211,11 +212,15 @@ impl EtcdStore {
         })?;
         let (shared, members, writer, lease) = started;
         shared.cache.lock().limits = options.limits;
+        let (locks, pools) = {
+            let cache = shared.cache.lock();
+            (cache.held().count(), cache.present_pools().count())
+        };
         info!(
-            "etcd at {}, prefix {:?}: {} lock(s) held, this server is replica {}",
+            "etcd at {}, prefix {:?}: {locks} lock(s) held, {pools} pool(s), this server is \
+             replica {}",
             options.connection.endpoints.join(","),
             options.connection.prefix,
-            shared.cache.lock().held().count(),
             shared.replica
         );
         let (shutdown, _) = watch::channel(false);
@@ -253,6 +258,113 @@ impl EtcdStore {
     }
 }
 
+impl EtcdStore {
+    /// Runs a transaction of reads (linearizable, at one revision); the answers of its gets.
+    async fn read_txn(&self, txn: Txn) -> Result<Vec<etcd_client::GetResponse>, StoreError> {
+        let response = self
+            .read(REQUEST_TIMEOUT, move |client| {
+                let (mut kv, txn) = (kv(&client), txn.clone());
+                async move { kv.txn(txn).await }
+            })
+            .await?;
+        Ok(response
+            .op_responses()
+            .into_iter()
+            .filter_map(|r| match r {
+                TxnOpResponse::Get(get) => Some(get),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Fills in `pool`'s metadata from the cache if the cache holds the pool as of
+    /// `mod_revision` with every item's metadata; `false` (nothing changed) otherwise.
+    fn metadata_from_cache(&self, name: &str, mod_revision: i64, pool: &mut Pool) -> bool {
+        let cache = self.shared.cache.lock();
+        let current = cache
+            .pools
+            .get(name)
+            .is_some_and(|e| e.value.is_some() && e.mod_revision == mod_revision);
+        if !current {
+            return false;
+        }
+        let known = cache.metadata.get(name);
+        let complete = pool.items.keys().all(|item| {
+            known
+                .and_then(|m| m.get(item))
+                .is_some_and(|m| m.mod_revision <= mod_revision)
+        });
+        if !complete {
+            return false;
+        }
+        if let Some(known) = known {
+            for (item, state) in &mut pool.items {
+                if let Some(m) = known.get(item) {
+                    state.metadata = m.text.clone();
+                }
+            }
+        }
+        true
+    }
+
+    /// A pool's value and its items' metadata, read from etcd at one revision.
+    async fn read_pool(&self, name: &str) -> Result<Option<Pool>, StoreError> {
+        let txn = Txn::new().and_then([
+            TxnOp::get(self.shared.keys.pool(name), None),
+            TxnOp::get(
+                self.shared.keys.pool_items(name),
+                Some(GetOptions::new().with_prefix()),
+            ),
+        ]);
+        let mut gets = self.read_txn(txn).await?.into_iter();
+        let (Some(value), Some(items)) = (gets.next(), gets.next()) else {
+            return Err(unavailable("a pool read came back incomplete"));
+        };
+        let Some(kv) = value.kvs().first() else {
+            return Ok(None);
+        };
+        let mut pool = codec::decode_pool(name, kv.value())
+            .map_err(unavailable)?
+            .pool;
+        let prefix = self.shared.keys.pool_items(name);
+        for kv in items.kvs() {
+            let Some(item) = kv.key_str().ok().and_then(|k| k.strip_prefix(&prefix)) else {
+                continue;
+            };
+            if let Some(state) = pool.items.get_mut(item) {
+                state.metadata =
+                    codec::decode_metadata(name, item, kv.value()).map_err(unavailable)?;
+            }
+        }
+        Ok(Some(pool))
+    }
+
+    /// One item of a pool with its metadata, read at one revision; `None`: no such item.
+    async fn read_item(&self, pool: &str, item: &str) -> Result<Option<Item>, StoreError> {
+        let txn = Txn::new().and_then([
+            TxnOp::get(self.shared.keys.pool(pool), None),
+            TxnOp::get(self.shared.keys.pool_item(pool, item), None),
+        ]);
+        let mut gets = self.read_txn(txn).await?.into_iter();
+        let (Some(value), Some(metadata)) = (gets.next(), gets.next()) else {
+            return Err(unavailable("an item read came back incomplete"));
+        };
+        let Some(kv) = value.kvs().first() else {
+            return Ok(None);
+        };
+        let mut decoded = codec::decode_pool(pool, kv.value())
+            .map_err(unavailable)?
+            .pool;
+        let Some(mut found) = decoded.items.remove(item) else {
+            return Ok(None);
+        };
+        if let Some(kv) = metadata.kvs().first() {
+            found.metadata = codec::decode_metadata(pool, item, kv.value()).map_err(unavailable)?;
+        }
+        Ok(Some(found))
+    }
+}
+
 #[async_trait]
 impl Backend for EtcdStore {
     type Withdrawer = Arc<Shared>;
@@ -264,14 +376,8 @@ impl Backend for EtcdStore {
     ) -> Result<Effect, StoreError> {
         // Known before the transaction runs: the watch may deliver the grant before the
         // writer answers.
-        if let (
-            Some(grant),
-            Op::Acquire {
-                waiter: Some(id), ..
-            },
-        ) = (grant, &op)
-        {
-            self.shared.waiters.lock().insert(*id, grant);
+        if let (Some(grant), Some(id)) = (grant, op.queues_waiter()) {
+            self.shared.waiters.lock().insert(id, grant);
         }
         let (reply, answer) = oneshot::channel();
         self.shared
@@ -340,7 +446,7 @@ impl Backend for EtcdStore {
             .lock()
             .locks
             .get(name)
-            .and_then(|e| e.lock.as_ref())
+            .and_then(|e| e.value.as_ref())
             .map(|l| l.keys())
             .unwrap_or_default()
     }
@@ -389,7 +495,7 @@ async fn start(
         wake: Notify::new(),
         metrics,
     });
-    let revision = load_all(&mut etcd, &shared, false)
+    let revision = load_all(&etcd, &shared, false)
         .await
         .map_err(OpenError::Load)?;
     tokio::spawn(keep_alive(members.clone(), shared.clone(), lease.clone()));
@@ -408,6 +514,144 @@ async fn start(
 
 #[async_trait]
 impl LockStore for EtcdStore {
+    async fn claim(
+        &self,
+        pool: String,
+        item: Option<String>,
+        request: Acquire,
+        wait: Option<Duration>,
+    ) -> Result<ItemGrant, StoreError> {
+        pool_flow::claim(self, pool, item, request, wait).await
+    }
+
+    async fn release_item(
+        &self,
+        pool: String,
+        item: String,
+        key: Option<String>,
+        requestor: Option<String>,
+    ) -> Result<Option<Holder>, StoreError> {
+        pool_flow::release(self, pool, item, key, requestor).await
+    }
+
+    async fn add_item(
+        &self,
+        pool: String,
+        item: String,
+        metadata: Arc<str>,
+        claim: Option<Acquire>,
+    ) -> Result<bool, StoreError> {
+        pool_flow::add(self, pool, item, metadata, claim).await
+    }
+
+    async fn update_item(
+        &self,
+        pool: String,
+        item: String,
+        metadata: Arc<str>,
+        wait: Option<Duration>,
+    ) -> Result<bool, StoreError> {
+        pool_flow::update(self, pool, item, metadata, wait).await
+    }
+
+    async fn remove_item(
+        &self,
+        pool: String,
+        item: String,
+        key: Option<String>,
+    ) -> Result<Option<Holder>, StoreError> {
+        pool_flow::remove(self, pool, item, key).await
+    }
+
+    /// A linearizable read of the pool's value. Its items' metadata comes from this server's
+    /// cache when the cache holds that very value (the usual case: the watch is quick), as the
+    /// cache then holds the metadata as of it too (see `cache.rs`); otherwise it is read from
+    /// etcd with the value, at one revision. So a claim's answer, which shows its item's
+    /// metadata, does not read every item's.
+    async fn pool(&self, name: &str) -> Result<Option<Pool>, StoreError> {
+        let key = self.shared.keys.pool(name);
+        let response = self
+            .read(REQUEST_TIMEOUT, move |client| {
+                let (mut kv, key) = (kv(&client), key.clone());
+                async move { kv.get(key, None).await }
+            })
+            .await?;
+        let Some(kv) = response.kvs().first() else {
+            return Ok(None);
+        };
+        let mut pool = codec::decode_pool(name, kv.value())
+            .map_err(unavailable)?
+            .pool;
+        if self.metadata_from_cache(name, kv.mod_revision(), &mut pool) {
+            return Ok(Some(pool));
+        }
+        self.read_pool(name).await
+    }
+
+    /// A linearizable read of every pool's value (their metadata is not needed).
+    async fn pools(&self) -> Result<Vec<PoolCounts>, StoreError> {
+        let prefix = self.shared.keys.pools_prefix();
+        let start = prefix.clone();
+        let response = self
+            .read(REQUEST_TIMEOUT, move |client| {
+                let (mut kv, start) = (kv(&client), start.clone());
+                async move { kv.get(start, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await?;
+        let mut pools = Vec::new();
+        for kv in response.kvs() {
+            let Some(name) = kv.key_str().ok().and_then(|k| k.strip_prefix(&prefix)) else {
+                continue;
+            };
+            let pool = codec::decode_pool(name, kv.value())
+                .map_err(unavailable)?
+                .pool;
+            pools.push(PoolCounts::of(name, &pool));
+        }
+        Ok(pools)
+    }
+
+    /// Looks at etcd (a linearizable read); while the item is not in `state`, waits until this
+    /// server's cache (kept by the watch) shows it other than etcd did, or [`RECHECK_ITEM`]
+    /// passed, and looks at etcd again: at most once per [`POLL_ITEM`], usually once a second.
+    async fn wait_item(
+        &self,
+        pool: &str,
+        item: &str,
+        state: ItemState,
+        wait: Duration,
+    ) -> Result<Option<Item>, StoreError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut shutdown = self.shutdown.subscribe();
+        let mut slot = None;
+        loop {
+            let Some(current) = self.read_item(pool, item).await? else {
+                return Ok(None);
+            };
+            let seen = ItemState::of(&current);
+            if seen == state || tokio::time::Instant::now() >= deadline {
+                return Ok(Some(current));
+            }
+            if slot.is_none() {
+                slot = Some(WaiterSlot::take(&self.waiting, self.max_waiters)?);
+            }
+            let recheck = deadline.min(tokio::time::Instant::now() + RECHECK_ITEM);
+            loop {
+                let pause = recheck.min(tokio::time::Instant::now() + POLL_ITEM);
+                tokio::select! {
+                    () = tokio::time::sleep_until(pause) => {}
+                    _ = shutdown.wait_for(|stopping| *stopping) => {
+                        return Err(StoreError::ShuttingDown);
+                    }
+                }
+                let cached = self.shared.cache.lock().item_state(pool, item);
+                if cached != Some(seen) || tokio::time::Instant::now() >= recheck {
+                    break;
+                }
+            }
+        }
+    }
+
     async fn acquire(
         &self,
         name: String,

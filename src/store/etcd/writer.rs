@@ -85,19 +85,26 @@ impl Writer {
     /// live servers (the cache alone may not have seen a new server register yet).
     pub(super) async fn dead_waiters(&mut self) -> Vec<Op> {
         self.last_purge = Instant::now();
-        let suspects: Vec<(String, WaiterId, Option<WaiterGrant>)> = {
+        let suspects: Vec<(Target, WaiterId, Option<WaiterGrant>)> = {
             let cache = self.shared.cache.lock();
-            let queued = cache.held().flat_map(|(name, lock)| {
+            let in_locks = cache.held().flat_map(|(name, lock)| {
                 lock.queued()
-                    .map(|(id, _)| (name.clone(), id, None))
+                    .map(|(id, _)| (Target::Lock(name.clone()), id, None))
                     .collect::<Vec<_>>()
             });
-            let unconfirmed = cache.locks.values().flat_map(|e| {
-                e.unconfirmed
-                    .iter()
-                    .map(|g| (g.name.clone(), g.waiter, Some(g.clone())))
+            let in_pools = cache.present_pools().flat_map(|(name, pool)| {
+                pool.queued()
+                    .map(|(id, _, _)| (Target::Pool(name.clone()), id, None))
+                    .collect::<Vec<_>>()
             });
-            queued
+            let unconfirmed = cache
+                .locks
+                .values()
+                .flat_map(|e| &e.unconfirmed)
+                .chain(cache.pools.values().flat_map(|e| &e.unconfirmed))
+                .map(|g| (g.target(), g.waiter, Some(g.clone())));
+            in_locks
+                .chain(in_pools)
                 .chain(unconfirmed)
                 .filter(|(_, id, _)| {
                     let replica = waiter_replica(*id);
@@ -134,15 +141,16 @@ impl Writer {
         suspects
             .into_iter()
             .filter(|(_, id, _)| !live.contains(&waiter_replica(*id)))
-            .take(MAX_LOCKS_PER_TXN)
-            .map(|(name, waiter, grant)| {
+            .take(MAX_TXN_OPS)
+            .map(|(target, waiter, grant)| {
                 info!(
-                    "dropping waiter {waiter} on lock {name:?}: its server (replica {}) is gone",
+                    "dropping waiter {waiter} on {}: its server (replica {}) is gone",
+                    describe(&target),
                     waiter_replica(waiter)
                 );
                 match grant {
                     Some(grant) => Op::Revoke(grant),
-                    None => Op::Cancel { name, waiter },
+                    None => Op::cancel(&target, waiter),
                 }
             })
             .collect()
@@ -150,21 +158,51 @@ impl Writer {
 
     pub(super) async fn run_batch(&mut self, incoming: Vec<Command>) {
         let started = Instant::now();
+        let expire_due = self
+            .shared
+            .cache
+            .lock()
+            .next_expiry()
+            .is_some_and(|at| at <= SystemTime::now());
+        // With a lease run out, room is kept for expiring it.
+        let limit = if expire_due {
+            MAX_TXN_OPS - EXPIRY_ROOM
+        } else {
+            MAX_TXN_OPS
+        };
+        let mut budget = Budget::default();
         let mut internal = Vec::new();
+        let mut candidates = Vec::new();
         if self.backoff().is_zero() || !incoming.is_empty() {
-            internal.append(&mut self.retry);
+            candidates.append(&mut self.retry);
         }
         if self.last_purge.elapsed() >= PURGE_EVERY {
-            internal.extend(self.dead_waiters().await);
+            candidates.extend(self.dead_waiters().await);
+        }
+        for op in candidates {
+            if budget.admit(op.target(), Some(&op), limit) {
+                internal.push(op);
+            } else {
+                self.backlog.push_back(Command::Internal(op));
+            }
         }
         let mut clients: Vec<Pending> = Vec::new();
         let mut confirms: Vec<PendingConfirm> = Vec::new();
-        let mut names: BTreeSet<String> = internal
-            .iter()
-            .filter_map(|op| op.lock_name().map(str::to_string))
-            .collect();
         let mut commands = incoming.into_iter();
         while let Some(command) = commands.next() {
+            let fits = match &command {
+                Command::Client { op, .. } | Command::Internal(op) => {
+                    budget.admit(op.target(), Some(op), limit)
+                }
+                Command::Confirm { grant, .. } => budget.admit(Some(grant.target()), None, limit),
+                Command::Shutdown => true,
+            };
+            if !fits {
+                // For the next batch, in their order.
+                self.backlog.push_back(command);
+                self.backlog.extend(commands.by_ref());
+                break;
+            }
             match command {
                 Command::Client { op, reply, since } => {
                     if since.elapsed() > BATCH_DEADLINE {
@@ -173,34 +211,15 @@ impl Writer {
                         )));
                         continue;
                     }
-                    if let Some(name) = op.lock_name()
-                        && !names.contains(name)
-                        && names.len() >= MAX_LOCKS_PER_TXN
-                    {
-                        self.backlog.push_back(Command::Client { op, reply, since });
-                        self.backlog.extend(commands.by_ref());
-                        break;
-                    }
-                    names.extend(op.lock_name().map(str::to_string));
                     clients.push(Pending { op, reply });
                 }
-                Command::Internal(op) => {
-                    names.extend(op.lock_name().map(str::to_string));
-                    internal.push(op);
-                }
+                Command::Internal(op) => internal.push(op),
                 Command::Confirm { grant, reply } => {
-                    names.insert(grant.name.clone());
                     confirms.push(PendingConfirm { grant, reply });
                 }
                 Command::Shutdown => {}
             }
         }
-        let expire_due = self
-            .shared
-            .cache
-            .lock()
-            .next_expiry()
-            .is_some_and(|at| at <= SystemTime::now());
         if clients.is_empty() && internal.is_empty() && confirms.is_empty() && !expire_due {
             return;
         }
@@ -210,16 +229,23 @@ impl Writer {
             attempt += 1;
             let now = SystemTime::now();
             let mut ops: Vec<Op> = internal.clone();
-            let mut names = names.clone();
+            let mut targets = budget.clone();
             if expire_due {
-                let expired = self.shared.cache.lock().expired_names(now);
-                if !expired.is_empty() {
-                    names.extend(expired);
+                let mut expiring = false;
+                let cache = self.shared.cache.lock();
+                for target in cache.expired(now).take(MAX_TXN_OPS) {
+                    if !targets.admit(Some(target.clone()), None, MAX_TXN_OPS) {
+                        break;
+                    }
+                    expiring = true;
+                }
+                drop(cache);
+                if expiring {
                     ops.push(Op::Expire);
                 }
             }
             ops.extend(clients.iter().map(|p| p.op.clone()));
-            let plan = self.plan(&names, &ops, &confirmed, now);
+            let plan = self.plan(&targets.targets, &ops, &confirmed, now);
             let plan = match plan {
                 Ok(plan) => plan,
                 Err(e) => {
@@ -240,9 +266,9 @@ impl Writer {
             // a transaction that may have been applied is never sent twice.
             let result = self
                 .members
-                .call(REQUEST_TIMEOUT, |mut client| {
-                    let txn = txn.clone();
-                    async move { client.txn(txn).await }
+                .call(REQUEST_TIMEOUT, |client| {
+                    let (mut kv, txn) = (kv(&client), txn.clone());
+                    async move { kv.txn(txn).await }
                 })
                 .await;
             let response = match result {
@@ -268,7 +294,7 @@ impl Writer {
                 return;
             }
             // Another server changed what we read: take its values and apply the batch again.
-            self.refresh(&names, response.op_responses(), revision);
+            self.refresh(&targets.targets, response.op_responses(), revision);
             if started.elapsed() > BATCH_DEADLINE {
                 self.fail(
                     clients,
@@ -281,23 +307,24 @@ impl Writer {
         }
     }
 
-    /// Applies `ops` to the cached locks in `names` and turns the result into a transaction:
-    /// read what the batch touches, apply it with the rules, settle the unconfirmed grants,
-    /// then write every lock that changed (and the generation counter if it moved), on the
+    /// Applies `ops` to the cached locks and pools in `targets` and turns the result into a
+    /// transaction: read what the batch touches, apply it with the rules, settle the
+    /// unconfirmed grants, then write every lock and pool that changed (with the metadata of
+    /// items added, changed or removed, and the generation counter if it moved), on the
     /// condition that nothing read has changed in etcd meanwhile.
     pub(super) fn plan(
         &self,
-        names: &BTreeSet<String>,
+        targets: &BTreeSet<Target>,
         ops: &[Op],
         confirms: &[WaiterGrant],
         now: SystemTime,
     ) -> Result<Plan, codec::CodecError> {
-        let mut read = self.read_cached(names);
+        let mut read = self.read_cached(targets);
         let effects: Vec<Effect> = ops.iter().map(|op| read.table.apply(op, now)).collect();
-        let grants = grants_by_lock(&effects);
+        let grants = grants_by_target(&effects);
         let (unconfirmed, confirmed) =
             settle_confirmations(&read.unconfirmed, &grants, ops, confirms);
-        let (mut writes, after) = self.lock_writes(&read, &grants, unconfirmed)?;
+        let (mut writes, after) = self.target_writes(&read, &grants, unconfirmed)?;
         let mut compares = read.compares;
         let mut reads = read.reads;
         let next_generation = read.table.next_generation();
@@ -327,47 +354,72 @@ impl Writer {
         })
     }
 
-    /// The cached state of the locks in `names`, as a table the rules can apply a batch to, with
-    /// the transaction's conditions (each lock's revision as read) and reads.
-    fn read_cached(&self, names: &BTreeSet<String>) -> CachedRead {
+    /// The cached state of the locks and pools in `targets`, as a table the rules can apply a
+    /// batch to, with the transaction's conditions (each key's revision as read) and reads.
+    fn read_cached(&self, targets: &BTreeSet<Target>) -> CachedRead {
+        let keys = &self.shared.keys;
         let cache = self.shared.cache.lock();
-        let mut before: BTreeMap<String, Option<Lock>> = BTreeMap::new();
-        let mut unconfirmed: BTreeMap<String, Vec<WaiterGrant>> = BTreeMap::new();
+        let mut locks: BTreeMap<String, Option<Lock>> = BTreeMap::new();
+        let mut pools: BTreeMap<String, Option<Pool>> = BTreeMap::new();
+        let mut unconfirmed: BTreeMap<Target, Vec<WaiterGrant>> = BTreeMap::new();
         let mut compares = Vec::new();
         let mut reads = Vec::new();
-        for name in names {
-            let entry = cache.locks.get(name);
-            let key = self.shared.keys.lock(name);
+        for target in targets {
+            let (key, revision, granted) = match target {
+                Target::Lock(name) => {
+                    let entry = cache.locks.get(name);
+                    locks.insert(name.clone(), entry.and_then(|e| e.value.clone()));
+                    let revision = entry.map(|e| e.mod_revision).unwrap_or(0);
+                    (keys.lock(name), revision, entry.map(|e| &e.unconfirmed))
+                }
+                Target::Pool(name) => {
+                    let entry = cache.pools.get(name);
+                    pools.insert(name.clone(), entry.and_then(|e| e.value.clone()));
+                    let revision = entry.map(|e| e.mod_revision).unwrap_or(0);
+                    (keys.pool(name), revision, entry.map(|e| &e.unconfirmed))
+                }
+            };
             compares.push(Compare::mod_revision(
                 key.clone(),
                 CompareOp::Equal,
-                entry.map(|e| e.mod_revision).unwrap_or(0),
+                revision,
             ));
             reads.push(TxnOp::get(key, None));
-            before.insert(name.clone(), entry.and_then(|e| e.lock.clone()));
-            unconfirmed.insert(
-                name.clone(),
-                entry.map(|e| e.unconfirmed.clone()).unwrap_or_default(),
-            );
+            if let Target::Pool(name) = target {
+                // Metadata written since the value read: a transaction that writes an item's
+                // metadata writes its pool's value too, so nothing older can have changed.
+                let since = GetOptions::new()
+                    .with_prefix()
+                    .with_min_mod_revision(revision + 1);
+                reads.push(TxnOp::get(keys.pool_items(name), Some(since)));
+            }
+            unconfirmed.insert(target.clone(), granted.cloned().unwrap_or_default());
         }
-        let parts = before
+        let lock_parts = locks
             .iter()
             .filter_map(|(n, l)| l.clone().map(|l| (n.clone(), l)))
+            .collect();
+        let pool_parts = pools
+            .iter()
+            .filter_map(|(n, p)| p.clone().map(|p| (n.clone(), p)))
             .collect();
         // The table holds only the locks this batch touches: the lock limit leaves room for
         // the ones it does not.
         let elsewhere = cache
             .present
-            .saturating_sub(before.values().filter(|l| l.is_some()).count());
+            .saturating_sub(locks.values().filter(|l| l.is_some()).count());
         let limits = crate::rules::Limits {
             locks: cache.limits.locks.saturating_sub(elsewhere),
             ..cache.limits
         };
-        let table = LockTable::from_parts(parts, cache.next_generation.max(1)).with_limits(limits);
+        let table = LockTable::from_parts(lock_parts, cache.next_generation.max(1))
+            .with_pools(pool_parts)
+            .with_limits(limits);
         CachedRead {
             start_generation: table.next_generation(),
             meta_revision: cache.meta_revision,
-            before,
+            locks,
+            pools,
             unconfirmed,
             compares,
             reads,
@@ -375,28 +427,36 @@ impl Writer {
         }
     }
 
-    /// A put or delete of every lock whose value changed: its holdings and queue, the grants
-    /// this batch made on it, or its unconfirmed grants. Also what each lock will be after.
-    fn lock_writes(
+    /// A put or delete of every lock and pool whose value changed: holdings, queue, the grants
+    /// this batch made on it, or its unconfirmed grants; and of the metadata keys of every item
+    /// added, changed or removed. Also what each will be after.
+    fn target_writes(
         &self,
         read: &CachedRead,
-        grants: &BTreeMap<&str, Vec<WaiterGrant>>,
-        mut unconfirmed_after: BTreeMap<String, Vec<WaiterGrant>>,
-    ) -> Result<(Vec<TxnOp>, LocksAfter), codec::CodecError> {
+        grants: &BTreeMap<Target, Vec<WaiterGrant>>,
+        mut unconfirmed_after: BTreeMap<Target, Vec<WaiterGrant>>,
+    ) -> Result<(Vec<TxnOp>, After), codec::CodecError> {
+        let keys = &self.shared.keys;
         let mut writes = Vec::new();
-        let mut after = BTreeMap::new();
-        for (name, old) in &read.before {
-            let new = read.table.lock(name).cloned();
-            let granted = grants.get(name.as_str()).map(Vec::as_slice).unwrap_or(&[]);
-            let mut unconfirmed = unconfirmed_after.remove(name).unwrap_or_default();
-            if new.is_none() {
+        let mut after = After::default();
+        let mut settle = |target: &Target, present: bool| {
+            let granted = grants.get(target).map(Vec::as_slice).unwrap_or(&[]);
+            let mut unconfirmed = unconfirmed_after.remove(target).unwrap_or_default();
+            if !present {
                 unconfirmed.clear();
             }
-            if &new == old && granted.is_empty() && read.unconfirmed.get(name) == Some(&unconfirmed)
-            {
+            let unchanged =
+                granted.is_empty() && read.unconfirmed.get(target) == Some(&unconfirmed);
+            (granted, unconfirmed, unchanged)
+        };
+        for (name, old) in &read.locks {
+            let new = read.table.lock(name).cloned();
+            let target = Target::Lock(name.clone());
+            let (granted, unconfirmed, unchanged) = settle(&target, new.is_some());
+            if &new == old && unchanged {
                 continue;
             }
-            let key = self.shared.keys.lock(name);
+            let key = keys.lock(name);
             match &new {
                 Some(lock) => writes.push(TxnOp::put(
                     key,
@@ -405,7 +465,59 @@ impl Writer {
                 )),
                 None => writes.push(TxnOp::delete(key, None)),
             }
-            after.insert(name.clone(), (new, unconfirmed));
+            after.locks.insert(name.clone(), (new, unconfirmed));
+        }
+        for (name, old) in &read.pools {
+            let new = read.table.pool(name).cloned();
+            let target = Target::Pool(name.clone());
+            let (granted, unconfirmed, unchanged) = settle(&target, new.is_some());
+            if &new == old && unchanged {
+                continue;
+            }
+            let key = keys.pool(name);
+            let mut metadata = Vec::new();
+            match &new {
+                Some(pool) => {
+                    writes.push(TxnOp::put(
+                        key,
+                        codec::encode_pool(pool, granted, &unconfirmed)?,
+                        None,
+                    ));
+                    let before = old.as_ref().map(|p| &p.items);
+                    for (item, state) in &pool.items {
+                        let was = before.and_then(|items| items.get(item));
+                        if was.is_none_or(|was| was.metadata != state.metadata) {
+                            writes.push(TxnOp::put(
+                                keys.pool_item(name, item),
+                                codec::encode_metadata(&state.metadata),
+                                None,
+                            ));
+                            metadata.push((item.clone(), Some(state.metadata.clone())));
+                        }
+                    }
+                    for item in before.into_iter().flat_map(|items| items.keys()) {
+                        if !pool.items.contains_key(item) {
+                            writes.push(TxnOp::delete(keys.pool_item(name, item), None));
+                            metadata.push((item.clone(), None));
+                        }
+                    }
+                }
+                None => {
+                    writes.push(TxnOp::delete(key, None));
+                    writes.push(TxnOp::delete(
+                        keys.pool_items(name),
+                        Some(DeleteOptions::new().with_prefix()),
+                    ));
+                }
+            }
+            after.pools.insert(
+                name.clone(),
+                PoolAfter {
+                    pool: new,
+                    unconfirmed,
+                    metadata,
+                },
+            );
         }
         Ok((writes, after))
     }
@@ -422,13 +534,29 @@ impl Writer {
             self.shared.metrics.write(started.elapsed(), operations);
         }
         let mut cache = self.shared.cache.lock();
-        for (name, (lock, unconfirmed)) in plan.after {
+        for (name, (lock, unconfirmed)) in plan.after.locks {
             let mod_revision = if lock.is_some() { revision } else { 0 };
             cache.set_lock(
                 &name,
                 Entry {
-                    lock,
+                    value: lock,
                     unconfirmed,
+                    mod_revision,
+                    as_of: revision,
+                },
+            );
+        }
+        for (name, after) in plan.after.pools {
+            // Metadata first: see `cache.rs`.
+            for (item, text) in after.metadata {
+                cache.set_metadata(&name, &item, text, revision);
+            }
+            let mod_revision = if after.pool.is_some() { revision } else { 0 };
+            cache.set_pool(
+                &name,
+                Entry {
+                    value: after.pool,
+                    unconfirmed: after.unconfirmed,
                     mod_revision,
                     as_of: revision,
                 },
@@ -441,10 +569,11 @@ impl Writer {
         log_effects(&plan.effects);
     }
 
-    /// Takes the current values a failed transaction returned into the cache.
+    /// Takes the current values a failed transaction returned into the cache, in the order
+    /// [`Writer::read_cached`] asked for them.
     pub(super) fn refresh(
         &mut self,
-        names: &BTreeSet<String>,
+        targets: &BTreeSet<Target>,
         responses: Vec<TxnOpResponse>,
         revision: i64,
     ) {
@@ -452,24 +581,36 @@ impl Writer {
             TxnOpResponse::Get(get) => Some(get),
             _ => None,
         });
-        for name in names {
-            let Some(get) = gets.next() else { return };
-            // Grants in these values reach their waiters through the watch, not from here.
-            self.shared
-                .observe_lock(name, get.kvs().first(), revision, false);
+        let mut cache = self.shared.cache.lock();
+        // Grants in these values reach their waiters through the watch, not from here.
+        for target in targets {
+            match target {
+                Target::Lock(name) => {
+                    let Some(get) = gets.next() else { return };
+                    cache.observe_lock(name, get.kvs().first(), revision);
+                }
+                Target::Pool(name) => {
+                    let (Some(value), Some(items)) = (gets.next(), gets.next()) else {
+                        return;
+                    };
+                    let prefix = self.shared.keys.pool_items(name);
+                    for kv in items.kvs() {
+                        let key = kv.key_str().ok().and_then(|k| k.strip_prefix(&prefix));
+                        if let Some(item) = key {
+                            cache.observe_metadata(name, item, Some(kv), revision);
+                        }
+                    }
+                    cache.observe_pool(name, value.kvs().first(), revision);
+                }
+            }
         }
         if let Some(get) = gets.next() {
             match get.kvs().first() {
                 Some(kv) => match codec::decode_meta(kv.value()) {
-                    Ok(next) => {
-                        self.shared
-                            .cache
-                            .lock()
-                            .set_meta(next, kv.mod_revision(), revision)
-                    }
+                    Ok(next) => cache.set_meta(next, kv.mod_revision(), revision),
                     Err(e) => error!("{e}"),
                 },
-                None => self.shared.cache.lock().set_meta(1, 0, revision),
+                None => cache.set_meta(1, 0, revision),
             }
         }
     }
@@ -494,11 +635,61 @@ impl Writer {
             let _ = confirm.reply.send(Err(unavailable(&reason)));
         }
         // Clean-up must not be lost: it is applied again with a later batch.
-        self.retry.extend(
-            internal
-                .into_iter()
-                .filter(|op| matches!(op, Op::Cancel { .. } | Op::Revoke(_))),
-        );
+        self.retry
+            .extend(internal.into_iter().filter(Op::is_cleanup));
+    }
+}
+
+/// What one batch holds, kept within what etcd takes in one transaction: at most
+/// [`MAX_TXN_OPS`] operations in each branch, and [`MAX_TXN_METADATA_BYTES`] of item metadata.
+/// A lock costs one operation in each branch (a comparison, a put or delete, a read back on a
+/// conflict); a pool two (its value, and its metadata: read back since the value's revision;
+/// deleted by prefix when the pool goes); an addition, update or removal of an item one more
+/// (the put or delete of its metadata key).
+#[derive(Clone, Default)]
+pub(super) struct Budget {
+    pub(super) targets: BTreeSet<Target>,
+    ops: usize,
+    metadata: usize,
+}
+
+impl Budget {
+    /// Adds what `target` and `op` need, if it fits within `limit` operations; an empty budget
+    /// takes anything, so that no operation is ever too big to be tried.
+    pub(super) fn admit(&mut self, target: Option<Target>, op: Option<&Op>, limit: usize) -> bool {
+        let new = target.filter(|t| !self.targets.contains(t));
+        let (item_ops, bytes) = op.map(item_writes).unwrap_or((0, 0));
+        let ops = new.as_ref().map_or(0, cost) + item_ops;
+        let empty = self.ops == 0 && self.metadata == 0;
+        if !empty && (self.ops + ops > limit || self.metadata + bytes > MAX_TXN_METADATA_BYTES) {
+            return false;
+        }
+        self.ops += ops;
+        self.metadata += bytes;
+        self.targets.extend(new);
+        true
+    }
+}
+
+/// The operations a lock or pool costs in each branch of a transaction.
+fn cost(target: &Target) -> usize {
+    match target {
+        Target::Lock(_) => 1,
+        Target::Pool(_) => 2,
+    }
+}
+
+/// The metadata keys an operation may write (puts and deletes) and the bytes it may put.
+fn item_writes(op: &Op) -> (usize, usize) {
+    let Op::Pool { name, change } = op else {
+        return (0, 0);
+    };
+    match change {
+        PoolChange::Add { item, metadata, .. } | PoolChange::Update { item, metadata } => {
+            (1, name.len() + item.len() + metadata.len())
+        }
+        PoolChange::Remove { .. } => (1, 0),
+        PoolChange::Claim { .. } | PoolChange::Release { .. } | PoolChange::Cancel { .. } => (0, 0),
     }
 }
 
@@ -507,52 +698,68 @@ pub(super) struct Plan {
     pub(super) compares: Vec<Compare>,
     pub(super) writes: Vec<TxnOp>,
     pub(super) reads: Vec<TxnOp>,
-    pub(super) after: LocksAfter,
+    pub(super) after: After,
     pub(super) next_generation: Option<u64>,
     pub(super) effects: Vec<Effect>,
     /// For each confirmation, whether its grant still stood.
     pub(super) confirmed: Vec<bool>,
 }
 
-/// Each written lock as it will be: its value (`None`: deleted) and its unconfirmed grants.
-pub(super) type LocksAfter = BTreeMap<String, (Option<Lock>, Vec<WaiterGrant>)>;
+/// Each written lock and pool as it will be.
+#[derive(Default)]
+pub(super) struct After {
+    /// A lock's value (`None`: deleted) and its unconfirmed grants.
+    pub(super) locks: BTreeMap<String, (Option<Lock>, Vec<WaiterGrant>)>,
+    pub(super) pools: BTreeMap<String, PoolAfter>,
+}
+
+/// A written pool as it will be.
+pub(super) struct PoolAfter {
+    /// `None`: deleted, with its items' metadata.
+    pub(super) pool: Option<Pool>,
+    pub(super) unconfirmed: Vec<WaiterGrant>,
+    /// The metadata keys written: each item's text, or `None` when deleted.
+    pub(super) metadata: Vec<(String, Option<Arc<str>>)>,
+}
 
 /// What [`Writer::plan`] read from the cache for one batch.
 struct CachedRead {
     /// The touched locks as cached (`None`: free).
-    before: BTreeMap<String, Option<Lock>>,
+    locks: BTreeMap<String, Option<Lock>>,
+    /// The touched pools as cached (`None`: no such pool).
+    pools: BTreeMap<String, Option<Pool>>,
     /// Their unconfirmed grants as cached.
-    unconfirmed: BTreeMap<String, Vec<WaiterGrant>>,
-    /// The transaction's conditions: each lock's mod revision as read.
+    unconfirmed: BTreeMap<Target, Vec<WaiterGrant>>,
+    /// The transaction's conditions: each key's mod revision as read.
     compares: Vec<Compare>,
     /// Reads returning the current values when a condition fails.
     reads: Vec<TxnOp>,
-    /// The touched locks, for the rules to apply the batch to.
+    /// The touched locks and pools, for the rules to apply the batch to.
     table: LockTable,
     start_generation: u64,
     meta_revision: i64,
 }
 
-/// The waiters a batch let in, by lock.
-fn grants_by_lock(effects: &[Effect]) -> BTreeMap<&str, Vec<WaiterGrant>> {
-    let mut grants: BTreeMap<&str, Vec<WaiterGrant>> = BTreeMap::new();
+/// The waiters a batch let in, by lock or pool.
+fn grants_by_target(effects: &[Effect]) -> BTreeMap<Target, Vec<WaiterGrant>> {
+    let mut grants: BTreeMap<Target, Vec<WaiterGrant>> = BTreeMap::new();
     for grant in effects.iter().flat_map(|e| e.grants()) {
         grants
-            .entry(grant.name.as_str())
+            .entry(grant.target())
             .or_default()
             .push(grant.clone());
     }
     grants
 }
 
-/// The unconfirmed grants of each lock after a batch (new grants join; confirmed and revoked
-/// ones leave), and for each confirmation whether its grant still stood.
+/// The unconfirmed grants of each lock and pool after a batch (new grants join; confirmed and
+/// revoked ones leave), and for each confirmation whether its grant still stood.
 fn settle_confirmations(
-    before: &BTreeMap<String, Vec<WaiterGrant>>,
-    grants: &BTreeMap<&str, Vec<WaiterGrant>>,
+    before: &BTreeMap<Target, Vec<WaiterGrant>>,
+    grants: &BTreeMap<Target, Vec<WaiterGrant>>,
     ops: &[Op],
     confirms: &[WaiterGrant],
-) -> (BTreeMap<String, Vec<WaiterGrant>>, Vec<bool>) {
+) -> (BTreeMap<Target, Vec<WaiterGrant>>, Vec<bool>) {
     let revoked: BTreeSet<WaiterId> = ops
         .iter()
         .filter_map(|op| match op {
@@ -561,8 +768,8 @@ fn settle_confirmations(
         })
         .collect();
     let mut after = before.clone();
-    for (name, granted) in grants {
-        if let Some(list) = after.get_mut(*name) {
+    for (target, granted) in grants {
+        if let Some(list) = after.get_mut(target) {
             list.extend(granted.iter().cloned());
         }
     }
@@ -571,7 +778,7 @@ fn settle_confirmations(
         .map(|c| {
             !revoked.contains(&c.waiter)
                 && after
-                    .get(&c.name)
+                    .get(&c.target())
                     .is_some_and(|list| list.iter().any(|g| g.waiter == c.waiter))
         })
         .collect();
@@ -580,6 +787,14 @@ fn settle_confirmations(
         list.retain(|g| !revoked.contains(&g.waiter) && !confirmed_ids.contains(&g.waiter));
     }
     (after, confirmed)
+}
+
+/// A lock or pool, for log lines.
+fn describe(target: &Target) -> String {
+    match target {
+        Target::Lock(name) => format!("lock {name:?}"),
+        Target::Pool(name) => format!("pool {name:?}"),
+    }
 }
 
 pub(super) fn log_effects(effects: &[Effect]) {
@@ -595,9 +810,13 @@ pub(super) fn log_effects(effects: &[Effect]) {
             }
             Effect::Expiry(expiry) => {
                 for gone in &expiry.expired {
+                    let what = match &gone.item {
+                        Some(item) => format!("item {item:?} of pool {:?}", gone.name),
+                        None => format!("lock {:?}", gone.name),
+                    };
                     info!(
-                        "lease of {:?} on lock {:?} (key {:?}) expired",
-                        gone.requestor, gone.name, gone.key
+                        "lease of {:?} on {what} (key {:?}) expired",
+                        gone.requestor, gone.key
                     );
                 }
             }

@@ -12,6 +12,10 @@ use litemap::LiteMap;
 use rpds::QueueSync;
 use serde::{Deserialize, Serialize};
 
+pub mod pool;
+
+pub use pool::{ClaimOutcome, Item, ItemGrant, Pool, PoolChange, PoolOutcome};
+
 /// Identifies one queued waiting acquire; chosen by the caller, unique per table.
 pub type WaiterId = u64;
 
@@ -114,6 +118,41 @@ pub struct Holder {
 }
 
 impl Holder {
+    /// A new holding under `key`, with no requestors yet.
+    fn new(key: &str, generation: u64, now: SystemTime) -> Self {
+        Holder {
+            key: key.to_string(),
+            generation,
+            acquired_at: now,
+            info: Info::new(),
+            requestors: Requestors::with_capacity(1),
+        }
+    }
+
+    /// Adds `request`'s requestor to this holding (or counts it up, or renews its lease).
+    fn add(&mut self, request: &Acquire, now: SystemTime) -> Grant {
+        if !request.info.is_empty() {
+            self.info = request.info.clone();
+        }
+        let hold = self
+            .requestors
+            .entry(request.requestor.clone())
+            .or_insert(RequestorHold {
+                count: 0,
+                expires_at: None,
+                release_with_build: None,
+            });
+        if !(request.renew && hold.count > 0) {
+            hold.count += 1;
+        }
+        hold.expires_at = request.ttl.map(|ttl| now + ttl);
+        hold.release_with_build = request.release_with_build.clone();
+        Grant {
+            generation: self.generation,
+            count: hold.count,
+        }
+    }
+
     /// Requestor name → count, the shape of the original API's `locked_by`.
     pub fn counts(&self) -> BTreeMap<String, u64> {
         self.requestors
@@ -260,7 +299,6 @@ impl Lock {
     }
 
     fn grant(&mut self, request: &Acquire, now: SystemTime, next_generation: &mut u64) -> Grant {
-        let expires_at = request.ttl.map(|ttl| now + ttl);
         let index = match self.holder_index(&request.key) {
             Some(index) => index,
             None => {
@@ -270,37 +308,12 @@ impl Lock {
                 if self.holders.capacity() == 0 {
                     self.holders.reserve_exact(1);
                 }
-                self.holders.push(Holder {
-                    key: request.key.clone(),
-                    generation,
-                    acquired_at: now,
-                    info: Info::new(),
-                    requestors: Requestors::with_capacity(1),
-                });
+                self.holders
+                    .push(Holder::new(&request.key, generation, now));
                 self.holders.len() - 1
             }
         };
-        let holder = &mut self.holders[index];
-        if !request.info.is_empty() {
-            holder.info = request.info.clone();
-        }
-        let hold = holder
-            .requestors
-            .entry(request.requestor.clone())
-            .or_insert(RequestorHold {
-                count: 0,
-                expires_at: None,
-                release_with_build: None,
-            });
-        if !(request.renew && hold.count > 0) {
-            hold.count += 1;
-        }
-        hold.expires_at = expires_at;
-        hold.release_with_build = request.release_with_build.clone();
-        Grant {
-            generation: holder.generation,
-            count: hold.count,
-        }
+        self.holders[index].add(request, now)
     }
 
     /// Grants queued waiters in arrival order for as long as the front one fits.
@@ -322,6 +335,7 @@ impl Lock {
             grants.push(WaiterGrant {
                 waiter: waiter.id,
                 name: name.to_string(),
+                item: None,
                 key: waiter.request.key,
                 requestor: waiter.request.requestor,
                 grant,
@@ -352,11 +366,21 @@ pub struct Grant {
     pub count: u64,
 }
 
+impl WaiterGrant {
+    /// The lock or pool granted.
+    pub fn target(&self) -> Target {
+        Target::of(&self.name, self.item.as_ref())
+    }
+}
+
 /// A queued waiter that a release, expiry or cancel let in.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WaiterGrant {
     pub waiter: WaiterId,
+    /// The lock, or with `item` the pool.
     pub name: String,
+    /// The pool item granted; `None` for a lock.
+    pub item: Option<String>,
     pub key: String,
     pub requestor: String,
     pub grant: Grant,
@@ -431,7 +455,9 @@ pub struct ForceRelease {
 /// One requestor's hold that ran out.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Expired {
+    /// The lock, or with `item` the pool.
     pub name: String,
+    pub item: Option<String>,
     pub key: String,
     pub requestor: String,
 }
@@ -441,6 +467,23 @@ pub struct Expired {
 pub struct Expiry {
     pub expired: Vec<Expired>,
     pub grants: Vec<WaiterGrant>,
+}
+
+/// What a change is about: a lock or a pool, by name. Locks and pools have separate names.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Target {
+    Lock(String),
+    Pool(String),
+}
+
+impl Target {
+    /// The target of a grant, an expired hold or a reclaim: the pool when an item is named.
+    fn of(name: &str, item: Option<&String>) -> Target {
+        match item {
+            Some(_) => Target::Pool(name.to_string()),
+            None => Target::Lock(name.to_string()),
+        }
+    }
 }
 
 /// Every lock, plus the fencing counter. Free locks with nobody waiting are not kept.
@@ -454,9 +497,11 @@ pub struct Expiry {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LockTable {
     locks: BTreeMap<String, Arc<Lock>>,
+    /// Pools with items or waiters; copied on write like locks.
+    pools: BTreeMap<String, Arc<Pool>>,
     next_generation: u64,
-    /// (earliest lease expiry, lock name) of every lock with a lease.
-    expiries: BTreeSet<(SystemTime, String)>,
+    /// (earliest lease expiry, lock or pool) of every lock and pool with a lease.
+    expiries: BTreeSet<(SystemTime, Target)>,
     limits: Limits,
 }
 
@@ -464,6 +509,7 @@ impl Default for LockTable {
     fn default() -> Self {
         LockTable {
             locks: BTreeMap::new(),
+            pools: BTreeMap::new(),
             next_generation: 1,
             expiries: BTreeSet::new(),
             limits: Limits::default(),
@@ -488,14 +534,36 @@ impl LockTable {
             .collect::<BTreeMap<_, _>>();
         let expiries = locks
             .iter()
-            .filter_map(|(name, lock)| lock.expires_at().map(|at| (at, name.clone())))
+            .filter_map(|(name, lock)| lock.expires_at().map(|at| (at, Target::Lock(name.clone()))))
             .collect();
         LockTable {
             locks,
+            pools: BTreeMap::new(),
             next_generation: next_generation.max(highest + 1),
             expiries,
             limits: Limits::default(),
         }
+    }
+
+    /// The table with these pools (as persisted), the generation counter raised above every
+    /// item's holding.
+    pub fn with_pools(mut self, pools: BTreeMap<String, Pool>) -> Self {
+        for (name, pool) in pools {
+            if pool.is_unused() {
+                continue;
+            }
+            let highest = pool
+                .items
+                .values()
+                .filter_map(|i| i.holder.as_ref().map(|h| h.generation))
+                .max()
+                .unwrap_or(0);
+            self.next_generation = self.next_generation.max(highest + 1);
+            let target = Target::Pool(name.clone());
+            self.pools.insert(name, Arc::new(pool));
+            self.reindex(&target, None);
+        }
+        self
     }
 
     /// The table with these limits on what requests may add.
@@ -508,45 +576,66 @@ impl LockTable {
         self.limits
     }
 
-    /// Makes the locks named in `names` (and the generation counter) what they are in `other`,
-    /// sharing them: how a committed copy catches up with a batch, or a working copy is rolled
-    /// back, at the cost of the batch rather than of the table.
-    pub fn copy_locks_from<'a>(
+    /// Makes the locks and pools in `targets` (and the generation counter) what they are in
+    /// `other`, sharing them: how a committed copy catches up with a batch, or a working copy is
+    /// rolled back, at the cost of the batch rather than of the table.
+    pub fn copy_from<'a>(
         &mut self,
         other: &LockTable,
-        names: impl IntoIterator<Item = &'a String>,
+        targets: impl IntoIterator<Item = &'a Target>,
     ) {
-        for name in names {
-            let before = self.lock_expiry(name);
-            match other.locks.get(name) {
-                Some(lock) => {
-                    self.locks.insert(name.clone(), lock.clone());
-                }
-                None => {
-                    self.locks.remove(name);
-                }
+        for target in targets {
+            let before = self.expiry_of(target);
+            match target {
+                Target::Lock(name) => match other.locks.get(name) {
+                    Some(lock) => {
+                        self.locks.insert(name.clone(), lock.clone());
+                    }
+                    None => {
+                        self.locks.remove(name);
+                    }
+                },
+                Target::Pool(name) => match other.pools.get(name) {
+                    Some(pool) => {
+                        self.pools.insert(name.clone(), pool.clone());
+                    }
+                    None => {
+                        self.pools.remove(name);
+                    }
+                },
             }
-            self.reindex(name, before);
+            self.reindex(target, before);
         }
         self.next_generation = other.next_generation;
+    }
+
+    fn expiry_of(&self, target: &Target) -> Option<SystemTime> {
+        match target {
+            Target::Lock(name) => self.locks.get(name).and_then(|lock| lock.expires_at()),
+            Target::Pool(name) => self.pools.get(name).and_then(|pool| pool.expires_at()),
+        }
     }
 
     fn lock_expiry(&self, name: &str) -> Option<SystemTime> {
         self.locks.get(name).and_then(|lock| lock.expires_at())
     }
 
-    /// Brings the expiry index up to date for `name`, whose earliest expiry was `before`.
-    fn reindex(&mut self, name: &str, before: Option<SystemTime>) {
-        let after = self.lock_expiry(name);
+    /// Brings the expiry index up to date for `target`, whose earliest expiry was `before`.
+    fn reindex(&mut self, target: &Target, before: Option<SystemTime>) {
+        let after = self.expiry_of(target);
         if before == after {
             return;
         }
         if let Some(at) = before {
-            self.expiries.remove(&(at, name.to_string()));
+            self.expiries.remove(&(at, target.clone()));
         }
         if let Some(at) = after {
-            self.expiries.insert((at, name.to_string()));
+            self.expiries.insert((at, target.clone()));
         }
+    }
+
+    fn reindex_lock(&mut self, name: &str, before: Option<SystemTime>) {
+        self.reindex(&Target::Lock(name.to_string()), before);
     }
 
     /// The held locks and the next generation, for a backend that rebuilds the table.
@@ -567,6 +656,14 @@ impl LockTable {
         self.locks.get(name).map(|lock| &**lock)
     }
 
+    pub fn pools(&self) -> &BTreeMap<String, Arc<Pool>> {
+        &self.pools
+    }
+
+    pub fn pool(&self, name: &str) -> Option<&Pool> {
+        self.pools.get(name).map(|pool| &**pool)
+    }
+
     /// The lock to change, copied first if a clone of the table shares it.
     fn lock_mut(&mut self, name: &str) -> Option<&mut Lock> {
         self.locks.get_mut(name).map(Arc::make_mut)
@@ -577,7 +674,15 @@ impl LockTable {
     }
 
     pub fn waiters(&self) -> usize {
-        self.locks.values().map(|lock| lock.waiters()).sum()
+        self.locks
+            .values()
+            .map(|lock| lock.waiters())
+            .sum::<usize>()
+            + self
+                .pools
+                .values()
+                .map(|pool| pool.waiters())
+                .sum::<usize>()
     }
 
     /// Acquires `name` for `request` if it can be granted now. Otherwise, with a waiter id the
@@ -595,7 +700,7 @@ impl LockTable {
     ) -> AcquireOutcome {
         let before = self.lock_expiry(name);
         let outcome = self.acquire_unindexed(name, request, now, waiter);
-        self.reindex(name, before);
+        self.reindex_lock(name, before);
         outcome
     }
 
@@ -676,6 +781,9 @@ impl LockTable {
     /// same key is never affected.
     /// Returns `None` when that grant is no longer held.
     pub fn revoke(&mut self, grant: &WaiterGrant, now: SystemTime) -> Option<Vec<WaiterGrant>> {
+        if grant.item.is_some() {
+            return self.revoke_item(grant, now);
+        }
         let before = self.lock_expiry(&grant.name);
         let lock = self.lock_mut(&grant.name)?;
         let index = lock
@@ -711,42 +819,50 @@ impl LockTable {
         self.serve_and_tidy(name, now, before)
     }
 
-    /// Whether `waiter` is still queued on `name`.
-    pub fn is_queued(&self, name: &str, waiter: WaiterId) -> bool {
-        self.locks
-            .get(name)
-            .is_some_and(|l| l.queue.iter().any(|w| w.id == waiter))
+    /// Whether `waiter` is still queued on `target`.
+    pub fn is_queued(&self, target: &Target, waiter: WaiterId) -> bool {
+        match target {
+            Target::Lock(name) => self
+                .locks
+                .get(name)
+                .is_some_and(|l| l.queue.iter().any(|w| w.id == waiter)),
+            Target::Pool(name) => self.pools.get(name).is_some_and(|p| p.is_queued(waiter)),
+        }
     }
 
     /// Releases every hold whose lease ran out at or before `now`, then serves the queues.
     pub fn expire(&mut self, now: SystemTime) -> Expiry {
         let mut expiry = Expiry::default();
         // In name order, so that generations are handed out the same whatever the leases.
-        let names: BTreeSet<String> = self
+        let targets: BTreeSet<Target> = self
             .expiries
             .iter()
             .take_while(|(at, _)| *at <= now)
-            .map(|(_, name)| name.clone())
+            .map(|(_, target)| target.clone())
             .collect();
-        for name in names {
-            let before = self.lock_expiry(&name);
-            if let Some(lock) = self.lock_mut(&name) {
-                for holder in &mut lock.holders {
-                    holder.requestors.retain(|requestor, hold| {
-                        let alive = hold.expires_at.is_none_or(|at| at > now);
-                        if !alive {
-                            expiry.expired.push(Expired {
-                                name: name.clone(),
-                                key: holder.key.clone(),
-                                requestor: requestor.clone(),
-                            });
-                        }
-                        alive
-                    });
+        for target in targets {
+            let before = self.expiry_of(&target);
+            match &target {
+                Target::Lock(name) => {
+                    if let Some(lock) = self.lock_mut(name) {
+                        expire_lock(name, lock, now, &mut expiry.expired);
+                    }
                 }
-                lock.holders.retain(|h| !h.requestors.is_empty());
+                Target::Pool(name) => {
+                    if let Some(pool) = self.pools.get_mut(name).map(Arc::make_mut) {
+                        let expired = pool.expire(now).into_iter();
+                        expiry
+                            .expired
+                            .extend(expired.map(|(item, key, requestor)| Expired {
+                                name: name.clone(),
+                                item: Some(item),
+                                key,
+                                requestor,
+                            }));
+                    }
+                }
             }
-            let grants = self.serve_and_tidy(&name, now, before);
+            let grants = self.serve_target(&target, now, before);
             expiry.grants.extend(grants);
         }
         expiry
@@ -773,9 +889,127 @@ impl LockTable {
                 self.locks.remove(name);
             }
         }
-        self.reindex(name, before);
+        self.reindex_lock(name, before);
         grants
     }
+
+    /// [`LockTable::serve_and_tidy`] for a lock or a pool.
+    fn serve_target(
+        &mut self,
+        target: &Target,
+        now: SystemTime,
+        before: Option<SystemTime>,
+    ) -> Vec<WaiterGrant> {
+        match target {
+            Target::Lock(name) => self.serve_and_tidy(name, now, before),
+            Target::Pool(name) => self.serve_pool(name, now, before),
+        }
+    }
+
+    /// Serves the queue of pool `name`, forgets the pool once it has neither items nor
+    /// waiters, and brings the expiry index up to date.
+    fn serve_pool(
+        &mut self,
+        name: &str,
+        now: SystemTime,
+        before: Option<SystemTime>,
+    ) -> Vec<WaiterGrant> {
+        let mut grants = Vec::new();
+        if let Some(pool) = self.pools.get_mut(name).map(Arc::make_mut) {
+            pool.serve_queue(name, now, &mut self.next_generation, &mut grants);
+            if pool.is_unused() {
+                self.pools.remove(name);
+            }
+        }
+        self.reindex(&Target::Pool(name.to_string()), before);
+        grants
+    }
+
+    /// Applies one change to pool `name` (created by an addition or a waiting claim).
+    pub fn change_pool(&mut self, name: &str, change: &PoolChange, now: SystemTime) -> PoolOutcome {
+        let target = Target::Pool(name.to_string());
+        let before = self.expiry_of(&target);
+        let creates = matches!(change, PoolChange::Add { .. } | PoolChange::Update { .. });
+        if creates && !self.pools.contains_key(name) {
+            self.pools.insert(name.to_string(), Arc::default());
+        }
+        let Some(pool) = self.pools.get_mut(name).map(Arc::make_mut) else {
+            return match change {
+                PoolChange::Claim { .. } => PoolOutcome::Claim(ClaimOutcome::NoSuchItem),
+                PoolChange::Cancel { .. } => PoolOutcome::Cancelled(Vec::new()),
+                _ => PoolOutcome::NoSuchItem,
+            };
+        };
+        let next_generation = &mut self.next_generation;
+        let mut outcome = match change {
+            PoolChange::Claim {
+                item,
+                request,
+                waiter,
+            } => PoolOutcome::Claim(pool.claim(
+                item.as_deref(),
+                request,
+                now,
+                *waiter,
+                next_generation,
+            )),
+            PoolChange::Release {
+                item,
+                key,
+                requestor,
+            } => pool.release(item, key.as_deref(), requestor.as_deref()),
+            PoolChange::Add {
+                item,
+                metadata,
+                claim,
+            } => pool.add(item, metadata, claim.as_ref(), now, next_generation),
+            PoolChange::Update { item, metadata } => pool.update(item, metadata),
+            PoolChange::Remove { item, key } => pool.remove(item, key.as_deref()),
+            PoolChange::Cancel { waiter } => {
+                pool.cancel(*waiter);
+                PoolOutcome::Cancelled(Vec::new())
+            }
+        };
+        let served = self.serve_pool(name, now, before);
+        match &mut outcome {
+            PoolOutcome::Freed { grants, .. }
+            | PoolOutcome::Stored { grants, .. }
+            | PoolOutcome::Cancelled(grants) => grants.extend(served),
+            // A claim, or a refusal, frees nothing.
+            _ => debug_assert!(served.is_empty(), "a {change:?} let waiters in"),
+        }
+        outcome
+    }
+
+    /// [`LockTable::revoke`] of a pool item's grant.
+    fn revoke_item(&mut self, grant: &WaiterGrant, now: SystemTime) -> Option<Vec<WaiterGrant>> {
+        let target = Target::Pool(grant.name.clone());
+        let before = self.expiry_of(&target);
+        let pool = self.pools.get_mut(&grant.name).map(Arc::make_mut)?;
+        if !pool.revoke(grant) {
+            return None;
+        }
+        Some(self.serve_pool(&grant.name, now, before))
+    }
+}
+
+/// Drops the holds of `lock` whose lease ran out at `now`, noting each in `expired`.
+fn expire_lock(name: &str, lock: &mut Lock, now: SystemTime, expired: &mut Vec<Expired>) {
+    for holder in &mut lock.holders {
+        holder.requestors.retain(|requestor, hold| {
+            let alive = hold.expires_at.is_none_or(|at| at > now);
+            if !alive {
+                expired.push(Expired {
+                    name: name.to_string(),
+                    item: None,
+                    key: holder.key.clone(),
+                    requestor: requestor.clone(),
+                });
+            }
+            alive
+        });
+    }
+    lock.holders.retain(|h| !h.requestors.is_empty());
 }
 
 /// One operation on the table, as a value: the store keeps the operations of a batch to know
@@ -805,12 +1039,19 @@ pub enum Op {
     /// reclaimer looked at (same generation, same build), so that a next build which took the
     /// lock again with the same key and requestor in the meantime keeps it.
     Reclaim(Reclaim),
+    /// A change to a pool.
+    Pool {
+        name: String,
+        change: PoolChange,
+    },
 }
 
 /// A hold of a finished build, as the reclaimer saw it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reclaim {
+    /// The lock, or with `item` the pool.
     pub name: String,
+    pub item: Option<String>,
     pub key: String,
     pub requestor: String,
     pub generation: u64,
@@ -826,7 +1067,65 @@ impl Op {
             | Op::ForceRelease { name }
             | Op::Cancel { name, .. } => Some(name),
             Op::Revoke(grant) => Some(&grant.name),
-            Op::Reclaim(hold) => Some(&hold.name),
+            Op::Reclaim(hold) if hold.item.is_none() => Some(&hold.name),
+            Op::Reclaim(_) | Op::Pool { .. } | Op::Expire => None,
+        }
+    }
+
+    /// The operation that takes `waiter` out of `target`'s queue.
+    pub fn cancel(target: &Target, waiter: WaiterId) -> Op {
+        match target {
+            Target::Lock(name) => Op::Cancel {
+                name: name.clone(),
+                waiter,
+            },
+            Target::Pool(name) => Op::Pool {
+                name: name.clone(),
+                change: PoolChange::Cancel { waiter },
+            },
+        }
+    }
+
+    /// The waiter this operation takes out of a queue, if it is a cancel.
+    pub fn cancelled_waiter(&self) -> Option<WaiterId> {
+        match self {
+            Op::Cancel { waiter, .. }
+            | Op::Pool {
+                change: PoolChange::Cancel { waiter },
+                ..
+            } => Some(*waiter),
+            _ => None,
+        }
+    }
+
+    /// The waiter this operation may queue (a waiting acquire or claim).
+    pub fn queues_waiter(&self) -> Option<WaiterId> {
+        match self {
+            Op::Acquire { waiter, .. }
+            | Op::Pool {
+                change: PoolChange::Claim { waiter, .. },
+                ..
+            } => *waiter,
+            _ => None,
+        }
+    }
+
+    /// Clean-up the server does on its own (a cancel, or the revoke of an undelivered grant):
+    /// after a failed write it must be applied again later, never dropped.
+    pub fn is_cleanup(&self) -> bool {
+        self.cancelled_waiter().is_some() || matches!(self, Op::Revoke(_))
+    }
+
+    /// The lock or pool this operation is about; `None` for expiry, which may touch any.
+    pub fn target(&self) -> Option<Target> {
+        match self {
+            Op::Acquire { name, .. }
+            | Op::Release { name, .. }
+            | Op::ForceRelease { name }
+            | Op::Cancel { name, .. } => Some(Target::Lock(name.clone())),
+            Op::Revoke(grant) => Some(Target::of(&grant.name, grant.item.as_ref())),
+            Op::Reclaim(hold) => Some(Target::of(&hold.name, hold.item.as_ref())),
+            Op::Pool { name, .. } => Some(Target::Pool(name.clone())),
             Op::Expire => None,
         }
     }
@@ -843,6 +1142,7 @@ pub enum Effect {
     /// A revoke: `None` when the grant was no longer held.
     Revoke(Option<Vec<WaiterGrant>>),
     Expiry(Expiry),
+    Pool(PoolOutcome),
 }
 
 impl Effect {
@@ -858,7 +1158,30 @@ impl Effect {
             Effect::Grants(grants) => !grants.is_empty(),
             Effect::Revoke(revoked) => revoked.is_some(),
             Effect::Expiry(expiry) => !expiry.expired.is_empty(),
+            Effect::Pool(outcome) => outcome.changes_state(),
         }
+    }
+
+    /// The locks and pools this effect changed besides its operation's own target: expired
+    /// holds anywhere, and waiters let in.
+    pub fn targets(&self) -> impl Iterator<Item = Target> + '_ {
+        let expired = match self {
+            Effect::Expiry(expiry) => expiry.expired.as_slice(),
+            _ => &[],
+        };
+        expired
+            .iter()
+            .map(|e| Target::of(&e.name, e.item.as_ref()))
+            .chain(self.grants().iter().map(WaiterGrant::target))
+    }
+
+    /// Whether the operation's waiter was queued (an acquire or claim that must wait).
+    pub fn is_queued(&self) -> bool {
+        matches!(
+            self,
+            Effect::Acquire(AcquireOutcome::Queued)
+                | Effect::Pool(PoolOutcome::Claim(ClaimOutcome::Queued))
+        )
     }
 
     /// Waiters this operation let in.
@@ -868,6 +1191,7 @@ impl Effect {
             Effect::ForceRelease(force) => &force.grants,
             Effect::Grants(grants) | Effect::Revoke(Some(grants)) => grants,
             Effect::Expiry(expiry) => &expiry.grants,
+            Effect::Pool(outcome) => outcome.grants(),
             _ => &[],
         }
     }
@@ -891,8 +1215,33 @@ impl LockTable {
             Op::Cancel { name, waiter } => Effect::Grants(self.cancel(name, *waiter, now)),
             Op::Revoke(grant) => Effect::Revoke(self.revoke(grant, now)),
             Op::Expire => Effect::Expiry(self.expire(now)),
-            Op::Reclaim(hold) => Effect::Release(self.reclaim(hold, now)),
+            Op::Reclaim(hold) => match &hold.item {
+                Some(_) => Effect::Pool(self.reclaim_item(hold, now)),
+                None => Effect::Release(self.reclaim(hold, now)),
+            },
+            Op::Pool { name, change } => Effect::Pool(self.change_pool(name, change, now)),
         }
+    }
+
+    /// Releases a finished build's claim of a pool item if it is still there, unchanged.
+    fn reclaim_item(&mut self, hold: &Reclaim, now: SystemTime) -> PoolOutcome {
+        let Some(item) = hold.item.as_deref() else {
+            return PoolOutcome::NoSuchItem;
+        };
+        let unchanged = self
+            .pool(&hold.name)
+            .and_then(|pool| pool.holding(item, &hold.key, hold.generation))
+            .and_then(|holder| holder.requestors.get(&hold.requestor))
+            .is_some_and(|r| r.release_with_build.as_deref() == Some(&hold.build));
+        if !unchanged {
+            return PoolOutcome::NoSuchItem;
+        }
+        let change = PoolChange::Release {
+            item: item.to_string(),
+            key: Some(hold.key.clone()),
+            requestor: Some(hold.requestor.clone()),
+        };
+        self.change_pool(&hold.name, &change, now)
     }
 
     /// Releases a finished build's hold if it is still there, unchanged.
@@ -948,6 +1297,7 @@ mod tests {
     fn reclaim(generation: u64, build_id: &str) -> Op {
         Op::Reclaim(Reclaim {
             name: "env".into(),
+            item: None,
             key: "k".into(),
             requestor: "job".into(),
             generation,
@@ -1085,13 +1435,13 @@ mod limit_tests {
         let mut committed = working.clone();
         working.release("a", "k", "r", now);
         working.acquire("c", leased, now, None);
-        let touched = ["a".to_string(), "c".to_string()];
-        committed.copy_locks_from(&working, &touched);
+        let touched = [Target::Lock("a".into()), Target::Lock("c".into())];
+        committed.copy_from(&working, &touched);
         assert_eq!(committed, working);
         assert_eq!(committed.next_expiry(), Some(now + Duration::from_secs(60)));
         // And back: a working copy rolled back to the committed one.
         working.force_release("b", now);
-        working.copy_locks_from(&committed, &["b".to_string()]);
+        working.copy_from(&committed, &[Target::Lock("b".into())]);
         assert_eq!(working, committed);
     }
 }
