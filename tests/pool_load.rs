@@ -129,13 +129,17 @@ fn thirty_two_clients_share_four_items_without_a_double_hold_in_arrival_order() 
     let total: usize = counts.iter().sum();
     assert!(total >= ACQUISITIONS, "only {total} acquisitions");
     // Arrival order: a client that released queues behind every client already waiting, so
-    // the turns go round; LIFO or any unfair choice lets some clients run far ahead.
+    // the turns go round, give or take the time a client takes to queue again. Serving the
+    // newest waiter first let counts range from 1 to 193; a random choice among waiters would
+    // spread them by about 30 at these counts. Arrival order keeps them within a fifth of the
+    // mean (62 to 67 seen on etcd, on a busy machine).
     let (least, most) = (
         counts.iter().min().copied().unwrap_or(0),
         counts.iter().max().copied().unwrap_or(0),
     );
+    let mean = total / CLIENTS;
     assert!(
-        most - least <= 4,
+        most - least <= mean / 5 + 2,
         "turns were not handed out in arrival order: between {least} and {most} per client ({counts:?})"
     );
     let status = common::call("GET", &server.url("/pool/envs"), None).json();
