@@ -252,22 +252,7 @@ impl Server {
 
     /// CPU time the server has used so far (user + system).
     fn cpu_time(&self) -> Duration {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        // Fields after the command name (which may hold spaces) in parentheses.
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.split_whitespace().collect())
-            .unwrap_or_default();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-        let hz = 100; // USER_HZ on Linux
-        Duration::from_millis((ticks(11) + ticks(12)) * 1000 / hz)
+        proc_cpu_time(&format!("/proc/{}/stat", self.child.id()))
     }
 
     fn rss_mib(&self) -> f64 {
@@ -280,6 +265,25 @@ impl Server {
             .map(|kib| kib / 1024.0)
             .unwrap_or(f64::NAN)
     }
+}
+
+/// CPU time (user + system) of the process whose `/proc/PID/stat` is at `path`.
+fn proc_cpu_time(path: &str) -> Duration {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let hz = 100; // USER_HZ on Linux
+    Duration::from_millis((ticks(11) + ticks(12)) * 1000 / hz)
 }
 
 impl Drop for Server {
@@ -459,6 +463,9 @@ async fn latency(
     seconds: u64,
 ) -> Result<(), Error> {
     let server = Server::start(binary, held).await?;
+    let mut observer = Connection::open(&server.address).await?;
+    let writes_before = writes(&mut observer).await?;
+    let cpu_before = (server.cpu_time(), own_cpu_time());
     let cycles_per_client = rate as f64 / 2.0 / clients as f64;
     let period = Duration::from_secs_f64(1.0 / cycles_per_client);
     let warm_up = Duration::from_secs(1);
@@ -505,6 +512,10 @@ async fn latency(
     for task in tasks {
         acquires.extend(task.await??);
     }
+    let elapsed = started.elapsed().as_secs_f64();
+    let server_cpu = server.cpu_time().saturating_sub(cpu_before.0);
+    let bench_cpu = own_cpu_time().saturating_sub(cpu_before.1);
+    let written = writes(&mut observer).await?.since(&writes_before);
     acquires.sort();
     println!(
         "latency        {clients} clients, {rate} requests/s offered, {held} locks held: {:.0} requests/s done; acquire p50 {} p99 {} p99.9 {} max {}",
@@ -514,7 +525,105 @@ async fn latency(
         millis(percentile(&acquires, 0.999)),
         millis(percentile(&acquires, 1.0)),
     );
+    println!(
+        "               CPU (cores): server {:.2}, load client {:.2}; {written}",
+        server_cpu.as_secs_f64() / elapsed,
+        bench_cpu.as_secs_f64() / elapsed,
+    );
     Ok(())
+}
+
+/// CPU time this process (the load client) has used so far (user + system).
+fn own_cpu_time() -> Duration {
+    proc_cpu_time("/proc/self/stat")
+}
+
+/// The server's durable writes so far, from `/metrics` (the `locker_state_write_*` series).
+#[derive(Default)]
+struct Writes {
+    count: f64,
+    operations: f64,
+    seconds: f64,
+    /// Cumulative counts by upper bound (seconds), as the histogram's buckets.
+    buckets: Vec<(f64, f64)>,
+}
+
+impl Writes {
+    fn since(&self, before: &Writes) -> Writes {
+        Writes {
+            count: self.count - before.count,
+            operations: self.operations - before.operations,
+            seconds: self.seconds - before.seconds,
+            buckets: self
+                .buckets
+                .iter()
+                .map(|(le, n)| {
+                    let earlier = before.buckets.iter().find(|(b, _)| b == le);
+                    (*le, n - earlier.map_or(0.0, |(_, m)| *m))
+                })
+                .collect(),
+        }
+    }
+}
+
+impl std::fmt::Display for Writes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.count == 0.0 {
+            return write!(f, "no durable writes counted");
+        }
+        write!(
+            f,
+            "{:.0} durable writes, {:.1} operations each, {:.2} ms mean",
+            self.count,
+            self.operations / self.count,
+            self.seconds / self.count * 1000.0
+        )?;
+        // The slow tail: how many writes took longer than each bound from 4 ms up.
+        let slower: Vec<String> = self
+            .buckets
+            .iter()
+            .filter(|(le, _)| *le >= 0.004 && le.is_finite())
+            .map(|(le, n)| (le, self.count - n))
+            .filter(|(_, n)| *n > 0.0)
+            .map(|(le, n)| format!("{n:.0} over {:.0} ms", le * 1000.0))
+            .collect();
+        if !slower.is_empty() {
+            write!(f, " ({})", slower.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+async fn writes(observer: &mut Connection) -> Result<Writes, Error> {
+    let (_, body) = observer.exchange("GET", "/metrics", "").await?;
+    let mut writes = Writes::default();
+    for line in String::from_utf8_lossy(&body).lines() {
+        let Some((name, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        match name {
+            "locker_state_write_duration_seconds_count" => writes.count = value,
+            "locker_state_write_duration_seconds_sum" => writes.seconds = value,
+            "locker_state_write_batch_size_sum" => writes.operations = value,
+            _ => {
+                if let Some(le) = name
+                    .strip_prefix("locker_state_write_duration_seconds_bucket{le=\"")
+                    .and_then(|rest| rest.strip_suffix("\"}"))
+                {
+                    let le = if le == "+Inf" {
+                        f64::INFINITY
+                    } else {
+                        le.parse()?
+                    };
+                    writes.buckets.push((le, value));
+                }
+            }
+        }
+    }
+    Ok(writes)
 }
 
 /// Lock+unlock cycles from `clients` clients, each on its own lock, spread over `addresses`.

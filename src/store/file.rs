@@ -193,6 +193,8 @@ impl FileStore {
             epoch: loaded.epoch,
             journal_since: None,
             last_compaction_failure: None,
+            current: None,
+            replaced: Vec::new(),
         };
         writer
             .start(&loaded, options.journal_bytes)
@@ -534,11 +536,11 @@ impl StatePaths {
 
     /// Replaces the state file with `bytes`, durably: whoever reads the file at any instant
     /// sees either the complete old state or the complete new one. A failure says whether the
-    /// new file had already taken the old one's place.
-    fn write_atomically(&self, bytes: &[u8]) -> Result<(), WriteFailure> {
+    /// new file had already taken the old one's place. Returns the new file, open.
+    fn write_atomically(&self, bytes: &[u8]) -> Result<fs::File, WriteFailure> {
         let file = self.file.display();
         match atomic_file::replace(&self.file, |temp| temp.write_all(bytes)) {
-            Ok(_) => Ok(()),
+            Ok(written) => Ok(written),
             Err(ReplaceError::Unchanged(e)) => Err(WriteFailure::io(
                 format!("writing {file}"),
                 &e,
@@ -751,6 +753,13 @@ struct Writer {
     /// When the first record after the last rewrite of the state file was written.
     journal_since: Option<std::time::Instant>,
     last_compaction_failure: Option<std::time::Instant>,
+    /// The state file the last rewrite put in place, kept open so that the next rewrite's
+    /// rename only unlinks it: the last close of a replaced file frees its blocks, and on a
+    /// file system mounted with `discard` (ext4 without a journal here) that issues a TRIM
+    /// and waits for it, inside the rename, before the batch is answered.
+    current: Option<fs::File>,
+    /// Files replaced by this batch's rewrites, closed once it is answered.
+    replaced: Vec<fs::File>,
 }
 
 /// One batch being applied: the operations in order, and whom to answer once it is durable.
@@ -793,6 +802,8 @@ impl Writer {
                 }
             }
             self.run_batch(incoming);
+            // After the answers: the last close of a replaced file frees its blocks.
+            self.replaced.clear();
             if self.compaction_due() || (stopping && self.journal_since.is_some()) {
                 self.compact_logged();
             }
@@ -940,14 +951,18 @@ impl Writer {
             0
         };
         let bytes = encoder.render(self.working.next_generation(), epoch);
-        if let Err(failure) = self.paths.write_atomically(&bytes) {
-            if failure.left == Left::StateFile {
-                // The file names `epoch` now, but after a crash it may be the old one.
-                self.epoch = epoch;
-                self.rewrite_pending = true;
+        let written = match self.paths.write_atomically(&bytes) {
+            Ok(written) => written,
+            Err(failure) => {
+                if failure.left == Left::StateFile {
+                    // The file names `epoch` now, but after a crash it may be the old one.
+                    self.epoch = epoch;
+                    self.rewrite_pending = true;
+                }
+                return Err(failure);
             }
-            return Err(failure);
-        }
+        };
+        self.replaced.extend(self.current.replace(written));
         self.rewrite_pending = false;
         self.epoch = epoch;
         if let Some(journal) = &mut self.journal {
