@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use locker::rules::events::{Event, EventKind, Leaving};
 use locker::rules::{
     Acquire, ClaimOutcome, Effect, Info, LockTable, Op, PoolChange, PoolOutcome, WaiterGrant,
 };
@@ -299,6 +300,7 @@ fn visible(table: &LockTable, start: SystemTime) -> (BTreeMap<String, MItem>, Ve
 fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
     let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
     let mut table = LockTable::default();
+    let mut told = Told::default();
     let mut model = Model {
         next_generation: table.next_generation(),
         ..Model::default()
@@ -462,6 +464,7 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
                     item: item.into(),
                     key: key.map(String::from),
                     requestor: requestor.map(String::from),
+                    by: None,
                 };
                 (
                     Op::Pool {
@@ -532,7 +535,10 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
                 (
                     Op::Pool {
                         name: POOL.into(),
-                        change: PoolChange::Cancel { waiter },
+                        change: PoolChange::Cancel {
+                            waiter,
+                            leaving: Leaving::Withdrawn,
+                        },
                     },
                     expected,
                 )
@@ -563,7 +569,10 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
                 } else {
                     Vec::new()
                 };
-                let effect = table.apply(&Op::Expire, at);
+                let mut events = Vec::new();
+                let effect = table.apply_recorded(&Op::Expire, at, &mut events);
+                told.hear(&events);
+                prop_assert_eq!(&told, &Told::of(&table), "history after expiry");
                 prop_assert_eq!(describe(&effect), format!("expired {expired} {grants:?}"));
                 prop_assert_eq!(
                     visible(&table, start),
@@ -585,7 +594,16 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
             }
         };
         model.tidy();
-        let effect = table.apply(&op, at);
+        let mut events = Vec::new();
+        let effect = table.apply_recorded(&op, at, &mut events);
+        told.hear(&events);
+        prop_assert_eq!(
+            &told,
+            &Told::of(&table),
+            "history after {:?}: {:?}",
+            step,
+            events
+        );
         prop_assert_eq!(describe(&effect), expected, "after {:?}", step);
         prop_assert_eq!(
             visible(&table, start),
@@ -614,5 +632,77 @@ proptest! {
     #[test]
     fn pool_rules_agree_with_a_naive_model(steps in proptest::collection::vec(step(), 1..60)) {
         run(steps)?;
+    }
+}
+
+/// What the history says the pool has: its items, and each claim (item, key, requestor) →
+/// (count, generation), folded from its events alone.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Told {
+    items: std::collections::BTreeSet<String>,
+    holds: BTreeMap<(String, String, String), (u64, u64)>,
+}
+
+impl Told {
+    fn hear(&mut self, events: &[Event]) {
+        for event in events {
+            // A claim of any item waits without naming one.
+            let waiting = matches!(
+                event.kind,
+                EventKind::Queued | EventKind::TimedOut | EventKind::Withdrawn
+            ) && event.generation.is_none();
+            if waiting {
+                continue;
+            }
+            let item = event.item.clone().expect("a pool event names its item");
+            let id = (
+                item.clone(),
+                event.key.clone().unwrap_or_default(),
+                event.requestor.clone().unwrap_or_default(),
+            );
+            match event.kind {
+                EventKind::ItemAdded => assert!(self.items.insert(item), "added twice"),
+                EventKind::ItemRemoved => {
+                    assert!(self.items.remove(&item), "removed what was never added");
+                    self.holds.retain(|(held, _, _), _| *held != item);
+                }
+                EventKind::ItemUpdated => assert!(self.items.contains(&item)),
+                EventKind::Acquired => {
+                    let count = event.count.expect("a claim names the count");
+                    let generation = event.generation.expect("a claim names the generation");
+                    self.holds.insert(id, (count, generation));
+                }
+                EventKind::Released if event.count.is_some() => {
+                    let hold = self
+                        .holds
+                        .get_mut(&id)
+                        .expect("released what was never claimed");
+                    hold.0 = event.count.unwrap_or_default();
+                }
+                kind if kind.ends_holding() => {
+                    let hold = self.holds.remove(&id).expect("ended a claim never made");
+                    assert_eq!(Some(hold.1), event.generation, "{event:?}");
+                }
+                other => panic!("unexpected {other:?} in {event:?}"),
+            }
+        }
+    }
+
+    fn of(table: &LockTable) -> Told {
+        let mut told = Told::default();
+        for pool in table.pools().values() {
+            for (name, item) in &pool.items {
+                told.items.insert(name.clone());
+                if let Some(holder) = &item.holder {
+                    for (requestor, hold) in holder.requestors.iter() {
+                        told.holds.insert(
+                            (name.clone(), holder.key.clone(), requestor.clone()),
+                            (hold.count, holder.generation),
+                        );
+                    }
+                }
+            }
+        }
+        told
     }
 }

@@ -15,6 +15,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
+use locker::rules::events::{Event, EventKind, Leaving};
 use locker::rules::{
     Acquire, AcquireOutcome, BuildRef, Effect, Info, LockTable, Op, Reclaim, ReleaseOutcome,
     WaiterGrant, WaiterId,
@@ -348,6 +349,92 @@ fn visible_model(model: &Model) -> Visible {
         .collect()
 }
 
+/// What the history says the table holds and who waits, folded from its events alone.
+#[derive(Debug, Default)]
+struct Told {
+    /// (lock, key, requestor) → (count, generation).
+    holds: BTreeMap<(String, String, String), (u64, u64)>,
+    /// (lock, key, requestor) → how many of its requests wait.
+    waiting: BTreeMap<(String, String, String), usize>,
+}
+
+impl Told {
+    fn hear(&mut self, events: &[Event]) {
+        for event in events {
+            let id = (
+                event.name.clone(),
+                event.key.clone().unwrap_or_default(),
+                event.requestor.clone().unwrap_or_default(),
+            );
+            let unqueue = |waiting: &mut BTreeMap<_, usize>| {
+                let left = waiting
+                    .get_mut(&id)
+                    .expect("a waiter the history never queued left");
+                *left -= 1;
+                if *left == 0 {
+                    waiting.remove(&id);
+                }
+            };
+            match event.kind {
+                EventKind::Queued => *self.waiting.entry(id).or_default() += 1,
+                EventKind::Acquired => {
+                    if event.waited.is_some() {
+                        unqueue(&mut self.waiting);
+                    }
+                    let count = event.count.expect("an acquire names the count");
+                    let generation = event.generation.expect("an acquire names the generation");
+                    self.holds.insert(id, (count, generation));
+                }
+                EventKind::Released if event.count.is_some() => {
+                    let hold = self
+                        .holds
+                        .get_mut(&id)
+                        .expect("released what the history never gave");
+                    hold.0 = event.count.unwrap_or_default();
+                }
+                EventKind::TimedOut | EventKind::Withdrawn if event.generation.is_none() => {
+                    unqueue(&mut self.waiting);
+                }
+                kind if kind.ends_holding() => {
+                    let hold = self
+                        .holds
+                        .remove(&id)
+                        .expect("ended a holding the history never gave");
+                    assert_eq!(Some(hold.1), event.generation, "{event:?}");
+                    assert!(
+                        event.held.is_some(),
+                        "a holding that ends says how long: {event:?}"
+                    );
+                }
+                EventKind::SlotsChanged => {}
+                other => panic!("the lock rules made a pool event {other:?}"),
+            }
+        }
+    }
+
+    /// The same, read from the table.
+    fn of(table: &LockTable) -> Told {
+        let mut told = Told::default();
+        for (name, lock) in table.locks() {
+            for holder in &lock.holders {
+                for (requestor, hold) in holder.requestors.iter() {
+                    told.holds.insert(
+                        (name.clone(), holder.key.clone(), requestor.clone()),
+                        (hold.count, holder.generation),
+                    );
+                }
+            }
+            for (_, request) in lock.queued() {
+                *told
+                    .waiting
+                    .entry((name.clone(), request.key.clone(), request.requestor.clone()))
+                    .or_default() += 1;
+            }
+        }
+        told
+    }
+}
+
 fn check_invariants(table: &LockTable) {
     for (name, lock) in table.locks() {
         assert!(
@@ -394,6 +481,7 @@ proptest! {
         let mut clock = 0u64;
         let mut queued: Vec<(String, WaiterId)> = Vec::new();
         let mut granted: Vec<WaiterGrant> = Vec::new();
+        let mut told = Told::default();
         let mut next_id: WaiterId = 1;
 
         for step in steps {
@@ -458,7 +546,7 @@ proptest! {
                         lock.holds.clear();
                     }
                     let grants = model.serve(name, now);
-                    (Op::ForceRelease { name: name.into() }, format!("forced {previous} {grants:?}"))
+                    (Op::ForceRelease { name: name.into(), by: None }, format!("forced {previous} {grants:?}"))
                 }
                 Step::Cancel { nth } => {
                     let Some((name, id)) = queued.get(nth).cloned() else { continue };
@@ -466,7 +554,7 @@ proptest! {
                         lock.queue.retain(|q| q.id != id);
                     }
                     let grants = model.serve(&name, now);
-                    (Op::Cancel { name, waiter: id }, format!("grants {grants:?}"))
+                    (Op::Cancel { name, waiter: id, leaving: Leaving::Withdrawn }, format!("grants {grants:?}"))
                 }
                 Step::Revoke { nth } => {
                     let Some(grant) = granted.get(nth).cloned() else { continue };
@@ -522,6 +610,7 @@ proptest! {
                     }
                     model.locks.retain(|_, lock| !lock.holds.is_empty());
                     prop_assert_eq!(visible(&table), visible_model(&model), "after a restart");
+                    told.waiting.clear();
                     check_invariants(&table);
                     continue;
                 }
@@ -540,7 +629,10 @@ proptest! {
                             grants.extend(model.serve(&name, now));
                         }
                     }
-                    let effect = table.apply(&Op::Expire, now);
+                    let mut events = Vec::new();
+                    let effect = table.apply_recorded(&Op::Expire, now, &mut events);
+                    told.hear(&events);
+                    prop_assert_eq!(&told.holds, &Told::of(&table).holds, "history after expiry");
                     let Effect::Expiry(expiry) = &effect else { panic!("expire gave {effect:?}") };
                     prop_assert_eq!(expiry.expired.len(), expired);
                     prop_assert_eq!(grant_ids(&expiry.grants), grants);
@@ -550,7 +642,12 @@ proptest! {
                     continue;
                 }
             };
-            let effect = table.apply(&op, now);
+            let mut events = Vec::new();
+            let effect = table.apply_recorded(&op, now, &mut events);
+            told.hear(&events);
+            let truth = Told::of(&table);
+            prop_assert_eq!(&told.holds, &truth.holds, "history after {:?}: {:?}", op, events);
+            prop_assert_eq!(&told.waiting, &truth.waiting, "queue history after {:?}: {:?}", op, events);
             granted.extend(effect.grants().iter().cloned());
             let actual = match &effect {
                 Effect::Acquire(AcquireOutcome::Granted(g)) => format!("granted {} {}", g.generation, g.count),

@@ -250,6 +250,78 @@ pub struct ItemStored {
     pub changed: bool,
 }
 
+/// One change in the history (`GET /history`, `GET /lock/{name}/history`, `GET /events`).
+///
+/// `kind` is one of `queued`, `acquired`, `released`, `force-released`, `expired`,
+/// `reclaimed`, `timed-out`, `withdrawn`, `slots-changed`, `item-added`, `item-removed`,
+/// `item-updated`. A lock's events name `lock`; a pool's name `pool` and `item`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Event {
+    /// Increasing over the whole history: the `id:` of a server-sent event, and what
+    /// `Last-Event-ID` and `?since=` take.
+    pub id: u64,
+    /// When it happened, RFC 3339.
+    pub at: String,
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requestor: Option<String>,
+    /// The holding's fencing token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+    /// How many times the requestor holds after an acquire or a release of one of several.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    /// The holding's or waiting request's info (the Concourse build).
+    #[serde(default, skip_serializing_if = "Info::is_empty")]
+    pub info: Info,
+    /// How long the request waited in the queue, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waited_ms: Option<u64>,
+    /// How long the holding was held, in milliseconds, when it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_ms: Option<u64>,
+    /// The new slot count of a `slots-changed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slots: Option<u32>,
+    /// Who forced a release: the user and the address the server saw.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+}
+
+impl Event {
+    /// The lock's name, or `pool/item` for a pool's item (`pool` for a pool-wide event).
+    pub fn subject(&self) -> String {
+        match (&self.lock, &self.pool, &self.item) {
+            (Some(lock), _, _) => lock.clone(),
+            (None, Some(pool), Some(item)) => format!("{pool}/{item}"),
+            (None, Some(pool), None) => pool.clone(),
+            (None, None, _) => String::new(),
+        }
+    }
+}
+
+/// A page of the history, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct HistoryPage {
+    pub events: Vec<Event>,
+    /// Ask again with `since` = this for the events after this page (the last event's id, or
+    /// the `since` asked for when the page is empty).
+    pub next: u64,
+    /// Whether more events follow this page now.
+    pub more: bool,
+    /// The oldest event id the server still keeps (0 when it keeps none): a `since` below
+    /// `oldest - 1` has lost what lay between.
+    pub oldest: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -218,7 +218,10 @@ async fn release(
 ) -> Result<HttpResponse, ApiError> {
     let (name, query, body) = parse_lock_request(&request, payload).await?;
     if query.force()? {
-        let forced = state.store.force_release(name.clone()).await;
+        let forced = state
+            .store
+            .force_release(name.clone(), Some(asked_by(&request)))
+            .await;
         match &forced {
             Ok(previous) if previous.is_empty() => state.metrics.release("not_held"),
             Ok(_) => state.metrics.release("forced"),
@@ -248,4 +251,18 @@ async fn release(
         Released::NotHeld => format!("lock {name:?} was not held by {requestor:?}"),
     };
     Ok(HttpResponse::Ok().json(json!({ "response": message })))
+}
+
+/// Who made a request, for the history of a force release: the basic-auth user (never the
+/// password) and the client's address.
+pub(crate) fn asked_by(request: &HttpRequest) -> String {
+    use actix_web::http::header::Header;
+    use actix_web_httpauth::headers::authorization::{Authorization, Basic};
+    let address = request
+        .peer_addr()
+        .map_or_else(|| "an unknown address".to_string(), |a| a.ip().to_string());
+    match Authorization::<Basic>::parse(request) {
+        Ok(auth) => format!("{} from {address}", auth.as_ref().user_id()),
+        Err(_) => format!("a client at {address}"),
+    }
 }

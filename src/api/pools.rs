@@ -253,9 +253,10 @@ async fn release(
 ) -> Result<HttpResponse, ApiError> {
     let body = release_body(request, payload).await?;
     let by_name = body.key.is_none();
+    let by = by_name.then(|| super::asked_by(request));
     let result = state
         .store
-        .release_item(pool.clone(), item.clone(), body.key, body.requestor)
+        .release_item(pool.clone(), item.clone(), body.key, body.requestor, by)
         .await;
     state.metrics.release(match &result {
         Ok(None) => "not_held",

@@ -12,6 +12,7 @@ use litemap::LiteMap;
 use rpds::QueueSync;
 use serde::{Deserialize, Serialize};
 
+pub mod events;
 pub mod pool;
 
 pub use pool::{ClaimOutcome, Item, ItemGrant, Pool, PoolChange, PoolOutcome};
@@ -171,6 +172,8 @@ impl Holder {
 struct Waiter {
     id: WaiterId,
     request: Acquire,
+    /// When it was queued; `None` when a backend restored it without the time.
+    since: Option<SystemTime>,
 }
 
 /// One named lock: up to `slots` holders with distinct keys, and the queue of waiters.
@@ -229,6 +232,12 @@ impl Lock {
         self.queue.iter().map(|w| (w.id, &w.request))
     }
 
+    /// Queued waiters in arrival order with when each was queued (when known), for the views
+    /// of who is waiting.
+    pub fn queued_since(&self) -> impl Iterator<Item = (WaiterId, &Acquire, Option<SystemTime>)> {
+        self.queue.iter().map(|w| (w.id, &w.request, w.since))
+    }
+
     /// Rebuilds a lock with its queue, as a backend that shares the queue stored it.
     pub fn restore(slots: u32, holders: Vec<Holder>, queue: Vec<(WaiterId, Acquire)>) -> Self {
         Lock {
@@ -236,7 +245,11 @@ impl Lock {
             holders,
             queue: queue
                 .into_iter()
-                .map(|(id, request)| Waiter { id, request })
+                .map(|(id, request)| Waiter {
+                    id,
+                    request,
+                    since: None,
+                })
                 .collect(),
         }
     }
@@ -477,6 +490,13 @@ pub enum Target {
 }
 
 impl Target {
+    /// The lock's or the pool's name.
+    pub fn name(&self) -> &str {
+        match self {
+            Target::Lock(name) | Target::Pool(name) => name,
+        }
+    }
+
     /// The target of a grant, an expired hold or a reclaim: the pool when an item is named.
     fn of(name: &str, item: Option<&String>) -> Target {
         match item {
@@ -669,6 +689,14 @@ impl LockTable {
         self.locks.get_mut(name).map(Arc::make_mut)
     }
 
+    /// The locks and pools with a lease run out by `now`.
+    fn expiring(&self, now: SystemTime) -> impl Iterator<Item = &Target> {
+        self.expiries
+            .iter()
+            .take_while(move |(at, _)| *at <= now)
+            .map(|(_, target)| target)
+    }
+
     pub fn next_generation(&self) -> u64 {
         self.next_generation
     }
@@ -733,7 +761,11 @@ impl LockTable {
         }
         match waiter {
             Some(id) => {
-                lock.queue.enqueue_mut(Waiter { id, request });
+                lock.queue.enqueue_mut(Waiter {
+                    id,
+                    request,
+                    since: Some(now),
+                });
                 AcquireOutcome::Queued
             }
             None => AcquireOutcome::Held(Conflict { keys: lock.keys() }),
@@ -957,6 +989,7 @@ impl LockTable {
                 item,
                 key,
                 requestor,
+                ..
             } => pool.release(item, key.as_deref(), requestor.as_deref()),
             PoolChange::Add {
                 item,
@@ -965,7 +998,7 @@ impl LockTable {
             } => pool.add(item, metadata, claim.as_ref(), now, next_generation),
             PoolChange::Update { item, metadata } => pool.update(item, metadata),
             PoolChange::Remove { item, key } => pool.remove(item, key.as_deref()),
-            PoolChange::Cancel { waiter } => {
+            PoolChange::Cancel { waiter, .. } => {
                 pool.cancel(*waiter);
                 PoolOutcome::Cancelled(Vec::new())
             }
@@ -1028,10 +1061,13 @@ pub enum Op {
     },
     ForceRelease {
         name: String,
+        /// Who asked (the user and address the server saw), for the history.
+        by: Option<String>,
     },
     Cancel {
         name: String,
         waiter: WaiterId,
+        leaving: events::Leaving,
     },
     Revoke(WaiterGrant),
     Expire,
@@ -1064,7 +1100,7 @@ impl Op {
         match self {
             Op::Acquire { name, .. }
             | Op::Release { name, .. }
-            | Op::ForceRelease { name }
+            | Op::ForceRelease { name, .. }
             | Op::Cancel { name, .. } => Some(name),
             Op::Revoke(grant) => Some(&grant.name),
             Op::Reclaim(hold) if hold.item.is_none() => Some(&hold.name),
@@ -1073,15 +1109,16 @@ impl Op {
     }
 
     /// The operation that takes `waiter` out of `target`'s queue.
-    pub fn cancel(target: &Target, waiter: WaiterId) -> Op {
+    pub fn cancel(target: &Target, waiter: WaiterId, leaving: events::Leaving) -> Op {
         match target {
             Target::Lock(name) => Op::Cancel {
                 name: name.clone(),
                 waiter,
+                leaving,
             },
             Target::Pool(name) => Op::Pool {
                 name: name.clone(),
-                change: PoolChange::Cancel { waiter },
+                change: PoolChange::Cancel { waiter, leaving },
             },
         }
     }
@@ -1091,7 +1128,7 @@ impl Op {
         match self {
             Op::Cancel { waiter, .. }
             | Op::Pool {
-                change: PoolChange::Cancel { waiter },
+                change: PoolChange::Cancel { waiter, .. },
                 ..
             } => Some(*waiter),
             _ => None,
@@ -1121,7 +1158,7 @@ impl Op {
         match self {
             Op::Acquire { name, .. }
             | Op::Release { name, .. }
-            | Op::ForceRelease { name }
+            | Op::ForceRelease { name, .. }
             | Op::Cancel { name, .. } => Some(Target::Lock(name.clone())),
             Op::Revoke(grant) => Some(Target::of(&grant.name, grant.item.as_ref())),
             Op::Reclaim(hold) => Some(Target::of(&hold.name, hold.item.as_ref())),
@@ -1211,8 +1248,8 @@ impl LockTable {
                 key,
                 requestor,
             } => Effect::Release(self.release(name, key, requestor, now)),
-            Op::ForceRelease { name } => Effect::ForceRelease(self.force_release(name, now)),
-            Op::Cancel { name, waiter } => Effect::Grants(self.cancel(name, *waiter, now)),
+            Op::ForceRelease { name, .. } => Effect::ForceRelease(self.force_release(name, now)),
+            Op::Cancel { name, waiter, .. } => Effect::Grants(self.cancel(name, *waiter, now)),
             Op::Revoke(grant) => Effect::Revoke(self.revoke(grant, now)),
             Op::Expire => Effect::Expiry(self.expire(now)),
             Op::Reclaim(hold) => match &hold.item {
@@ -1240,6 +1277,7 @@ impl LockTable {
             item: item.to_string(),
             key: Some(hold.key.clone()),
             requestor: Some(hold.requestor.clone()),
+            by: None,
         };
         self.change_pool(&hold.name, &change, now)
     }

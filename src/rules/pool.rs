@@ -74,6 +74,8 @@ struct PoolWaiter {
     /// The item asked for; `None`: any free item.
     item: Option<String>,
     request: Acquire,
+    /// When it was queued; `None` when a backend restored it without the time.
+    since: Option<SystemTime>,
 }
 
 /// A pool: its items by name, and the queue of claims waiting for one.
@@ -172,6 +174,8 @@ pub enum PoolChange {
         item: String,
         key: Option<String>,
         requestor: Option<String>,
+        /// For a force release (no key): who asked, for the history.
+        by: Option<String>,
     },
     /// Adds an item, unclaimed or (with `claim`) claimed. Adding what is already there, the
     /// same way, changes nothing; anything else that exists is refused.
@@ -185,7 +189,10 @@ pub enum PoolChange {
     /// Removes an item, claimed or not; with a key, only if it is unclaimed or held under it.
     Remove { item: String, key: Option<String> },
     /// Takes a waiter out of the queue.
-    Cancel { waiter: WaiterId },
+    Cancel {
+        waiter: WaiterId,
+        leaving: super::events::Leaving,
+    },
 }
 
 impl Pool {
@@ -204,6 +211,15 @@ impl Pool {
             .map(|w| (w.id, w.item.as_deref(), &w.request))
     }
 
+    /// Queued claims in arrival order with when each was queued (when known).
+    pub fn queued_since(
+        &self,
+    ) -> impl Iterator<Item = (WaiterId, Option<&str>, &Acquire, Option<SystemTime>)> {
+        self.queue
+            .iter()
+            .map(|w| (w.id, w.item.as_deref(), &w.request, w.since))
+    }
+
     /// Rebuilds a pool with its queue, as a backend that shares the queue stored it.
     pub fn restore(
         items: BTreeMap<String, Item>,
@@ -215,7 +231,12 @@ impl Pool {
             clock,
             queue: queue
                 .into_iter()
-                .map(|(id, item, request)| PoolWaiter { id, item, request })
+                .map(|(id, item, request)| PoolWaiter {
+                    id,
+                    item,
+                    request,
+                    since: None,
+                })
                 .collect(),
         }
     }
@@ -295,6 +316,7 @@ impl Pool {
                     id,
                     item: item.map(str::to_string),
                     request: request.clone(),
+                    since: Some(now),
                 });
                 ClaimOutcome::Queued
             }

@@ -302,8 +302,12 @@ impl LockStore for FileStore {
         flow::reclaim(self, hold).await
     }
 
-    async fn force_release(&self, name: String) -> Result<Vec<Holder>, StoreError> {
-        flow::force_release(self, name).await
+    async fn force_release(
+        &self,
+        name: String,
+        by: Option<String>,
+    ) -> Result<Vec<Holder>, StoreError> {
+        flow::force_release(self, name, by).await
     }
 
     async fn claim(
@@ -322,8 +326,9 @@ impl LockStore for FileStore {
         item: String,
         key: Option<String>,
         requestor: Option<String>,
+        by: Option<String>,
     ) -> Result<Option<Holder>, StoreError> {
-        pool_flow::release(self, pool, item, key, requestor).await
+        pool_flow::release(self, pool, item, key, requestor, by).await
     }
 
     async fn add_item(
@@ -1203,7 +1208,7 @@ fn next_epoch(previous: u64) -> u64 {
 fn log_effects(batch: &Batch) {
     for (op, effect) in batch.ops.iter().zip(&batch.effects) {
         match (op, effect) {
-            (Op::ForceRelease { name }, Effect::ForceRelease(force))
+            (Op::ForceRelease { name, .. }, Effect::ForceRelease(force))
                 if !force.previous.is_empty() =>
             {
                 let previous: Vec<String> = force

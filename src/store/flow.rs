@@ -126,6 +126,7 @@ pub(super) async fn submit_waiting<B: Backend>(
         waiter,
         backend: backend.withdrawer(),
         grant: Some(grant_receiver),
+        leaving: crate::rules::events::Leaving::Withdrawn,
     };
     match backend.submit(op(waiter), Some(grant_sender)).await {
         Ok(effect) if effect.is_queued() => {}
@@ -182,8 +183,9 @@ pub(crate) async fn reclaim<B: Backend>(
 pub(crate) async fn force_release<B: Backend>(
     backend: &B,
     name: String,
+    by: Option<String>,
 ) -> Result<Vec<Holder>, StoreError> {
-    force_release_result(backend.submit(Op::ForceRelease { name }, None).await)
+    force_release_result(backend.submit(Op::ForceRelease { name, by }, None).await)
 }
 
 /// What an acquire's effect means for its client.

@@ -291,7 +291,12 @@ pub trait LockStore: Send + Sync + 'static {
     async fn reclaim(&self, hold: crate::rules::Reclaim) -> Result<Released, StoreError>;
 
     /// Releases every holding of `name` whatever its key; returns the previous holdings.
-    async fn force_release(&self, name: String) -> Result<Vec<Holder>, StoreError>;
+    /// `by`: who asked, for the history.
+    async fn force_release(
+        &self,
+        name: String,
+        by: Option<String>,
+    ) -> Result<Vec<Holder>, StoreError>;
 
     /// The committed state of one lock; `None` when free.
     async fn status(&self, name: &str) -> Result<Option<LockView>, StoreError>;
@@ -315,13 +320,14 @@ pub trait LockStore: Send + Sync + 'static {
     ) -> Result<ItemGrant, StoreError>;
 
     /// Releases `item`: with a key, only that holding's `requestor` (or all of them); with
-    /// none, whoever holds it. The holding ended, if any.
+    /// none, whoever holds it (`by`: who asked, for the history). The holding ended, if any.
     async fn release_item(
         &self,
         pool: String,
         item: String,
         key: Option<String>,
         requestor: Option<String>,
+        by: Option<String>,
     ) -> Result<Option<Holder>, StoreError>;
 
     /// Adds `item` unclaimed, or claimed by `claim`; `Ok(false)` when already there so.
@@ -517,6 +523,8 @@ pub(crate) struct WaitGuard<W: Withdraw> {
     pub(crate) waiter: crate::rules::WaiterId,
     pub(crate) backend: W,
     pub(crate) grant: Option<tokio::sync::oneshot::Receiver<crate::rules::WaiterGrant>>,
+    /// Why the waiter would leave now, for the history: its wait ran out, or it is withdrawn.
+    pub(crate) leaving: crate::rules::events::Leaving,
 }
 
 impl<W: Withdraw> WaitGuard<W> {
@@ -569,7 +577,10 @@ impl<W: Withdraw> WaitGuard<W> {
     ) -> Result<Option<crate::rules::WaiterGrant>, StoreError> {
         let outcome = tokio::select! {
             granted = self.granted() => granted,
-            _ = tokio::time::sleep(wait) => None,
+            _ = tokio::time::sleep(wait) => {
+                self.leaving = crate::rules::events::Leaving::TimedOut;
+                None
+            }
             _ = shutdown.wait_for(|stopping| *stopping) => None,
         };
         if let Some(grant) = outcome.or_else(|| self.give_up()) {
@@ -589,8 +600,11 @@ impl<W: Withdraw> WaitGuard<W> {
 
     fn cancel(&self) {
         self.backend.forget(self.waiter);
-        self.backend
-            .withdraw(crate::rules::Op::cancel(&self.target, self.waiter));
+        self.backend.withdraw(crate::rules::Op::cancel(
+            &self.target,
+            self.waiter,
+            self.leaving,
+        ));
     }
 }
 

@@ -70,11 +70,13 @@ pub(crate) async fn release<B: Backend>(
     item: String,
     key: Option<String>,
     requestor: Option<String>,
+    by: Option<String>,
 ) -> Result<Option<Holder>, StoreError> {
     let change = PoolChange::Release {
         item: item.clone(),
         key,
         requestor,
+        by,
     };
     freed(
         pool.clone(),

@@ -546,6 +546,7 @@ mod tests {
                     item: "e1".into(),
                     key: None,
                     requestor: None,
+                    by: None,
                 },
             },
             now,

@@ -530,8 +530,9 @@ impl LockStore for EtcdStore {
         item: String,
         key: Option<String>,
         requestor: Option<String>,
+        by: Option<String>,
     ) -> Result<Option<Holder>, StoreError> {
-        pool_flow::release(self, pool, item, key, requestor).await
+        pool_flow::release(self, pool, item, key, requestor, by).await
     }
 
     async fn add_item(
@@ -674,8 +675,12 @@ impl LockStore for EtcdStore {
         flow::reclaim(self, hold).await
     }
 
-    async fn force_release(&self, name: String) -> Result<Vec<Holder>, StoreError> {
-        flow::force_release(self, name).await
+    async fn force_release(
+        &self,
+        name: String,
+        by: Option<String>,
+    ) -> Result<Vec<Holder>, StoreError> {
+        flow::force_release(self, name, by).await
     }
 
     async fn status(&self, name: &str) -> Result<Option<LockView>, StoreError> {

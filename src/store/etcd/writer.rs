@@ -150,7 +150,7 @@ impl Writer {
                 );
                 match grant {
                     Some(grant) => Op::Revoke(grant),
-                    None => Op::cancel(&target, waiter),
+                    None => Op::cancel(&target, waiter, crate::rules::events::Leaving::Withdrawn),
                 }
             })
             .collect()
