@@ -314,7 +314,7 @@ fn a_lock_named_with_a_slash_before_history_is_asked_for_encoded() {
 
 #[test]
 fn history_survives_sigkill_under_load_with_every_acknowledged_change_and_no_refused_one() {
-    let mut server = server().start();
+    let server = server().start();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut workers = Vec::new();
     for worker in 0..6 {
