@@ -557,11 +557,7 @@ mod tests {
                 (first, second)
             });
             let mut stream = EventStream::new(&client(port), Filter::Lock("l".into()), None)
-                .with_backoff(RetryPolicy {
-                    first: Duration::from_millis(1),
-                    max: Duration::from_millis(1),
-                    attempts: u32::MAX,
-                });
+                .with_backoff(quick());
             let mut items = Vec::new();
             while items.iter().rev().find_map(id_of) != Some(3) {
                 items.push(stream.next().await.expect("item"));
@@ -580,6 +576,77 @@ mod tests {
             assert!(matches!(items[3], Item::Disconnected { .. }), "{items:?}");
             assert_eq!(items[4], Item::Connected { after: Some(2) });
             assert_eq!(stream.last_id(), Some(3));
+        }
+
+        fn quick() -> RetryPolicy {
+            RetryPolicy {
+                first: Duration::from_millis(1),
+                max: Duration::from_millis(1),
+                attempts: u32::MAX,
+            }
+        }
+
+        #[tokio::test]
+        async fn a_gap_is_reported_and_not_asked_for_again() {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let port = listener.local_addr().expect("address").port();
+            let server = tokio::spawn(async move {
+                let gap = "event: gap\ndata: {\"oldest\":40}\n\n".to_string();
+                let first = serve(&listener, gap).await;
+                let second = serve(&listener, event_data(40)).await;
+                (first, second)
+            });
+            let mut stream =
+                EventStream::new(&client(port), Filter::All, Some(3)).with_backoff(quick());
+            let mut items = Vec::new();
+            while items.iter().rev().find_map(id_of) != Some(40) {
+                items.push(stream.next().await.expect("item"));
+            }
+            let (first, second) = server.await.expect("server");
+            assert!(first.contains("last-event-id: 3\r\n"), "{first}");
+            // Events 4 to 39 are gone: the next connection asks for what follows them.
+            assert!(second.contains("last-event-id: 39\r\n"), "{second}");
+            assert_eq!(items[1], Item::Gap { oldest: 40 }, "{items:?}");
+        }
+
+        #[tokio::test]
+        async fn a_silent_connection_counts_as_dropped() {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let port = listener.local_addr().expect("address").port();
+            let (done, mut finished) = tokio::sync::mpsc::channel::<()>(1);
+            let server = tokio::spawn(async move {
+                // Headers, then nothing, the connection kept open until the test ends.
+                let (mut silent, _) = listener.accept().await.expect("accept");
+                read_head(&mut silent).await;
+                silent
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n")
+                    .await
+                    .expect("write");
+                let head = serve(&listener, event_data(5)).await;
+                finished.recv().await;
+                drop(silent);
+                head
+            });
+            let mut stream = EventStream::new(&client(port), Filter::All, None)
+                .with_backoff(quick())
+                .with_idle(Duration::from_millis(200));
+            assert_eq!(
+                stream.next().await.expect("item"),
+                Item::Connected { after: None }
+            );
+            match stream.next().await.expect("item") {
+                Item::Disconnected { cause, .. } => {
+                    assert!(cause.contains("nothing came for 200ms"), "{cause}")
+                }
+                other => panic!("not a drop: {other:?}"),
+            }
+            assert_eq!(
+                stream.next().await.expect("item"),
+                Item::Connected { after: None }
+            );
+            assert_eq!(stream.next().await.ok().as_ref().and_then(id_of), Some(5));
+            done.send(()).await.expect("done");
+            server.await.expect("server");
         }
 
         #[tokio::test]
