@@ -436,8 +436,8 @@ async fn dashboard_works_under_a_reverse_proxy_path_prefix() {
 
 /// What a proxy saw of the requests it held back by a delay: those whose path starts with one
 /// of `prefixes`. Paths starting with one of `refused` it answers 404 (`/events`: the page
-/// then falls back to polling).
-#[derive(Default)]
+/// then falls back to polling). Its `/events` streams end when `cut` is notified, and new ones
+/// wait while `hold_events` is true.
 struct SlowRequests {
     prefixes: Vec<&'static str>,
     refused: Vec<&'static str>,
@@ -445,6 +445,23 @@ struct SlowRequests {
     asked: std::sync::atomic::AtomicUsize,
     in_flight: std::sync::atomic::AtomicUsize,
     most_at_once: std::sync::atomic::AtomicUsize,
+    cut: tokio::sync::Notify,
+    hold_events: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for SlowRequests {
+    fn default() -> Self {
+        SlowRequests {
+            prefixes: Vec::new(),
+            refused: Vec::new(),
+            delay: Duration::ZERO,
+            asked: Default::default(),
+            in_flight: Default::default(),
+            most_at_once: Default::default(),
+            cut: tokio::sync::Notify::new(),
+            hold_events: tokio::sync::watch::channel(false).0,
+        }
+    }
 }
 
 /// A reverse proxy on a free loopback port: `{prefix}/x` goes to `upstream` as `/x`, anything
@@ -500,6 +517,11 @@ async fn prefix_proxy(
                         break;
                     }
                 }
+                let events = slow.clone().filter(|_| path.starts_with("/events"));
+                if let Some(events) = &events {
+                    let mut held = events.hold_events.subscribe();
+                    let _ = held.wait_for(|hold| !*hold).await;
+                }
                 let slow = slow.filter(|s| s.prefixes.iter().any(|p| path.starts_with(p)));
                 if let Some(slow) = &slow {
                     slow.asked.fetch_add(1, SeqCst);
@@ -512,7 +534,18 @@ async fn prefix_proxy(
                 if let Some(server) = &mut server
                     && server.write_all(request.as_bytes()).await.is_ok()
                 {
-                    let _ = tokio::io::copy_bidirectional(&mut browser, server).await;
+                    let copy = tokio::io::copy_bidirectional(&mut browser, server);
+                    match &events {
+                        Some(events) => {
+                            tokio::select! {
+                                _ = copy => {}
+                                () = events.cut.notified() => {}
+                            }
+                        }
+                        None => {
+                            let _ = copy.await;
+                        }
+                    }
                 }
                 Some(())
             });
@@ -1085,9 +1118,10 @@ fn queue_for_deploy_prod(
 
 /// The page follows `GET /events`: opened with credentials in the URL (EventSource, like fetch,
 /// refuses a URL with userinfo) behind a proxy that counts `GET /locks`, a lock taken and a
-/// waiter served through the API show on the page with no `GET /locks` between. An opened lock
-/// shows who waits, front first, and its last events with how long the holdings were held and
-/// the requests waited.
+/// waiter served through the API show on the page with no `GET /locks` between, also across a
+/// dropped stream (the browser resumes it with Last-Event-ID). An opened lock shows who waits,
+/// front first, and its last events with how long the holdings were held and the requests
+/// waited.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_follows_live_events_and_shows_who_waits_and_the_history() {
     use std::sync::atomic::Ordering::SeqCst;
@@ -1193,7 +1227,7 @@ async fn dashboard_follows_live_events_and_shows_who_waits_and_the_history() {
             &server,
             "DELETE",
             "/lock/deploy-prod",
-            Some(json!({"key": "build-42"})),
+            Some(json!({"key": "build-42", "requestor": "prod-job"})),
         );
         assert_eq!(freed.status, 200, "{}", freed.body);
     });
@@ -1240,7 +1274,7 @@ async fn dashboard_follows_live_events_and_shows_who_waits_and_the_history() {
             &server,
             "DELETE",
             "/lock/deploy-prod",
-            Some(json!({"key": "pipeline-b"})),
+            Some(json!({"key": "pipeline-b", "requestor": "build-18"})),
         );
         assert_eq!(freed.status, 200, "{}", freed.body);
     });
@@ -1254,6 +1288,28 @@ async fn dashboard_follows_live_events_and_shows_who_waits_and_the_history() {
             .is_some_and(|t| t.contains("Nobody waits.")),
         "{state:#}"
     );
+    assert_eq!(counted.asked.load(SeqCst), polls, "GET /locks was polled");
+
+    // A dropped stream resumes where it stopped: a change made while it is down (its
+    // reconnection held at the proxy) shows once it is back, still without GET /locks.
+    counted.hold_events.send_replace(true);
+    counted.cut.notify_waiters();
+    wait_for_live(&client, "the stream down", |s| s["live"] == "false").await;
+    blocking(|| {
+        let taken = authed(
+            &server,
+            "PUT",
+            "/lock/while-away",
+            Some(json!({"key": "wa"})),
+        );
+        assert_eq!(taken.status, 200, "{}", taken.body);
+    });
+    counted.hold_events.send_replace(false);
+    let state = wait_for_live(&client, "the change made while the stream was down", |s| {
+        s["live"] == "true" && s["rows"]["while-away"].is_array()
+    })
+    .await;
+    assert_eq!(state["rows"]["while-away"][1], "wa", "{state:#}");
     assert_eq!(counted.asked.load(SeqCst), polls, "GET /locks was polled");
     let screenshot = client.screenshot().await.expect("screenshot");
     let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-live.png");

@@ -1,8 +1,9 @@
 // locker dashboard: renders a page of GET /locks as a table and the pools of GET /pools, kept
 // up to date by the live events of GET /events (docs/history.md): each event names the lock or
 // pool it changed, and only that one is asked for again (GET /lock/{name}, GET /pool/{pool}).
-// The whole page is loaded again only when the stream (re)starts, when it says events were lost
-// (`gap`), and when the filter or the page size changes. Only if the stream cannot be had (an
+// The whole page is loaded again only when the stream starts (a dropped one is resumed by the
+// browser with Last-Event-ID, the server sending what was missed), when it says events were
+// lost (`gap`), and when the filter or the page size changes. Only if the stream cannot be had (an
 // older server, a proxy that refuses it) does the page fall back to polling, every POLL_S
 // seconds (the page's `?poll=` overrides it), trying the stream again now and then.
 // Whatever the cause, the page asks one thing at a time (the locks, the pools, each pool the
@@ -59,7 +60,9 @@ let streamError = null; // why the page polls instead, if it does
 let retryTimer = null; // the next attempt at the stream, without it
 
 const expanded = new Set(); // locks whose details the user opened
-const details = new Map(); // opened lock's name → {status, history: Map id → event, historyError, stale}
+// Opened lock's name → {status: its GET /lock/{name}, history: Map id → event (the stream's
+// from the opening on, and GET /lock/{name}/history's once `loaded`), historyError, stale}.
+const details = new Map();
 let locksError = null; // why the last GET /locks failed, if it did
 let poolsError = null; // why the last GET /pools (or of an opened pool) failed, if it did
 
@@ -242,7 +245,9 @@ function toggleDetails(name) {
     details.delete(name);
   } else {
     expanded.add(name);
-    details.set(name, { status: null, history: null, historyError: null, stale: false });
+    details.set(name, {
+      status: null, history: new Map(), loaded: false, historyError: null, stale: false,
+    });
     dirtyLocks.add(name); // its queue
   }
   renderLocks();
@@ -310,15 +315,17 @@ function detailRow(name, lock, now) {
   td.colSpan = 9;
   const found = details.get(name) || {};
   const status = found.status;
-  const queue = status && Array.isArray(status.queue) ? status.queue : null;
+  const queue = status && (Array.isArray(status.queue) ? status.queue : "unlisted");
 
   const queueBox = el("div", null, "queue");
   queueBox.append(el("h3", "Who is waiting"));
   if (!queue) {
     queueBox.append(el("p", "Loading…", "note"));
+  } else if (queue === "unlisted") {
+    queueBox.append(el("p", plural(lock.waiters || 0, "waiter", "waiters") +
+      " (the server does not list its queue).", "note"));
   } else if (queue.length === 0) {
-    queueBox.append(el("p", (lock.waiters || 0) > 0 ? "The server does not list its queue."
-      : "Nobody waits.", "note"));
+    queueBox.append(el("p", "Nobody waits.", "note"));
   } else {
     const list = el("ol");
     for (const waiter of queue) list.append(queueEntry(waiter, now));
@@ -329,7 +336,7 @@ function detailRow(name, lock, now) {
   historyBox.append(el("h3", "Last events"));
   if (found.historyError) {
     historyBox.append(el("p", found.historyError, "note error"));
-  } else if (!found.history) {
+  } else if (!found.loaded) {
     historyBox.append(el("p", "Loading…", "note"));
   } else if (found.history.size === 0) {
     historyBox.append(el("p", "No events kept.", "note"));
@@ -694,16 +701,17 @@ async function loadHistory(name) {
     const { body } = await getJson(url, "/" + path);
     if (details.get(name) !== found) return; // closed meanwhile
     found.stale = false;
-    const history = new Map();
-    for (const event of Array.isArray(body.events) ? body.events : []) history.set(event.id, event);
-    // Events that arrived over the stream while this was asked for are kept too.
-    for (const [id, event] of found.history || []) history.set(id, event);
-    found.history = trimmed(history);
+    // Beside the events that came over the stream meanwhile, which this may lack.
+    for (const event of Array.isArray(body.events) ? body.events : []) {
+      found.history.set(event.id, event);
+    }
+    trimmed(found.history);
+    found.loaded = true;
     found.historyError = null;
   } catch (error) {
     if (details.get(name) !== found) return;
     found.stale = false;
-    found.history = found.history || new Map();
+    found.loaded = true;
     found.historyError = "Cannot load its history: " + error.message;
   }
 }
@@ -784,7 +792,7 @@ async function work() {
     }
     const unloaded = [...expanded].find((name) => {
       const found = details.get(name);
-      return found && (!found.history || found.stale);
+      return found && (!found.loaded || found.stale);
     });
     if (unloaded !== undefined) {
       await loadHistory(unloaded);
@@ -848,7 +856,7 @@ function onEvent(message) {
   if (typeof event.lock === "string") {
     dirtyLocks.add(event.lock);
     const found = details.get(event.lock);
-    if (found && found.history && typeof event.id === "number") {
+    if (found && typeof event.id === "number") {
       found.history.set(event.id, event);
       trimmed(found.history);
     }
@@ -880,15 +888,22 @@ function openStream() {
   const waited = setTimeout(() => {
     if (stream === source && !live) refresh(); // show something while the stream is slow
   }, EVENTS_WAIT_MS);
+  let resumes = false; // an event with an id came: a reconnection sends it as Last-Event-ID
+  const received = (message) => {
+    if (message.lastEventId) resumes = true;
+    onEvent(message);
+  };
   source.addEventListener("open", () => {
     clearTimeout(waited);
     live = true;
     streamError = null;
     showMode();
-    refresh(); // what changed before the stream began
+    // The first time, what changed before the stream began; after a reconnection the server
+    // sends what was missed, unless no event had come yet to resume from.
+    if (!resumes) refresh();
   });
-  for (const kind of EVENT_KINDS) source.addEventListener(kind, onEvent);
-  source.addEventListener("message", onEvent);
+  for (const kind of EVENT_KINDS) source.addEventListener(kind, received);
+  source.addEventListener("message", received);
   source.addEventListener("gap", () => refresh()); // events were lost: load everything
   source.addEventListener("error", () => {
     if (stream !== source) return;
