@@ -296,7 +296,9 @@ function historyTable(entries, now) {
     const tr = el("tr");
     tr.dataset.kind = event.kind;
     tr.append(
-      cell("When", event.at ? when(event.at, (now - Date.parse(event.at)) / 1000, "") : "—"),
+      event.at
+        ? cell("When", when(event.at, (now - Date.parse(event.at)) / 1000, ""), " ago")
+        : cell("When", "—"),
       cell("Event", el("span", event.kind, "kind")),
       cell("Key", event.key ? el("code", event.key) : "—"),
       cell("Requestor", event.requestor || "—"),
