@@ -38,7 +38,7 @@ use super::pool_flow;
 use super::state_file;
 use super::{
     ItemState, LockPage, LockStore, LockView, Page, PoolCounts, Released, StoreError, WaiterSlot,
-    Withdraw, view,
+    Withdraw, status_view,
 };
 use crate::metrics::{LockStats, Metrics};
 use crate::rules::{
@@ -442,7 +442,7 @@ impl LockStore for FileStore {
         Ok(table
             .lock(name)
             .filter(|l| l.is_held())
-            .map(|l| view(name, l)))
+            .map(|l| status_view(name, l)))
     }
 
     async fn list(&self, page: &Page) -> Result<LockPage, StoreError> {

@@ -24,13 +24,24 @@ use crate::rules::{Acquire, Grant, Holder, Item, ItemGrant, LockTable, Pool};
 #[cfg(feature = "etcd")]
 const POLL_FREE: Duration = Duration::from_millis(50);
 
-/// A lock as the API shows it: its holdings (oldest first), slot count and queue length.
+/// A lock as the API shows it: its holdings (oldest first), slot count and queue length, and
+/// for one lock's status ([`status_view`]) who waits, in arrival order. Listings leave `queue`
+/// empty: they show only its length, and copying every queue would cost what it holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LockView {
     pub name: String,
     pub slots: u32,
     pub holders: Vec<Holder>,
     pub waiters: usize,
+    pub queue: Vec<Queued>,
+}
+
+/// A queued request as a lock's status shows it: who asks, and since when (`None` when the
+/// backend did not keep the time).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Queued {
+    pub request: Acquire,
+    pub since: Option<std::time::SystemTime>,
 }
 
 /// The state an item is waited for in (`check`: unclaimed; `check_unclaimed`: claimed).
@@ -473,13 +484,28 @@ pub fn table_stats(table: &LockTable) -> LockStats {
     stats
 }
 
-/// The API's view of one lock of a table.
+/// The API's view of one lock of a table, for a listing (without its queue).
 pub(crate) fn view(name: &str, lock: &crate::rules::Lock) -> LockView {
     LockView {
         name: name.to_string(),
         slots: lock.slots,
         holders: lock.holders.clone(),
         waiters: lock.waiters(),
+        queue: Vec::new(),
+    }
+}
+
+/// The API's view of one lock's status: [`view`] with who waits, in arrival order.
+pub(crate) fn status_view(name: &str, lock: &crate::rules::Lock) -> LockView {
+    LockView {
+        queue: lock
+            .queued_since()
+            .map(|(_, request, since)| Queued {
+                request: request.clone(),
+                since,
+            })
+            .collect(),
+        ..view(name, lock)
     }
 }
 
