@@ -87,6 +87,15 @@ pub struct Args {
     #[arg(long, env = "LOCKER_JOURNAL_BYTES", default_value_t = crate::store::file::DEFAULT_JOURNAL_BYTES)]
     pub journal_bytes: u64,
 
+    /// Bytes of history to keep (the file beside the state file, and in memory; default 16 MiB);
+    /// 0 turns the history and live events off.
+    #[arg(long, env = "LOCKER_HISTORY_BYTES", default_value_t = crate::history::DEFAULT_BYTES)]
+    pub history_bytes: u64,
+
+    /// Events kept per lock or pool (default 1000).
+    #[arg(long, env = "LOCKER_HISTORY_PER_LOCK", default_value_t = crate::history::DEFAULT_PER_SUBJECT)]
+    pub history_per_lock: usize,
+
     /// Lease applied to acquires that give no ttl (default: none, holds never expire).
     #[arg(long, env = "LOCKER_DEFAULT_TTL", value_parser = parse_duration)]
     pub default_ttl: Option<Duration>,
@@ -201,6 +210,8 @@ pub struct Settings {
     /// LOCKER_MAX_CONNECTIONS as given; `None`: the default, lowered to fit the descriptor limit.
     pub max_connections: Option<usize>,
     pub journal_bytes: u64,
+    /// How much history to keep (LOCKER_HISTORY_BYTES, LOCKER_HISTORY_PER_LOCK).
+    pub history: crate::history::Bounds,
     pub default_ttl: Option<Duration>,
     /// Reclaiming holds of ended builds, when a Concourse URL is configured.
     pub reclaim: Option<ReclaimSettings>,
@@ -376,6 +387,10 @@ impl Settings {
             head_timeout: args.head_timeout,
             max_connections: args.max_connections,
             journal_bytes: args.journal_bytes,
+            history: crate::history::Bounds {
+                bytes: args.history_bytes,
+                per_subject: args.history_per_lock,
+            },
             default_ttl: args.default_ttl.filter(|ttl| !ttl.is_zero()),
             reclaim,
             etcd,

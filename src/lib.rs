@@ -23,6 +23,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod connection;
+pub mod history;
 pub mod metrics;
 pub mod reclaim;
 pub mod rules;

@@ -82,6 +82,7 @@ fn run(args: Args) -> Result<(), StartupError> {
                 limits: settings.limits,
                 metrics: metrics.clone(),
                 journal_bytes: settings.journal_bytes,
+                history: settings.history,
             })?;
             info!(
                 "state file {}; {}",

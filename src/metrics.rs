@@ -158,6 +158,7 @@ pub struct Metrics {
     write_seconds: Histogram,
     write_batch_size: Histogram,
     write_failures: Counter,
+    history_write_failures: Counter,
     wait_free_wakeups: Counter,
     locks_held: Gauge,
     waiters: Gauge,
@@ -201,6 +202,7 @@ impl Metrics {
             write_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 14)),
             write_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
             write_failures: Counter::default(),
+            history_write_failures: Counter::default(),
             wait_free_wakeups: Counter::default(),
             locks_held: Gauge::default(),
             waiters: Gauge::default(),
@@ -251,6 +253,11 @@ impl Metrics {
             "state_write_failures",
             "Failed writes of the state file; their requests got 503",
             metrics.write_failures.clone(),
+        );
+        registry.register(
+            "history_write_failures",
+            "Failed appends or rewrites of the history (the changes themselves were durable)",
+            metrics.history_write_failures.clone(),
         );
         registry.register(
             "locks_held",
@@ -402,6 +409,11 @@ impl Metrics {
     /// Whether the store could take writes when last asked (set before each scrape).
     pub fn set_store_ready(&self, ready: bool) {
         self.store_ready.set(i64::from(ready));
+    }
+
+    /// Events could not be written to the history (the change itself was durable).
+    pub fn history_write_failed(&self) {
+        self.history_write_failures.inc();
     }
 
     /// Encodes every metric, with the gauges set from `stats` as of `now`.

@@ -3,6 +3,7 @@
 
 mod dashboard;
 pub mod error;
+mod history;
 pub mod peer;
 mod pools;
 pub mod request;
@@ -44,6 +45,16 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .service(
             web::resource("/locks")
                 .route(web::get().to(list_locks))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/history")
+                .route(web::get().to(history::page))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/events")
+                .route(web::get().to(history::live))
                 .default_service(web::to(method_not_allowed)),
         )
         .service(
@@ -120,6 +131,13 @@ async fn lock_status(
     request: HttpRequest,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
+    // `/lock/{name}/history`; a lock whose name ends in `/history` is `.../%2Fhistory`.
+    if let Some(lock) = request.uri().path().strip_suffix("/history")
+        && lock.len() > "/lock/".len()
+    {
+        let name = request::decode_lock_name(lock)?;
+        return history::of_lock(name, &request, &state).await;
+    }
     let name = lock_name(&request)?;
     let query = LockQuery::parse(request.query_string())?;
     if let Some(wait) = query.wait_free()? {

@@ -35,9 +35,12 @@ pub use locker_client::limits::{MAX_INFO_BYTES, MAX_INFO_ENTRIES, MAX_KEY, MAX_N
 /// The lock name from `/lock/{name}`: percent-decoded, 1 to 255 bytes of UTF-8 without control
 /// or format characters. Decoded from the raw path, so `%2F` is part of a name, never a path separator.
 pub fn lock_name(request: &HttpRequest) -> Result<String, ApiError> {
-    let raw = request
-        .uri()
-        .path()
+    decode_lock_name(request.uri().path())
+}
+
+/// The lock name of a `/lock/{name}` path, decoded and checked.
+pub fn decode_lock_name(path: &str) -> Result<String, ApiError> {
+    let raw = path
         .strip_prefix("/lock/")
         .ok_or_else(|| ApiError::NotFound("no such route".into()))?;
     let name = percent_decode_str(raw)

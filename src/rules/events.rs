@@ -101,8 +101,10 @@ impl EventKind {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Event {
     pub kind: EventKind,
-    /// The lock, or the pool when `item` is set.
+    /// The lock, or the pool when `pool` is set.
     pub name: String,
+    /// Whether `name` is a pool's.
+    pub pool: bool,
     pub item: Option<String>,
     pub key: Option<String>,
     pub requestor: Option<String>,
@@ -128,6 +130,7 @@ impl Event {
         Event {
             kind,
             name: target.name().to_string(),
+            pool: matches!(target, Target::Pool(_)),
             item: item.map(str::to_string),
             key: None,
             requestor: None,

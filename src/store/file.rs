@@ -13,6 +13,9 @@
 //! failed write rolls the working copy back to it, and undoes whatever the failed write may have
 //! left on disk before the refusal is sent.
 
+use crate::history::History;
+use crate::history::file::HistoryFile;
+use locker_client::wire::Event as WireEvent;
 use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Write};
@@ -67,6 +70,8 @@ pub struct FileStoreOptions {
     pub metrics: Arc<Metrics>,
     /// Size of the journal file; 0: every batch rewrites the state file.
     pub journal_bytes: u64,
+    /// How much history to keep (`LOCKER_CONFIG.history`); no history when disabled.
+    pub history: crate::history::Bounds,
 }
 
 /// What a client command gets back from the writer, once its batch is durable.
@@ -101,6 +106,7 @@ pub struct FileStore {
     write_failure: Arc<Mutex<Option<String>>>,
     /// The state file's directory, checked by [`LockStore::ready`] after a failed write.
     dir: PathBuf,
+    history: Option<Arc<History>>,
 }
 
 /// The `wait_free` requests of each lock, woken by the writer only when a commit touched that
@@ -176,7 +182,22 @@ impl FileStore {
                 paths.journal.display()
             );
         }
+        let history = options.history.enabled().then(|| {
+            let history = Arc::new(History::new(options.history));
+            let file = crate::history::file::path_beside(&paths.file);
+            let opened = HistoryFile::open(file.clone(), &history)
+                .map_err(|e| {
+                    warn!(
+                        "cannot open the history file {} ({e}); the history is kept in memory only",
+                        file.display()
+                    );
+                })
+                .ok();
+            (history, opened)
+        });
+        let shared_history = history.as_ref().map(|(history, _)| history.clone());
         let mut writer = Writer {
+            history,
             watchers: Arc::new(Watchers::default()),
             encoder: None,
             metrics: options.metrics.clone(),
@@ -232,6 +253,7 @@ impl FileStore {
             writer: Mutex::new(Some(handle)),
             write_failure,
             dir,
+            history: shared_history,
         })
     }
 }
@@ -475,8 +497,16 @@ impl LockStore for FileStore {
         }
     }
 
+    fn history(&self) -> Option<&Arc<History>> {
+        self.history.as_ref()
+    }
+
     fn begin_shutdown(&self) {
         self.shutdown.send_replace(true);
+        // Live event streams end, so they do not hold the shutdown up.
+        if let Some(history) = &self.history {
+            history.close();
+        }
     }
 
     async fn close(&self) {
@@ -731,6 +761,8 @@ pub fn load(path: &Path) -> Result<Option<LockTable>, OpenError> {
 
 /// The single writer: owns the working table, the waiters' grant channels and the file.
 struct Writer {
+    /// The kept history and its file (`None` when the file could not be opened).
+    history: Option<(Arc<History>, Option<HistoryFile>)>,
     watchers: Arc<Watchers>,
     /// The file's text, one line per lock, kept in step with `working`; built by the start-up
     /// rewrite of the state file, and rebuilt if it ever cannot be trusted.
@@ -770,6 +802,10 @@ struct Writer {
 /// One batch being applied: the operations in order, and whom to answer once it is durable.
 #[derive(Default)]
 struct Batch {
+    /// When the batch was applied.
+    now: Option<SystemTime>,
+    /// What it changed, for the history (when kept).
+    events: Vec<crate::rules::events::Event>,
     ops: Vec<Op>,
     effects: Vec<Effect>,
     replies: Vec<(usize, Reply)>,
@@ -978,7 +1014,10 @@ impl Writer {
     }
 
     fn apply(&mut self, batch: &mut Batch, op: Op, now: SystemTime) -> usize {
-        let effect = self.working.apply(&op, now);
+        let effect = match &self.history {
+            Some(_) => self.working.apply_recorded(&op, now, &mut batch.events),
+            None => self.working.apply(&op, now),
+        };
         batch.ops.push(op);
         batch.effects.push(effect);
         batch.ops.len() - 1
@@ -986,7 +1025,10 @@ impl Writer {
 
     fn run_batch(&mut self, incoming: Vec<Command>) {
         let now = SystemTime::now();
-        let mut batch = Batch::default();
+        let mut batch = Batch {
+            now: Some(now),
+            ..Batch::default()
+        };
         // After a failed write, internal work waits out the backoff unless clients are writing
         // anyway, so a full disk is not hammered.
         if self.backoff().is_zero() || !incoming.is_empty() {
@@ -1087,6 +1129,7 @@ impl Writer {
         );
         self.watchers.changed(&batch);
         log_effects(&batch);
+        let events = self.record_history(&batch);
         let expired: usize = batch
             .effects
             .iter()
@@ -1106,6 +1149,39 @@ impl Writer {
         for (index, reply) in batch.replies {
             let _ = reply.send(Ok(batch.effects[index].clone()));
         }
+        if let Some((history, _)) = &self.history {
+            history.publish(&events);
+        }
+    }
+
+    /// Numbers a durable batch's events, appends them to the history file (synced) and keeps
+    /// them, before the batch is answered. A failed append does not fail the batch, whose state
+    /// is durable already: the events stay in memory and the failure is logged and counted.
+    fn record_history(&mut self, batch: &Batch) -> Vec<Arc<WireEvent>> {
+        let (Some((history, file)), Some(now)) = (&mut self.history, batch.now) else {
+            return Vec::new();
+        };
+        if batch.events.is_empty() {
+            return Vec::new();
+        }
+        let events = history.number(&batch.events, now);
+        let sizes = match file.as_mut().map(|file| file.append(&events)) {
+            Some(Ok(sizes)) => sizes,
+            Some(Err(e)) => {
+                warn!("cannot append to the history file: {e}");
+                self.metrics.history_write_failed();
+                events.iter().map(|_| 0).collect()
+            }
+            None => events.iter().map(|_| 0).collect(),
+        };
+        history.keep(events.iter().cloned().zip(sizes));
+        if let Some(file) = file.as_mut().filter(|f| f.due(history.bounds().bytes)) {
+            if let Err(e) = file.rewrite(history) {
+                warn!("cannot rewrite the history file: {e}");
+                self.metrics.history_write_failed();
+            }
+        }
+        events
     }
 
     /// Hands a grant to its waiter; one that is gone gets its grant revoked.

@@ -389,6 +389,11 @@ pub trait LockStore: Send + Sync + 'static {
     /// Counts for the metrics gauges, from the committed state.
     fn stats(&self) -> LockStats;
 
+    /// The kept history and the live events; `None` when the history is off.
+    fn history(&self) -> Option<&std::sync::Arc<crate::history::History>> {
+        None
+    }
+
     /// Starts shutting down: every waiter is answered at once and new waits are refused.
     fn begin_shutdown(&self);
 
