@@ -216,3 +216,47 @@ fn locks_beyond_the_label_cap_share_the_other_series() {
         assert!(series(&text, &line).is_some(), "no {line}: {text}");
     }
 }
+
+#[test]
+fn hold_and_wait_times_are_observed_per_lock_when_holdings_and_waits_end() {
+    let server = Server::start();
+    assert_eq!(server.lock("deploy", json!({"key": "first"})).status, 200);
+    let waiter = {
+        let url = server.url("/lock/deploy?wait=30s");
+        std::thread::spawn(move || call("PUT", &url, Some(r#"{"key":"second"}"#)))
+    };
+    common::wait_for_waiters(&server, "deploy", 1);
+    assert_eq!(server.unlock("deploy", json!({"key": "first"})).status, 200);
+    assert_eq!(waiter.join().expect("waiter thread").status, 200);
+    // One more that gives up waiting while "second" holds.
+    let gave_up = call(
+        "PUT",
+        &server.url("/lock/deploy?wait=200ms"),
+        Some(r#"{"key":"third"}"#),
+    );
+    assert_eq!(gave_up.status, 423, "{}", gave_up.body);
+    assert_eq!(
+        server.unlock("deploy", json!({"key": "second"})).status,
+        200
+    );
+    // A lock taken at once and released: a hold, no wait.
+    assert_eq!(server.lock("quick", json!({"key": "k"})).status, 200);
+    assert_eq!(server.unlock("quick", json!({"key": "k"})).status, 200);
+
+    server.wait_for_metric("locker_hold_seconds_count{lock=\"deploy\"} 2");
+    server.wait_for_metric("locker_wait_seconds_count{lock=\"deploy\"} 2");
+    server.wait_for_metric("locker_hold_seconds_count{lock=\"quick\"} 1");
+    let text = call("GET", &server.url("/metrics"), None).body;
+    assert_eq!(
+        series(&text, "locker_wait_seconds_count{lock=\"quick\"}"),
+        None
+    );
+    let held = series(&text, "locker_hold_seconds_sum{lock=\"deploy\"}").expect("sum");
+    let waited = series(&text, "locker_wait_seconds_sum{lock=\"deploy\"}").expect("sum");
+    assert!(held > 0.0 && waited > 0.0, "{text}");
+    let all = series(
+        &text,
+        "locker_hold_seconds_bucket{le=\"+Inf\",lock=\"deploy\"}",
+    );
+    assert_eq!(all, Some(2.0), "{text}");
+}
