@@ -4,9 +4,13 @@
 //! Prometheus (our own instance: a free loopback port, a temp config and TSDB) loads the rules,
 //! scrapes a running server and finds the hold, wait and health series.
 //!
+//! The ops file for a prometheus-boshrelease deployment is interpolated by the real BOSH CLI.
+//!
 //! Needs `promtool` and `prometheus` (Debian package `prometheus`; `ci/scripts/run-tests`
 //! installs it). The package's own service is never used.
 
+#[path = "common/bosh/mod.rs"]
+pub mod bosh;
 pub mod common;
 
 use std::collections::BTreeSet;
@@ -472,4 +476,63 @@ fn prometheus_loads_the_rules_scrapes_a_server_and_sees_holds_and_waits() {
             .replace("$job", "locker");
         prometheus.query(&query);
     }
+}
+
+/// A prometheus-boshrelease deployment reduced to what the ops file touches.
+const PROMETHEUS_DEPLOYMENT: &str = "\
+name: prometheus
+instance_groups:
+- name: prometheus2
+  jobs:
+  - name: prometheus2
+    release: prometheus
+    properties:
+      prometheus:
+        scrape_configs:
+        - job_name: prometheus
+          static_configs:
+          - targets: [localhost:9090]
+";
+
+#[test]
+fn the_bosh_ops_file_loads_the_rules_and_adds_the_scrape_job_to_prometheus_boshrelease() {
+    let dir = common::temp_dir();
+    let manifest = dir.path().join("prometheus.yml");
+    fs::write(&manifest, PROMETHEUS_DEPLOYMENT).expect("write manifest");
+    let text = common::stdout_of(
+        Command::new(bosh::bosh())
+            .arg("interpolate")
+            .arg(&manifest)
+            .arg("-o")
+            .arg(monitoring_dir().join("prometheus-boshrelease.yml"))
+            .arg("-l")
+            .arg(monitoring_dir().join("alerts.yml"))
+            .args(["-v", "locker_address=q-s0.locker.default.locker.bosh"])
+            .args(["-v", "locker_password=from-the-config-server"])
+            .args(["-v", "locker_tls={ca: the-ca}"])
+            .arg("--var-errs"),
+    );
+    let deployment: Yaml = serde_yaml_ng::from_str(&text).expect("interpolated manifest");
+    let prometheus = &deployment["instance_groups"][0]["jobs"][0]["properties"]["prometheus"];
+    assert_eq!(
+        prometheus["custom_rules"],
+        read_yaml("alerts.yml")["groups"],
+        "the rules as shipped"
+    );
+    let jobs = prometheus["scrape_configs"]
+        .as_sequence()
+        .expect("scrape configs");
+    assert_eq!(jobs.len(), 2, "the deployment's own job kept: {text}");
+    let locker = &jobs[1];
+    assert_eq!(locker["job_name"].as_str(), Some("locker"));
+    assert_eq!(locker["scheme"].as_str(), Some("https"));
+    assert_eq!(
+        locker["static_configs"][0]["targets"][0].as_str(),
+        Some("q-s0.locker.default.locker.bosh:8910")
+    );
+    assert_eq!(
+        locker["basic_auth"]["password"].as_str(),
+        Some("from-the-config-server")
+    );
+    assert_eq!(locker["tls_config"]["ca"].as_str(), Some("the-ca"));
 }
