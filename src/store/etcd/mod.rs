@@ -735,9 +735,12 @@ impl LockStore for EtcdStore {
     }
 
     fn stats(&self) -> LockStats {
+        let cache = self.shared.cache.lock();
         LockStats {
             waiting_requests: self.waiting.load(Ordering::Relaxed),
-            ..super::table_stats(&self.shared.cache.lock().table())
+            // The replicas' liveness keys the cache holds (from the load and the watch).
+            replicas: Some(cache.replicas.len()),
+            ..super::table_stats(&cache.table())
         }
     }
 
