@@ -224,18 +224,18 @@ impl Pool {
     pub fn restore(
         items: BTreeMap<String, Item>,
         clock: u64,
-        queue: Vec<(WaiterId, Option<String>, Acquire)>,
+        queue: Vec<(WaiterId, Option<String>, Acquire, Option<SystemTime>)>,
     ) -> Self {
         Pool {
             items,
             clock,
             queue: queue
                 .into_iter()
-                .map(|(id, item, request)| PoolWaiter {
+                .map(|(id, item, request, since)| PoolWaiter {
                     id,
                     item,
                     request,
-                    since: None,
+                    since,
                 })
                 .collect(),
         }

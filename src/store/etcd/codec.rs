@@ -32,7 +32,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -221,6 +221,10 @@ struct StoredWaiter {
     release_with_build: Option<Box<BuildRef>>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     renew: bool,
+    /// When it was queued, in milliseconds since the Unix epoch (the dashboard's "waiting
+    /// since"); absent in values written before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    since_ms: Option<u64>,
 }
 
 /// A grant to a queued waiter, made by the transaction that wrote this value.
@@ -275,7 +279,12 @@ fn waiter_grant(name: &str, g: StoredGrant) -> WaiterGrant {
     }
 }
 
-fn stored_waiter(id: WaiterId, item: Option<&str>, request: &Acquire) -> StoredWaiter {
+fn stored_waiter(
+    id: WaiterId,
+    item: Option<&str>,
+    request: &Acquire,
+    since: Option<SystemTime>,
+) -> StoredWaiter {
     StoredWaiter {
         id,
         item: item.map(str::to_string),
@@ -288,10 +297,21 @@ fn stored_waiter(id: WaiterId, item: Option<&str>, request: &Acquire) -> StoredW
         slots: request.slots,
         release_with_build: request.release_with_build.clone(),
         renew: request.renew,
+        since_ms: since.and_then(|since| {
+            let ms = since
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .ok()?
+                .as_millis();
+            u64::try_from(ms).ok()
+        }),
     }
 }
 
-fn queued_request(w: StoredWaiter) -> (WaiterId, Option<String>, Acquire) {
+/// A stored waiter as the rules queue it: its id, the item asked for, the request, and when
+/// it was queued (when kept).
+type QueuedRequest = (WaiterId, Option<String>, Acquire, Option<SystemTime>);
+
+fn queued_request(w: StoredWaiter) -> QueuedRequest {
     let request = Acquire {
         key: w.key,
         requestor: w.requestor,
@@ -301,7 +321,10 @@ fn queued_request(w: StoredWaiter) -> (WaiterId, Option<String>, Acquire) {
         release_with_build: w.release_with_build,
         renew: w.renew,
     };
-    (w.id, w.item, request)
+    let since = w
+        .since_ms
+        .and_then(|ms| SystemTime::UNIX_EPOCH.checked_add(Duration::from_millis(ms)));
+    (w.id, w.item, request, since)
 }
 
 /// A stored lock: the rules' view, the grants of the transaction that wrote it, and the grants
@@ -324,8 +347,8 @@ pub fn encode_lock(
         slots: lock.slots,
         holders: lock.holders.clone(),
         queue: lock
-            .queued()
-            .map(|(id, request)| stored_waiter(id, None, request))
+            .queued_since()
+            .map(|(id, request, since)| stored_waiter(id, None, request, since))
             .collect(),
         grants: grants.iter().map(stored_grant).collect(),
         unconfirmed: unconfirmed.iter().map(stored_grant).collect(),
@@ -343,8 +366,8 @@ pub fn decode_lock(name: &str, bytes: &[u8]) -> Result<Decoded, CodecError> {
         .queue
         .into_iter()
         .map(|w| {
-            let (id, _, request) = queued_request(w);
-            (id, request)
+            let (id, _, request, since) = queued_request(w);
+            (id, request, since)
         })
         .collect();
     Ok(Decoded {
@@ -418,8 +441,8 @@ pub fn encode_pool(
             })
             .collect(),
         queue: pool
-            .queued()
-            .map(|(id, item, request)| stored_waiter(id, item, request))
+            .queued_since()
+            .map(|(id, item, request, since)| stored_waiter(id, item, request, since))
             .collect(),
         grants: grants.iter().map(stored_grant).collect(),
         unconfirmed: unconfirmed.iter().map(stored_grant).collect(),
@@ -484,7 +507,6 @@ pub fn decode_meta(bytes: &[u8]) -> Result<u64, CodecError> {
 mod tests {
     use super::*;
     use crate::rules::{LockTable, Op, PoolChange};
-    use std::time::SystemTime;
 
     fn request(key: &str) -> Acquire {
         Acquire {
@@ -508,9 +530,26 @@ mod tests {
         let bytes = encode_lock(lock, &[], &[]).expect("encodes");
         let decoded = decode_lock("l", &bytes).expect("decodes");
         assert_eq!(&decoded.lock, lock);
-        assert_eq!(decoded.lock.queued().count(), 1);
+        let queued: Vec<_> = decoded
+            .lock
+            .queued_since()
+            .map(|(id, r, since)| (id, r.key.clone(), since))
+            .collect();
+        assert_eq!(queued, [(7 << WAITER_BITS | 3, "b".to_string(), Some(now))]);
         assert!(decoded.grants.is_empty() && decoded.unconfirmed.is_empty());
         assert_eq!(waiter_replica(7 << WAITER_BITS | 3), 7);
+    }
+
+    #[test]
+    fn a_waiter_stored_without_its_time_reads_back_without_one() {
+        let old = br#"{"slots":1,"holders":[],"queue":[{"id":5,"key":"w","requestor":"w"}]}"#;
+        let decoded = decode_lock("l", old).expect("decodes");
+        let queued: Vec<_> = decoded
+            .lock
+            .queued_since()
+            .map(|(id, _, s)| (id, s))
+            .collect();
+        assert_eq!(queued, [(5, None)]);
     }
 
     #[test]
@@ -571,10 +610,13 @@ mod tests {
         }
         assert_eq!(&restored, pool);
         let queued: Vec<_> = restored
-            .queued()
-            .map(|(id, item, r)| (id, item, r.key.clone()))
+            .queued_since()
+            .map(|(id, item, r, since)| (id, item, r.key.clone(), since))
             .collect();
-        assert_eq!(queued, [(7 << WAITER_BITS | 2, None, "d".to_string())]);
+        assert_eq!(
+            queued,
+            [(7 << WAITER_BITS | 2, None, "d".to_string(), Some(now))]
+        );
     }
 
     #[test]
