@@ -185,7 +185,9 @@ impl FileStore {
         let history = options.history.enabled().then(|| {
             let history = Arc::new(History::new(options.history));
             let file = crate::history::file::path_beside(&paths.file);
-            let opened = HistoryFile::open(file.clone(), &history)
+            let metrics = options.metrics.clone();
+            let on_failure = Box::new(move || metrics.history_write_failed());
+            let opened = HistoryFile::open(file.clone(), history.clone(), on_failure)
                 .map_err(|e| {
                     warn!(
                         "cannot open the history file {} ({e}); the history is kept in memory only",
@@ -1154,11 +1156,12 @@ impl Writer {
         }
     }
 
-    /// Numbers a durable batch's events, feeds them to the hold and wait histograms, appends
-    /// them to the history file (synced) and keeps them, before the batch is answered. A failed append does not fail the batch, whose state
-    /// is durable already: the events stay in memory and the failure is logged and counted.
+    /// Numbers a durable batch's events, feeds them to the hold and wait histograms, writes
+    /// them to the history file and keeps them, before the batch is answered (the file's sync
+    /// thread syncs them). A failed write does not fail the batch, whose state is durable
+    /// already: the events stay in memory and the failure is logged and counted.
     fn record_history(&mut self, batch: &Batch) -> Vec<Arc<WireEvent>> {
-        let (Some((history, file)), Some(now)) = (&mut self.history, batch.now) else {
+        let (Some((history, file)), Some(now)) = (&self.history, batch.now) else {
             return Vec::new();
         };
         if batch.events.is_empty() {
@@ -1168,21 +1171,14 @@ impl Writer {
         for event in &events {
             self.metrics.observe_event(event);
         }
-        let sizes = match file.as_mut().map(|file| file.append(&events)) {
-            Some(Ok(sizes)) => sizes,
-            Some(Err(e)) => {
-                warn!("cannot append to the history file: {e}");
-                self.metrics.history_write_failed();
-                events.iter().map(|_| 0).collect()
+        match file {
+            Some(file) => {
+                if let Err(e) = file.append(&events) {
+                    warn!("cannot write to the history file: {e}");
+                    self.metrics.history_write_failed();
+                }
             }
-            None => events.iter().map(|_| 0).collect(),
-        };
-        history.keep(events.iter().cloned().zip(sizes));
-        if let Some(file) = file.as_mut().filter(|f| f.due(history.bounds().bytes)) {
-            if let Err(e) = file.rewrite(history) {
-                warn!("cannot rewrite the history file: {e}");
-                self.metrics.history_write_failed();
-            }
+            None => history.keep(events.iter().map(|event| (event.clone(), 0))),
         }
         events
     }
