@@ -410,34 +410,46 @@ async fn throughput(binary: &Path, clients: usize, held: usize, seconds: u64) ->
 }
 
 async fn history(binary: &Path, clients: usize, seconds: u64, runs: usize) -> Result<(), Error> {
+    // (requests/s, server CPU µs per request) of each run.
     let mut on = Vec::new();
     let mut off = Vec::new();
     for _ in 0..runs {
-        for (history, rates) in [("on", &mut on), ("off", &mut off)] {
+        for (history, figures) in [("on", &mut on), ("off", &mut off)] {
             let env = match history {
                 "off" => vec![("LOCKER_HISTORY_BYTES", "0".to_string())],
                 _ => Vec::new(),
             };
             let server = Server::start_with(binary, 100, &env).await?;
-            let figures = load(std::slice::from_ref(&server.address), clients, seconds).await?;
-            println!("history {history:<3}    {clients} clients, 100 locks held: {figures}");
-            // The figures start with the rate of requests.
-            let rate = figures
+            let cpu_before = server.cpu_time();
+            let started = Instant::now();
+            let text = load(std::slice::from_ref(&server.address), clients, seconds).await?;
+            let elapsed = started.elapsed();
+            let cpu = server.cpu_time().saturating_sub(cpu_before);
+            // The figures start with the rate of requests; the load ran at about that rate
+            // for its warm-up too, which the CPU time covers.
+            let rate = text
                 .split_whitespace()
                 .next()
                 .and_then(|rate| rate.parse::<f64>().ok())
                 .ok_or("no rate in the load's figures")?;
-            rates.push(rate);
+            let per_request = cpu.as_secs_f64() * 1e6 / (rate * elapsed.as_secs_f64());
+            println!(
+                "history {history:<3}    {clients} clients, 100 locks held: {text}; server CPU {per_request:.1} µs/request"
+            );
+            figures.push((rate, per_request));
         }
     }
-    let median = |rates: &mut Vec<f64>| {
-        rates.sort_by(f64::total_cmp);
-        rates[rates.len() / 2]
+    let median = |figures: &[(f64, f64)], pick: fn(&(f64, f64)) -> f64| {
+        let mut values: Vec<f64> = figures.iter().map(pick).collect();
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
     };
-    let (on, off) = (median(&mut on), median(&mut off));
+    let (rate_on, rate_off) = (median(&on, |f| f.0), median(&off, |f| f.0));
+    let (cpu_on, cpu_off) = (median(&on, |f| f.1), median(&off, |f| f.1));
     println!(
-        "history        median of {runs}: {on:.0} requests/s with the history, {off:.0} without ({:+.1}%)",
-        (on / off - 1.0) * 100.0
+        "history        median of {runs}: {rate_on:.0} requests/s with the history, {rate_off:.0} without ({:+.1}%); server CPU {cpu_on:.1} µs/request with, {cpu_off:.1} without ({:+.1}%)",
+        (rate_on / rate_off - 1.0) * 100.0,
+        (cpu_on / cpu_off - 1.0) * 100.0
     );
     Ok(())
 }

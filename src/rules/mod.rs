@@ -914,7 +914,13 @@ impl LockTable {
         now: SystemTime,
         before: Option<SystemTime>,
     ) -> Vec<WaiterGrant> {
-        let grants = serve_in(&mut self.locks, name, now, &mut self.next_generation);
+        let grants = serve_in(
+            &mut self.locks,
+            name,
+            &mut self.next_generation,
+            |lock, generation, grants| lock.serve_queue(name, now, generation, grants),
+            Lock::is_unused,
+        );
         self.reindex_lock(name, before);
         grants
     }
@@ -940,7 +946,13 @@ impl LockTable {
         now: SystemTime,
         before: Option<SystemTime>,
     ) -> Vec<WaiterGrant> {
-        let grants = serve_in(&mut self.pools, name, now, &mut self.next_generation);
+        let grants = serve_in(
+            &mut self.pools,
+            name,
+            &mut self.next_generation,
+            |pool, generation, grants| pool.serve_queue(name, now, generation, grants),
+            Pool::is_unused,
+        );
         self.reindex(&Target::Pool(name.to_string()), before);
         grants
     }
@@ -1289,62 +1301,20 @@ impl LockTable {
     }
 }
 
-/// A lock or a pool: what has a queue to serve.
-trait Queue: Clone {
-    fn serve(
-        &mut self,
-        name: &str,
-        now: SystemTime,
-        next_generation: &mut u64,
-        grants: &mut Vec<WaiterGrant>,
-    );
-    fn unused(&self) -> bool;
-}
-
-impl Queue for Lock {
-    fn serve(
-        &mut self,
-        name: &str,
-        now: SystemTime,
-        next_generation: &mut u64,
-        grants: &mut Vec<WaiterGrant>,
-    ) {
-        self.serve_queue(name, now, next_generation, grants);
-    }
-
-    fn unused(&self) -> bool {
-        self.is_unused()
-    }
-}
-
-impl Queue for Pool {
-    fn serve(
-        &mut self,
-        name: &str,
-        now: SystemTime,
-        next_generation: &mut u64,
-        grants: &mut Vec<WaiterGrant>,
-    ) {
-        self.serve_queue(name, now, next_generation, grants);
-    }
-
-    fn unused(&self) -> bool {
-        self.is_unused()
-    }
-}
-
-/// Serves the queue of `name` in `map` (copied first if shared), dropping it once it holds and
-/// queues nothing. The generation counter is passed apart so it can be borrowed with the map.
-fn serve_in<T: Queue>(
+/// Serves the queue of `name` in `map` (a lock's or a pool's; copied first if shared) with
+/// `serve`, dropping it once `unused` says it holds and queues nothing. The generation counter
+/// is passed apart so it can be borrowed with the map.
+fn serve_in<T: Clone>(
     map: &mut BTreeMap<String, Arc<T>>,
     name: &str,
-    now: SystemTime,
     next_generation: &mut u64,
+    serve: impl FnOnce(&mut T, &mut u64, &mut Vec<WaiterGrant>),
+    unused: impl Fn(&T) -> bool,
 ) -> Vec<WaiterGrant> {
     let mut grants = Vec::new();
     if let Some(entry) = map.get_mut(name).map(Arc::make_mut) {
-        entry.serve(name, now, next_generation, &mut grants);
-        if entry.unused() {
+        serve(entry, next_generation, &mut grants);
+        if unused(entry) {
             map.remove(name);
         }
     }
