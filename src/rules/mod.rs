@@ -238,18 +238,19 @@ impl Lock {
         self.queue.iter().map(|w| (w.id, &w.request, w.since))
     }
 
-    /// Rebuilds a lock with its queue, as a backend that shares the queue stored it.
-    pub fn restore(slots: u32, holders: Vec<Holder>, queue: Vec<(WaiterId, Acquire)>) -> Self {
+    /// Rebuilds a lock with its queue (each waiter with when it was queued, when known), as a
+    /// backend that shares the queue stored it.
+    pub fn restore(
+        slots: u32,
+        holders: Vec<Holder>,
+        queue: Vec<(WaiterId, Acquire, Option<SystemTime>)>,
+    ) -> Self {
         Lock {
             slots: slots.max(1),
             holders,
             queue: queue
                 .into_iter()
-                .map(|(id, request)| Waiter {
-                    id,
-                    request,
-                    since: None,
-                })
+                .map(|(id, request, since)| Waiter { id, request, since })
                 .collect(),
         }
     }

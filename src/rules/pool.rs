@@ -220,22 +220,23 @@ impl Pool {
             .map(|w| (w.id, w.item.as_deref(), &w.request, w.since))
     }
 
-    /// Rebuilds a pool with its queue, as a backend that shares the queue stored it.
+    /// Rebuilds a pool with its queue (each claim with when it was queued, when known), as a
+    /// backend that shares the queue stored it.
     pub fn restore(
         items: BTreeMap<String, Item>,
         clock: u64,
-        queue: Vec<(WaiterId, Option<String>, Acquire)>,
+        queue: Vec<(WaiterId, Option<String>, Acquire, Option<SystemTime>)>,
     ) -> Self {
         Pool {
             items,
             clock,
             queue: queue
                 .into_iter()
-                .map(|(id, item, request)| PoolWaiter {
+                .map(|(id, item, request, since)| PoolWaiter {
                     id,
                     item,
                     request,
-                    since: None,
+                    since,
                 })
                 .collect(),
         }

@@ -15,13 +15,21 @@ pub(super) struct Writer {
     pub(super) backlog: VecDeque<Command>,
     pub(super) last_failure: Option<Instant>,
     pub(super) last_purge: Instant,
+    /// History records this writer has tried to write: the next one's key.
+    pub(super) records: u64,
 }
 
 /// One client operation of a batch.
 pub(super) struct Pending {
     pub(super) op: Op,
     pub(super) reply: Reply,
+    pub(super) since: Instant,
 }
+
+/// Most bytes of events one history record holds (etcd refuses requests over
+/// `--max-request-bytes`, 1.5 MiB by default, and the batch's locks, pools and metadata need
+/// room too).
+const MAX_RECORD_BYTES: usize = 512 * 1024;
 
 /// One confirmation of a batch.
 pub(super) struct PendingConfirm {
@@ -211,7 +219,7 @@ impl Writer {
                         )));
                         continue;
                     }
-                    clients.push(Pending { op, reply });
+                    clients.push(Pending { op, reply, since });
                 }
                 Command::Internal(op) => internal.push(op),
                 Command::Confirm { grant, reply } => {
@@ -246,7 +254,7 @@ impl Writer {
             }
             ops.extend(clients.iter().map(|p| p.op.clone()));
             let plan = self.plan(&targets.targets, &ops, &confirmed, now);
-            let plan = match plan {
+            let mut plan = match plan {
                 Ok(plan) => plan,
                 Err(e) => {
                     self.fail(clients, confirms, internal, e.to_string());
@@ -258,6 +266,34 @@ impl Writer {
                 // granted or gone): nothing to commit.
                 return;
             }
+            let divisible = ops.len() > 1 && clients.len() + internal.len() > 0;
+            let record = match self.record(&plan, now, divisible) {
+                Ok(record) => record,
+                Err(e) => {
+                    self.fail(clients, confirms, internal, e.to_string());
+                    return;
+                }
+            };
+            let recorded = match record {
+                Record::TooBig => {
+                    // More events than one record holds: half the batch waits for the next.
+                    self.defer_half(&mut clients, &mut internal);
+                    continue;
+                }
+                Record::None => false,
+                Record::Put(op) => {
+                    plan.writes.push(op);
+                    true
+                }
+            };
+            let trim = match &self.shared.recorder {
+                Some(recorder) if !plan.writes.is_empty() => {
+                    let trim = recorder.trim(&self.shared.keys);
+                    plan.writes.extend(trim.ops.iter().cloned());
+                    Some(trim)
+                }
+                _ => None,
+            };
             let txn = Txn::new()
                 .when(plan.compares.clone())
                 .and_then(plan.writes.clone())
@@ -285,11 +321,36 @@ impl Writer {
                 let effects = plan.effects[first..].to_vec();
                 let stood = plan.confirmed.clone();
                 self.commit(plan, revision, started, ops.len());
-                for (confirm, stood) in confirms.into_iter().zip(stood) {
-                    let _ = confirm.reply.send(Ok(stood));
+                if let (Some(recorder), Some(trim)) = (&self.shared.recorder, &trim) {
+                    recorder.trimmed(&trim.revisions);
                 }
-                for (pending, effect) in clients.into_iter().zip(effects) {
-                    let _ = pending.reply.send(Ok(effect));
+                let answer = move || {
+                    for (confirm, stood) in confirms.into_iter().zip(stood) {
+                        let _ = confirm.reply.send(Ok(stood));
+                    }
+                    for (pending, effect) in clients.into_iter().zip(effects) {
+                        let _ = pending.reply.send(Ok(effect));
+                    }
+                };
+                if recorded {
+                    // Answered once this server's watch has taken the record in, so that a
+                    // client reading the history here after its answer finds its change.
+                    let mut seen = self.shared.seen.subscribe();
+                    tokio::spawn(async move {
+                        let taken_in = seen.wait_for(|seen| *seen >= revision);
+                        if tokio::time::timeout(REQUEST_TIMEOUT, taken_in)
+                            .await
+                            .is_err()
+                        {
+                            warn!(
+                                "the watch has not brought revision {revision} in time; \
+                                 answering (the history here shows it once it does)"
+                            );
+                        }
+                        answer();
+                    });
+                } else {
+                    answer();
                 }
                 return;
             }
@@ -320,7 +381,14 @@ impl Writer {
         now: SystemTime,
     ) -> Result<Plan, codec::CodecError> {
         let mut read = self.read_cached(targets);
-        let effects: Vec<Effect> = ops.iter().map(|op| read.table.apply(op, now)).collect();
+        let mut events = Vec::new();
+        let effects: Vec<Effect> = match &self.shared.recorder {
+            Some(_) => ops
+                .iter()
+                .map(|op| read.table.apply_recorded(op, now, &mut events))
+                .collect(),
+            None => ops.iter().map(|op| read.table.apply(op, now)).collect(),
+        };
         let grants = grants_by_target(&effects);
         let (unconfirmed, confirmed) =
             settle_confirmations(&read.unconfirmed, &grants, ops, confirms);
@@ -351,7 +419,43 @@ impl Writer {
             next_generation: moved.then_some(next_generation),
             effects,
             confirmed,
+            events,
         })
+    }
+
+    /// The put of the batch's history record (see `history.rs`), if the history is kept and
+    /// the batch changed anything.
+    fn record(
+        &mut self,
+        plan: &Plan,
+        now: SystemTime,
+        divisible: bool,
+    ) -> Result<Record, codec::CodecError> {
+        if self.shared.recorder.is_none() || plan.events.is_empty() {
+            return Ok(Record::None);
+        }
+        let mut events = history::wire_events(&plan.events, now);
+        let mut bytes = codec::encode_record(&events)?;
+        let limit = codec::EVENTS_PER_REVISION as usize;
+        if events.len() > limit || bytes.len() > MAX_RECORD_BYTES {
+            if divisible {
+                return Ok(Record::TooBig);
+            }
+            // One operation alone made that many events (a force release of a lock held by
+            // more requestors than that, say): the first ones are kept.
+            let made = events.len();
+            while events.len() > 1 && (events.len() > limit || bytes.len() > MAX_RECORD_BYTES) {
+                events.truncate((events.len() / 2).min(limit));
+                bytes = codec::encode_record(&events)?;
+            }
+            error!(
+                "one operation made {made} history events, more than a record holds: {} kept",
+                events.len()
+            );
+        }
+        self.records += 1;
+        let key = self.shared.keys.history(self.shared.replica, self.records);
+        Ok(Record::Put(TxnOp::put(key, bytes, None)))
     }
 
     /// The cached state of the locks and pools in `targets`, as a table the rules can apply a
@@ -569,6 +673,26 @@ impl Writer {
         log_effects(&plan.effects);
     }
 
+    /// Puts the later half of the batch's client operations (or, with none, of its internal
+    /// ones) back at the head of the backlog, in their order, for the next batch.
+    fn defer_half(&mut self, clients: &mut Vec<Pending>, internal: &mut Vec<Op>) {
+        if !clients.is_empty() {
+            let deferred = clients.split_off(clients.len() / 2);
+            for pending in deferred.into_iter().rev() {
+                self.backlog.push_front(Command::Client {
+                    op: pending.op,
+                    reply: pending.reply,
+                    since: pending.since,
+                });
+            }
+        } else {
+            let deferred = internal.split_off(internal.len() / 2);
+            for op in deferred.into_iter().rev() {
+                self.backlog.push_front(Command::Internal(op));
+            }
+        }
+    }
+
     /// Takes the current values a failed transaction returned into the cache, in the order
     /// [`Writer::read_cached`] asked for them.
     pub(super) fn refresh(
@@ -703,6 +827,17 @@ pub(super) struct Plan {
     pub(super) effects: Vec<Effect>,
     /// For each confirmation, whether its grant still stood.
     pub(super) confirmed: Vec<bool>,
+    /// What the batch changed, for the history (when kept).
+    pub(super) events: Vec<crate::rules::events::Event>,
+}
+
+/// A batch's history record.
+enum Record {
+    /// No history kept, or nothing changed.
+    None,
+    /// More events than one record holds: the batch is to be split.
+    TooBig,
+    Put(TxnOp),
 }
 
 /// Each written lock and pool as it will be.
