@@ -159,6 +159,12 @@ pub struct Args {
     #[arg(long, env = "LOCKER_ETCD_KEY")]
     pub etcd_key: Option<PathBuf>,
 
+    /// Most lock names (and, apart, pool names) with series of their own in the per-lock
+    /// metrics (locker_hold_seconds, locker_wait_seconds, locker_hold_age_seconds): the first
+    /// seen keep theirs until restart, the rest share the label value `_other`. 0: all share it.
+    #[arg(long, env = "LOCKER_METRICS_MAX_LOCK_LABELS", default_value_t = crate::metrics::DEFAULT_MAX_LOCK_LABELS)]
+    pub metrics_max_lock_labels: usize,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -213,6 +219,8 @@ pub struct Settings {
     pub etcd: Option<EtcdConnection>,
     /// Longest shutdown waits for requests in flight (LOCKER_SHUTDOWN_GRACE).
     pub shutdown_grace: Duration,
+    /// Lock (and pool) names with series of their own (LOCKER_METRICS_MAX_LOCK_LABELS).
+    pub metrics_max_lock_labels: usize,
 }
 
 /// Parses the server's flags from `argv`, reading every environment variable that is set but
@@ -387,6 +395,7 @@ impl Settings {
             reclaim,
             etcd,
             shutdown_grace: args.shutdown_grace,
+            metrics_max_lock_labels: args.metrics_max_lock_labels,
         })
     }
 }
@@ -538,6 +547,16 @@ mod tests {
         assert_eq!(settings.max_waiters, 10_000);
         assert_eq!(settings.default_ttl, None);
         assert_eq!(settings.shutdown_grace, Duration::from_secs(30));
+        assert_eq!(settings.metrics_max_lock_labels, 100);
+    }
+
+    #[test]
+    fn the_cap_on_metric_labels_is_a_flag() {
+        let settings = parse(&["--metrics-max-lock-labels", "7"]).expect("valid");
+        assert_eq!(settings.metrics_max_lock_labels, 7);
+        let none = parse(&["--metrics-max-lock-labels", "0"]).expect("0: every name shares _other");
+        assert_eq!(none.metrics_max_lock_labels, 0);
+        assert!(parse(&["--metrics-max-lock-labels", "-1"]).is_err());
     }
 
     #[test]

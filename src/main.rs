@@ -70,7 +70,9 @@ fn run(args: Args) -> Result<(), StartupError> {
     ) {
         warn!("{warning}");
     }
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::with_max_lock_labels(
+        settings.metrics_max_lock_labels,
+    ));
     let store: Arc<dyn LockStore> = match &settings.etcd {
         Some(connection) => etcd::open(connection, &settings, &metrics)?,
         None => {

@@ -1,5 +1,7 @@
 //! The dashboard in a real headless Chromium (Debian's `chromium` and `chromium-driver`, which
 //! `.ci/run` installs), driven over WebDriver against a real server with held locks and a waiter.
+//! The page follows the server's live events (`GET /events`); behind a proxy that refuses them
+//! it falls back to polling.
 
 pub mod common;
 
@@ -79,7 +81,7 @@ async fn shown_rows(client: &Client, expected: impl Fn(&[String]) -> bool) -> Ve
         let names: Vec<String> = serde_json::from_value(
             client
                 .execute(
-                    "return [...document.querySelectorAll('#locks tbody tr')].map(r => r.dataset.lock)",
+                    "return [...document.querySelectorAll('#locks tbody tr[data-lock]')].map(r => r.dataset.lock)",
                     vec![],
                 )
                 .await
@@ -433,14 +435,33 @@ async fn dashboard_works_under_a_reverse_proxy_path_prefix() {
 }
 
 /// What a proxy saw of the requests it held back by a delay: those whose path starts with one
-/// of `prefixes`.
-#[derive(Default)]
+/// of `prefixes`. Paths starting with one of `refused` it answers 404 (`/events`: the page
+/// then falls back to polling). Its `/events` streams end when `cut` is notified, and new ones
+/// wait while `hold_events` is true.
 struct SlowRequests {
     prefixes: Vec<&'static str>,
+    refused: Vec<&'static str>,
     delay: Duration,
     asked: std::sync::atomic::AtomicUsize,
     in_flight: std::sync::atomic::AtomicUsize,
     most_at_once: std::sync::atomic::AtomicUsize,
+    cut: tokio::sync::Notify,
+    hold_events: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for SlowRequests {
+    fn default() -> Self {
+        SlowRequests {
+            prefixes: Vec::new(),
+            refused: Vec::new(),
+            delay: Duration::ZERO,
+            asked: Default::default(),
+            in_flight: Default::default(),
+            most_at_once: Default::default(),
+            cut: tokio::sync::Notify::new(),
+            hold_events: tokio::sync::watch::channel(false).0,
+        }
+    }
 }
 
 /// A reverse proxy on a free loopback port: `{prefix}/x` goes to `upstream` as `/x`, anything
@@ -471,7 +492,14 @@ async fn prefix_proxy(
                 browser.read_line(&mut head).await.ok()?;
                 let mut parts = head.split(' ');
                 let (method, target) = (parts.next()?, parts.next()?);
-                let Some(path) = target.strip_prefix(prefix).filter(|p| p.starts_with('/')) else {
+                let refused = |path: &str| {
+                    slow.as_ref()
+                        .is_some_and(|s| s.refused.iter().any(|r| path.starts_with(r)))
+                };
+                let Some(path) = target
+                    .strip_prefix(prefix)
+                    .filter(|p| p.starts_with('/') && !refused(p))
+                else {
                     let refusal =
                         "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
                     return browser.write_all(refusal.as_bytes()).await.ok();
@@ -489,6 +517,11 @@ async fn prefix_proxy(
                         break;
                     }
                 }
+                let events = slow.clone().filter(|_| path.starts_with("/events"));
+                if let Some(events) = &events {
+                    let mut held = events.hold_events.subscribe();
+                    let _ = held.wait_for(|hold| !*hold).await;
+                }
                 let slow = slow.filter(|s| s.prefixes.iter().any(|p| path.starts_with(p)));
                 if let Some(slow) = &slow {
                     slow.asked.fetch_add(1, SeqCst);
@@ -501,7 +534,18 @@ async fn prefix_proxy(
                 if let Some(server) = &mut server
                     && server.write_all(request.as_bytes()).await.is_ok()
                 {
-                    let _ = tokio::io::copy_bidirectional(&mut browser, server).await;
+                    let copy = tokio::io::copy_bidirectional(&mut browser, server);
+                    match &events {
+                        Some(events) => {
+                            tokio::select! {
+                                _ = copy => {}
+                                () = events.cut.notified() => {}
+                            }
+                        }
+                        None => {
+                            let _ = copy.await;
+                        }
+                    }
                 }
                 Some(())
             });
@@ -511,8 +555,9 @@ async fn prefix_proxy(
 }
 
 /// A large table: the page fetches one page of locks (the first 200), says how many there
-/// are, shows more on request and searches on the server; and however slow `GET /locks` is,
-/// the page never has two of them open at once (they used to pile up every 2 s).
+/// are, shows more on request and searches on the server; and, polling because the proxy
+/// refuses the live events (every 2 s: `?poll=2`), however slow `GET /locks` is, the page never
+/// has two of them open at once (they used to pile up every 2 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_pages_a_large_table_and_never_polls_twice_at_once() {
     use std::sync::atomic::Ordering::SeqCst;
@@ -535,6 +580,7 @@ async fn dashboard_pages_a_large_table_and_never_polls_twice_at_once() {
     // Slower than the page's 2 s refresh: a timer that does not wait would overlap.
     let slow = std::sync::Arc::new(SlowRequests {
         prefixes: vec!["/locks"],
+        refused: vec!["/events"],
         delay: Duration::from_millis(2500),
         ..SlowRequests::default()
     });
@@ -543,7 +589,7 @@ async fn dashboard_pages_a_large_table_and_never_polls_twice_at_once() {
     let profile = common::temp_dir();
     let client = browser(&driver, profile.path()).await;
     client
-        .goto(&format!("http://127.0.0.1:{port}/locker/"))
+        .goto(&format!("http://127.0.0.1:{port}/locker/?poll=2"))
         .await
         .expect("open dashboard");
     let summary = || async {
@@ -595,6 +641,15 @@ async fn dashboard_pages_a_large_table_and_never_polls_twice_at_once() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(slow.most_at_once.load(SeqCst), 1, "overlapping GET /locks");
+    let mode = client
+        .execute("return document.getElementById('mode').textContent", vec![])
+        .await
+        .expect("mode");
+    assert!(
+        mode.as_str()
+            .is_some_and(|m| m.starts_with("Refreshed every 2 s")),
+        "{mode}"
+    );
     client.close().await.expect("close browser");
     blocking(move || drop(server));
 }
@@ -934,9 +989,10 @@ async fn dashboard_shows_pools_their_items_and_changes_in_a_real_browser() {
     blocking(move || drop(server));
 }
 
-/// However slow the server, a refresh asks one thing at a time (the locks, the pools, then each
-/// opened pool) and the next refresh waits for it: the page never has two of them open at once,
-/// even when a pool is opened while a refresh is under way.
+/// Polling (the proxy refuses the live events; every 2 s: `?poll=2`), however slow the server,
+/// a refresh asks one thing at a time (the locks, the pools, then each opened pool) and the next
+/// refresh waits for it: the page never has two of them open at once, even when a pool is
+/// opened while a refresh is under way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_polls_locks_and_pools_one_request_at_a_time() {
     use std::sync::atomic::Ordering::SeqCst;
@@ -961,6 +1017,7 @@ async fn dashboard_polls_locks_and_pools_one_request_at_a_time() {
     // than the 2 s between refreshes, and any two requests at once would be seen.
     let slow = std::sync::Arc::new(SlowRequests {
         prefixes: vec!["/locks", "/pool"],
+        refused: vec!["/events"],
         delay: Duration::from_millis(1200),
         ..SlowRequests::default()
     });
@@ -969,7 +1026,7 @@ async fn dashboard_polls_locks_and_pools_one_request_at_a_time() {
     let profile = common::temp_dir();
     let client = browser(&driver, profile.path()).await;
     client
-        .goto(&format!("http://127.0.0.1:{port}/locker/"))
+        .goto(&format!("http://127.0.0.1:{port}/locker/?poll=2"))
         .await
         .expect("open dashboard");
 
@@ -995,5 +1052,271 @@ async fn dashboard_polls_locks_and_pools_one_request_at_a_time() {
     }
     assert_eq!(slow.most_at_once.load(SeqCst), 1, "two requests at once");
     client.close().await.expect("close browser");
+    blocking(move || drop(server));
+}
+
+/// What the page shows live: whether its event stream is open, its mode line, each lock row's
+/// cell texts, and of the opened `deploy-prod` who waits (keys, front first, and each line's
+/// text) and its last events (kind, key and duration, newest first); the error banner.
+const LIVE_STATE: &str = "const rows = {};
+    for (const r of document.querySelectorAll('#locks tbody tr[data-lock]')) {
+      rows[r.dataset.lock] = [...r.cells].map(c => c.textContent);
+    }
+    const detail = document.querySelector('tr.detail[data-detail=\"deploy-prod\"]');
+    const waiters = detail ? [...detail.querySelectorAll('.queue li')] : [];
+    const history = detail ? [...detail.querySelectorAll('table.history tbody tr')].map(r =>
+      ({kind: r.dataset.kind, key: r.cells[2].textContent, duration: r.cells[4].textContent})) : [];
+    const error = document.getElementById('error');
+    return {live: document.body.dataset.live, mode: document.getElementById('mode').textContent,
+            rows, detail: !!detail, queue: waiters.map(li => li.dataset.key),
+            queueText: waiters.map(li => li.textContent), history,
+            queueNote: detail ? detail.querySelector('.queue').textContent : null,
+            error: error.hidden ? null : error.textContent};";
+
+/// The page's live state (see [`LIVE_STATE`]) once `expected` holds; panics naming `what` with
+/// the last state seen if it does not within 15 s.
+async fn wait_for_live(
+    client: &Client,
+    what: &str,
+    expected: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let state = client.execute(LIVE_STATE, vec![]).await.expect("read page");
+        if expected(&state) {
+            return state;
+        }
+        assert!(Instant::now() < deadline, "never saw {what}: {state:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A waiting acquire of `deploy-prod` by `key` (requestor `requestor`) in a thread, answered
+/// with its status; returns once the server counts `position` waiters.
+fn queue_for_deploy_prod(
+    server: &common::Server,
+    key: &str,
+    requestor: &str,
+    position: u64,
+) -> std::thread::JoinHandle<u16> {
+    let url = server.url("/lock/deploy-prod?wait=60s");
+    let body = json!({"key": key, "requestor": requestor, "info": {"job": requestor}});
+    let waiter = std::thread::spawn(move || {
+        common::client()
+            .put(url)
+            .basic_auth(USER, Some(PASS))
+            .body(body.to_string())
+            .send()
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    });
+    common::wait_until(&format!("{position} waiter(s) on deploy-prod"), || {
+        authed(server, "GET", "/lock/deploy-prod", None).json()["waiters"] == json!(position)
+    });
+    waiter
+}
+
+/// The page follows `GET /events`: opened with credentials in the URL (EventSource, like fetch,
+/// refuses a URL with userinfo) behind a proxy that counts `GET /locks`, a lock taken and a
+/// waiter served through the API show on the page with no `GET /locks` between, also across a
+/// dropped stream (the browser resumes it with Last-Event-ID). An opened lock shows who waits,
+/// front first, and its last events with how long the holdings were held and the requests
+/// waited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_follows_live_events_and_shows_who_waits_and_the_history() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (server, first, second) = blocking(|| {
+        let server = common::server().auth(USER, PASS).start();
+        // A holding that ended: the history has how long it was held.
+        let taken = authed(
+            &server,
+            "PUT",
+            "/lock/deploy-prod",
+            Some(json!({"key": "build-41"})),
+        );
+        assert_eq!(taken.status, 200, "{}", taken.body);
+        let freed = authed(
+            &server,
+            "DELETE",
+            "/lock/deploy-prod",
+            Some(json!({"key": "build-41"})),
+        );
+        assert_eq!(freed.status, 200, "{}", freed.body);
+        let body = json!({"key": "build-42", "requestor": "prod-job"});
+        let taken = authed(&server, "PUT", "/lock/deploy-prod", Some(body));
+        assert_eq!(taken.status, 200, "{}", taken.body);
+        let first = queue_for_deploy_prod(&server, "pipeline-b", "build-18", 1);
+        let second = queue_for_deploy_prod(&server, "pipeline-c", "build-3", 2);
+        (server, first, second)
+    });
+    let upstream = server
+        .base
+        .strip_prefix("http://")
+        .expect("http")
+        .to_string();
+    // No delay: the proxy only counts the page's GET /locks.
+    let counted = std::sync::Arc::new(SlowRequests {
+        prefixes: vec!["/locks"],
+        ..SlowRequests::default()
+    });
+    let port = prefix_proxy(upstream, "/locker", Some(counted.clone())).await;
+    let driver = Driver::start();
+    let profile = common::temp_dir();
+    let client = browser(&driver, profile.path()).await;
+    client
+        .goto(&format!("http://{}127.0.0.1:{port}/locker/", userinfo()))
+        .await
+        .expect("open dashboard");
+
+    let state = wait_for_live(&client, "the live page with deploy-prod", |s| {
+        s["live"] == "true" && s["rows"]["deploy-prod"].is_array()
+    })
+    .await;
+    assert!(
+        state["mode"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("Live")),
+        "{state:#}"
+    );
+    assert_eq!(state["rows"]["deploy-prod"][7], "2", "waiters: {state:#}");
+
+    // Opened, the lock shows who waits, front first, and its last events.
+    const OPEN: &str =
+        "const b = document.querySelector('tr[data-lock=\"deploy-prod\"] button.lock-name');
+        if (!b) return false; b.click(); return true;";
+    assert_eq!(
+        client.execute(OPEN, vec![]).await.expect("open"),
+        json!(true)
+    );
+    let state = wait_for_live(&client, "the queue and the history", |s| {
+        s["queue"] == json!(["pipeline-b", "pipeline-c"])
+            && s["history"]
+                .as_array()
+                .is_some_and(|h| h.iter().any(|e| e["kind"] == "released"))
+    })
+    .await;
+    assert_eq!(state["error"], json!(null), "{state:#}");
+    let ahead = state["queueText"][0].as_str().unwrap_or_default();
+    assert!(
+        ahead.contains("build-18") && ahead.contains("waiting for"),
+        "{state:#}"
+    );
+    let released = state["history"]
+        .as_array()
+        .and_then(|h| h.iter().find(|e| e["kind"] == "released"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(released["key"], "build-41", "{state:#}");
+    assert!(
+        released["duration"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("held for ")),
+        "{state:#}"
+    );
+
+    // Changes through the API show with no GET /locks between them and the page.
+    let polls = counted.asked.load(SeqCst);
+    assert!(
+        polls >= 1,
+        "the page's GET /locks go through the counting proxy"
+    );
+    blocking(|| {
+        let taken = authed(&server, "PUT", "/lock/hotfix", Some(json!({"key": "hf"})));
+        assert_eq!(taken.status, 200, "{}", taken.body);
+        let freed = authed(
+            &server,
+            "DELETE",
+            "/lock/deploy-prod",
+            Some(json!({"key": "build-42", "requestor": "prod-job"})),
+        );
+        assert_eq!(freed.status, 200, "{}", freed.body);
+    });
+    let state = wait_for_live(&client, "hotfix, and pipeline-b served", |s| {
+        s["rows"]["hotfix"].is_array()
+            && s["rows"]["deploy-prod"][1] == "pipeline-b"
+            && s["queue"] == json!(["pipeline-c"])
+            && s["history"].as_array().is_some_and(|h| {
+                h.iter()
+                    .any(|e| e["kind"] == "acquired" && e["key"] == "pipeline-b")
+            })
+    })
+    .await;
+    assert_eq!(counted.asked.load(SeqCst), polls, "GET /locks was polled");
+    assert_eq!(state["rows"]["deploy-prod"][7], "1", "waiters: {state:#}");
+    let history = state["history"].as_array().cloned().unwrap_or_default();
+    let served = history
+        .iter()
+        .find(|e| e["kind"] == "acquired" && e["key"] == "pipeline-b")
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        served["duration"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("waited for ")),
+        "{state:#}"
+    );
+    let ended = history
+        .iter()
+        .find(|e| e["kind"] == "released" && e["key"] == "build-42")
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        ended["duration"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("held for ")),
+        "{state:#}"
+    );
+    assert_eq!(state["error"], json!(null), "{state:#}");
+
+    // The last waiter served, nobody waits.
+    blocking(|| {
+        let freed = authed(
+            &server,
+            "DELETE",
+            "/lock/deploy-prod",
+            Some(json!({"key": "pipeline-b", "requestor": "build-18"})),
+        );
+        assert_eq!(freed.status, 200, "{}", freed.body);
+    });
+    let state = wait_for_live(&client, "nobody waiting", |s| {
+        s["rows"]["deploy-prod"][1] == "pipeline-c" && s["queue"] == json!([])
+    })
+    .await;
+    assert!(
+        state["queueNote"]
+            .as_str()
+            .is_some_and(|t| t.contains("Nobody waits.")),
+        "{state:#}"
+    );
+    assert_eq!(counted.asked.load(SeqCst), polls, "GET /locks was polled");
+
+    // A dropped stream resumes where it stopped: a change made while it is down (its
+    // reconnection held at the proxy) shows once it is back, still without GET /locks.
+    counted.hold_events.send_replace(true);
+    counted.cut.notify_waiters();
+    wait_for_live(&client, "the stream down", |s| s["live"] == "false").await;
+    blocking(|| {
+        let taken = authed(
+            &server,
+            "PUT",
+            "/lock/while-away",
+            Some(json!({"key": "wa"})),
+        );
+        assert_eq!(taken.status, 200, "{}", taken.body);
+    });
+    counted.hold_events.send_replace(false);
+    let state = wait_for_live(&client, "the change made while the stream was down", |s| {
+        s["live"] == "true" && s["rows"]["while-away"].is_array()
+    })
+    .await;
+    assert_eq!(state["rows"]["while-away"][1], "wa", "{state:#}");
+    assert_eq!(counted.asked.load(SeqCst), polls, "GET /locks was polled");
+    let screenshot = client.screenshot().await.expect("screenshot");
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-live.png");
+    std::fs::write(&path, screenshot).expect("save screenshot");
+    eprintln!("dashboard screenshot saved to {}", path.display());
+    client.close().await.expect("close browser");
+    assert_eq!(blocking(|| first.join()).expect("first waiter"), 200);
+    assert_eq!(blocking(|| second.join()).expect("second waiter"), 200);
     blocking(move || drop(server));
 }

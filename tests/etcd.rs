@@ -695,10 +695,26 @@ fn readiness_follows_the_etcd_quorum_while_liveness_stays() {
         assert_eq!(call("GET", &server.url("/health"), None).status, 200);
         // Not ready means writes fail: the answer is not a false alarm.
         assert_eq!(server.lock("no-quorum", json!({"key": "k"})).status, 503);
+        server.wait_for_metric("locker_store_ready 0");
     }
     cluster.restart(1);
     cluster.restart(2);
     for server in &servers {
         wait_for_status(server, "/ready", 200, Duration::from_secs(30));
+        server.wait_for_metric("locker_store_ready 1");
+    }
+}
+
+#[test]
+fn every_replica_counts_the_replicas_sharing_its_prefix_and_drops_a_killed_one() {
+    let _serial = serial();
+    let mut servers = replicas(etcd::shared(), 3);
+    for server in &servers {
+        server.wait_for_metric("locker_replicas 3");
+    }
+    servers[2].kill();
+    // Its liveness key goes with its lease (a few seconds).
+    for server in &servers[..2] {
+        server.wait_for_metric("locker_replicas 2");
     }
 }

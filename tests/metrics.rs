@@ -153,3 +153,110 @@ fn refusals_are_counted_by_kind_and_only_store_failures_as_unavailable() {
     assert_eq!(count("locker_releases_total{outcome=\"not_held\"}"), 1.0);
     assert_eq!(count("locker_releases_total{outcome=\"forced\"}"), 0.0);
 }
+
+/// The value of the sample printed exactly as `series` (name and labels), if present.
+fn series(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn hold_age_per_lock_oldest_waiter_and_store_readiness_follow_the_locks() {
+    let server = Server::start();
+    let idle = call("GET", &server.url("/metrics"), None).body;
+    assert_eq!(series(&idle, "locker_store_ready"), Some(1.0), "{idle}");
+    assert_eq!(series(&idle, "locker_oldest_waiter_seconds"), Some(0.0));
+    assert!(!idle.contains("locker_hold_age_seconds{"), "{idle}");
+    assert!(!idle.contains("locker_replicas"), "one server: {idle}");
+
+    assert_eq!(server.lock("deploy", json!({"key": "first"})).status, 200);
+    let waiter = {
+        let url = server.url("/lock/deploy?wait=30s");
+        std::thread::spawn(move || call("PUT", &url, Some(r#"{"key":"second"}"#)))
+    };
+    common::wait_for_waiters(&server, "deploy", 1);
+    let busy = call("GET", &server.url("/metrics"), None).body;
+    let waited = series(&busy, "locker_oldest_waiter_seconds").expect("oldest waiter");
+    assert!(waited > 0.0, "a request is queued: {busy}");
+    let held = series(&busy, "locker_hold_age_seconds{lock=\"deploy\"}").expect("hold age");
+    assert!(held >= waited, "held since before the waiter came: {busy}");
+
+    assert_eq!(server.unlock("deploy", json!({"key": "first"})).status, 200);
+    let granted = waiter.join().expect("waiter thread");
+    assert_eq!(granted.status, 200, "{}", granted.body);
+    let after = call("GET", &server.url("/metrics"), None).body;
+    assert_eq!(series(&after, "locker_oldest_waiter_seconds"), Some(0.0));
+    assert!(series(&after, "locker_hold_age_seconds{lock=\"deploy\"}").is_some());
+
+    assert_eq!(
+        server.unlock("deploy", json!({"key": "second"})).status,
+        200
+    );
+    let free = call("GET", &server.url("/metrics"), None).body;
+    assert!(!free.contains("locker_hold_age_seconds{"), "{free}");
+}
+
+#[test]
+fn locks_beyond_the_label_cap_share_the_other_series() {
+    let server = common::server()
+        .env("LOCKER_METRICS_MAX_LOCK_LABELS", "2")
+        .start();
+    for name in ["a", "b", "c", "d"] {
+        assert_eq!(server.lock(name, json!({"key": "k"})).status, 200);
+    }
+    let text = call("GET", &server.url("/metrics"), None).body;
+    let ages: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("locker_hold_age_seconds{"))
+        .collect();
+    assert_eq!(ages.len(), 3, "two names and _other: {text}");
+    // Locks are scraped in name order: the first two seen keep their names.
+    for name in ["a", "b", "_other"] {
+        let line = format!("locker_hold_age_seconds{{lock=\"{name}\"}}");
+        assert!(series(&text, &line).is_some(), "no {line}: {text}");
+    }
+}
+
+#[test]
+fn hold_and_wait_times_are_observed_per_lock_when_holdings_and_waits_end() {
+    let server = Server::start();
+    assert_eq!(server.lock("deploy", json!({"key": "first"})).status, 200);
+    let waiter = {
+        let url = server.url("/lock/deploy?wait=30s");
+        std::thread::spawn(move || call("PUT", &url, Some(r#"{"key":"second"}"#)))
+    };
+    common::wait_for_waiters(&server, "deploy", 1);
+    assert_eq!(server.unlock("deploy", json!({"key": "first"})).status, 200);
+    assert_eq!(waiter.join().expect("waiter thread").status, 200);
+    // One more that gives up waiting while "second" holds.
+    let gave_up = call(
+        "PUT",
+        &server.url("/lock/deploy?wait=200ms"),
+        Some(r#"{"key":"third"}"#),
+    );
+    assert_eq!(gave_up.status, 423, "{}", gave_up.body);
+    assert_eq!(
+        server.unlock("deploy", json!({"key": "second"})).status,
+        200
+    );
+    // A lock taken at once and released: a hold, no wait.
+    assert_eq!(server.lock("quick", json!({"key": "k"})).status, 200);
+    assert_eq!(server.unlock("quick", json!({"key": "k"})).status, 200);
+
+    server.wait_for_metric("locker_hold_seconds_count{lock=\"deploy\"} 2");
+    server.wait_for_metric("locker_wait_seconds_count{lock=\"deploy\"} 2");
+    server.wait_for_metric("locker_hold_seconds_count{lock=\"quick\"} 1");
+    let text = call("GET", &server.url("/metrics"), None).body;
+    assert_eq!(
+        series(&text, "locker_wait_seconds_count{lock=\"quick\"}"),
+        None
+    );
+    let held = series(&text, "locker_hold_seconds_sum{lock=\"deploy\"}").expect("sum");
+    let waited = series(&text, "locker_wait_seconds_sum{lock=\"deploy\"}").expect("sum");
+    assert!(held > 0.0 && waited > 0.0, "{text}");
+    let all = series(
+        &text,
+        "locker_hold_seconds_bucket{le=\"+Inf\",lock=\"deploy\"}",
+    );
+    assert_eq!(all, Some(2.0), "{text}");
+}

@@ -199,6 +199,19 @@ fn a_hold_of_an_aborted_build_is_released_and_the_next_waiter_granted() {
         metrics.contains("locker_releases_total{outcome=\"reclaimed\"} 1"),
         "{metrics}"
     );
+    // The history says the build's end released it, and whose build it was.
+    let history = call("GET", &server.url("/lock/env/history"), None).json();
+    let kinds: Vec<&str> = history["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    assert_eq!(kinds, ["acquired", "queued", "reclaimed", "acquired"]);
+    let reclaimed = &history["events"][2];
+    assert_eq!(reclaimed["key"], "k");
+    assert_eq!(reclaimed["info"], build_info());
+    assert!(reclaimed["held_ms"].as_u64().is_some(), "{reclaimed}");
 }
 
 #[test]

@@ -123,6 +123,17 @@ enum Scenario {
         #[arg(long, default_value_t = 1000)]
         handoffs: usize,
     },
+    /// The history's cost (issue 20): lock+unlock throughput from `clients` clients with the
+    /// history on (the default) and off (`LOCKER_HISTORY_BYTES=0`), `runs` runs of each,
+    /// alternating, so a busy machine weighs on both alike.
+    History {
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// Start-up time with a state file of `held` locks.
     Startup {
         #[arg(long, default_value_t = 10_000)]
@@ -148,6 +159,7 @@ fn main() -> Result<(), Error> {
                 pollers_beside(&server, 64, 2_000, 10).await?;
                 handoff(&server, 1000).await?;
                 pool(&server, 64, 100, 10, 1000).await?;
+                history(&server, 64, 10, 3).await?;
                 memory(&server, 10_000, 2_000).await?;
                 #[cfg(feature = "etcd")]
                 etcd(&server, 64, 10, 1000).await?;
@@ -178,6 +190,11 @@ fn main() -> Result<(), Error> {
                 seconds,
             } => latency(&server, clients, rate, held, seconds).await,
             Scenario::Startup { held } => startup(&server, held).await,
+            Scenario::History {
+                clients,
+                seconds,
+                runs,
+            } => history(&server, clients, seconds, runs).await,
             Scenario::Large { held, cycles } => large(&server, held, cycles).await,
             Scenario::Queue { waiters, cycles } => queue(&server, waiters, cycles).await,
             Scenario::Pool {
@@ -388,6 +405,39 @@ async fn throughput(binary: &Path, clients: usize, held: usize, seconds: u64) ->
     println!(
         "throughput     {clients} clients, {held} locks held: {figures}; RSS {:.1} MiB",
         server.rss_mib()
+    );
+    Ok(())
+}
+
+async fn history(binary: &Path, clients: usize, seconds: u64, runs: usize) -> Result<(), Error> {
+    let mut on = Vec::new();
+    let mut off = Vec::new();
+    for _ in 0..runs {
+        for (history, rates) in [("on", &mut on), ("off", &mut off)] {
+            let env = match history {
+                "off" => vec![("LOCKER_HISTORY_BYTES", "0".to_string())],
+                _ => Vec::new(),
+            };
+            let server = Server::start_with(binary, 100, &env).await?;
+            let figures = load(std::slice::from_ref(&server.address), clients, seconds).await?;
+            println!("history {history:<3}    {clients} clients, 100 locks held: {figures}");
+            // The figures start with the rate of requests.
+            let rate = figures
+                .split_whitespace()
+                .next()
+                .and_then(|rate| rate.parse::<f64>().ok())
+                .ok_or("no rate in the load's figures")?;
+            rates.push(rate);
+        }
+    }
+    let median = |rates: &mut Vec<f64>| {
+        rates.sort_by(f64::total_cmp);
+        rates[rates.len() / 2]
+    };
+    let (on, off) = (median(&mut on), median(&mut off));
+    println!(
+        "history        median of {runs}: {on:.0} requests/s with the history, {off:.0} without ({:+.1}%)",
+        (on / off - 1.0) * 100.0
     );
     Ok(())
 }

@@ -88,8 +88,27 @@ impl<I> Lock<I> {
     }
 }
 
-/// `GET /lock/{name}`: the lock with its name; `free` is `true` when a `wait_free` saw it
-/// free, `false` when the wait ran out, absent otherwise.
+/// One queued request in a lock's or a pool's `queue`: who waits, and since when.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(bound(deserialize = "I: Deserialize<'de> + Default"))]
+pub struct Waiting<I = Info> {
+    /// The item a pool claim asks for; absent for a lock, and for a claim of any item.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item: Option<String>,
+    #[serde(default)]
+    pub key: String,
+    #[serde(default)]
+    pub requestor: String,
+    #[serde(default)]
+    pub info: I,
+    /// When it was queued (RFC 3339); absent when the server did not keep the time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+}
+
+/// `GET /lock/{name}`: the lock with its name and who waits for it, in arrival order (empty
+/// from servers that do not say); `free` is `true` when a `wait_free` saw it free, `false`
+/// when the wait ran out, absent otherwise.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(bound(deserialize = "I: Deserialize<'de> + Default"))]
 pub struct LockStatus<I = Info> {
@@ -97,6 +116,8 @@ pub struct LockStatus<I = Info> {
     pub name: String,
     #[serde(flatten)]
     pub lock: Lock<I>,
+    #[serde(default)]
+    pub queue: Vec<Waiting<I>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub free: Option<bool>,
 }
@@ -186,13 +207,16 @@ pub struct PoolItem<I = Info> {
     pub holder: Option<Holder<I>>,
 }
 
-/// `GET /pool/{pool}`: the pool's items by name, and how many claims wait.
+/// `GET /pool/{pool}`: the pool's items by name, how many claims wait, and who waits, in
+/// arrival order (empty from servers that do not say).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(bound(deserialize = "I: Deserialize<'de> + Default"))]
 pub struct PoolStatus<I = Info> {
     pub name: String,
     pub waiters: u64,
     pub items: Vec<PoolItem<I>>,
+    #[serde(default)]
+    pub queue: Vec<Waiting<I>>,
 }
 
 /// The answer to a granted claim (`PUT /pool/{pool}/claim`, `PUT /pool/{pool}/item/{item}/claim`).
@@ -339,7 +363,29 @@ mod tests {
         assert_eq!(status.lock.waiters, Some(2));
         assert_eq!(status.lock.holdings().len(), 1);
         assert_eq!(status.lock.holdings()[0].info["job"], "j");
-        assert_eq!(serde_json::to_value(&status).expect("json"), ours);
+        assert!(
+            status.queue.is_empty(),
+            "a server that does not list its queue"
+        );
+        let mut with_queue = ours.clone();
+        with_queue["queue"] = json!([]);
+        assert_eq!(serde_json::to_value(&status).expect("json"), with_queue);
+
+        let queue = json!([
+            {"key": "b", "requestor": "rb", "info": {"job": "jb"},
+             "since": "2024-01-01T00:00:01.000Z"},
+            {"key": "c", "requestor": "rc", "info": {}}]);
+        with_queue["queue"] = queue.clone();
+        let status: LockStatus = serde_json::from_value(with_queue.clone()).expect("parses");
+        let keys: Vec<_> = status.queue.iter().map(|w| w.key.as_str()).collect();
+        assert_eq!(keys, ["b", "c"]);
+        assert_eq!(status.queue[0].info["job"], "jb");
+        assert_eq!(
+            status.queue[0].since.as_deref(),
+            Some("2024-01-01T00:00:01.000Z")
+        );
+        assert_eq!(status.queue[1].since, None);
+        assert_eq!(serde_json::to_value(&status).expect("json"), with_queue);
 
         let original: Lock =
             serde_json::from_value(json!({"key": "k", "locked_by": {"a": 0, "b": 2}}))

@@ -1,6 +1,7 @@
 //! The web dashboard: one HTML page, a stylesheet and a script, embedded in the binary at
-//! compile time (no CDN, no build step). The page reads the documented `GET /locks`, `GET /pools`
-//! and `GET /pool/{pool}`.
+//! compile time (no CDN, no build step). The page reads the documented `GET /locks`, `GET /pools`,
+//! `GET /pool/{pool}`, `GET /lock/{name}` and `GET /lock/{name}/history`, and follows the live
+//! `GET /events` (polling only without it).
 
 use actix_web::HttpResponse;
 use actix_web::http::header;

@@ -139,6 +139,9 @@ pub async fn live(
         .insert_header((header::CONTENT_TYPE, "text/event-stream"))
         .insert_header((header::CACHE_CONTROL, "no-cache"))
         .insert_header(("X-Accel-Buffering", "no"))
+        // A stream that ends (a reader dropped for falling behind, a stopping server) closes
+        // its connection: the reader notices and resumes with Last-Event-ID.
+        .force_close()
         .streaming(stream::unfold(feed, Feed::next)))
 }
 

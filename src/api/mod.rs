@@ -94,7 +94,13 @@ async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
     Err(ApiError::MethodNotAllowed)
 }
 
+/// Longest a scrape waits to learn whether the store is ready (`locker_store_ready`).
+const READY_FOR_METRICS: Duration = Duration::from_secs(2);
+
 async fn metrics_text(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    // `ready` answers within about a second; a store that takes longer is not ready.
+    let ready = tokio::time::timeout(READY_FOR_METRICS, state.store.ready()).await;
+    state.metrics.set_store_ready(matches!(ready, Ok(Ok(()))));
     let text = state
         .metrics
         .encode(state.store.stats(), std::time::SystemTime::now())

@@ -385,6 +385,10 @@ fn pool_view<'a>(name: &str, pool: &'a Pool) -> PoolStatus<views::InfoObject<'a>
             .iter()
             .map(|(name, item)| item_view(name, item))
             .collect(),
+        queue: pool
+            .queued_since()
+            .map(|(_, item, request, since)| views::waiting(item, request, since))
+            .collect(),
     }
 }
 

@@ -9,10 +9,10 @@
 
 use std::collections::BTreeMap;
 
-use locker_client::wire::{Holder, Lock, LockStatus};
+use locker_client::wire::{Holder, Lock, LockStatus, Waiting};
 use serde::{Serialize, Serializer};
 
-use crate::rules::Info;
+use crate::rules::{Acquire, Info};
 use crate::store::LockView;
 use crate::timefmt::rfc3339;
 
@@ -74,11 +74,32 @@ pub fn lock_map(locks: &[LockView]) -> BTreeMap<&str, Lock<InfoObject<'_>>> {
         .collect()
 }
 
-/// `GET /lock/{name}`: the lock's fields with its name.
+/// A queued request (a lock's waiter, or a pool's claim for `item` or any item) as the API
+/// shows it; `since` is left out when the store did not keep it.
+pub fn waiting<'a>(
+    item: Option<&str>,
+    request: &'a Acquire,
+    since: Option<std::time::SystemTime>,
+) -> Waiting<InfoObject<'a>> {
+    Waiting {
+        item: item.map(str::to_string),
+        key: request.key.clone(),
+        requestor: request.requestor.clone(),
+        info: InfoObject(&request.info),
+        since: since.map(rfc3339),
+    }
+}
+
+/// `GET /lock/{name}`: the lock's fields with its name and its queue, in arrival order.
 pub fn lock_status(view: &LockView) -> LockStatus<InfoObject<'_>> {
     LockStatus {
         name: view.name.clone(),
         lock: lock(view),
+        queue: view
+            .queue
+            .iter()
+            .map(|queued| waiting(None, &queued.request, queued.since))
+            .collect(),
         free: None,
     }
 }

@@ -428,6 +428,7 @@ mod tests {
                     on_server("other-key", "f", Some("build-8")),
                     on_server("unclaimed-there", "g", None),
                 ],
+                queue: Vec::new(),
             },
         )]
         .into();

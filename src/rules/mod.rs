@@ -238,8 +238,8 @@ impl Lock {
         self.queue.iter().map(|w| (w.id, &w.request, w.since))
     }
 
-    /// Rebuilds a lock with its queue (each waiter with when it was queued, when known), as a
-    /// backend that shares the queue stored it.
+    /// Rebuilds a lock with its queue, as a backend that shares the queue stored it: each
+    /// waiter with when it was queued, if the backend kept that.
     pub fn restore(
         slots: u32,
         holders: Vec<Holder>,
@@ -914,14 +914,7 @@ impl LockTable {
         now: SystemTime,
         before: Option<SystemTime>,
     ) -> Vec<WaiterGrant> {
-        let mut grants = Vec::new();
-        // Field by field, so the lock and the generation counter can be borrowed together.
-        if let Some(lock) = self.locks.get_mut(name).map(Arc::make_mut) {
-            lock.serve_queue(name, now, &mut self.next_generation, &mut grants);
-            if lock.is_unused() {
-                self.locks.remove(name);
-            }
-        }
+        let grants = serve_in(&mut self.locks, name, now, &mut self.next_generation);
         self.reindex_lock(name, before);
         grants
     }
@@ -947,13 +940,7 @@ impl LockTable {
         now: SystemTime,
         before: Option<SystemTime>,
     ) -> Vec<WaiterGrant> {
-        let mut grants = Vec::new();
-        if let Some(pool) = self.pools.get_mut(name).map(Arc::make_mut) {
-            pool.serve_queue(name, now, &mut self.next_generation, &mut grants);
-            if pool.is_unused() {
-                self.pools.remove(name);
-            }
-        }
+        let grants = serve_in(&mut self.pools, name, now, &mut self.next_generation);
         self.reindex(&Target::Pool(name.to_string()), before);
         grants
     }
@@ -1300,6 +1287,68 @@ impl LockTable {
         }
         self.release(&hold.name, &hold.key, &hold.requestor, now)
     }
+}
+
+/// A lock or a pool: what has a queue to serve.
+trait Queue: Clone {
+    fn serve(
+        &mut self,
+        name: &str,
+        now: SystemTime,
+        next_generation: &mut u64,
+        grants: &mut Vec<WaiterGrant>,
+    );
+    fn unused(&self) -> bool;
+}
+
+impl Queue for Lock {
+    fn serve(
+        &mut self,
+        name: &str,
+        now: SystemTime,
+        next_generation: &mut u64,
+        grants: &mut Vec<WaiterGrant>,
+    ) {
+        self.serve_queue(name, now, next_generation, grants);
+    }
+
+    fn unused(&self) -> bool {
+        self.is_unused()
+    }
+}
+
+impl Queue for Pool {
+    fn serve(
+        &mut self,
+        name: &str,
+        now: SystemTime,
+        next_generation: &mut u64,
+        grants: &mut Vec<WaiterGrant>,
+    ) {
+        self.serve_queue(name, now, next_generation, grants);
+    }
+
+    fn unused(&self) -> bool {
+        self.is_unused()
+    }
+}
+
+/// Serves the queue of `name` in `map` (copied first if shared), dropping it once it holds and
+/// queues nothing. The generation counter is passed apart so it can be borrowed with the map.
+fn serve_in<T: Queue>(
+    map: &mut BTreeMap<String, Arc<T>>,
+    name: &str,
+    now: SystemTime,
+    next_generation: &mut u64,
+) -> Vec<WaiterGrant> {
+    let mut grants = Vec::new();
+    if let Some(entry) = map.get_mut(name).map(Arc::make_mut) {
+        entry.serve(name, now, next_generation, &mut grants);
+        if entry.unused() {
+            map.remove(name);
+        }
+    }
+    grants
 }
 
 #[cfg(test)]

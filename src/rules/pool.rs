@@ -220,8 +220,7 @@ impl Pool {
             .map(|w| (w.id, w.item.as_deref(), &w.request, w.since))
     }
 
-    /// Rebuilds a pool with its queue (each claim with when it was queued, when known), as a
-    /// backend that shares the queue stored it.
+    /// Rebuilds a pool with its queue, as a backend that shares the queue stored it.
     pub fn restore(
         items: BTreeMap<String, Item>,
         clock: u64,

@@ -38,7 +38,7 @@ use super::pool_flow;
 use super::state_file;
 use super::{
     ItemState, LockPage, LockStore, LockView, Page, PoolCounts, Released, StoreError, WaiterSlot,
-    Withdraw, view,
+    Withdraw, status_view,
 };
 use crate::metrics::{LockStats, Metrics};
 use crate::rules::{
@@ -442,7 +442,7 @@ impl LockStore for FileStore {
         Ok(table
             .lock(name)
             .filter(|l| l.is_held())
-            .map(|l| view(name, l)))
+            .map(|l| status_view(name, l)))
     }
 
     async fn list(&self, page: &Page) -> Result<LockPage, StoreError> {
@@ -1154,8 +1154,8 @@ impl Writer {
         }
     }
 
-    /// Numbers a durable batch's events, appends them to the history file (synced) and keeps
-    /// them, before the batch is answered. A failed append does not fail the batch, whose state
+    /// Numbers a durable batch's events, feeds them to the hold and wait histograms, appends
+    /// them to the history file (synced) and keeps them, before the batch is answered. A failed append does not fail the batch, whose state
     /// is durable already: the events stay in memory and the failure is logged and counted.
     fn record_history(&mut self, batch: &Batch) -> Vec<Arc<WireEvent>> {
         let (Some((history, file)), Some(now)) = (&mut self.history, batch.now) else {
@@ -1165,6 +1165,9 @@ impl Writer {
             return Vec::new();
         }
         let events = history.number(&batch.events, now);
+        for event in &events {
+            self.metrics.observe_event(event);
+        }
         let sizes = match file.as_mut().map(|file| file.append(&events)) {
             Some(Ok(sizes)) => sizes,
             Some(Err(e)) => {

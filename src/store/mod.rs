@@ -13,24 +13,35 @@ pub mod journal;
 mod pool_flow;
 pub mod state_file;
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 
-use crate::metrics::LockStats;
+use crate::metrics::{LockStats, Subject};
 use crate::rules::{Acquire, Grant, Holder, Item, ItemGrant, LockTable, Pool};
 
 /// How often [`poll_free`] looks again.
 #[cfg(feature = "etcd")]
 const POLL_FREE: Duration = Duration::from_millis(50);
 
-/// A lock as the API shows it: its holdings (oldest first), slot count and queue length.
+/// A lock as the API shows it: its holdings (oldest first), slot count and queue length, and
+/// for one lock's status ([`status_view`]) who waits, in arrival order. Listings leave `queue`
+/// empty: they show only its length, and copying every queue would cost what it holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LockView {
     pub name: String,
     pub slots: u32,
     pub holders: Vec<Holder>,
     pub waiters: usize,
+    pub queue: Vec<Queued>,
+}
+
+/// A queued request as a lock's status shows it: who asks, and since when (`None` when the
+/// backend did not keep the time).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Queued {
+    pub request: Acquire,
+    pub since: Option<std::time::SystemTime>,
 }
 
 /// The state an item is waited for in (`check`: unclaimed; `check_unclaimed`: claimed).
@@ -454,32 +465,70 @@ pub(crate) fn writer_idle_time(
 /// Gauge values of a lock table.
 pub fn table_stats(table: &LockTable) -> LockStats {
     let mut stats = LockStats::default();
-    for lock in table.locks().values().filter(|l| l.is_held()) {
+    let earliest = |a: Option<SystemTime>, b: Option<SystemTime>| match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    for (name, lock) in table.locks() {
+        // Queues are in arrival order: each one's first waiter is its oldest.
+        let first = lock.queued_since().next().and_then(|(_, _, since)| since);
+        stats.oldest_waiting_since = earliest(stats.oldest_waiting_since, first);
+        if !lock.is_held() {
+            continue;
+        }
         stats.held += 1;
         stats.waiters += lock.waiters();
         stats.slots_used += lock.holders.len();
         stats.slots_total += lock.slots as usize;
         let oldest = lock.holders.iter().map(|h| h.acquired_at).min();
-        stats.oldest_acquired_at = match (stats.oldest_acquired_at, oldest) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        stats.oldest_acquired_at = earliest(stats.oldest_acquired_at, oldest);
+        if let Some(oldest) = oldest {
+            stats.holdings.push((Subject::Lock(name.clone()), oldest));
+        }
     }
-    for pool in table.pools().values() {
+    for (name, pool) in table.pools() {
         stats.pool_items += pool.items.len();
         stats.pool_items_claimed += pool.items.values().filter(|i| i.is_claimed()).count();
         stats.pool_waiters += pool.waiters();
+        let oldest = pool
+            .items
+            .values()
+            .filter_map(|item| item.holder.as_ref().map(|h| h.acquired_at))
+            .min();
+        if let Some(oldest) = oldest {
+            stats.holdings.push((Subject::Pool(name.clone()), oldest));
+        }
+        let first = pool
+            .queued_since()
+            .next()
+            .and_then(|(_, _, _, since)| since);
+        stats.oldest_waiting_since = earliest(stats.oldest_waiting_since, first);
     }
     stats
 }
 
-/// The API's view of one lock of a table.
+/// The API's view of one lock of a table, for a listing (without its queue).
 pub(crate) fn view(name: &str, lock: &crate::rules::Lock) -> LockView {
     LockView {
         name: name.to_string(),
         slots: lock.slots,
         holders: lock.holders.clone(),
         waiters: lock.waiters(),
+        queue: Vec::new(),
+    }
+}
+
+/// The API's view of one lock's status: [`view`] with who waits, in arrival order.
+pub(crate) fn status_view(name: &str, lock: &crate::rules::Lock) -> LockView {
+    LockView {
+        queue: lock
+            .queued_since()
+            .map(|(_, request, since)| Queued {
+                request: request.clone(),
+                since,
+            })
+            .collect(),
+        ..view(name, lock)
     }
 }
 

@@ -258,7 +258,8 @@ struct StoredWaiter {
     release_with_build: Option<Box<BuildRef>>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     renew: bool,
-    /// When it was queued, in milliseconds since the epoch (for the history's `waited_ms`).
+    /// When it was queued, in milliseconds since the Unix epoch (the dashboard's "waiting
+    /// since"); absent in values written before it was kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     since_ms: Option<u64>,
 }
@@ -333,15 +334,21 @@ fn stored_waiter(
         slots: request.slots,
         release_with_build: request.release_with_build.clone(),
         renew: request.renew,
-        since_ms: since
-            .and_then(|at| at.duration_since(SystemTime::UNIX_EPOCH).ok())
-            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        since_ms: since.and_then(|since| {
+            let ms = since
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .ok()?
+                .as_millis();
+            u64::try_from(ms).ok()
+        }),
     }
 }
 
-type Queued = (WaiterId, Option<String>, Acquire, Option<SystemTime>);
+/// A stored waiter as the rules queue it: its id, the item asked for, the request, and when
+/// it was queued (when kept).
+type QueuedRequest = (WaiterId, Option<String>, Acquire, Option<SystemTime>);
 
-fn queued_request(w: StoredWaiter) -> Queued {
+fn queued_request(w: StoredWaiter) -> QueuedRequest {
     let request = Acquire {
         key: w.key,
         requestor: w.requestor,
@@ -567,7 +574,6 @@ pub fn decode_record(
 mod tests {
     use super::*;
     use crate::rules::{LockTable, Op, PoolChange};
-    use std::time::SystemTime;
 
     fn request(key: &str) -> Acquire {
         Acquire {
@@ -591,9 +597,26 @@ mod tests {
         let bytes = encode_lock(lock, &[], &[]).expect("encodes");
         let decoded = decode_lock("l", &bytes).expect("decodes");
         assert_eq!(&decoded.lock, lock);
-        assert_eq!(decoded.lock.queued().count(), 1);
+        let queued: Vec<_> = decoded
+            .lock
+            .queued_since()
+            .map(|(id, r, since)| (id, r.key.clone(), since))
+            .collect();
+        assert_eq!(queued, [(7 << WAITER_BITS | 3, "b".to_string(), Some(now))]);
         assert!(decoded.grants.is_empty() && decoded.unconfirmed.is_empty());
         assert_eq!(waiter_replica(7 << WAITER_BITS | 3), 7);
+    }
+
+    #[test]
+    fn a_waiter_stored_without_its_time_reads_back_without_one() {
+        let old = br#"{"slots":1,"holders":[],"queue":[{"id":5,"key":"w","requestor":"w"}]}"#;
+        let decoded = decode_lock("l", old).expect("decodes");
+        let queued: Vec<_> = decoded
+            .lock
+            .queued_since()
+            .map(|(id, _, s)| (id, s))
+            .collect();
+        assert_eq!(queued, [(5, None)]);
     }
 
     #[test]
@@ -654,10 +677,13 @@ mod tests {
         }
         assert_eq!(&restored, pool);
         let queued: Vec<_> = restored
-            .queued()
-            .map(|(id, item, r)| (id, item, r.key.clone()))
+            .queued_since()
+            .map(|(id, item, r, since)| (id, item, r.key.clone(), since))
             .collect();
-        assert_eq!(queued, [(7 << WAITER_BITS | 2, None, "d".to_string())]);
+        assert_eq!(
+            queued,
+            [(7 << WAITER_BITS | 2, None, "d".to_string(), Some(now))]
+        );
     }
 
     #[test]

@@ -57,7 +57,7 @@ use super::flow::{self, Backend};
 use super::pool_flow;
 use super::{
     ItemState, LockPage, LockStore, LockView, Page, PoolCounts, Released, StoreError, WaiterSlot,
-    Withdraw, view,
+    Withdraw, status_view,
 };
 use crate::metrics::{LockStats, Metrics};
 use crate::rules::{
@@ -711,7 +711,7 @@ impl LockStore for EtcdStore {
                 let lock = codec::decode_lock(name, kv.value())
                     .map_err(unavailable)?
                     .lock;
-                Ok(lock.is_held().then(|| view(name, &lock)))
+                Ok(lock.is_held().then(|| status_view(name, &lock)))
             }
             None => Ok(None),
         }
@@ -750,9 +750,12 @@ impl LockStore for EtcdStore {
     }
 
     fn stats(&self) -> LockStats {
+        let cache = self.shared.cache.lock();
         LockStats {
             waiting_requests: self.waiting.load(Ordering::Relaxed),
-            ..super::table_stats(&self.shared.cache.lock().table())
+            // The replicas' liveness keys the cache holds (from the load and the watch).
+            replicas: Some(cache.replicas.len()),
+            ..super::table_stats(&cache.table())
         }
     }
 
