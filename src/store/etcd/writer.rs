@@ -434,24 +434,18 @@ impl Writer {
         if self.shared.recorder.is_none() || plan.events.is_empty() {
             return Ok(Record::None);
         }
-        let mut events = history::wire_events(&plan.events, now);
-        let mut bytes = codec::encode_record(&events)?;
-        let limit = codec::EVENTS_PER_REVISION as usize;
-        if events.len() > limit || bytes.len() > MAX_RECORD_BYTES {
-            if divisible {
-                return Ok(Record::TooBig);
-            }
-            // One operation alone made that many events (a force release of a lock held by
-            // more requestors than that, say): the first ones are kept.
-            let made = events.len();
-            while events.len() > 1 && (events.len() > limit || bytes.len() > MAX_RECORD_BYTES) {
-                events.truncate((events.len() / 2).min(limit));
-                bytes = codec::encode_record(&events)?;
-            }
+        let events = history::wire_events(&plan.events, now);
+        let made = events.len();
+        let (bytes, kept) = match fit_record(events, divisible)? {
+            Fitted::TooBig => return Ok(Record::TooBig),
+            Fitted::Record { bytes, kept } => (bytes, kept),
+        };
+        if kept < made {
             error!(
-                "one operation made {made} history events, more than a record holds: {} kept",
-                events.len()
+                "one operation made {made} history events, more than a record holds: the first \
+                 {kept} are kept"
             );
+            self.shared.metrics.history_write_failed();
         }
         self.records += 1;
         let key = self.shared.keys.history(self.shared.replica, self.records);
@@ -764,6 +758,47 @@ impl Writer {
     }
 }
 
+/// A batch's events as a history record.
+#[derive(Debug, PartialEq, Eq)]
+enum Fitted {
+    /// More than a record holds, from a batch that can be split.
+    TooBig,
+    /// The record, and how many of the events it keeps.
+    Record { bytes: Vec<u8>, kept: usize },
+}
+
+/// Fits a batch's events into one record: at most [`codec::EVENTS_PER_REVISION`] events and
+/// [`MAX_RECORD_BYTES`]. A batch over that is to be split (`divisible`); one that cannot be
+/// (a single operation made that many events: a force release of a holding shared by more
+/// requestors, say) keeps its first events, in a record of up to twice the usual bytes (still
+/// well within what etcd takes in one request).
+fn fit_record(
+    mut events: Vec<locker_client::wire::Event>,
+    divisible: bool,
+) -> Result<Fitted, codec::CodecError> {
+    let limit = codec::EVENTS_PER_REVISION as usize;
+    let mut bytes = codec::encode_record(&events)?;
+    if events.len() <= limit && bytes.len() <= MAX_RECORD_BYTES {
+        let kept = events.len();
+        return Ok(Fitted::Record { bytes, kept });
+    }
+    if divisible {
+        return Ok(Fitted::TooBig);
+    }
+    if events.len() > limit {
+        events.truncate(limit);
+        bytes = codec::encode_record(&events)?;
+    }
+    while events.len() > 1 && bytes.len() > 2 * MAX_RECORD_BYTES {
+        events.truncate(events.len() * 3 / 4);
+        bytes = codec::encode_record(&events)?;
+    }
+    Ok(Fitted::Record {
+        kept: events.len(),
+        bytes,
+    })
+}
+
 /// What one batch holds, kept within what etcd takes in one transaction: at most
 /// [`MAX_TXN_OPS`] operations in each branch, and [`MAX_TXN_METADATA_BYTES`] of item metadata.
 /// A lock costs one operation in each branch (a comparison, a put or delete, a read back on a
@@ -957,5 +992,67 @@ pub(super) fn log_effects(effects: &[Effect]) {
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use locker_client::wire::Event as WireEvent;
+
+    fn events(count: usize, info_bytes: usize) -> Vec<WireEvent> {
+        (0..count)
+            .map(|index| WireEvent {
+                id: index as u64,
+                at: "2026-11-30T00:00:00.000Z".into(),
+                kind: "force-released".into(),
+                lock: Some("shared".into()),
+                requestor: Some(format!("r{index}")),
+                info: [("build".to_string(), "x".repeat(info_bytes))]
+                    .into_iter()
+                    .collect(),
+                ..WireEvent::default()
+            })
+            .collect()
+    }
+
+    fn kept(fitted: Fitted) -> usize {
+        match fitted {
+            Fitted::Record { kept, bytes } => {
+                let stored: Vec<WireEvent> = serde_json::from_slice(&bytes).expect("decodes");
+                assert_eq!(stored.len(), kept);
+                kept
+            }
+            Fitted::TooBig => panic!("too big"),
+        }
+    }
+
+    #[test]
+    fn a_record_holds_up_to_a_thousand_events_and_a_bigger_batch_is_split() {
+        assert_eq!(kept(fit_record(events(1000, 0), true).expect("fits")), 1000);
+        assert_eq!(
+            fit_record(events(1001, 0), true).expect("encodes"),
+            Fitted::TooBig
+        );
+        // 600 events of 1 KiB: over the bytes.
+        assert_eq!(
+            fit_record(events(600, 1024), true).expect("encodes"),
+            Fitted::TooBig
+        );
+    }
+
+    #[test]
+    fn one_operation_with_more_events_than_a_record_holds_keeps_the_first() {
+        assert_eq!(
+            kept(fit_record(events(1500, 0), false).expect("fits")),
+            1000
+        );
+        // 600 events of 1 KiB fit in twice the usual bytes; 1000 of 2 KiB do not.
+        assert_eq!(
+            kept(fit_record(events(600, 1024), false).expect("fits")),
+            600
+        );
+        let big = kept(fit_record(events(1000, 2048), false).expect("fits"));
+        assert!((1..1000).contains(&big), "{big}");
     }
 }
