@@ -2,15 +2,18 @@
 //! replicas over one prefix of a loopback etcd cluster list the same events, with the same ids,
 //! in the same order, whichever replica made the change; a live reader on one sees changes
 //! made through the other and resumes on either; a replica started again loads the history
-//! from etcd; and the records in etcd stay within the bounds under a flood of changes.
+//! from etcd; every change acknowledged under load is kept when a replica is killed, and none
+//! refused; and the records in etcd stay within the bounds under a flood of changes.
 //!
 //! Only with the `etcd` feature (`cargo test --features etcd`).
 #![cfg(feature = "etcd")]
 
 pub mod common;
 
+use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
-use std::sync::{Mutex, MutexGuard, mpsc};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::thread;
 use std::time::Duration;
 
@@ -270,6 +273,122 @@ fn a_replica_started_again_loads_the_history_from_etcd() {
     assert_eq!(&after[..10], &before[..]);
     assert_eq!(summary(&after[10..])[0].0, "acquired");
     assert!(ids(&after)[10] > ids(&before)[9]);
+}
+
+/// (kind, lock, requestor, generation) of every change a client was told succeeded.
+type Change = (String, String, String, Option<u64>);
+
+/// Acquires and releases `lock-{0,1,2}` through `base` until `stop`, or until the server is
+/// gone; the changes acknowledged, and the requestors refused (the lock was held).
+fn load(base: String, worker: usize, stop: Arc<AtomicBool>) -> (Vec<Change>, Vec<String>) {
+    let client = common::client();
+    let (mut acknowledged, mut refused) = (Vec::new(), Vec::new());
+    for n in 0.. {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let lock = format!("lock-{}", n % 3);
+        let requestor = format!("w{worker}-{n}");
+        let body = json!({"key": requestor, "requestor": requestor}).to_string();
+        let url = format!("{base}/lock/{lock}");
+        let Ok(reply) = client.put(&url).body(body.clone()).send() else {
+            break;
+        };
+        match reply.status().as_u16() {
+            200 => {
+                let generation = reply
+                    .json::<Value>()
+                    .ok()
+                    .and_then(|v| v["generation"].as_u64());
+                let change = |kind: &str| {
+                    (
+                        kind.to_string(),
+                        lock.clone(),
+                        requestor.clone(),
+                        generation,
+                    )
+                };
+                acknowledged.push(change("acquired"));
+                match client.delete(&url).body(body).send() {
+                    Ok(r) if r.status().as_u16() == 200 => acknowledged.push(change("released")),
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+            423 => refused.push(requestor),
+            _ => {}
+        }
+    }
+    (acknowledged, refused)
+}
+
+#[test]
+fn every_acknowledged_change_is_kept_when_a_replica_is_killed_under_load_and_no_refused_one() {
+    let _serial = serial();
+    let cluster = etcd::shared();
+    let (prefix, mut servers) = replicas(cluster, 2, &[]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..6)
+        .map(|worker| {
+            let (base, stop) = (servers[worker % 2].url(""), stop.clone());
+            thread::spawn(move || load(base, worker, stop))
+        })
+        .collect();
+    wait_until("the load has made a few hundred changes", || {
+        history(&servers[1]).len() > 300
+    });
+    servers[0].kill();
+    // The other replica's clients go on a little after the kill.
+    wait_until("the surviving replica has made more changes", || {
+        history(&servers[1]).len() > 400
+    });
+    stop.store(true, Ordering::Relaxed);
+    let (mut acknowledged, mut refused) = (Vec::new(), Vec::new());
+    for worker in workers {
+        let (a, r) = worker.join().expect("worker");
+        acknowledged.extend(a);
+        refused.extend(r);
+    }
+    assert!(
+        acknowledged.len() > 200,
+        "too little load: {}",
+        acknowledged.len()
+    );
+    assert!(!refused.is_empty(), "the load never met a held lock");
+    // What the survivor lists, and what a replica started afresh loads, once it has everything.
+    let fresh = common::server()
+        .etcd(&cluster.endpoints())
+        .env("LOCKER_ETCD_PREFIX", prefix)
+        .start();
+    let events = agreed(&servers[1], &fresh);
+    let recorded: HashSet<Change> = events
+        .iter()
+        .map(|e| {
+            let text = |field: &str| e[field].as_str().unwrap_or_default().to_string();
+            (
+                text("kind"),
+                text("lock"),
+                text("requestor"),
+                e["generation"].as_u64(),
+            )
+        })
+        .collect();
+    let missing: Vec<&Change> = acknowledged
+        .iter()
+        .filter(|change| !recorded.contains(*change))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged but not in the history: {missing:?}"
+    );
+    let refused: HashSet<&str> = refused.iter().map(String::as_str).collect();
+    let phantom: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["requestor"].as_str().is_some_and(|r| refused.contains(r)))
+        .collect();
+    assert!(phantom.is_empty(), "refused but recorded: {phantom:?}");
+    let ids = ids(&events);
+    assert!(ids.windows(2).all(|w| w[0] < w[1]));
 }
 
 /// The history records under `prefix` in etcd: (count, bytes of their values).
