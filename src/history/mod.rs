@@ -119,8 +119,13 @@ impl Inner {
         self.dropped.insert(id);
     }
 
-    /// Moves the dropped ids older than the oldest kept event into `lost`.
+    /// Moves the dropped ids older than the oldest kept event into `lost` (with consecutive
+    /// ids the oldest kept one says it all: nothing is remembered).
     fn settle(&mut self) {
+        if !self.sparse {
+            self.dropped.clear();
+            return;
+        }
         let oldest = self.by_id.keys().next().copied().unwrap_or(u64::MAX);
         let newer = self.dropped.split_off(&oldest);
         if let Some(last) = self.dropped.last() {
