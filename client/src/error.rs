@@ -45,6 +45,17 @@ pub enum Error {
         status: StatusCode,
         message: String,
     },
+    /// An answer that is not the one the call reads: a 4xx (a route an older server lacks, a
+    /// query it refuses), or a body that is not what the route promises. Only the calls that
+    /// return a typed answer (the history, the event stream) report it; the others hand every
+    /// answer back as a [`crate::Reply`].
+    #[error("{method} {url}: the server answered {status}: {message}")]
+    Refused {
+        method: Method,
+        url: String,
+        status: StatusCode,
+        message: String,
+    },
 }
 
 /// What the TLS handshake found wrong with the server's certificate.
@@ -130,6 +141,9 @@ impl Error {
             Error::Unauthorized { .. } => "401 Unauthorized".to_string(),
             Error::Certificate { cause, .. } | Error::Transport { cause, .. } => cause.clone(),
             Error::Server {
+                status, message, ..
+            }
+            | Error::Refused {
                 status, message, ..
             } => format!("answered {status}: {message}"),
         }

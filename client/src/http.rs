@@ -193,6 +193,21 @@ impl Client {
             .await
     }
 
+    /// A `GET` of `path` on the locker server, with credentials and no deadline (for a stream
+    /// that stays open; the caller bounds the wait for its head and for each chunk).
+    pub(crate) fn stream_request(&self, path: &str) -> reqwest::RequestBuilder {
+        let mut request = self.http.get(format!("{}{path}", self.base));
+        if let Some((user, password)) = &self.credentials {
+            request = request.basic_auth(user, Some(password));
+        }
+        request
+    }
+
+    /// The deadline of one request.
+    pub(crate) fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
     /// A request to the locker server, with credentials (`wait`: the long-poll it asks for, on
     /// top of the request's deadline).
     pub(crate) async fn locker<B: Serialize + ?Sized>(

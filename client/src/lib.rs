@@ -17,6 +17,11 @@
 //! - [`http`]: the [`Client`]: basic auth, CA certificates, per-request deadlines, retries of
 //!   what can heal; every answer worth interpreting comes back as a [`Reply`]. The lock
 //!   calls are in `http.rs`, the pool calls in [`pool_client`].
+//! - [`history`]: `GET /history` and `GET /lock/{name}/history` as [`wire::HistoryPage`]s,
+//!   and paging through them.
+//! - [`events`]: the live events of `GET /events` (server-sent events): a parser of
+//!   `text/event-stream` and a reader that resumes with `Last-Event-ID` after a dropped
+//!   connection, so a watcher sees every event once, in order.
 //! - [`wire`]: the request and response bodies as types ([`wire::LockStatus`], ...), which
 //!   the server's views serialize and the clients read.
 //! - [`error`]: typed failures ([`Error`], [`SetupError`]); the front ends add their advice.
@@ -24,6 +29,8 @@
 pub mod acquire;
 pub mod duration;
 pub mod error;
+pub mod events;
+pub mod history;
 pub mod http;
 pub mod limits;
 pub mod longpoll;

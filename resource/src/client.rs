@@ -6,7 +6,8 @@
 
 use std::time::{Duration, Instant};
 
-use locker_client::wire::LockRequest;
+use locker_client::history::HistoryQuery;
+use locker_client::wire::{Event, HistoryPage, LockRequest};
 use locker_client::{Reply, Settings, SetupError, StatusCode};
 use serde_json::Value;
 use url::Url;
@@ -110,6 +111,27 @@ impl Client {
     /// (a status without `"free"`, or 404 when free), the original has no such route.
     pub async fn wait_free(&self, name: &str, wait: Duration) -> Result<Reply, ClientError> {
         Ok(self.inner.status(name, Some(wait)).await?)
+    }
+
+    /// `GET /lock/{name}/history?limit=`: the lock's last events, oldest first.
+    pub async fn lock_history(&self, name: &str, limit: u64) -> Result<HistoryPage, ClientError> {
+        Ok(self.inner.lock_history(name, Some(limit)).await?)
+    }
+
+    /// `GET /history?lock=NAME&since=...`, page after page: the lock's events after `since`,
+    /// at most `max`, with the last page.
+    pub async fn lock_events_after(
+        &self,
+        name: &str,
+        since: u64,
+        max: u64,
+    ) -> Result<(Vec<Event>, HistoryPage), ClientError> {
+        let query = HistoryQuery {
+            since,
+            lock: Some(name.to_string()),
+            ..HistoryQuery::default()
+        };
+        Ok(self.inner.history_upto(&query, max).await?)
     }
 
     /// The lock's current holding, from `GET /locks`: the one endpoint both this server and the

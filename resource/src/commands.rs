@@ -14,9 +14,10 @@ use crate::lock::{BuildEnv, Holding, state_metadata, version_of};
 use crate::log;
 use crate::models::{
     CheckRequest, InRequest, LockOp, LockTarget, MetadataField, OutParams, OutRequest, Source,
-    VersionResponse, check_lock_name, parse_in_params,
+    Trigger, Version, VersionResponse, check_lock_name, parse_in_params,
 };
 use crate::pool_commands;
+use crate::trigger;
 use locker_client::acquire::{self, Outcome};
 use locker_client::duration::WireDuration;
 use locker_client::longpoll::{ABORT_DEADLINE, poll_length, server_waited};
@@ -111,7 +112,8 @@ async fn connect(source: &Source, retry: RetryPolicy) -> Result<(Client, String)
 
 /// `check`: the current version of this one lock. Concourse adds it if it is new.
 pub async fn check(input: &str, retry: RetryPolicy) -> Result<Value, ResourceError> {
-    let request: CheckRequest = parse_request(input)?;
+    // The version's kind depends on `source`: read it once that is known.
+    let request: CheckRequest<Value> = parse_request(input)?;
     let source = read_source(&request.source)?;
     if let LockTarget::Pool(pool) = &source.target {
         return pool_commands::check(input, &source, pool, retry)
@@ -119,6 +121,13 @@ pub async fn check(input: &str, retry: RetryPolicy) -> Result<Value, ResourceErr
             .map_err(ResourceError::Pool);
     }
     let (client, name) = connect(&source, retry).await?;
+    if source.trigger == Some(Trigger::Released) {
+        return trigger::check(&client, &name, request.version.as_ref()).await;
+    }
+    let request = CheckRequest {
+        source: request.source,
+        version: typed_version(request.version)?,
+    };
     let holding = client.holding(&name).await?;
     let version = version_of(holding.as_ref());
     match &holding {
@@ -137,7 +146,7 @@ pub async fn fetch(
     directory: &Path,
     retry: RetryPolicy,
 ) -> Result<Value, ResourceError> {
-    let request: InRequest = parse_request(input)?;
+    let request: InRequest<Value> = parse_request(input)?;
     let source = read_source(&request.source)?;
     if let LockTarget::Pool(pool) = &source.target {
         return pool_commands::fetch(input, directory, &source, pool, retry)
@@ -150,6 +159,18 @@ pub async fn fetch(
     if params.wait {
         wait_until_free(&client, &source, &name, params.wait_timeout).await?;
     }
+    // A release (`source.trigger`); a `put`'s version of the same resource is a state.
+    if let (Some(version), Some(id)) = (
+        &request.version,
+        trigger::event_id(request.version.as_ref())?,
+    ) {
+        return trigger::fetch(&client, &name, version, id, directory).await;
+    }
+    let request = InRequest {
+        source: request.source,
+        version: typed_version(request.version)?,
+        params: request.params,
+    };
     let holding = client.holding(&name).await?;
     let current = version_of(holding.as_ref());
     let version = match request.version {
@@ -194,6 +215,14 @@ pub async fn fetch(
         metadata: state_metadata(&name, holding.as_ref()),
     };
     serde_json::to_value(response).map_err(ResourceError::Encode)
+}
+
+/// A lock state's version, from the request's JSON.
+fn typed_version(version: Option<Value>) -> Result<Option<Version>, ResourceError> {
+    version
+        .map(serde_json::from_value::<Version>)
+        .transpose()
+        .map_err(ResourceError::Request)
 }
 
 fn write(directory: &Path, file: &str, content: &str) -> Result<(), ResourceError> {

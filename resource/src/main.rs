@@ -14,6 +14,7 @@ mod lock;
 mod models;
 mod pool;
 mod pool_commands;
+mod trigger;
 mod waits;
 
 use std::io::Read;

@@ -50,6 +50,27 @@ pub struct PoolVersion {
     pub at: Option<String>,
 }
 
+/// A version of a lock resource with `source.trigger: released`: one release of the lock
+/// (`released`, `force-released`, `expired` or `reclaimed`), by the history's event id, with
+/// its kind and time for the reader of the pipeline's versions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventVersion {
+    /// The event's id, as text (Concourse keeps every value of a version a string).
+    pub event: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// RFC 3339, UTC, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
+}
+
+/// What makes a new version of a lock resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// `source.trigger: released`: each release of the lock, from its history.
+    Released,
+}
+
 /// One metadata entry. Concourse requires both to be strings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct MetadataField {
@@ -134,6 +155,8 @@ pub struct Source {
     pub retry_interval: Duration,
     /// Deadline of one HTTP request, on top of the long-poll wait it asks for.
     pub request_timeout: Duration,
+    /// `source.trigger`: versions are the lock's releases instead of its states.
+    pub trigger: Option<Trigger>,
 }
 
 pub const DEFAULT_WAIT_POLL: Duration = Duration::from_secs(60);
@@ -152,6 +175,7 @@ const SOURCE_FIELDS: &[&str] = &[
     "wait_poll",
     "retry_interval",
     "request_timeout",
+    "trigger",
 ];
 
 /// `source` as given: typed, not yet checked for required or contradictory fields.
@@ -168,6 +192,7 @@ pub struct RawSource {
     pub wait_poll: Option<Duration>,
     pub retry_interval: Option<Duration>,
     pub request_timeout: Option<Duration>,
+    pub trigger: Option<String>,
 }
 
 impl RawSource {
@@ -186,6 +211,7 @@ impl RawSource {
             wait_poll: fields.duration("wait_poll")?,
             retry_interval: fields.duration("retry_interval")?,
             request_timeout: fields.duration("request_timeout")?,
+            trigger: fields.string("trigger")?,
         };
         Ok((raw, fields.unknown(SOURCE_FIELDS)))
     }
@@ -235,6 +261,22 @@ impl RawSource {
                 )));
             }
         };
+        let trigger = match self.trigger.as_deref() {
+            None => None,
+            Some("released") if matches!(target, LockTarget::Pool(_)) => {
+                return Err(error(
+                    "source.trigger applies to a lock (source.lock_name or source.bosh_lock), \
+                     not to source.pool",
+                ));
+            }
+            Some("released") => Some(Trigger::Released),
+            Some(other) => {
+                return Err(error(&format!(
+                    "source.trigger can only be \"released\" (a version for each release of \
+                     the lock), not {other:?}"
+                )));
+            }
+        };
         if let Some(pem) = &self.ca_cert
             && !pem.contains("-----BEGIN CERTIFICATE-----")
         {
@@ -259,6 +301,7 @@ impl RawSource {
                 self.request_timeout,
                 DEFAULT_REQUEST_TIMEOUT,
             )?,
+            trigger,
         })
     }
 }
@@ -1047,6 +1090,33 @@ mod tests {
                 "source.pool \"..\" cannot be used as a pool name",
             ),
             (json!({"locker_uri": "http://l"}), "or source.pool"),
+        ];
+        for (value, expected) in cases {
+            let err = source(value.clone()).expect_err(&value.to_string());
+            assert!(err.0.contains(expected), "{value}: {err}");
+        }
+    }
+
+    #[test]
+    fn trigger_released_is_for_locks_only() {
+        let plain = source(json!({"locker_uri": "http://l", "lock_name": "prod"})).unwrap();
+        assert_eq!(plain.trigger, None);
+        let s =
+            source(json!({"locker_uri": "http://l", "lock_name": "prod", "trigger": "released"}))
+                .unwrap();
+        assert_eq!(s.trigger, Some(Trigger::Released));
+        let bosh =
+            json!({"locker_uri": "http://l", "bosh_lock": "https://d", "trigger": "released"});
+        assert_eq!(source(bosh).unwrap().trigger, Some(Trigger::Released));
+        let cases = [
+            (
+                json!({"locker_uri": "http://l", "pool": "aws", "trigger": "released"}),
+                "source.trigger applies to a lock",
+            ),
+            (
+                json!({"locker_uri": "http://l", "lock_name": "p", "trigger": "acquired"}),
+                "source.trigger can only be \"released\"",
+            ),
         ];
         for (value, expected) in cases {
             let err = source(value.clone()).expect_err(&value.to_string());

@@ -168,6 +168,12 @@ pub fn failure(error: Error, base: &str) -> Failure {
             status,
             message,
             ..
+        }
+        | Error::Refused {
+            method,
+            url,
+            status,
+            message,
         } => {
             let path = url.strip_prefix(base).unwrap_or(&url);
             Failure::new(

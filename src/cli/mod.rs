@@ -9,6 +9,8 @@
 //! - [`hold`]: waiting for a lock or a pool's item, running a command while holding it,
 //!   renewing, forwarding signals, giving it back: shared by `lock` and `pool acquire`.
 //! - [`lock`]: `locker lock`.
+//! - [`history`]: `locker history` and `locker watch`: a lock's last events, every event
+//!   after an id, and events as they happen (docs/history.md).
 //! - [`pool`]: `locker pool list|acquire|release|add|remove|update`.
 //! - [`pool_import`]: `locker pool import DIR`: a pool-resource repository into the server.
 //! - [`show`]: the human-readable tables.
@@ -22,6 +24,7 @@ macro_rules! out {
     }};
 }
 
+mod history;
 mod hold;
 mod http;
 mod lock;
@@ -35,13 +38,23 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use locker_client::events::Filter;
 
 use crate::timefmt::parse_duration;
 
 pub use http::Connection;
 
 /// The subcommands that make `locker` a client rather than the server.
-pub const SUBCOMMANDS: [&str; 6] = ["lock", "locks", "status", "release", "wait-free", "pool"];
+pub const SUBCOMMANDS: [&str; 8] = [
+    "lock",
+    "locks",
+    "status",
+    "release",
+    "wait-free",
+    "pool",
+    "history",
+    "watch",
+];
 
 /// Exit codes of the client subcommands (besides a command's own status, which `locker lock`
 /// passes through).
@@ -250,6 +263,46 @@ enum Command {
     /// remove, update, import.
     #[command(subcommand)]
     Pool(PoolCommand),
+    /// A lock's last events (who held it under which key, for how long, for which build), or
+    /// with --all every event after --since, oldest first.
+    #[command(after_help = EXIT_CODES)]
+    History(HistoryArgs),
+    /// Print events as they happen, one line each, until interrupted; rides out a dropped
+    /// connection without losing or repeating an event.
+    #[command(after_help = EXIT_CODES)]
+    Watch {
+        /// Only this lock's events (default: every lock's and pool's).
+        name: Option<String>,
+        /// Only this pool's events.
+        #[arg(long, conflicts_with = "name")]
+        pool: Option<String>,
+        /// First print the kept events after this id, then the live ones.
+        #[arg(long)]
+        since: Option<u64>,
+        /// Print each event as one JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct HistoryArgs {
+    /// The lock whose last events to show.
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    pub name: Option<String>,
+    /// Every lock's and pool's events after --since, a page at a time.
+    #[arg(long)]
+    pub all: bool,
+    /// With --all: only the events after this id (default: from the oldest kept).
+    #[arg(long, conflicts_with = "name")]
+    pub since: Option<u64>,
+    /// How many events: a lock's last N (default 50), or with --all the first N after
+    /// --since (default 1000).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub limit: Option<u64>,
+    /// Print each event as one JSON object per line.
+    #[arg(long)]
+    pub json: bool,
 }
 
 const POOL_EXIT_CODES: &str = "\
@@ -527,6 +580,26 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             show::wait_free(&connection, &name, wait.unwrap_or(WaitLimit(None)), json).await
         }
         Command::Pool(command) => pool::run(connection, command).await,
+        Command::History(args) => match args.name {
+            Some(name) => history::lock(&connection, &name, args.limit, args.json).await,
+            None => {
+                let limit = args.limit.unwrap_or(history::ALL_LIMIT);
+                history::all(&connection, args.since.unwrap_or(0), limit, args.json).await
+            }
+        },
+        Command::Watch {
+            name,
+            pool,
+            since,
+            json,
+        } => {
+            let filter = match (name, pool) {
+                (Some(name), _) => Filter::Lock(name),
+                (None, Some(pool)) => Filter::Pool(pool),
+                (None, None) => Filter::All,
+            };
+            history::watch(&connection, filter, since, json).await
+        }
     }
 }
 
@@ -623,11 +696,42 @@ mod tests {
     }
 
     #[test]
+    fn history_takes_a_lock_or_all_and_watch_a_lock_or_a_pool() {
+        let cli = parse(&["history", "prod", "--limit", "5"]).expect("valid");
+        let Command::History(args) = cli.command else {
+            panic!("not history")
+        };
+        assert_eq!(
+            (args.name.as_deref(), args.limit, args.all),
+            (Some("prod"), Some(5), false)
+        );
+        assert!(parse(&["history"]).is_err(), "a lock or --all is required");
+        assert!(parse(&["history", "prod", "--all"]).is_err());
+        assert!(
+            parse(&["history", "prod", "--since", "3"]).is_err(),
+            "--since needs --all"
+        );
+        assert!(parse(&["history", "prod", "--limit", "0"]).is_err());
+        let cli = parse(&["history", "--all", "--since", "40", "--json"]).expect("valid");
+        let Command::History(args) = cli.command else {
+            panic!("not history")
+        };
+        assert_eq!((args.since, args.json), (Some(40), true));
+
+        assert!(parse(&["watch"]).is_ok());
+        assert!(parse(&["watch", "prod", "--json"]).is_ok());
+        assert!(parse(&["watch", "--pool", "aws"]).is_ok());
+        assert!(parse(&["watch", "prod", "--pool", "aws"]).is_err());
+    }
+
+    #[test]
     fn dispatch_is_by_the_first_argument() {
         let args = |list: &[&str]| list.iter().map(OsString::from).collect::<Vec<_>>();
         assert!(is_client(&args(&["locker", "lock", "x"])));
         assert!(is_client(&args(&["locker", "wait-free", "x"])));
         assert!(is_client(&args(&["locker", "pool", "list"])));
+        assert!(is_client(&args(&["locker", "history", "x"])));
+        assert!(is_client(&args(&["locker", "watch"])));
         assert!(!is_client(&args(&["locker"])));
         assert!(!is_client(&args(&["locker", "--port", "3000"])));
         assert!(!is_client(&args(&["locker", "--config", "lock"])));
