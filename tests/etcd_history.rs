@@ -421,8 +421,10 @@ fn flood(clients: Vec<(String, Vec<String>)>, cycles: usize) {
                     for lock in &locks {
                         let url = format!("{base}/lock/{lock}");
                         let body = json!({"key": lock}).to_string();
-                        assert_eq!(call("PUT", &url, Some(&body)).status, 200);
-                        assert_eq!(call("DELETE", &url, Some(&body)).status, 200);
+                        for method in ["PUT", "DELETE"] {
+                            let reply = call(method, &url, Some(&body));
+                            assert_eq!(reply.status, 200, "{method} {url}: {}", reply.body);
+                        }
                     }
                 }
             })
