@@ -147,6 +147,7 @@ mod etcd {
             max_waiters: settings.max_waiters,
             limits: settings.limits,
             metrics: metrics.clone(),
+            history: settings.history,
         })?;
         info!(
             "locks in etcd at {} under {:?}; {}",

@@ -124,15 +124,7 @@ pub async fn live(
     // Subscribed before the kept events are read: nothing falls between the two.
     let live = history.subscribe();
     let closed = history.closed();
-    let gap = resume.and_then(|since| {
-        let oldest = history
-            .page(&Query {
-                limit: 1,
-                ..Query::default()
-            })
-            .oldest;
-        (oldest > since.saturating_add(1)).then_some(oldest)
-    });
+    let gap = resume.and_then(|since| history.gap(since));
     let feed = Feed {
         history,
         query,

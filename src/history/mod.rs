@@ -99,9 +99,46 @@ struct Inner {
     per_subject: HashMap<(bool, String), VecDeque<u64>>,
     bytes: u64,
     next_id: u64,
+    /// Ids are not consecutive (the etcd store's follow its revisions): whether events were
+    /// lost between a reader's `since` and the oldest kept one is then told by `lost`.
+    sparse: bool,
+    /// The highest id known to be gone that is older than every kept event.
+    lost: u64,
+    /// Ids dropped while newer than the oldest kept event (a busy lock's oldest ones): they
+    /// count as lost once the oldest kept event is newer than them.
+    dropped: std::collections::BTreeSet<u64>,
 }
 
+/// Most ids [`Inner::dropped`] remembers; past it the oldest count as lost at once (a reader
+/// resuming before the oldest kept event is then told of a gap, as with consecutive ids).
+const MAX_DROPPED: usize = 100_000;
+
 impl Inner {
+    /// Notes that `id` is no longer kept.
+    fn note_dropped(&mut self, id: u64) {
+        self.dropped.insert(id);
+    }
+
+    /// Moves the dropped ids older than the oldest kept event into `lost` (with consecutive
+    /// ids the oldest kept one says it all: nothing is remembered).
+    fn settle(&mut self) {
+        if !self.sparse {
+            self.dropped.clear();
+            return;
+        }
+        let oldest = self.by_id.keys().next().copied().unwrap_or(u64::MAX);
+        let newer = self.dropped.split_off(&oldest);
+        if let Some(last) = self.dropped.last() {
+            self.lost = self.lost.max(*last);
+        }
+        self.dropped = newer;
+        while self.dropped.len() > MAX_DROPPED {
+            if let Some(first) = self.dropped.pop_first() {
+                self.lost = self.lost.max(first);
+            }
+        }
+    }
+
     fn keep(&mut self, event: Arc<Event>, bytes: u64, per_subject: usize) {
         let id = event.id;
         self.next_id = self.next_id.max(id + 1);
@@ -118,6 +155,25 @@ impl Inner {
             && let Some(kept) = self.by_id.remove(&old)
         {
             self.bytes -= kept.bytes;
+            self.note_dropped(old);
+        }
+    }
+
+    /// Forgets the kept events with ids in `ids`.
+    fn forget(&mut self, ids: std::ops::Range<u64>) {
+        let gone: Vec<u64> = self.by_id.range(ids).map(|(id, _)| *id).collect();
+        for id in gone {
+            if let Some(kept) = self.by_id.remove(&id) {
+                self.bytes -= kept.bytes;
+                let key = subject(&kept.event);
+                if let Some(ids) = self.per_subject.get_mut(&key) {
+                    ids.retain(|kept| *kept != id);
+                    if ids.is_empty() {
+                        self.per_subject.remove(&key);
+                    }
+                }
+                self.note_dropped(id);
+            }
         }
     }
 
@@ -135,6 +191,7 @@ impl Inner {
                     self.per_subject.remove(&key);
                 }
             }
+            self.note_dropped(kept.event.id);
         }
     }
 }
@@ -162,6 +219,12 @@ impl History {
         }
     }
 
+    /// A history whose ids are not consecutive (the etcd store's: see `store::etcd::history`).
+    pub fn with_sparse_ids(self) -> Self {
+        self.inner.lock().sparse = true;
+        self
+    }
+
     pub fn bounds(&self) -> Bounds {
         self.bounds
     }
@@ -183,13 +246,47 @@ impl History {
     /// Keeps events that are durable (or loaded), and trims what the bounds allow no more.
     /// Each comes with its size as a line of the history file.
     pub fn keep(&self, events: impl IntoIterator<Item = Sized>) {
+        self.keep_reporting(events);
+    }
+
+    /// [`History::keep`], answering the ids of the events it dropped (older ones, or some of
+    /// these) to stay within the bounds.
+    pub fn keep_reporting(&self, events: impl IntoIterator<Item = Sized>) -> Vec<u64> {
         let mut inner = self.inner.lock();
+        let before: std::collections::BTreeSet<u64> = std::mem::take(&mut inner.dropped);
         for (event, bytes) in events {
             inner.keep(event, bytes, self.bounds.per_subject);
         }
         if inner.bytes > self.bounds.bytes {
             inner.trim_to(self.bounds.bytes / 2);
         }
+        let now: Vec<u64> = inner.dropped.iter().copied().collect();
+        inner.dropped.extend(before);
+        inner.settle();
+        now
+    }
+
+    /// Forgets the kept events with ids in `ids` (their record is gone from the store).
+    pub fn forget(&self, ids: std::ops::Range<u64>) {
+        let mut inner = self.inner.lock();
+        inner.forget(ids);
+        inner.settle();
+    }
+
+    /// Notes that every event up to `id` is gone (what the store knows was trimmed before this
+    /// server started).
+    pub fn note_lost(&self, id: u64) {
+        let mut inner = self.inner.lock();
+        inner.lost = inner.lost.max(id);
+    }
+
+    /// Whether a reader resuming after `since` missed events that are no longer kept: the
+    /// oldest kept id if so.
+    pub fn gap(&self, since: u64) -> Option<u64> {
+        let inner = self.inner.lock();
+        let oldest = inner.by_id.keys().next().copied()?;
+        let missed = oldest > since.saturating_add(1) && (!inner.sparse || inner.lost > since);
+        missed.then_some(oldest)
     }
 
     /// Sends events to the live readers (after they are kept, so a reader that resumes from

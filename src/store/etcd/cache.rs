@@ -381,7 +381,7 @@ pub(super) async fn load_all(
             KeyKind::Replica(id) => {
                 replicas.insert(*id);
             }
-            KeyKind::PoolItem(..) | KeyKind::Other => {}
+            KeyKind::PoolItem(..) | KeyKind::History | KeyKind::HistoryLost | KeyKind::Other => {}
         }
     }
     let gone_items: Vec<(String, String)> = cache
@@ -414,6 +414,27 @@ pub(super) async fn load_all(
     cache.replicas = replicas;
     cache.watched = cache.watched.max(revision);
     drop(cache);
+    if let Some(recorder) = &shared.recorder {
+        let mut records = Vec::new();
+        for (kind, kv) in &kinds {
+            match kind {
+                KeyKind::History => {
+                    if let Ok(key) = kv.key_str() {
+                        records.push((key, kv.create_revision(), kv.value()));
+                    }
+                }
+                KeyKind::HistoryLost => recorder.lost(kv.value()),
+                _ => {}
+            }
+        }
+        // Before any grant is handed over: a waiter's client then finds its grant's events.
+        recorder.reload(records, deliver);
+    }
+    shared.seen.send_if_modified(|seen| {
+        let newer = revision > *seen;
+        *seen = (*seen).max(revision);
+        newer
+    });
     shared.deliver_all(grants);
     Ok(revision)
 }
@@ -459,6 +480,11 @@ pub(super) async fn watch_prefix(members: Arc<Members>, shared: Arc<Shared>, mut
                             cache.watched = cache.watched.max(next - 1);
                             cache.prune();
                         }
+                        shared.seen.send_if_modified(|seen| {
+                            let newer = next - 1 > *seen;
+                            *seen = (*seen).max(next - 1);
+                            newer
+                        });
                         shared.wake.notify_one();
                     }
                     Ok(None) => {
@@ -488,6 +514,7 @@ pub(super) fn apply_events(shared: &Arc<Shared>, events: &[Event]) -> Option<i64
     let mut cache = shared.cache.lock();
     let mut grants = Vec::new();
     let mut last = None;
+    let mut history = Vec::new();
     let with_kind = events.iter().filter_map(|event| {
         let kv = event.kv()?;
         let kind = shared.keys.classify(kv.key_str().ok()?);
@@ -519,10 +546,25 @@ pub(super) fn apply_events(shared: &Arc<Shared>, events: &[Event]) -> Option<i64
             KeyKind::Replica(id) => {
                 cache.replicas.remove(&id);
             }
+            KeyKind::History | KeyKind::HistoryLost => history.push((kind, put, kv)),
             KeyKind::Meta | KeyKind::Other => {}
         }
     }
     drop(cache);
+    if let Some(recorder) = &shared.recorder {
+        // In revision order, and before any grant is handed over (see `load_all`).
+        for (kind, put, kv) in history {
+            let Ok(key) = kv.key_str() else { continue };
+            match (kind, put) {
+                (KeyKind::History, true) => {
+                    recorder.take_in(key, kv.create_revision(), kv.value(), true)
+                }
+                (KeyKind::History, false) => recorder.removed(key),
+                (KeyKind::HistoryLost, true) => recorder.lost(kv.value()),
+                _ => {}
+            }
+        }
+    }
     shared.deliver_all(grants);
     last
 }

@@ -16,6 +16,10 @@
 //!   it disappears when the server stops renewing it, and queue entries tagged with its id are
 //!   then dropped by any other server.
 //! - `{prefix}next-replica`: the counter replica ids are taken from.
+//! - `{prefix}history/{replica}-{n}`: the events of one transaction (a JSON list, see
+//!   [`encode_record`]), written by that transaction; an event's id is the key's create revision
+//!   × [`EVENTS_PER_REVISION`] + its place in the list. See `history.rs`.
+//! - `{prefix}history-lost`: the highest event id trimmed from the history so far.
 //!
 //! Why an item's metadata has a key of its own: etcd refuses a request over
 //! `--max-request-bytes` (1.5 MiB by default), and metadata may be 64 KiB per item, so a pool
@@ -65,7 +69,18 @@ pub enum CodecError {
     },
     #[error("the generation counter in etcd does not decode: {0}")]
     Meta(#[source] serde_json::Error),
+    #[error("cannot encode history events: {0}")]
+    EncodeHistory(#[source] serde_json::Error),
+    #[error("history record {key:?} in etcd does not decode: {source}")]
+    History {
+        key: String,
+        source: serde_json::Error,
+    },
 }
+
+/// Event ids a transaction's record may number: an event's id is its record's create revision
+/// times this, plus its place in the record.
+pub const EVENTS_PER_REVISION: u64 = 1000;
 
 /// Bits of a waiter id that number the waiters of one server; the bits above name the server.
 pub const WAITER_BITS: u32 = 40;
@@ -138,6 +153,21 @@ impl Keys {
         format!("{}replicas/{id}", self.prefix)
     }
 
+    /// Where the history's records are kept.
+    pub fn history_prefix(&self) -> String {
+        format!("{}history/", self.prefix)
+    }
+
+    /// The record of the `n`th transaction with events that replica `replica` tried.
+    pub fn history(&self, replica: u64, n: u64) -> String {
+        format!("{}history/{replica}-{n}", self.prefix)
+    }
+
+    /// The highest event id trimmed so far.
+    pub fn history_lost(&self) -> String {
+        format!("{}history-lost", self.prefix)
+    }
+
     /// What an etcd key under the prefix stands for.
     pub fn classify<'a>(&self, key: &'a str) -> KeyKind<'a> {
         let Some(rest) = key.strip_prefix(self.prefix.as_str()) else {
@@ -158,6 +188,10 @@ impl Keys {
             }
         } else if let Some(id) = rest.strip_prefix("replicas/") {
             id.parse().map(KeyKind::Replica).unwrap_or(KeyKind::Other)
+        } else if rest.starts_with("history/") {
+            KeyKind::History
+        } else if rest == "history-lost" {
+            KeyKind::HistoryLost
         } else {
             KeyKind::Other
         }
@@ -171,6 +205,9 @@ pub enum KeyKind<'a> {
     /// An item's metadata: the pool (unescaped) and the item.
     PoolItem(String, &'a str),
     Replica(u64),
+    /// A record of the history.
+    History,
+    HistoryLost,
     Other,
 }
 
@@ -501,6 +538,36 @@ pub fn decode_meta(bytes: &[u8]) -> Result<u64, CodecError> {
     serde_json::from_slice::<Meta>(bytes)
         .map(|m| m.next_generation)
         .map_err(CodecError::Meta)
+}
+
+/// One transaction's events as its history record: a JSON list of the events, each `id` its
+/// place in the list (the id proper depends on the revision the transaction gets).
+pub fn encode_record(events: &[locker_client::wire::Event]) -> Result<Vec<u8>, CodecError> {
+    serde_json::to_vec(events).map_err(CodecError::EncodeHistory)
+}
+
+/// A history record's events, numbered from the key's create revision, each with its size as
+/// a line of JSON (what the history's byte bound counts).
+pub fn decode_record(
+    key: &str,
+    create_revision: i64,
+    bytes: &[u8],
+) -> Result<Vec<(Arc<locker_client::wire::Event>, u64)>, CodecError> {
+    let events: Vec<locker_client::wire::Event> =
+        serde_json::from_slice(bytes).map_err(|source| CodecError::History {
+            key: key.to_string(),
+            source,
+        })?;
+    let first = u64::try_from(create_revision).unwrap_or(0) * EVENTS_PER_REVISION;
+    Ok(events
+        .into_iter()
+        .enumerate()
+        .map(|(index, mut event)| {
+            event.id = first + index as u64;
+            let bytes = serde_json::to_vec(&event).map_or(0, |b| b.len() as u64 + 1);
+            (Arc::new(event), bytes)
+        })
+        .collect())
 }
 
 #[cfg(test)]

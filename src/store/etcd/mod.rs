@@ -21,6 +21,7 @@
 mod cache;
 pub mod codec;
 mod connection;
+mod history;
 mod listing;
 pub mod members;
 pub mod migrate;
@@ -29,6 +30,7 @@ mod writer;
 
 use self::cache::{Cache, Entry, LoadError, load_all, watch_prefix};
 pub use self::connection::{ConnectError, ProbeFailure, runtime};
+use self::history::Recorder;
 use self::replica::{keep_alive, register, take_replica_id};
 use self::writer::Writer;
 
@@ -71,9 +73,11 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(1);
 /// operation is refused unapplied. Together they bound how long a request waits for etcd.
 const BATCH_DEADLINE: Duration = Duration::from_secs(4);
 /// Most operations in each branch of one transaction (etcd allows 128 by default,
-/// `--max-txn-ops`); the rest is room for the generation counter. A lock costs one, a pool two
+/// `--max-txn-ops`); the rest is room for the generation counter and the history (the record,
+/// [`history::TRIM_ROOM`] deletes of old ones and `history-lost`). A lock costs one, a pool two
 /// (its value, and the metadata its items' keys hold); see `writer::Budget`.
 const MAX_TXN_OPS: usize = 100;
+const _: () = assert!(MAX_TXN_OPS + 1 + 2 + history::TRIM_ROOM <= 128);
 /// Of [`MAX_TXN_OPS`], what a batch keeps for expiring leases that ran out.
 const EXPIRY_ROOM: usize = 20;
 /// Most item metadata one transaction writes, in bytes: etcd refuses requests over
@@ -107,6 +111,8 @@ pub struct EtcdStoreOptions {
     /// one lock each.
     pub limits: crate::rules::Limits,
     pub metrics: Arc<Metrics>,
+    /// How much history to keep in etcd; none when disabled.
+    pub history: crate::history::Bounds,
 }
 
 /// Why the etcd store could not start.
@@ -153,6 +159,10 @@ pub(crate) struct Shared {
     /// Wakes the writer when the watch brought news (a new lease to expire, a server gone).
     wake: Notify,
     metrics: Arc<Metrics>,
+    /// The history, when kept.
+    recorder: Option<Recorder>,
+    /// The last revision the watch (or a full read) has taken in.
+    seen: watch::Sender<i64>,
 }
 
 impl Shared {
@@ -206,9 +216,10 @@ impl EtcdStore {
         let (commands, receiver) = mpsc::unbounded_channel();
         let connection = options.connection.clone();
         let metrics = options.metrics.clone();
+        let history = options.history;
         let started = runtime.block_on(async move {
             let members = Arc::new(connection.members().await?);
-            start(members, &connection, commands, receiver, metrics).await
+            start(members, &connection, commands, receiver, metrics, history).await
         })?;
         let (shared, members, writer, lease) = started;
         shared.cache.lock().limits = options.limits;
@@ -467,6 +478,7 @@ async fn start(
     commands: mpsc::UnboundedSender<Command>,
     receiver: mpsc::UnboundedReceiver<Command>,
     metrics: Arc<Metrics>,
+    history: crate::history::Bounds,
 ) -> Result<
     (
         Arc<Shared>,
@@ -494,6 +506,8 @@ async fn start(
         commands,
         wake: Notify::new(),
         metrics,
+        recorder: history.enabled().then(|| Recorder::new(history)),
+        seen: watch::channel(0).0,
     });
     let revision = load_all(&etcd, &shared, false)
         .await
@@ -507,6 +521,7 @@ async fn start(
         backlog: VecDeque::new(),
         last_failure: None,
         last_purge: Instant::now(),
+        records: 0,
     };
     let writer = tokio::spawn(writer.run(receiver));
     Ok((shared, members, writer, lease))
@@ -744,8 +759,16 @@ impl LockStore for EtcdStore {
         }
     }
 
+    fn history(&self) -> Option<&Arc<crate::history::History>> {
+        self.shared.recorder.as_ref().map(|r| &r.history)
+    }
+
     fn begin_shutdown(&self) {
         self.shutdown.send_replace(true);
+        // Live event streams end, so they do not hold the shutdown up.
+        if let Some(recorder) = &self.shared.recorder {
+            recorder.history.close();
+        }
     }
 
     async fn close(&self) {

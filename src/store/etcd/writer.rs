@@ -15,13 +15,21 @@ pub(super) struct Writer {
     pub(super) backlog: VecDeque<Command>,
     pub(super) last_failure: Option<Instant>,
     pub(super) last_purge: Instant,
+    /// History records this writer has tried to write: the next one's key.
+    pub(super) records: u64,
 }
 
 /// One client operation of a batch.
 pub(super) struct Pending {
     pub(super) op: Op,
     pub(super) reply: Reply,
+    pub(super) since: Instant,
 }
+
+/// Most bytes of events one history record holds (etcd refuses requests over
+/// `--max-request-bytes`, 1.5 MiB by default, and the batch's locks, pools and metadata need
+/// room too).
+const MAX_RECORD_BYTES: usize = 512 * 1024;
 
 /// One confirmation of a batch.
 pub(super) struct PendingConfirm {
@@ -211,7 +219,7 @@ impl Writer {
                         )));
                         continue;
                     }
-                    clients.push(Pending { op, reply });
+                    clients.push(Pending { op, reply, since });
                 }
                 Command::Internal(op) => internal.push(op),
                 Command::Confirm { grant, reply } => {
@@ -246,7 +254,7 @@ impl Writer {
             }
             ops.extend(clients.iter().map(|p| p.op.clone()));
             let plan = self.plan(&targets.targets, &ops, &confirmed, now);
-            let plan = match plan {
+            let mut plan = match plan {
                 Ok(plan) => plan,
                 Err(e) => {
                     self.fail(clients, confirms, internal, e.to_string());
@@ -258,6 +266,34 @@ impl Writer {
                 // granted or gone): nothing to commit.
                 return;
             }
+            let divisible = ops.len() > 1 && clients.len() + internal.len() > 0;
+            let record = match self.record(&plan, now, divisible) {
+                Ok(record) => record,
+                Err(e) => {
+                    self.fail(clients, confirms, internal, e.to_string());
+                    return;
+                }
+            };
+            let recorded = match record {
+                Record::TooBig => {
+                    // More events than one record holds: half the batch waits for the next.
+                    self.defer_half(&mut clients, &mut internal);
+                    continue;
+                }
+                Record::None => false,
+                Record::Put(op) => {
+                    plan.writes.push(op);
+                    true
+                }
+            };
+            let trim = match &self.shared.recorder {
+                Some(recorder) if !plan.writes.is_empty() => {
+                    let trim = recorder.trim(&self.shared.keys);
+                    plan.writes.extend(trim.ops.iter().cloned());
+                    Some(trim)
+                }
+                _ => None,
+            };
             let txn = Txn::new()
                 .when(plan.compares.clone())
                 .and_then(plan.writes.clone())
@@ -285,11 +321,36 @@ impl Writer {
                 let effects = plan.effects[first..].to_vec();
                 let stood = plan.confirmed.clone();
                 self.commit(plan, revision, started, ops.len());
-                for (confirm, stood) in confirms.into_iter().zip(stood) {
-                    let _ = confirm.reply.send(Ok(stood));
+                if let (Some(recorder), Some(trim)) = (&self.shared.recorder, &trim) {
+                    recorder.trimmed(&trim.revisions);
                 }
-                for (pending, effect) in clients.into_iter().zip(effects) {
-                    let _ = pending.reply.send(Ok(effect));
+                let answer = move || {
+                    for (confirm, stood) in confirms.into_iter().zip(stood) {
+                        let _ = confirm.reply.send(Ok(stood));
+                    }
+                    for (pending, effect) in clients.into_iter().zip(effects) {
+                        let _ = pending.reply.send(Ok(effect));
+                    }
+                };
+                if recorded {
+                    // Answered once this server's watch has taken the record in, so that a
+                    // client reading the history here after its answer finds its change.
+                    let mut seen = self.shared.seen.subscribe();
+                    tokio::spawn(async move {
+                        let taken_in = seen.wait_for(|seen| *seen >= revision);
+                        if tokio::time::timeout(REQUEST_TIMEOUT, taken_in)
+                            .await
+                            .is_err()
+                        {
+                            warn!(
+                                "the watch has not brought revision {revision} in time; \
+                                 answering (the history here shows it once it does)"
+                            );
+                        }
+                        answer();
+                    });
+                } else {
+                    answer();
                 }
                 return;
             }
@@ -320,7 +381,14 @@ impl Writer {
         now: SystemTime,
     ) -> Result<Plan, codec::CodecError> {
         let mut read = self.read_cached(targets);
-        let effects: Vec<Effect> = ops.iter().map(|op| read.table.apply(op, now)).collect();
+        let mut events = Vec::new();
+        let effects: Vec<Effect> = match &self.shared.recorder {
+            Some(_) => ops
+                .iter()
+                .map(|op| read.table.apply_recorded(op, now, &mut events))
+                .collect(),
+            None => ops.iter().map(|op| read.table.apply(op, now)).collect(),
+        };
         let grants = grants_by_target(&effects);
         let (unconfirmed, confirmed) =
             settle_confirmations(&read.unconfirmed, &grants, ops, confirms);
@@ -351,7 +419,37 @@ impl Writer {
             next_generation: moved.then_some(next_generation),
             effects,
             confirmed,
+            events,
         })
+    }
+
+    /// The put of the batch's history record (see `history.rs`), if the history is kept and
+    /// the batch changed anything.
+    fn record(
+        &mut self,
+        plan: &Plan,
+        now: SystemTime,
+        divisible: bool,
+    ) -> Result<Record, codec::CodecError> {
+        if self.shared.recorder.is_none() || plan.events.is_empty() {
+            return Ok(Record::None);
+        }
+        let events = history::wire_events(&plan.events, now);
+        let made = events.len();
+        let (bytes, kept) = match fit_record(events, divisible)? {
+            Fitted::TooBig => return Ok(Record::TooBig),
+            Fitted::Record { bytes, kept } => (bytes, kept),
+        };
+        if kept < made {
+            error!(
+                "one operation made {made} history events, more than a record holds: the first \
+                 {kept} are kept"
+            );
+            self.shared.metrics.history_write_failed();
+        }
+        self.records += 1;
+        let key = self.shared.keys.history(self.shared.replica, self.records);
+        Ok(Record::Put(TxnOp::put(key, bytes, None)))
     }
 
     /// The cached state of the locks and pools in `targets`, as a table the rules can apply a
@@ -569,6 +667,26 @@ impl Writer {
         log_effects(&plan.effects);
     }
 
+    /// Puts the later half of the batch's client operations (or, with none, of its internal
+    /// ones) back at the head of the backlog, in their order, for the next batch.
+    fn defer_half(&mut self, clients: &mut Vec<Pending>, internal: &mut Vec<Op>) {
+        if !clients.is_empty() {
+            let deferred = clients.split_off(clients.len() / 2);
+            for pending in deferred.into_iter().rev() {
+                self.backlog.push_front(Command::Client {
+                    op: pending.op,
+                    reply: pending.reply,
+                    since: pending.since,
+                });
+            }
+        } else {
+            let deferred = internal.split_off(internal.len() / 2);
+            for op in deferred.into_iter().rev() {
+                self.backlog.push_front(Command::Internal(op));
+            }
+        }
+    }
+
     /// Takes the current values a failed transaction returned into the cache, in the order
     /// [`Writer::read_cached`] asked for them.
     pub(super) fn refresh(
@@ -640,6 +758,47 @@ impl Writer {
     }
 }
 
+/// A batch's events as a history record.
+#[derive(Debug, PartialEq, Eq)]
+enum Fitted {
+    /// More than a record holds, from a batch that can be split.
+    TooBig,
+    /// The record, and how many of the events it keeps.
+    Record { bytes: Vec<u8>, kept: usize },
+}
+
+/// Fits a batch's events into one record: at most [`codec::EVENTS_PER_REVISION`] events and
+/// [`MAX_RECORD_BYTES`]. A batch over that is to be split (`divisible`); one that cannot be
+/// (a single operation made that many events: a force release of a holding shared by more
+/// requestors, say) keeps its first events, in a record of up to twice the usual bytes (still
+/// well within what etcd takes in one request).
+fn fit_record(
+    mut events: Vec<locker_client::wire::Event>,
+    divisible: bool,
+) -> Result<Fitted, codec::CodecError> {
+    let limit = codec::EVENTS_PER_REVISION as usize;
+    let mut bytes = codec::encode_record(&events)?;
+    if events.len() <= limit && bytes.len() <= MAX_RECORD_BYTES {
+        let kept = events.len();
+        return Ok(Fitted::Record { bytes, kept });
+    }
+    if divisible {
+        return Ok(Fitted::TooBig);
+    }
+    if events.len() > limit {
+        events.truncate(limit);
+        bytes = codec::encode_record(&events)?;
+    }
+    while events.len() > 1 && bytes.len() > 2 * MAX_RECORD_BYTES {
+        events.truncate(events.len() * 3 / 4);
+        bytes = codec::encode_record(&events)?;
+    }
+    Ok(Fitted::Record {
+        kept: events.len(),
+        bytes,
+    })
+}
+
 /// What one batch holds, kept within what etcd takes in one transaction: at most
 /// [`MAX_TXN_OPS`] operations in each branch, and [`MAX_TXN_METADATA_BYTES`] of item metadata.
 /// A lock costs one operation in each branch (a comparison, a put or delete, a read back on a
@@ -703,6 +862,17 @@ pub(super) struct Plan {
     pub(super) effects: Vec<Effect>,
     /// For each confirmation, whether its grant still stood.
     pub(super) confirmed: Vec<bool>,
+    /// What the batch changed, for the history (when kept).
+    pub(super) events: Vec<crate::rules::events::Event>,
+}
+
+/// A batch's history record.
+enum Record {
+    /// No history kept, or nothing changed.
+    None,
+    /// More events than one record holds: the batch is to be split.
+    TooBig,
+    Put(TxnOp),
 }
 
 /// Each written lock and pool as it will be.
@@ -822,5 +992,67 @@ pub(super) fn log_effects(effects: &[Effect]) {
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use locker_client::wire::Event as WireEvent;
+
+    fn events(count: usize, info_bytes: usize) -> Vec<WireEvent> {
+        (0..count)
+            .map(|index| WireEvent {
+                id: index as u64,
+                at: "2026-11-30T00:00:00.000Z".into(),
+                kind: "force-released".into(),
+                lock: Some("shared".into()),
+                requestor: Some(format!("r{index}")),
+                info: [("build".to_string(), "x".repeat(info_bytes))]
+                    .into_iter()
+                    .collect(),
+                ..WireEvent::default()
+            })
+            .collect()
+    }
+
+    fn kept(fitted: Fitted) -> usize {
+        match fitted {
+            Fitted::Record { kept, bytes } => {
+                let stored: Vec<WireEvent> = serde_json::from_slice(&bytes).expect("decodes");
+                assert_eq!(stored.len(), kept);
+                kept
+            }
+            Fitted::TooBig => panic!("too big"),
+        }
+    }
+
+    #[test]
+    fn a_record_holds_up_to_a_thousand_events_and_a_bigger_batch_is_split() {
+        assert_eq!(kept(fit_record(events(1000, 0), true).expect("fits")), 1000);
+        assert_eq!(
+            fit_record(events(1001, 0), true).expect("encodes"),
+            Fitted::TooBig
+        );
+        // 600 events of 1 KiB: over the bytes.
+        assert_eq!(
+            fit_record(events(600, 1024), true).expect("encodes"),
+            Fitted::TooBig
+        );
+    }
+
+    #[test]
+    fn one_operation_with_more_events_than_a_record_holds_keeps_the_first() {
+        assert_eq!(
+            kept(fit_record(events(1500, 0), false).expect("fits")),
+            1000
+        );
+        // 600 events of 1 KiB fit in twice the usual bytes; 1000 of 2 KiB do not.
+        assert_eq!(
+            kept(fit_record(events(600, 1024), false).expect("fits")),
+            600
+        );
+        let big = kept(fit_record(events(1000, 2048), false).expect("fits"));
+        assert!((1..1000).contains(&big), "{big}");
     }
 }
