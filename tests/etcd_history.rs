@@ -275,6 +275,20 @@ fn a_replica_started_again_loads_the_history_from_etcd() {
     assert!(ids(&after)[10] > ids(&before)[9]);
 }
 
+#[test]
+fn hold_times_are_counted_once_by_the_replica_that_made_the_change() {
+    let _serial = serial();
+    let (_, servers) = replicas(etcd::shared(), 2, &[]);
+    assert_eq!(servers[0].lock("timed", json!({"key": "k"})).status, 200);
+    assert_eq!(servers[0].unlock("timed", json!({"key": "k"})).status, 200);
+    // The other replica has the events too (from the watch) before its metrics are looked at.
+    let events = agreed(&servers[0], &servers[1]);
+    assert_eq!(summary(&events).len(), 2);
+    let count = r#"locker_hold_seconds_count{lock="timed"}"#;
+    assert_eq!(servers[0].metric(count), 1.0);
+    assert_eq!(servers[1].metric(count), 0.0, "counted by the replica that did not make it");
+}
+
 /// (kind, lock, requestor, generation) of every change a client was told succeeded.
 type Change = (String, String, String, Option<u64>);
 

@@ -160,7 +160,12 @@ impl Keys {
 
     /// The record of the `n`th transaction with events that replica `replica` tried.
     pub fn history(&self, replica: u64, n: u64) -> String {
-        format!("{}history/{replica}-{n}", self.prefix)
+        format!("{}{n}", self.history_of(replica))
+    }
+
+    /// The start of every history record key of one replica.
+    pub fn history_of(&self, replica: u64) -> String {
+        format!("{}history/{replica}-", self.prefix)
     }
 
     /// The highest event id trimmed so far.

@@ -61,6 +61,9 @@ pub(super) struct Recorder {
     records: Mutex<Records>,
     /// Bytes the records may take in etcd.
     bytes: u64,
+    /// The key prefix of this replica's own records, and the metrics their events feed (the
+    /// hold and wait histograms count each change once, at the replica that made it).
+    own: Option<(String, Arc<crate::metrics::Metrics>)>,
 }
 
 impl Recorder {
@@ -75,7 +78,19 @@ impl Recorder {
             history: Arc::new(History::new(memory).with_sparse_ids()),
             records: Mutex::new(Records::default()),
             bytes: bounds.bytes,
+            own: None,
         }
+    }
+
+    /// Feeds `metrics` with the events of the records under `prefix` (this replica's) that
+    /// the watch brings.
+    pub(super) fn observing(
+        mut self,
+        prefix: String,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Self {
+        self.own = Some((prefix, metrics));
+        self
     }
 
     /// Takes in a record put at `create_revision` (ignored if already taken in), and sends its
@@ -120,6 +135,13 @@ impl Recorder {
         }
         drop(records);
         if publish {
+            if let Some((prefix, metrics)) = &self.own
+                && key.starts_with(prefix.as_str())
+            {
+                for event in &published {
+                    metrics.observe_event(event);
+                }
+            }
             self.history.publish(&published);
         }
     }

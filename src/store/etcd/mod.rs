@@ -505,8 +505,10 @@ async fn start(
         waiters: Mutex::new(HashMap::new()),
         commands,
         wake: Notify::new(),
+        recorder: history
+            .enabled()
+            .then(|| Recorder::new(history).observing(keys.history_of(replica), metrics.clone())),
         metrics,
-        recorder: history.enabled().then(|| Recorder::new(history)),
         seen: watch::channel(0).0,
     });
     let revision = load_all(&etcd, &shared, false)
