@@ -286,7 +286,11 @@ fn hold_times_are_counted_once_by_the_replica_that_made_the_change() {
     assert_eq!(summary(&events).len(), 2);
     let count = r#"locker_hold_seconds_count{lock="timed"}"#;
     assert_eq!(servers[0].metric(count), 1.0);
-    assert_eq!(servers[1].metric(count), 0.0, "counted by the replica that did not make it");
+    assert_eq!(
+        servers[1].metric(count),
+        0.0,
+        "counted by the replica that did not make it"
+    );
 }
 
 /// (kind, lock, requestor, generation) of every change a client was told succeeded.

@@ -155,6 +155,7 @@ mod tests {
                 more: next < total,
                 next,
                 oldest: 1,
+                lost: 0,
                 events,
             }))
         }
@@ -209,6 +210,7 @@ mod tests {
                 next: 5,
                 more: true,
                 oldest: 1,
+                lost: 0,
             }))
         };
         let query = HistoryQuery {

@@ -341,9 +341,13 @@ pub struct HistoryPage {
     pub next: u64,
     /// Whether more events follow this page now.
     pub more: bool,
-    /// The oldest event id the server still keeps (0 when it keeps none): a `since` below
-    /// `oldest - 1` has lost what lay between.
+    /// The oldest event id the server still keeps (0 when it keeps none).
     pub oldest: u64,
+    /// The highest event id no longer kept (0: none lost): a reader that last saw an event
+    /// before it missed the events up to it. Ids need not be consecutive (the etcd store's
+    /// follow its revisions), so this, not `oldest`, says whether events were lost.
+    #[serde(default)]
+    pub lost: u64,
 }
 
 #[cfg(test)]

@@ -95,12 +95,12 @@ pub async fn check(
     let (events, previous) = match (previous, version) {
         (Some(id), Some(version)) => {
             let (events, last) = client.lock_events_after(name, id, MOST_EVENTS).await?;
-            if last.oldest > id.saturating_add(1) {
+            if last.lost > id {
                 log!(
                     "warning: the server no longer keeps lock {name:?}'s events from {} to {}: \
                      releases among them are missed",
                     id + 1,
-                    last.oldest - 1
+                    last.lost
                 );
             }
             (events, Some((version, id)))

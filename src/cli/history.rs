@@ -146,10 +146,10 @@ pub async fn all(
         .history_upto(&query, limit)
         .await
         .map_err(|e| connection.failure(e))?;
-    if since > 0 && last.oldest > since.saturating_add(1) {
+    if since > 0 && last.lost > since {
         eprintln!(
             "locker: the events after {since} up to {} are no longer kept",
-            last.oldest - 1
+            last.lost
         );
     }
     if as_json {

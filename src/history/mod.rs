@@ -359,11 +359,18 @@ impl History {
             (page, more)
         };
         let next = events.last().map_or(query.since, |event| event.id);
+        // Ids run without gaps in the file store, so all before the oldest kept are lost; the
+        // etcd store's follow revisions, and it knows the highest trimmed.
+        let lost = match inner.sparse {
+            true => inner.lost,
+            false => oldest.saturating_sub(1),
+        };
         HistoryPage {
             events,
             next,
             more,
             oldest,
+            lost,
         }
     }
 
