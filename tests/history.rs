@@ -464,9 +464,17 @@ fn the_bounds_hold_under_a_flood_of_changes() {
         .filter_map(|e| e["requestor"].as_str())
         .any(|r| r == "r1499");
     assert!(newest, "the newest events are kept");
-    // And what is on disk is what a restart serves.
+    // A reader says which events it missed by the highest id no longer kept (the quiet lock's
+    // event keeps the oldest kept id at 1).
+    let page = call("GET", &server.url("/history?since=1&limit=1"), None).json();
+    assert_eq!(page["oldest"], json!(1), "{page}");
+    let lost = page["lost"].as_u64().expect("lost");
+    assert!(lost > 2, "the flood pushed events out: {page}");
+    // And what is on disk is what a restart serves, telling the same loss.
     let server = server.restart();
     assert_eq!(all_events(&server), events);
+    let page = call("GET", &server.url("/history?since=1&limit=1"), None).json();
+    assert_eq!(page["lost"].as_u64(), Some(lost), "{page}");
 }
 
 /// A reader of `GET /events` on a thread of its own: each event's JSON on the channel.

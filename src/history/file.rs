@@ -84,6 +84,15 @@ impl HistoryFile {
     ) -> io::Result<Self> {
         let mut file = open_append(&path, true)?;
         let (events, good) = read(&file, &path)?;
+        // Ids run from 1 without gaps here: any missing below the newest were dropped for a
+        // bound before this start.
+        let mut previous = 0;
+        for (event, _) in &events {
+            if event.id > previous + 1 {
+                history.note_lost(event.id - 1);
+            }
+            previous = previous.max(event.id);
+        }
         history.keep(events);
         if file.metadata()?.len() != good {
             warn!(

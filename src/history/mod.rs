@@ -99,44 +99,19 @@ struct Inner {
     per_subject: HashMap<(bool, String), VecDeque<u64>>,
     bytes: u64,
     next_id: u64,
-    /// Ids are not consecutive (the etcd store's follow its revisions): whether events were
-    /// lost between a reader's `since` and the oldest kept one is then told by `lost`.
-    sparse: bool,
-    /// The highest id known to be gone that is older than every kept event.
+    /// The highest id no longer kept: dropped for a bound (a busy lock's oldest events, or
+    /// the oldest of all), or trimmed before this server started. A reader that last saw an
+    /// older event missed some, whatever the oldest kept event (a quiet lock keeps its own).
     lost: u64,
-    /// Ids dropped while newer than the oldest kept event (a busy lock's oldest ones): they
-    /// count as lost once the oldest kept event is newer than them.
-    dropped: std::collections::BTreeSet<u64>,
+    /// The ids dropped by the call under way, for [`History::keep_reporting`].
+    dropped: Vec<u64>,
 }
-
-/// Most ids [`Inner::dropped`] remembers; past it the oldest count as lost at once (a reader
-/// resuming before the oldest kept event is then told of a gap, as with consecutive ids).
-const MAX_DROPPED: usize = 100_000;
 
 impl Inner {
     /// Notes that `id` is no longer kept.
     fn note_dropped(&mut self, id: u64) {
-        self.dropped.insert(id);
-    }
-
-    /// Moves the dropped ids older than the oldest kept event into `lost` (with consecutive
-    /// ids the oldest kept one says it all: nothing is remembered).
-    fn settle(&mut self) {
-        if !self.sparse {
-            self.dropped.clear();
-            return;
-        }
-        let oldest = self.by_id.keys().next().copied().unwrap_or(u64::MAX);
-        let newer = self.dropped.split_off(&oldest);
-        if let Some(last) = self.dropped.last() {
-            self.lost = self.lost.max(*last);
-        }
-        self.dropped = newer;
-        while self.dropped.len() > MAX_DROPPED {
-            if let Some(first) = self.dropped.pop_first() {
-                self.lost = self.lost.max(first);
-            }
-        }
+        self.lost = self.lost.max(id);
+        self.dropped.push(id);
     }
 
     fn keep(&mut self, event: Arc<Event>, bytes: u64, per_subject: usize) {
@@ -219,12 +194,6 @@ impl History {
         }
     }
 
-    /// A history whose ids are not consecutive (the etcd store's: see `store::etcd::history`).
-    pub fn with_sparse_ids(self) -> Self {
-        self.inner.lock().sparse = true;
-        self
-    }
-
     pub fn bounds(&self) -> Bounds {
         self.bounds
     }
@@ -253,24 +222,21 @@ impl History {
     /// these) to stay within the bounds.
     pub fn keep_reporting(&self, events: impl IntoIterator<Item = Sized>) -> Vec<u64> {
         let mut inner = self.inner.lock();
-        let before: std::collections::BTreeSet<u64> = std::mem::take(&mut inner.dropped);
+        inner.dropped.clear();
         for (event, bytes) in events {
             inner.keep(event, bytes, self.bounds.per_subject);
         }
         if inner.bytes > self.bounds.bytes {
             inner.trim_to(self.bounds.bytes / 2);
         }
-        let now: Vec<u64> = inner.dropped.iter().copied().collect();
-        inner.dropped.extend(before);
-        inner.settle();
-        now
+        std::mem::take(&mut inner.dropped)
     }
 
     /// Forgets the kept events with ids in `ids` (their record is gone from the store).
     pub fn forget(&self, ids: std::ops::Range<u64>) {
         let mut inner = self.inner.lock();
         inner.forget(ids);
-        inner.settle();
+        inner.dropped.clear();
     }
 
     /// Notes that every event up to `id` is gone (what the store knows was trimmed before this
@@ -285,8 +251,7 @@ impl History {
     pub fn gap(&self, since: u64) -> Option<u64> {
         let inner = self.inner.lock();
         let oldest = inner.by_id.keys().next().copied()?;
-        let missed = oldest > since.saturating_add(1) && (!inner.sparse || inner.lost > since);
-        missed.then_some(oldest)
+        (inner.lost > since).then_some(oldest)
     }
 
     /// Sends events to the live readers (after they are kept, so a reader that resumes from
@@ -359,12 +324,7 @@ impl History {
             (page, more)
         };
         let next = events.last().map_or(query.since, |event| event.id);
-        // Ids run without gaps in the file store, so all before the oldest kept are lost; the
-        // etcd store's follow revisions, and it knows the highest trimmed.
-        let lost = match inner.sparse {
-            true => inner.lost,
-            false => oldest.saturating_sub(1),
-        };
+        let lost = inner.lost;
         HistoryPage {
             events,
             next,

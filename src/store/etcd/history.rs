@@ -75,7 +75,7 @@ impl Recorder {
             ..bounds
         };
         Recorder {
-            history: Arc::new(History::new(memory).with_sparse_ids()),
+            history: Arc::new(History::new(memory)),
             records: Mutex::new(Records::default()),
             bytes: bounds.bytes,
             own: None,
