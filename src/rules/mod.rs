@@ -462,6 +462,8 @@ pub enum ReleaseOutcome {
 /// What a force release took away, and whom it let in.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ForceRelease {
+    /// The lock.
+    pub name: String,
     pub previous: Vec<Holder>,
     pub grants: Vec<WaiterGrant>,
 }
@@ -806,7 +808,11 @@ impl LockTable {
             None => Vec::new(),
         };
         let grants = self.serve_and_tidy(name, now, before);
-        ForceRelease { previous, grants }
+        ForceRelease {
+            name: name.to_string(),
+            previous,
+            grants,
+        }
     }
 
     /// Takes back one count granted to a waiter that was gone by the time the grant was

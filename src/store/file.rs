@@ -1130,7 +1130,7 @@ impl Writer {
             "the incremental encoding diverged from a full one"
         );
         self.watchers.changed(&batch);
-        log_effects(&batch);
+        super::flow::log_effects(&batch.effects);
         let events = self.record_history(&batch);
         let expired: usize = batch
             .effects
@@ -1278,32 +1278,6 @@ fn next_epoch(previous: u64) -> u64 {
         .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
         .unwrap_or(0);
     now.max(previous.saturating_add(1))
-}
-
-fn log_effects(batch: &Batch) {
-    for (op, effect) in batch.ops.iter().zip(&batch.effects) {
-        match (op, effect) {
-            (Op::ForceRelease { name, .. }, Effect::ForceRelease(force))
-                if !force.previous.is_empty() =>
-            {
-                let previous: Vec<String> = force
-                    .previous
-                    .iter()
-                    .map(|h| format!("key {:?} held by {:?}", h.key, h.counts()))
-                    .collect();
-                warn!("force-released lock {name:?}: {}", previous.join("; "));
-            }
-            (_, Effect::Expiry(expiry)) => {
-                for gone in &expiry.expired {
-                    info!(
-                        "lease of {:?} on lock {:?} (key {:?}) expired",
-                        gone.requestor, gone.name, gone.key
-                    );
-                }
-            }
-            _ => {}
-        }
-    }
 }
 
 /// Why a directory cannot take a write now.

@@ -253,3 +253,38 @@ fn force_release_result(effect: Result<Effect, StoreError>) -> Result<Vec<Holder
         ))),
     }
 }
+
+/// Logs what a committed batch did that an operator should see: force releases (with the
+/// holdings they ended) and leases that ran out. The same lines from both stores.
+pub(crate) fn log_effects(effects: &[Effect]) {
+    for effect in effects {
+        match effect {
+            Effect::ForceRelease(force) if !force.previous.is_empty() => {
+                let previous: Vec<String> = force
+                    .previous
+                    .iter()
+                    .map(|h| format!("key {:?} held by {:?}", h.key, h.counts()))
+                    .collect();
+                log::warn!(
+                    "force-released lock {:?}: {}",
+                    force.name,
+                    previous.join("; ")
+                );
+            }
+            Effect::Expiry(expiry) => {
+                for gone in &expiry.expired {
+                    let what = match &gone.item {
+                        Some(item) => format!("item {item:?} of pool {:?}", gone.name),
+                        None => format!("lock {:?}", gone.name),
+                    };
+                    log::info!(
+                        "lease of {:?} on {what} (key {:?}) expired",
+                        gone.requestor,
+                        gone.key
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+}

@@ -664,7 +664,7 @@ impl Writer {
             cache.set_meta(next, revision, revision);
         }
         drop(cache);
-        log_effects(&plan.effects);
+        super::super::flow::log_effects(&plan.effects);
     }
 
     /// Puts the later half of the batch's client operations (or, with none, of its internal
@@ -964,34 +964,6 @@ fn describe(target: &Target) -> String {
     match target {
         Target::Lock(name) => format!("lock {name:?}"),
         Target::Pool(name) => format!("pool {name:?}"),
-    }
-}
-
-pub(super) fn log_effects(effects: &[Effect]) {
-    for effect in effects {
-        match effect {
-            Effect::ForceRelease(force) if !force.previous.is_empty() => {
-                let previous: Vec<String> = force
-                    .previous
-                    .iter()
-                    .map(|h| format!("key {:?} held by {:?}", h.key, h.counts()))
-                    .collect();
-                warn!("force-released a lock: {}", previous.join("; "));
-            }
-            Effect::Expiry(expiry) => {
-                for gone in &expiry.expired {
-                    let what = match &gone.item {
-                        Some(item) => format!("item {item:?} of pool {:?}", gone.name),
-                        None => format!("lock {:?}", gone.name),
-                    };
-                    info!(
-                        "lease of {:?} on {what} (key {:?}) expired",
-                        gone.requestor, gone.key
-                    );
-                }
-            }
-            _ => {}
-        }
     }
 }
 
