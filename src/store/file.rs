@@ -32,19 +32,16 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::{oneshot, watch};
 
 use super::atomic_file::{self, ReplaceError};
-use super::flow::{self, Backend};
+use super::flow::Backend;
 use super::journal::{self, Journal};
 use super::pool_flow;
 use super::state_file;
 use super::{
-    ItemState, LockPage, LockStore, LockView, Page, PoolCounts, Released, StoreError, WaiterSlot,
-    Withdraw, status_view,
+    ItemState, LockPage, LockStore, LockView, Page, PoolCounts, StoreError, WaiterSlot, Withdraw,
+    status_view,
 };
 use crate::metrics::{LockStats, Metrics};
-use crate::rules::{
-    Acquire, Effect, Grant, Holder, Item, ItemGrant, LockTable, Op, Pool, Target, WaiterGrant,
-    WaiterId,
-};
+use crate::rules::{Effect, Item, LockTable, Op, Pool, Target, WaiterGrant, WaiterId};
 
 /// Most commands folded into one write; bounds the latency a batch adds.
 const MAX_BATCH: usize = 4096;
@@ -304,67 +301,7 @@ impl Backend for FileStore {
 
 #[async_trait]
 impl LockStore for FileStore {
-    async fn acquire(
-        &self,
-        name: String,
-        request: Acquire,
-        wait: Option<Duration>,
-    ) -> Result<Grant, StoreError> {
-        flow::acquire(self, name, request, wait).await
-    }
-
-    async fn release(
-        &self,
-        name: String,
-        key: String,
-        requestor: String,
-    ) -> Result<Released, StoreError> {
-        flow::release(self, name, key, requestor).await
-    }
-
-    async fn reclaim(&self, hold: crate::rules::Reclaim) -> Result<Released, StoreError> {
-        flow::reclaim(self, hold).await
-    }
-
-    async fn force_release(
-        &self,
-        name: String,
-        by: Option<String>,
-    ) -> Result<Vec<Holder>, StoreError> {
-        flow::force_release(self, name, by).await
-    }
-
-    async fn claim(
-        &self,
-        pool: String,
-        item: Option<String>,
-        request: Acquire,
-        wait: Option<Duration>,
-    ) -> Result<ItemGrant, StoreError> {
-        pool_flow::claim(self, pool, item, request, wait).await
-    }
-
-    async fn release_item(
-        &self,
-        pool: String,
-        item: String,
-        key: Option<String>,
-        requestor: Option<String>,
-        by: Option<String>,
-    ) -> Result<Option<Holder>, StoreError> {
-        pool_flow::release(self, pool, item, key, requestor, by).await
-    }
-
-    async fn add_item(
-        &self,
-        pool: String,
-        item: String,
-        metadata: Arc<str>,
-        claim: Option<Acquire>,
-    ) -> Result<bool, StoreError> {
-        pool_flow::add(self, pool, item, metadata, claim).await
-    }
-
+    /// Waits for the item to be free through this store's own [`LockStore::wait_item`].
     async fn update_item(
         &self,
         pool: String,
@@ -373,15 +310,6 @@ impl LockStore for FileStore {
         wait: Option<Duration>,
     ) -> Result<bool, StoreError> {
         pool_flow::update(self, pool, item, metadata, wait).await
-    }
-
-    async fn remove_item(
-        &self,
-        pool: String,
-        item: String,
-        key: Option<String>,
-    ) -> Result<Option<Holder>, StoreError> {
-        pool_flow::remove(self, pool, item, key).await
     }
 
     async fn pool(&self, name: &str) -> Result<Option<Pool>, StoreError> {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::{oneshot, watch};
 
-use super::{Counted, Released, StoreError, WaitGuard, Withdraw};
+use super::{Counted, ItemGrant, LockWrites, Released, StoreError, WaitGuard, Withdraw};
 use crate::rules::{
     Acquire, AcquireOutcome, Effect, Grant, Holder, Limit, Op, PoolOutcome, Reclaim,
     ReleaseOutcome, Target, WaiterGrant, WaiterId,
@@ -21,7 +21,7 @@ use crate::rules::{
 #[async_trait]
 pub(crate) trait Backend: Send + Sync {
     /// How this backend takes back a queued waiter.
-    type Withdrawer: Withdraw;
+    type Withdrawer: Withdraw + Send;
 
     /// Applies one operation and makes it durable; for an acquire that may queue, `grant` is
     /// where the waiter's grant is to be delivered later.
@@ -286,5 +286,79 @@ pub(crate) fn log_effects(effects: &[Effect]) {
             }
             _ => {}
         }
+    }
+}
+
+/// Every backend's changes: the one request flow over its [`Backend`].
+#[async_trait]
+impl<B: Backend + 'static> LockWrites for B {
+    async fn acquire(
+        &self,
+        name: String,
+        request: Acquire,
+        wait: Option<Duration>,
+    ) -> Result<Grant, StoreError> {
+        acquire(self, name, request, wait).await
+    }
+
+    async fn release(
+        &self,
+        name: String,
+        key: String,
+        requestor: String,
+    ) -> Result<Released, StoreError> {
+        release(self, name, key, requestor).await
+    }
+
+    async fn reclaim(&self, hold: crate::rules::Reclaim) -> Result<Released, StoreError> {
+        reclaim(self, hold).await
+    }
+
+    async fn force_release(
+        &self,
+        name: String,
+        by: Option<String>,
+    ) -> Result<Vec<Holder>, StoreError> {
+        force_release(self, name, by).await
+    }
+
+    async fn claim(
+        &self,
+        pool: String,
+        item: Option<String>,
+        request: Acquire,
+        wait: Option<Duration>,
+    ) -> Result<ItemGrant, StoreError> {
+        super::pool_flow::claim(self, pool, item, request, wait).await
+    }
+
+    async fn release_item(
+        &self,
+        pool: String,
+        item: String,
+        key: Option<String>,
+        requestor: Option<String>,
+        by: Option<String>,
+    ) -> Result<Option<Holder>, StoreError> {
+        super::pool_flow::release(self, pool, item, key, requestor, by).await
+    }
+
+    async fn add_item(
+        &self,
+        pool: String,
+        item: String,
+        metadata: Arc<str>,
+        claim: Option<Acquire>,
+    ) -> Result<bool, StoreError> {
+        super::pool_flow::add(self, pool, item, metadata, claim).await
+    }
+
+    async fn remove_item(
+        &self,
+        pool: String,
+        item: String,
+        key: Option<String>,
+    ) -> Result<Option<Holder>, StoreError> {
+        super::pool_flow::remove(self, pool, item, key).await
     }
 }

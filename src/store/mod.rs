@@ -274,11 +274,15 @@ fn keys_text(keys: &[String]) -> String {
     quoted.join(", ")
 }
 
-/// The operations every backend offers. Waiting acquires honour cancellation: dropping the
-/// future of [`LockStore::acquire`] withdraws the request, and a grant that raced with the drop
-/// is given back, so a client that went away never ends up holding the lock.
+/// The changes every backend offers: the same request flow over each backend's [`Backend`]
+/// (`flow.rs`, `pool_flow.rs`), so they are implemented once, for every backend. Waiting
+/// acquires honour cancellation: dropping the future of [`LockWrites::acquire`] withdraws the
+/// request, and a grant that raced with the drop is given back, so a client that went away
+/// never ends up holding the lock.
+///
+/// [`Backend`]: flow::Backend
 #[async_trait]
-pub trait LockStore: Send + Sync + 'static {
+pub trait LockWrites: Send + Sync + 'static {
     /// Acquires `name`. With `wait`, queues in arrival order for up to that long.
     async fn acquire(
         &self,
@@ -309,18 +313,6 @@ pub trait LockStore: Send + Sync + 'static {
         by: Option<String>,
     ) -> Result<Vec<Holder>, StoreError>;
 
-    /// The committed state of one lock; `None` when free.
-    async fn status(&self, name: &str) -> Result<Option<LockView>, StoreError>;
-
-    /// The held locks of one page of a listing, by name.
-    async fn list(&self, page: &Page) -> Result<LockPage, StoreError>;
-
-    /// Waits up to `wait` for `name` to be free, holding nothing. `None` once it is free;
-    /// the lock's status if it is still held when the time runs out.
-    ///
-    /// A request that has to wait counts against the waiter limit like a waiting acquire.
-    async fn wait_free(&self, name: &str, wait: Duration) -> Result<Option<LockView>, StoreError>;
-
     /// Claims `item` of `pool`, or any free item; with `wait`, queues in arrival order.
     async fn claim(
         &self,
@@ -350,6 +342,19 @@ pub trait LockStore: Send + Sync + 'static {
         claim: Option<Acquire>,
     ) -> Result<bool, StoreError>;
 
+    /// Removes `item`, claimed or not (with a key: only if unclaimed or held under it).
+    async fn remove_item(
+        &self,
+        pool: String,
+        item: String,
+        key: Option<String>,
+    ) -> Result<Option<Holder>, StoreError>;
+}
+
+/// Everything the HTTP layer asks of a store: its changes ([`LockWrites`]) and what each
+/// backend reads and reports its own way.
+#[async_trait]
+pub trait LockStore: LockWrites {
     /// Replaces `item`'s metadata (adding it if absent), waiting up to `wait` while claimed.
     async fn update_item(
         &self,
@@ -359,13 +364,17 @@ pub trait LockStore: Send + Sync + 'static {
         wait: Option<Duration>,
     ) -> Result<bool, StoreError>;
 
-    /// Removes `item`, claimed or not (with a key: only if unclaimed or held under it).
-    async fn remove_item(
-        &self,
-        pool: String,
-        item: String,
-        key: Option<String>,
-    ) -> Result<Option<Holder>, StoreError>;
+    /// The committed state of one lock; `None` when free.
+    async fn status(&self, name: &str) -> Result<Option<LockView>, StoreError>;
+
+    /// The held locks of one page of a listing, by name.
+    async fn list(&self, page: &Page) -> Result<LockPage, StoreError>;
+
+    /// Waits up to `wait` for `name` to be free, holding nothing. `None` once it is free;
+    /// the lock's status if it is still held when the time runs out.
+    ///
+    /// A request that has to wait counts against the waiter limit like a waiting acquire.
+    async fn wait_free(&self, name: &str, wait: Duration) -> Result<Option<LockView>, StoreError>;
 
     /// The committed state of one pool; `None` when it has no items and no waiters.
     async fn pool(&self, name: &str) -> Result<Option<Pool>, StoreError>;

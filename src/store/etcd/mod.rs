@@ -53,16 +53,15 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use self::codec::{KeyKind, Keys, WAITER_BITS, waiter_replica};
 use self::members::Members;
-use super::flow::{self, Backend};
+use super::flow::Backend;
 use super::pool_flow;
 use super::{
-    ItemState, LockPage, LockStore, LockView, Page, PoolCounts, Released, StoreError, WaiterSlot,
-    Withdraw, status_view,
+    ItemState, LockPage, LockStore, LockView, Page, PoolCounts, StoreError, WaiterSlot, Withdraw,
+    status_view,
 };
 use crate::metrics::{LockStats, Metrics};
 use crate::rules::{
-    Acquire, Effect, Grant, Holder, Item, ItemGrant, Lock, LockTable, Op, Pool, PoolChange, Target,
-    WaiterGrant, WaiterId,
+    Effect, Grant, Item, Lock, LockTable, Op, Pool, PoolChange, Target, WaiterGrant, WaiterId,
 };
 
 /// Longest one etcd request may take before it counts as failed.
@@ -531,37 +530,7 @@ async fn start(
 
 #[async_trait]
 impl LockStore for EtcdStore {
-    async fn claim(
-        &self,
-        pool: String,
-        item: Option<String>,
-        request: Acquire,
-        wait: Option<Duration>,
-    ) -> Result<ItemGrant, StoreError> {
-        pool_flow::claim(self, pool, item, request, wait).await
-    }
-
-    async fn release_item(
-        &self,
-        pool: String,
-        item: String,
-        key: Option<String>,
-        requestor: Option<String>,
-        by: Option<String>,
-    ) -> Result<Option<Holder>, StoreError> {
-        pool_flow::release(self, pool, item, key, requestor, by).await
-    }
-
-    async fn add_item(
-        &self,
-        pool: String,
-        item: String,
-        metadata: Arc<str>,
-        claim: Option<Acquire>,
-    ) -> Result<bool, StoreError> {
-        pool_flow::add(self, pool, item, metadata, claim).await
-    }
-
+    /// Waits for the item to be free through this store's own [`LockStore::wait_item`].
     async fn update_item(
         &self,
         pool: String,
@@ -570,15 +539,6 @@ impl LockStore for EtcdStore {
         wait: Option<Duration>,
     ) -> Result<bool, StoreError> {
         pool_flow::update(self, pool, item, metadata, wait).await
-    }
-
-    async fn remove_item(
-        &self,
-        pool: String,
-        item: String,
-        key: Option<String>,
-    ) -> Result<Option<Holder>, StoreError> {
-        pool_flow::remove(self, pool, item, key).await
     }
 
     /// A linearizable read of the pool's value. Its items' metadata comes from this server's
@@ -668,36 +628,6 @@ impl LockStore for EtcdStore {
                 }
             }
         }
-    }
-
-    async fn acquire(
-        &self,
-        name: String,
-        request: Acquire,
-        wait: Option<Duration>,
-    ) -> Result<Grant, StoreError> {
-        flow::acquire(self, name, request, wait).await
-    }
-
-    async fn release(
-        &self,
-        name: String,
-        key: String,
-        requestor: String,
-    ) -> Result<Released, StoreError> {
-        flow::release(self, name, key, requestor).await
-    }
-
-    async fn reclaim(&self, hold: crate::rules::Reclaim) -> Result<Released, StoreError> {
-        flow::reclaim(self, hold).await
-    }
-
-    async fn force_release(
-        &self,
-        name: String,
-        by: Option<String>,
-    ) -> Result<Vec<Holder>, StoreError> {
-        flow::force_release(self, name, by).await
     }
 
     async fn status(&self, name: &str) -> Result<Option<LockView>, StoreError> {
