@@ -216,23 +216,39 @@ impl Shared {
             let state = self.state.lock();
             (self.history.kept(), state.len)
         };
-        let mut buffer = Vec::with_capacity(self.history.kept_bytes() as usize);
+        let mut snapshot = Vec::with_capacity(self.history.kept_bytes() as usize);
         for (event, _) in &kept {
-            serde_json::to_writer(&mut buffer, &**event).map_err(io::Error::other)?;
-            buffer.push(b'\n');
+            serde_json::to_writer(&mut snapshot, &**event).map_err(io::Error::other)?;
+            snapshot.push(b'\n');
         }
+        let temp = atomic_file::temp_path(&self.path);
+        let replaced = self.replace_with(&temp, &snapshot, from);
+        if replaced.is_err() {
+            let _ = std::fs::remove_file(&temp);
+        }
+        replaced
+    }
+
+    /// Writes `snapshot` to a new private file at `temp` and syncs it with the writer free to
+    /// go on; then, holding the writer up only for that, adds what was appended after `from`,
+    /// syncs the little more and renames the file over the history.
+    fn replace_with(&self, temp: &Path, snapshot: &[u8], from: u64) -> io::Result<()> {
+        let mut file = atomic_file::create_private(temp)?;
+        file.write_all(snapshot)?;
+        file.sync_data()?;
         let mut state = self.state.lock();
         let mut tail = Vec::new();
         let mut reader = state.file.try_clone()?;
         reader.seek(io::SeekFrom::Start(from))?;
         reader.take(state.len - from).read_to_end(&mut tail)?;
-        buffer.extend_from_slice(&tail);
-        atomic_file::replace(&self.path, |file| file.write_all(&buffer))
-            .map_err(|e| io::Error::new(e.io().kind(), e.to_string()))?;
+        file.write_all(&tail)?;
+        file.sync_data()?;
+        std::fs::rename(temp, &self.path)?;
         state.file = open_append(&self.path, false)?;
-        state.len = buffer.len() as u64;
+        state.len = (snapshot.len() + tail.len()) as u64;
         state.dirty = false;
-        Ok(())
+        drop(state);
+        File::open(atomic_file::directory_of(&self.path))?.sync_all()
     }
 }
 
