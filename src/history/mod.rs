@@ -161,7 +161,13 @@ impl Inner {
             self.bytes -= kept.bytes;
             let key = subject(&kept.event);
             if let Some(ids) = self.per_subject.get_mut(&key) {
-                ids.retain(|id| *id != kept.event.id);
+                // The oldest of all is the oldest of its lock: the front, found at once (a
+                // `retain` here made a rewrite's trim hold the history for milliseconds).
+                if ids.front() == Some(&kept.event.id) {
+                    ids.pop_front();
+                } else {
+                    ids.retain(|id| *id != kept.event.id);
+                }
                 if ids.is_empty() {
                     self.per_subject.remove(&key);
                 }
@@ -230,6 +236,15 @@ impl History {
             inner.trim_to(self.bounds.bytes / 2);
         }
         std::mem::take(&mut inner.dropped)
+    }
+
+    /// Drops the oldest events until at most half the byte bound is kept: a rewrite of the
+    /// history file writes only that, so the file grows by half its bound before the next one
+    /// (each appended byte is rewritten at most about once).
+    pub fn trim_to_half(&self) {
+        let mut inner = self.inner.lock();
+        inner.trim_to(self.bounds.bytes / 2);
+        inner.dropped.clear();
     }
 
     /// Forgets the kept events with ids in `ids` (their record is gone from the store).
