@@ -10,8 +10,9 @@
 //! its answer cost two fifths of the throughput.
 //!
 //! A line cut short by a crash is cut off at the next start. Once the file passes the byte
-//! bound it is replaced, atomically and privately (`atomic_file`), by the events the bounds
-//! keep, then whatever was appended meanwhile.
+//! bound it is replaced, atomically and privately, by the events kept within half the bound,
+//! then whatever was appended meanwhile; the sync thread runs at a lower CPU priority and writes
+//! the replacement in paced chunks, so that it never holds the state file's syncs up for long.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, Seek, Write};

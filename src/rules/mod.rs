@@ -512,8 +512,8 @@ impl Target {
 /// Every lock, plus the fencing counter. Free locks with nobody waiting are not kept.
 ///
 /// Locks are shared (`Arc`) and copied on write: the store keeps a committed copy for readers
-/// beside its working copy, and [`LockTable::copy_locks_from`] brings it up to date by sharing
-/// the locks a batch changed, so a batch costs what it touched, not the size of the table.
+/// beside its working copy, and [`LockTable::copy_from`] brings it up to date by sharing the
+/// locks and pools a batch changed, so a batch costs what it touched, not the size of the table.
 ///
 /// Leases are indexed by expiry, so finding the next lease to run out (every batch does) and
 /// the expired ones does not scan the table either.
@@ -1189,7 +1189,9 @@ pub enum Effect {
 }
 
 impl Effect {
-    /// Whether the operation changed anything that is persisted (holdings or the generation).
+    /// Whether the operation changed anything that is persisted: a lock's holdings or the
+    /// generation, or a pool's items, their metadata and holdings
+    /// ([`PoolOutcome::changes_state`]).
     pub fn changes_holdings(&self) -> bool {
         match self {
             Effect::Acquire(outcome) => matches!(outcome, AcquireOutcome::Granted(_)),

@@ -8,10 +8,11 @@
 //! in-place write and `fdatasync`, see `journal.rs`), and the state file is rewritten when the
 //! journal is half full, a second after its first record, at start-up and at shutdown.
 //!
-//! Readers see a second, committed copy of the table, replaced by a clone of the working copy
-//! once a batch is durable (locks are shared copy-on-write, so unchanged locks are not copied); a
-//! failed write rolls the working copy back to it, and undoes whatever the failed write may have
-//! left on disk before the refusal is sent.
+//! Readers see a second, committed copy of the table. Once a batch is durable, the locks and
+//! pools it touched are copied into it from the working copy (`LockTable::copy_from`; they are
+//! shared copy-on-write, so that copies pointers, and costs what the batch touched, not the size
+//! of the table); a failed write rolls the working copy back the same way from the committed
+//! one, and undoes whatever the failed write may have left on disk before the refusal is sent.
 
 use crate::history::History;
 use crate::history::file::HistoryFile;
