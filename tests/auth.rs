@@ -1,4 +1,4 @@
-//! Basic auth: every route but /health needs it when configured.
+//! Basic auth: every route but /health and /ready needs it when configured.
 
 pub mod common;
 
@@ -48,6 +48,65 @@ fn every_route_but_health_and_ready_requires_credentials() {
         let reply = call_with(&client(), "GET", &authorized(&server, path), None);
         assert_eq!(reply.status, 200, "{path} with credentials: {}", reply.body);
     }
+    // The history and the pools: a lock and an unclaimed pool item exist, so each read below
+    // answers 200 at once with credentials (checked last), and a change without them would show.
+    let with_credentials = |method: &str, path: &str, body: Option<&str>| {
+        call_with(&client(), method, &authorized(&server, path), body)
+    };
+    assert_eq!(
+        with_credentials("PUT", "/lock/x", Some(r#"{"key":"k"}"#)).status,
+        200
+    );
+    let added = with_credentials("POST", "/pool/p/item/a", Some(r#"{"metadata":"m"}"#));
+    assert_eq!(added.status, 201, "{}", added.body);
+    let reads = [
+        "/history",
+        "/lock/x/history",
+        "/pools",
+        "/pool/p",
+        "/pool/p/item/a",
+        "/pool/p/item/a?until=unclaimed&wait=30s",
+    ];
+    for path in reads {
+        assert_refused(&call("GET", &server.url(path), None));
+    }
+    let changes = [
+        ("PUT", "/pool/p/claim", r#"{"key":"k"}"#),
+        ("PUT", "/pool/p/item/a/claim", r#"{"key":"k"}"#),
+        ("DELETE", "/pool/p/item/a/claim", "{}"),
+        ("POST", "/pool/p/item/b", r#"{"metadata":"m"}"#),
+        ("PUT", "/pool/p/item/a", r#"{"metadata":"changed"}"#),
+        ("DELETE", "/pool/p/item/a", "{}"),
+    ];
+    for (method, path, body) in changes {
+        assert_refused(&call(method, &server.url(path), Some(body)));
+    }
+    // The live events: refused without credentials, a stream with them.
+    assert_refused(&call("GET", &server.url("/events"), None));
+    let events = client()
+        .get(authorized(&server, "/events"))
+        .send()
+        .expect("request sent");
+    assert_eq!(events.status(), 200);
+    assert_eq!(
+        events
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("text/event-stream")
+    );
+    drop(events);
+    for path in reads {
+        let reply = with_credentials("GET", path, None);
+        assert_eq!(reply.status, 200, "{path} with credentials: {}", reply.body);
+    }
+    // Nothing the refused requests asked for happened.
+    let pool = with_credentials("GET", "/pool/p", None).json();
+    assert_eq!(
+        pool["items"],
+        json!([{"name": "a", "metadata": "m", "claimed": false}]),
+        "{pool}"
+    );
 }
 
 /// `server`'s URL of `path` with the test credentials in the userinfo.

@@ -109,19 +109,33 @@ fn concurrent_locks_on_one_name_never_overlap() {
 #[test]
 fn renewals_keep_the_lease_without_counting_up() {
     let server = Server::start();
+    let dir = common::temp_dir();
+    let stop = dir.path().join("stop");
+    // The command runs until the test is done looking, however slow the machine. The lease has
+    // room for two late renewals (they come every third of the TTL).
+    let script = format!("while [ ! -e {} ]; do sleep 0.05; done", stop.display());
+    let started = Instant::now();
     let child = locker(
         &server,
-        &["lock", "renewing", "--ttl", "1s", "--", "sleep", "2.5"],
+        &["lock", "renewing", "--ttl", "4s", "--", "sh", "-c", &script],
     )
     .spawn()
     .expect("start");
-    let started = Instant::now();
     wait_until("the lock to be taken", || {
         key_of(&server, "renewing").is_some()
     });
-    // Past the first lease's end: held thanks to the renewals (every third of the TTL).
-    std::thread::sleep(Duration::from_millis(1800));
+    let expires_at = |lock: &Value| {
+        let text = lock["expires_at"].as_str().unwrap_or_default().to_string();
+        humantime::parse_rfc3339_weak(&text).unwrap_or_else(|e| panic!("{lock}: {e}"))
+    };
+    let first_end = expires_at(&server.locks()["renewing"]);
+    wait_until("the first lease to end", || {
+        std::time::SystemTime::now() > first_end
+    });
+    // Past the first lease's end and still held: the renewals kept it, under one requestor.
     let lock = server.locks()["renewing"].clone();
+    assert!(lock.is_object(), "not held past the first lease's end");
+    assert!(expires_at(&lock) > first_end, "not renewed: {lock}");
     assert_eq!(
         lock["locked_by"].as_object().map(|m| m.len()),
         Some(1),
@@ -133,6 +147,7 @@ fn renewals_keep_the_lease_without_counting_up() {
             .is_some_and(|m| m.values().all(|c| c == 1)),
         "renewals counted up: {lock}"
     );
+    std::fs::write(&stop, "").expect("end the command");
     let done = finish(child, started, Duration::from_secs(20));
     assert_eq!(done.code, Some(0), "{}", done.stderr);
     assert_eq!(key_of(&server, "renewing"), None);

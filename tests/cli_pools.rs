@@ -794,7 +794,8 @@ fn items_claimed_in_git_are_imported_claimed_and_released_by_name() {
     assert_eq!(taken.stdout.trim(), "env-1");
 
     // The holding pipeline's `release:` step knows only `name` and `metadata`: a release
-    // without a key, by name.
+    // without a key, by name (the resource's own step, end to end: resource/tests/pools.rs
+    // `an_item_claimed_in_git_and_imported_is_released_by_the_holding_pipelines_release_step`).
     let released = common::call("DELETE", &server.url("/pool/aws/item/env-2/claim"), None);
     assert_eq!(released.status, 200, "{}", released.body);
     assert_eq!(released.json()["previous"]["key"], "imported-from-git");

@@ -85,6 +85,12 @@ fn wait_for_pool_waiters(server: &Server, name: &str, count: u64) {
     }
 }
 
+/// Polls `GET /metrics` until `locker_waiting_requests` is `count`: checks and updates that
+/// wait for an item count there (claims count in the pool's `waiters`).
+fn wait_for_waiting_requests(server: &Server, count: u64) {
+    server.wait_for_metric(&format!("locker_waiting_requests {count}"));
+}
+
 /// A waiting claim in a thread; (key, status, body) comes back on the channel.
 fn spawn_claim(
     server: &Server,
@@ -381,7 +387,12 @@ fn an_update_changes_metadata_adds_if_absent_and_waits_while_claimed() {
         let url = url("a", "?wait=30s");
         thread::spawn(move || call("PUT", &url, Some(r#"{"metadata":"v3"}"#)))
     };
-    thread::sleep(Duration::from_millis(300));
+    // The server counts the update among its waiting requests once it found the item claimed.
+    wait_for_waiting_requests(&server, 1);
+    assert!(
+        !waiting.is_finished(),
+        "answered while the item was claimed"
+    );
     assert_eq!(
         item(&server, "p", "a")["metadata"],
         "v2",
@@ -391,6 +402,7 @@ fn an_update_changes_metadata_adds_if_absent_and_waits_while_claimed() {
     let reply = waiting.join().expect("update thread");
     assert_eq!(reply.status, 200, "{}", reply.body);
     assert_eq!(item(&server, "p", "a")["metadata"], "v3");
+    wait_for_waiting_requests(&server, 0);
     let timed_out = {
         claim(&server, "p", Some("a"), json!({"key": "k"}), "");
         put("a", "?wait=200ms", "v4")
@@ -420,18 +432,25 @@ fn checks_wait_for_an_item_to_be_unclaimed_or_claimed() {
         (reply.status, reply.json()["claimed"].clone()),
         (200, json!(false))
     );
-    // check_unclaimed: waits until someone claims it.
+    // check_unclaimed: waits until someone claims it. Once the server counts it among its
+    // waiting requests it has seen the item unclaimed, so its answer can only come after the
+    // claim below, and must say so.
     let waiting = {
         let url = server.url("/pool/p/item/a?until=claimed&wait=30s");
         thread::spawn(move || call("GET", &url, None))
     };
-    thread::sleep(Duration::from_millis(200));
+    wait_for_waiting_requests(&server, 1);
+    assert!(
+        !waiting.is_finished(),
+        "answered before the item was claimed"
+    );
     claim(&server, "p", Some("a"), json!({"key": "k"}), "");
     let reply = waiting.join().expect("check thread");
     assert_eq!(
         (reply.status, reply.json()["claimed"].clone()),
         (200, json!(true))
     );
+    wait_for_waiting_requests(&server, 0);
     // check: waits until it is released; when the wait runs out, says it is still claimed.
     let reply = check("unclaimed", "200ms");
     assert_eq!(
@@ -442,7 +461,11 @@ fn checks_wait_for_an_item_to_be_unclaimed_or_claimed() {
         let url = server.url("/pool/p/item/a?until=unclaimed&wait=30s");
         thread::spawn(move || call("GET", &url, None))
     };
-    thread::sleep(Duration::from_millis(200));
+    wait_for_waiting_requests(&server, 1);
+    assert!(
+        !waiting.is_finished(),
+        "answered before the item was released"
+    );
     release(&server, "p", "a", None);
     let reply = waiting.join().expect("check thread");
     assert_eq!(
@@ -463,16 +486,20 @@ fn checks_wait_for_an_item_to_be_unclaimed_or_claimed() {
 #[test]
 fn a_claim_with_a_lease_is_freed_when_it_runs_out_and_the_next_waiter_gets_it() {
     let server = server().start();
+    const TTL: Duration = Duration::from_secs(1);
     add(&server, "p", "a", "");
+    let started = Instant::now();
     let leased = claim(&server, "p", None, json!({"key": "k", "ttl": "1s"}), "");
     assert_eq!(leased.status, 200, "{}", leased.body);
     assert!(item(&server, "p", "a")["holder"]["expires_at"].is_string());
-    let started = Instant::now();
     let next = claim(&server, "p", None, json!({"key": "next"}), "30s");
     assert_eq!(next.status, 200, "{}", next.body);
+    // The lease began after `started`; the server keeps times to the millisecond, so it may
+    // end up to a millisecond before a full TTL from then, never sooner.
     assert!(
-        started.elapsed() >= Duration::from_millis(500),
-        "granted before the lease ran out"
+        started.elapsed() >= TTL - Duration::from_millis(1),
+        "granted {:?} after the claim, before its {TTL:?} lease ran out",
+        started.elapsed()
     );
     assert_eq!(item(&server, "p", "a")["holder"]["key"], "next");
     assert!(next.json()["generation"].as_u64() > leased.json()["generation"].as_u64());

@@ -185,6 +185,8 @@ fn a_hold_of_an_aborted_build_is_released_and_the_next_waiter_granted() {
     let waiter_url = server.url("/lock/env?wait=20s");
     let waiter =
         std::thread::spawn(move || call("PUT", &waiter_url, Some(r#"{"key":"next"}"#)).status);
+    // Queued before the build ends, so the history below has a fixed order.
+    common::wait_for_waiters(&server, "env", 1);
     wait_for_checks(&fake, fake.requests(), 2);
     fake.set(BUILD_PATH, 200, "aborted");
     assert_eq!(waiter.join().expect("waiter"), 200);
@@ -375,3 +377,10 @@ fn a_pool_item_claimed_by_an_aborted_build_is_released_and_the_next_claim_grante
     let log = server.log();
     assert!(log.contains("item \"env-1\" of pool \"envs\""), "{log}");
 }
+
+// The reclaimer works through the store's interface, so each store must apply its releases and
+// record them (the `reclaimed` event, the hold histogram) the same way.
+also_on_etcd!(
+    a_hold_of_an_aborted_build_is_released_and_the_next_waiter_granted,
+    a_pool_item_claimed_by_an_aborted_build_is_released_and_the_next_claim_granted,
+);

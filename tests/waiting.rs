@@ -439,6 +439,10 @@ fn wait_free_requests_count_against_the_waiter_limit() {
     server.wait_for_metric("locker_waiting_requests 0");
 }
 
+// File store only: the etcd store is not told of changes per lock, its `wait_free` asks etcd
+// again every 50 ms (`store::poll_free`), whatever changed, and counts no wakeups, so neither
+// half of this test means anything there. Its waiter-limit side is shared:
+// `wait_free_requests_count_against_the_waiter_limit` runs on both.
 #[test]
 fn a_wait_free_is_woken_only_by_changes_to_its_own_lock() {
     let server = Server::start();

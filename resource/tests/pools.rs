@@ -421,6 +421,93 @@ fn release_of_a_directory_with_only_name_and_metadata_acts_by_name() {
     assert_eq!(holder_key(&server, "aws", "env-2"), None);
 }
 
+/// Runs `git ARGS` in `dir` with a fixed identity and no signing; panics with its output if it
+/// fails.
+fn git(dir: &std::path::Path, args: &[&str]) {
+    let output = std::process::Command::new("git")
+        .args([
+            "-c",
+            "user.name=Pool Keeper",
+            "-c",
+            "user.email=pools@example.com",
+        ])
+        .args([
+            "-c",
+            "init.defaultBranch=main",
+            "-c",
+            "commit.gpgsign=false",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("git is missing ({e}): install Debian's git"));
+    assert!(
+        output.status.success(),
+        "git {args:?}: {}",
+        common::output_text(&output)
+    );
+}
+
+/// Moving from pool-resource: a pool kept in git (`aws/claimed/env-2`, `aws/unclaimed/env-1`)
+/// is imported with `locker pool import` from a clone, and the pipeline that claimed `env-2`
+/// in git releases it with its `release:` step, whose directory (written by pool-resource's
+/// `in`) holds only `name` and `metadata`: the imported claim, under the import's key, is
+/// released by name.
+#[test]
+fn an_item_claimed_in_git_and_imported_is_released_by_the_holding_pipelines_release_step() {
+    let server = common::Server::start();
+    let dir = common::temp_dir();
+    let origin = dir.path().join("origin");
+    for (state, name, metadata) in [
+        ("unclaimed", "env-1", "region: eu-west-1\n"),
+        ("claimed", "env-2", "region: us-east-1\n"),
+    ] {
+        let state_dir = origin.join("aws").join(state);
+        std::fs::create_dir_all(&state_dir).expect("mkdir");
+        std::fs::write(state_dir.join(".gitkeep"), "").expect("write");
+        std::fs::write(state_dir.join(name), metadata).expect("write");
+    }
+    git(&origin, &["init", "-q"]);
+    git(&origin, &["add", "-A"]);
+    git(&origin, &["commit", "-q", "-m", "claiming: env-2"]);
+    git(dir.path(), &["clone", "-q", "origin", "checkout"]);
+    let checkout = dir.path().join("checkout");
+
+    let imported = std::process::Command::new(common::locker_binary())
+        .env_remove("LOCKER_USER")
+        .env_remove("LOCKER_PASSWORD")
+        .env_remove("LOCKER_CA_CERT")
+        .env("LOCKER_URL", &server.base)
+        .args(["pool", "import"])
+        .arg(&checkout)
+        .output()
+        .expect("run locker pool import");
+    assert!(
+        imported.status.success(),
+        "{}",
+        common::output_text(&imported)
+    );
+    assert_eq!(
+        holder_key(&server, "aws", "env-2").as_deref(),
+        Some("imported-from-git")
+    );
+    assert_eq!(holder_key(&server, "aws", "env-1"), None);
+
+    // The holding pipeline's step directory, as pool-resource's `in` wrote it from git.
+    let build = Build::new(&source(&server, "aws"), "test-aws", "801");
+    let metadata_in_git =
+        std::fs::read_to_string(checkout.join("aws/claimed/env-2")).expect("metadata");
+    build.task_output("aws-environments", "env-2", &metadata_in_git);
+    let response = build.put("aws-environments", json!({"release": "aws-environments"}));
+    assert_eq!(metadata(&response)["lock_name"], "env-2");
+    assert_eq!(metadata(&response)["claimed"], "false");
+    assert_eq!(holder_key(&server, "aws", "env-2"), None, "still claimed");
+    assert_eq!(
+        item(&server, "aws", "env-2").expect("env-2")["metadata"],
+        "region: us-east-1\n"
+    );
+}
+
 /// With the `claim.json` locker's `in` wrote, `release` acts only while the item is held by
 /// that claim: once it was released and claimed by someone else, the release fails and says
 /// so, and the other holder keeps the item.

@@ -93,15 +93,19 @@ impl Server {
 /// Sends raw bytes over a plain TCP connection and returns everything the server answers
 /// until it closes the connection or goes quiet.
 pub fn raw_exchange(server: &Server, request: &[u8]) -> String {
+    raw_exchange_within(server, request, Duration::from_secs(5))
+}
+
+/// [`raw_exchange`], where the server going quiet for `quiet` ends it. The connection stays
+/// open meanwhile: what was sent is all the server gets.
+pub fn raw_exchange_within(server: &Server, request: &[u8], quiet: Duration) -> String {
     use std::io::{Read, Write};
     let address = server
         .base
         .strip_prefix("http://")
         .expect("raw exchange needs plain http");
     let mut stream = std::net::TcpStream::connect(address).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
+    stream.set_read_timeout(Some(quiet)).expect("timeout");
     stream.write_all(request).expect("write");
     let mut answer = Vec::new();
     let mut buffer = [0u8; 4096];
