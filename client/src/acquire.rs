@@ -1,11 +1,11 @@
-//! The long-poll acquire loop, one for every client and for everything that can be held: a
-//! lock, a named item of a pool, or any free item of a pool ([`Target`]). A first try that does
-//! not wait (so the caller can name the holder at once), then `PUT ...?wait=...` until granted
-//! or the deadline passes; against a server that answers at once (the original locker ignores
-//! `?wait`) a pause between tries instead. While it runs it keeps an [`Abort`] up to date, so
-//! that a caller stopped by a signal can give back what a request in flight may have been
-//! granted. What the front ends say along the way (log lines, messages, exit codes) is theirs,
-//! through [`Hooks`].
+//! The acquire, one for every client and for everything that can be held: a lock, a named
+//! item of a pool, or any free item of a pool ([`Target`]). A first try that does not wait (so
+//! the caller can name the holder at once), then `PUT ...?wait=...` until granted or the
+//! deadline passes; against a server that answers at once (the original locker ignores
+//! `?wait`) a pause between tries instead: the one wait loop of [`crate::wait`]. While it runs
+//! it keeps an [`Abort`] up to date, so that a caller stopped by a signal can give back what a
+//! request in flight may have been granted. What the front ends say along the way (log lines,
+//! messages, exit codes) is theirs, through [`Hooks`].
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,8 +14,9 @@ use reqwest::StatusCode;
 
 use crate::error::Error;
 use crate::http::{Client, Reply};
-use crate::longpoll::{ABORT_DEADLINE, poll_length, server_waited};
-use crate::wire::{ItemRelease, LockRequest, PoolStatus};
+use crate::longpoll::{ABORT_DEADLINE, answered_at_once};
+use crate::wait::{self, Round, Schedule, Waited, Waiter};
+use crate::wire::{ItemClaim, ItemRelease, LockRequest, PoolStatus};
 
 /// What an acquire takes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,11 +40,7 @@ impl Target {
         match self {
             Target::Pool { pool, item: None } => Target::Pool {
                 pool: pool.clone(),
-                item: reply
-                    .body
-                    .get("item")
-                    .and_then(serde_json::Value::as_str)
-                    .map(str::to_string),
+                item: reply.parse::<ItemClaim>().map(|claim| claim.item),
             },
             other => other.clone(),
         }
@@ -161,72 +158,95 @@ pub trait Hooks {
     fn answered_at_once(&mut self) {}
 }
 
-/// Takes the target (see the module doc). Transport errors on the first try, and those
-/// [`Hooks::unreachable`] does not ride out, are returned as they are.
+/// Takes the target (see the module doc), through the one wait loop ([`wait::until`]).
+/// Transport errors on the first try, and those [`Hooks::unreachable`] does not ride out, are
+/// returned as they are.
 pub async fn acquire<H: Hooks>(
     client: &Client,
     request: &Request<'_>,
     abort: &Abort,
     hooks: &mut H,
 ) -> Result<Outcome, Error> {
-    let target = request.target;
-    let mut wait: Option<Duration> = None;
-    let mut failures = 0u32;
-    loop {
-        abort.set(Some(Pending {
-            client: client.clone(),
-            target: target.clone(),
-            release_body: request.body.release(),
-            granted: false,
-        }));
-        let reply = match target.ask(client, request.body, wait).await {
-            Ok(reply) => {
-                failures = 0;
-                reply
-            }
-            Err(error) if error.is_unreachable() && wait.is_some() => {
-                failures += 1;
-                match hooks.unreachable(&error, failures) {
-                    Some(pause) => {
-                        tokio::time::sleep(pause).await;
-                        continue;
+    let schedule = Schedule {
+        deadline: request.deadline,
+        poll: request.poll,
+        fallback_pause: request.fallback_pause,
+    };
+    let mut asking = Asking {
+        client,
+        request,
+        abort,
+        hooks,
+    };
+    Ok(match wait::until(&schedule, &mut asking).await? {
+        Waited::Done(outcome) => outcome,
+        Waited::TimedOut(reply) => Outcome::TimedOut(reply),
+    })
+}
+
+/// One acquire as a [`Waiter`]: each question keeps the [`Abort`] up to date and rides out an
+/// unreachable server as [`Hooks::unreachable`] says.
+struct Asking<'a, 'r, H> {
+    client: &'a Client,
+    request: &'a Request<'r>,
+    abort: &'a Abort,
+    hooks: &'a mut H,
+}
+
+impl<H: Hooks> Waiter for Asking<'_, '_, H> {
+    type Done = Outcome;
+    /// The 423.
+    type State = Reply;
+    type Error = Error;
+
+    async fn ask(&mut self, wait: Option<Duration>) -> Result<Round<Outcome, Reply>, Error> {
+        let target = self.request.target;
+        let mut failures = 0u32;
+        let reply = loop {
+            self.abort.set(Some(Pending {
+                client: self.client.clone(),
+                target: target.clone(),
+                release_body: self.request.body.release(),
+                granted: false,
+            }));
+            match target.ask(self.client, self.request.body, wait).await {
+                Ok(reply) => break reply,
+                Err(error) if error.is_unreachable() && wait.is_some() => {
+                    failures += 1;
+                    match self.hooks.unreachable(&error, failures) {
+                        Some(pause) => tokio::time::sleep(pause).await,
+                        None => return Err(error),
                     }
-                    None => return Err(error),
                 }
+                Err(error) => return Err(error),
             }
-            Err(error) => return Err(error),
         };
         match reply.status {
             StatusCode::OK => {
-                abort.mark_granted(target.granted(&reply));
-                return Ok(Outcome::Granted(reply));
+                self.abort.mark_granted(target.granted(&reply));
+                Ok(Round::Done(Outcome::Granted(reply)))
             }
-            StatusCode::LOCKED => abort.set(None),
+            StatusCode::LOCKED => {
+                self.abort.set(None);
+                let at_once = answered_at_once(wait, reply.elapsed, &reply.error_message());
+                Ok(Round::NotYet {
+                    state: reply,
+                    at_once,
+                })
+            }
             _ => {
-                abort.set(None);
-                return Ok(Outcome::Refused(reply));
+                self.abort.set(None);
+                Ok(Round::Done(Outcome::Refused(reply)))
             }
         }
-        let remaining = request
-            .deadline
-            .map(|d| d.saturating_duration_since(Instant::now()));
-        let out_of_time = remaining == Some(Duration::ZERO);
-        hooks.held(&reply, out_of_time).await;
-        if out_of_time {
-            return Ok(Outcome::TimedOut(reply));
-        }
-        // A server that does not long-poll answers at once: do not hammer it.
-        if let Some(asked) = wait
-            && !server_waited(asked, reply.elapsed, &reply.error_message())
-        {
-            hooks.answered_at_once();
-            let pause = request.fallback_pause;
-            tokio::time::sleep(remaining.map_or(pause, |r| r.min(pause))).await;
-        }
-        let remaining = request
-            .deadline
-            .map(|d| d.saturating_duration_since(Instant::now()));
-        wait = Some(poll_length(request.poll, remaining));
+    }
+
+    async fn not_yet(&mut self, reply: &Reply, out_of_time: bool) {
+        self.hooks.held(reply, out_of_time).await;
+    }
+
+    fn answered_at_once(&mut self) {
+        self.hooks.answered_at_once();
     }
 }
 

@@ -10,6 +10,9 @@
 //! - [`limits`]: what the server accepts (name, key, holder info, slots), so clients fit
 //!   within it before they send.
 //! - [`longpoll`]: poll lengths, telling a server that does not wait, the abort deadline.
+//! - [`wait`]: the one wait-until loop (a first question that does not wait, long-polls until
+//!   done or the deadline, a pause between questions to a server that answers at once), which
+//!   every wait runs.
 //! - [`acquire`]: the long-poll acquire loop both clients run, for a lock or a pool's item
 //!   ([`Target`]), with the [`Abort`] state that lets a signalled client give back what it
 //!   may have been granted; each front end's log lines and messages come in through
@@ -36,6 +39,7 @@ pub mod limits;
 pub mod longpoll;
 pub mod path;
 pub mod pool_client;
+pub mod wait;
 pub mod wire;
 
 pub use acquire::{Abort, Outcome, Target};

@@ -19,8 +19,21 @@ pub fn poll_length(poll: Duration, remaining: Option<Duration>) -> Duration {
 /// Whether an answer to a request that asked the server to wait `asked` came after a wait.
 /// The original locker ignores `?wait` and answers at once; this server answers when the wait
 /// ran out (or at once with a "timed out" error if it clamps the wait to very little).
+///
+/// The error's text is the only sign of that last case: a wait that ran out and a lock held
+/// when asked without a wait are both `423` with the body `{"error": ...}` (the status the
+/// original resource greps for, the body every client of the original reads), and the server
+/// sends no other field or header that tells them apart. Matching the text costs nothing when
+/// it is missing: the client then pauses before asking again, as with the original.
 pub fn server_waited(asked: Duration, elapsed: Duration, error: &str) -> bool {
     elapsed >= (asked / 2).min(Duration::from_secs(1)) || error.contains("timed out")
+}
+
+/// Whether a "not yet" to a question that asked the server to wait `asked` (`None`: asked
+/// not to wait) came without a wait, so that a pause must come before the next question (see
+/// [`server_waited`]).
+pub fn answered_at_once(asked: Option<Duration>, elapsed: Duration, error: &str) -> bool {
+    asked.is_some_and(|asked| !server_waited(asked, elapsed, error))
 }
 
 #[cfg(test)]

@@ -125,6 +125,51 @@ pub struct LockStatus<I = Info> {
 /// `GET /locks`: name → lock.
 pub type LockMap = BTreeMap<String, Lock>;
 
+/// `GET /lock/{name}?wait_free=` when the lock is free: `{"free": true, "name": ...}`. (When
+/// the wait runs out, the answer is the [`LockStatus`] with `free: false`; clients read both
+/// as a [`LockStatus`].)
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct LockFree {
+    // Fields in name order: the bytes the server sent when it built this as a JSON map.
+    pub free: bool,
+    pub name: String,
+}
+
+impl LockFree {
+    /// The answer that lock `name` is free.
+    pub fn new(name: &str) -> LockFree {
+        LockFree {
+            free: true,
+            name: name.to_string(),
+        }
+    }
+}
+
+/// The answer to a granted `PUT /lock/{name}`: the holding's fencing token and a sentence for
+/// people. Reading is lenient: the original server sends no `generation`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct LockGrant {
+    // Fields in name order, as above.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+    #[serde(default)]
+    pub response: String,
+}
+
+/// The answer to a `DELETE /lock/{name}` that released (or found nothing to release): a
+/// sentence for people.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct LockReleased {
+    #[serde(default)]
+    pub response: String,
+}
+
+/// `GET /health` (`"OK"`) and `GET /ready` (`"ready"`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Health {
+    pub status: String,
+}
+
 /// The body of `PUT` and `DELETE /lock/{name}`: the clients send it, the server reads it (and
 /// checks it against [`crate::limits`]). Fields left at their defaults are not sent, so the
 /// original server sees only what it knows. Reading is lenient, as the original's was: unknown
@@ -133,8 +178,10 @@ pub type LockMap = BTreeMap<String, Lock>;
 /// order of a body sent as a JSON array.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct LockRequest {
-    /// Required by the server; empty when the body has none.
+    /// Required by the server; empty when the body has none (then not sent: a forced
+    /// release needs none).
     #[serde(default, deserialize_with = "null_as_default")]
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub key: String,
     #[serde(default, alias = "lock_by", alias = "locked_by")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -434,6 +481,32 @@ mod tests {
         assert_eq!(
             serde_json::to_value(full.release()).expect("json"),
             json!({"key": "k", "requestor": "r"})
+        );
+    }
+
+    #[test]
+    fn answers_keep_the_bytes_of_the_maps_they_replace() {
+        // The server built these with `json!` (a map in name order); the bytes stay the same.
+        let grant = LockGrant {
+            generation: Some(17),
+            response: "acquired".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&grant).expect("json"),
+            r#"{"generation":17,"response":"acquired"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&LockFree::new("staging")).expect("json"),
+            r#"{"free":true,"name":"staging"}"#
+        );
+        let free: LockStatus = serde_json::from_str(r#"{"free":true,"name":"s"}"#).expect("reads");
+        assert_eq!((free.free, free.name.as_str()), (Some(true), "s"));
+        // The original's answers: no generation.
+        let original: LockGrant = serde_json::from_str(r#"{"response":"ok"}"#).expect("reads");
+        assert_eq!(original.generation, None);
+        assert_eq!(
+            serde_json::to_value(LockRequest::default()).expect("json"),
+            json!({})
         );
     }
 

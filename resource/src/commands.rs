@@ -20,8 +20,9 @@ use crate::pool_commands;
 use crate::trigger;
 use locker_client::acquire::{self, Outcome};
 use locker_client::duration::WireDuration;
-use locker_client::longpoll::{ABORT_DEADLINE, poll_length, server_waited};
-use locker_client::wire::{Holder, LockRequest};
+use locker_client::longpoll::{ABORT_DEADLINE, answered_at_once};
+use locker_client::wait::{self, Round, Schedule, Waited, Waiter};
+use locker_client::wire::{Holder, LockGrant, LockReleased, LockRequest, LockStatus};
 use locker_client::{Reply, Target};
 
 /// What `out` is doing, for the clean-up when a signal stops it (kept by the shared acquire
@@ -50,10 +51,10 @@ pub async fn clean_up(abort: &Abort, signal: &str) -> String {
     let outcome = match pending.release().await {
         Some(Ok(reply)) if reply.status == StatusCode::OK => {
             let said = reply
-                .body
-                .get("response")
-                .and_then(Value::as_str)
-                .unwrap_or("released");
+                .parse::<LockReleased>()
+                .map(|released| released.response)
+                .filter(|said| !said.is_empty())
+                .unwrap_or_else(|| "released".to_string());
             format!("released key {key:?} as {requestor:?} ({said})")
         }
         Some(Ok(reply)) => format!(
@@ -116,9 +117,7 @@ pub async fn check(input: &str, retry: RetryPolicy) -> Result<Value, ResourceErr
     let request: CheckRequest<Value> = parse_request(input)?;
     let source = read_source(&request.source)?;
     if let LockTarget::Pool(pool) = &source.target {
-        return pool_commands::check(input, &source, pool, retry)
-            .await
-            .map_err(ResourceError::Pool);
+        return pool_commands::check(input, &source, pool, retry).await;
     }
     let (client, name) = connect(&source, retry).await?;
     if source.trigger == Some(Trigger::Released) {
@@ -149,9 +148,7 @@ pub async fn fetch(
     let request: InRequest<Value> = parse_request(input)?;
     let source = read_source(&request.source)?;
     if let LockTarget::Pool(pool) = &source.target {
-        return pool_commands::fetch(input, directory, &source, pool, retry)
-            .await
-            .map_err(ResourceError::Pool);
+        return pool_commands::fetch(input, directory, &source, pool, retry).await;
     }
     let (client, name) = connect(&source, retry).await?;
     let (params, warnings) = parse_in_params(&request.params)?;
@@ -225,7 +222,7 @@ fn typed_version(version: Option<Value>) -> Result<Option<Version>, ResourceErro
         .map_err(ResourceError::Request)
 }
 
-fn write(directory: &Path, file: &str, content: &str) -> Result<(), ResourceError> {
+pub(crate) fn write(directory: &Path, file: &str, content: &str) -> Result<(), ResourceError> {
     let path = directory.join(file);
     std::fs::write(&path, content).map_err(|source| ResourceError::Write { path, source })
 }
@@ -242,9 +239,7 @@ pub async fn put(
     let request: OutRequest = parse_request(input)?;
     let source = read_source(&request.source)?;
     if let LockTarget::Pool(pool) = &source.target {
-        return pool_commands::put(&request, sources, &source, pool, build, retry, abort)
-            .await
-            .map_err(ResourceError::Pool);
+        return pool_commands::put(&request, sources, &source, pool, build, retry, abort).await;
     }
     // Params before any network call: a missing key is reported at once.
     let (params, warnings) = OutParams::parse(&request.params)?;
@@ -322,7 +317,7 @@ async fn lock(
         .await
         .map_err(ClientError::from)?;
     let granted = match outcome {
-        Outcome::Granted(reply) => reply.body,
+        Outcome::Granted(reply) => reply,
         Outcome::TimedOut(_) => {
             return Err(ResourceError::GaveUp {
                 name: name.to_string(),
@@ -348,8 +343,8 @@ async fn lock(
     };
 
     let generation = granted
-        .get("generation")
-        .and_then(Value::as_u64)
+        .parse::<LockGrant>()
+        .and_then(|grant| grant.generation)
         .map(|g| g.to_string())
         .unwrap_or_default();
     log!(
@@ -455,9 +450,9 @@ impl acquire::Hooks for Waiting<'_> {
     }
 }
 
-/// `lock_op: wait`: returns once the lock is free, holding nothing. Long-polls
-/// `GET /lock/{name}?wait_free=`; against a server without it (no `"free"` in the answer) reads
-/// `GET /locks` every `retry_interval` instead.
+/// `lock_op: wait`: returns once the lock is free, holding nothing, through the one wait loop.
+/// Long-polls `GET /lock/{name}?wait_free=`; against a server without it (no `"free"` in the
+/// answer) reads `GET /locks` every `retry_interval` instead.
 async fn wait_until_free(
     client: &Client,
     source: &Source,
@@ -465,68 +460,92 @@ async fn wait_until_free(
     wait_timeout: Option<Duration>,
 ) -> Result<(), ResourceError> {
     let started = Instant::now();
-    let deadline = wait_timeout.map(|timeout| started + timeout);
-    let mut told_fallback = false;
-    // The first question does not wait, so the log names the holder straight away.
-    let mut first = true;
+    let schedule = Schedule {
+        deadline: wait_timeout.map(|timeout| started + timeout),
+        poll: source.wait_poll,
+        fallback_pause: source.retry_interval,
+    };
+    let mut waiter = FreeWaiter {
+        client,
+        name,
+        started,
+        retry_interval: source.retry_interval,
+        told_fallback: false,
+    };
     log!("waiting until lock {name:?} is free (taking nothing)");
-    loop {
-        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        let asked = match first {
-            true => Duration::ZERO,
-            false => poll_length(source.wait_poll, remaining),
-        };
-        let reply = client.wait_free(name, asked).await?;
-        // A server that says "held" without waiting must not be asked again at once.
-        let answered_at_once = !first && !server_waited(asked, reply.elapsed, "");
-        first = false;
-        let free = match (
-            reply.status,
-            reply.body.get("free").and_then(Value::as_bool),
-        ) {
-            (StatusCode::OK, Some(free)) => Some(free),
+    match wait::until(&schedule, &mut waiter).await? {
+        Waited::Done(()) => {
+            log!("lock {name:?} is free after {}", since(started));
+            Ok(())
+        }
+        Waited::TimedOut(holder) => Err(ResourceError::GaveUp {
+            name: name.to_string(),
+            free: true,
+            waited: since(started),
+            holder,
+        }),
+    }
+}
+
+/// `lock_op: wait`'s questions; the state is the holder, described.
+struct FreeWaiter<'a> {
+    client: &'a Client,
+    name: &'a str,
+    started: Instant,
+    retry_interval: Duration,
+    told_fallback: bool,
+}
+
+impl Waiter for FreeWaiter<'_> {
+    type Done = ();
+    type State = String;
+    type Error = ResourceError;
+
+    async fn ask(&mut self, wait: Option<Duration>) -> Result<Round<(), String>, ResourceError> {
+        let name = self.name;
+        // The first question does not wait, so the log names the holder straight away.
+        let reply = self
+            .client
+            .wait_free(name, wait.unwrap_or_default())
+            .await?;
+        let free = match reply.status {
+            StatusCode::OK => reply.parse::<LockStatus>().and_then(|status| status.free),
             _ => None,
         };
         let (free, holder) = match free {
             Some(true) => (true, None),
             Some(false) => (false, Holding::from_entry(&reply.body)),
             None => {
-                if !told_fallback {
+                if !self.told_fallback {
                     log!(
                         "the server cannot wait until a lock is free (no ?wait_free): \
                          checking every {}",
-                        humantime::format_duration(source.retry_interval)
+                        humantime::format_duration(self.retry_interval)
                     );
-                    told_fallback = true;
+                    self.told_fallback = true;
                 }
-                let holding = client.holding(name).await?;
+                let holding = self.client.holding(name).await?;
                 (holding.is_none(), holding)
             }
         };
         if free {
-            log!("lock {name:?} is free after {}", since(started));
-            return Ok(());
+            return Ok(Round::Done(()));
         }
-        let holder = holder
-            .map(|h| h.describe(SystemTime::now()))
-            .unwrap_or_else(|| "someone".to_string());
+        Ok(Round::NotYet {
+            state: holder
+                .map(|h| h.describe(SystemTime::now()))
+                .unwrap_or_else(|| "someone".to_string()),
+            // A server that says "held" without waiting must not be asked again at once.
+            at_once: self.told_fallback || answered_at_once(wait, reply.elapsed, ""),
+        })
+    }
+
+    async fn not_yet(&mut self, holder: &String, _out_of_time: bool) {
         log!(
-            "lock {name:?} is held by {holder}; waited {} so far",
-            since(started)
+            "lock {:?} is held by {holder}; waited {} so far",
+            self.name,
+            since(self.started)
         );
-        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        if remaining == Some(Duration::ZERO) {
-            return Err(ResourceError::GaveUp {
-                name: name.to_string(),
-                free: true,
-                waited: since(started),
-                holder,
-            });
-        }
-        if told_fallback || answered_at_once {
-            let pause = remaining.map_or(source.retry_interval, |r| r.min(source.retry_interval));
-            tokio::time::sleep(pause).await;
-        }
     }
 }
 
@@ -585,8 +604,10 @@ async fn unlock(
             });
         }
     }
-    if let Some(response) = reply.body.get("response").and_then(Value::as_str) {
-        log!("{response}");
+    if let Some(released) = reply.parse::<LockReleased>()
+        && !released.response.is_empty()
+    {
+        log!("{}", released.response);
     }
     let holding = match client.holding(name).await {
         Ok(holding) => holding,

@@ -14,10 +14,22 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use url::Url;
 
-/// A configuration that cannot be used; the message names the field.
+/// A configuration that cannot be used; each message names the field to fix, in one line.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
+pub enum ConfigError {
+    /// A required field (or one of a set of them) is absent; `hint` says what it is for.
+    #[error("{field} is required{hint}")]
+    Missing {
+        field: &'static str,
+        hint: &'static str,
+    },
+    /// A field's value cannot be used: the wrong type, out of range, not a URL or a name.
+    #[error("{field} {problem}")]
+    Invalid { field: String, problem: String },
+    /// Fields that do not go together, or one that does not apply to what the others ask.
+    #[error("{field} {problem}")]
+    Conflict { field: String, problem: String },
+}
 
 /// A version of the lock resource: an opaque reference to one state of one lock.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -220,13 +232,23 @@ impl RawSource {
     pub fn validate(self) -> Result<Source, ConfigError> {
         let locker_uri = self
             .locker_uri
-            .ok_or_else(|| error("source.locker_uri is required (the locker server's URL)"))?;
+            .ok_or_else(|| missing("source.locker_uri", " (the locker server's URL)"))?;
         let locker_uri = http_url("source.locker_uri", &locker_uri)?;
         let credentials = match (self.username, self.password) {
             (Some(user), Some(password)) => Some((user, password)),
             (None, None) => None,
-            (Some(_), None) => return Err(error("source.username is set without source.password")),
-            (None, Some(_)) => return Err(error("source.password is set without source.username")),
+            (Some(_), None) => {
+                return Err(conflict(
+                    "source.username",
+                    "is set without source.password",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(conflict(
+                    "source.password",
+                    "is set without source.username",
+                ));
+            }
         };
         let target = match (self.lock_name, self.bosh_lock, self.pool) {
             (Some(name), None, None) => {
@@ -241,14 +263,15 @@ impl RawSource {
                 LockTarget::Pool(pool)
             }
             (None, None, None) => {
-                return Err(error(
-                    "source.lock_name or source.bosh_lock is required (which lock to use), \
-                     or source.pool (which pool's items)",
+                return Err(missing(
+                    "source.lock_name or source.bosh_lock",
+                    " (which lock to use), or source.pool (which pool's items)",
                 ));
             }
             (Some(_), Some(_), _) => {
-                return Err(error(
-                    "source.lock_name and source.bosh_lock are both set: set exactly one",
+                return Err(conflict(
+                    "source.lock_name and source.bosh_lock",
+                    "are both set: set exactly one",
                 ));
             }
             (lock_name, _, Some(_)) => {
@@ -256,32 +279,37 @@ impl RawSource {
                     Some(_) => "source.lock_name",
                     None => "source.bosh_lock",
                 };
-                return Err(error(&format!(
-                    "source.pool and {other} are both set: a resource is about one pool or one lock"
-                )));
+                return Err(conflict(
+                    format!("source.pool and {other}"),
+                    "are both set: a resource is about one pool or one lock",
+                ));
             }
         };
         let trigger = match self.trigger.as_deref() {
             None => None,
             Some("released") if matches!(target, LockTarget::Pool(_)) => {
-                return Err(error(
-                    "source.trigger applies to a lock (source.lock_name or source.bosh_lock), \
-                     not to source.pool",
+                return Err(conflict(
+                    "source.trigger",
+                    "applies to a lock (source.lock_name or source.bosh_lock), not to source.pool",
                 ));
             }
             Some("released") => Some(Trigger::Released),
             Some(other) => {
-                return Err(error(&format!(
-                    "source.trigger can only be \"released\" (a version for each release of \
-                     the lock), not {other:?}"
-                )));
+                return Err(invalid(
+                    "source.trigger",
+                    format!(
+                        "can only be \"released\" (a version for each release of the lock), \
+                         not {other:?}"
+                    ),
+                ));
             }
         };
         if let Some(pem) = &self.ca_cert
             && !pem.contains("-----BEGIN CERTIFICATE-----")
         {
-            return Err(error(
-                "source.ca_cert does not contain a PEM certificate (-----BEGIN CERTIFICATE-----)",
+            return Err(invalid(
+                "source.ca_cert",
+                "does not contain a PEM certificate (-----BEGIN CERTIFICATE-----)",
             ));
         }
         Ok(Source {
@@ -373,18 +401,21 @@ impl OutParams {
             Some("unlock") => LockOp::Unlock,
             Some("wait") => LockOp::Wait,
             Some(other) => {
-                return Err(error(&format!(
-                    "params.lock_op must be \"lock\", \"unlock\" or \"wait\", not {other:?}"
-                )));
+                return Err(invalid(
+                    "params.lock_op",
+                    format!("must be \"lock\", \"unlock\" or \"wait\", not {other:?}"),
+                ));
             }
             None if key.is_none() => {
-                return Err(error(
-                    "params.key is required (the key to lock or unlock the lock with)",
+                return Err(missing(
+                    "params.key",
+                    " (the key to lock or unlock the lock with)",
                 ));
             }
             None => {
-                return Err(error(
-                    "params.lock_op is required: \"lock\", \"unlock\" or \"wait\"",
+                return Err(missing(
+                    "params.lock_op",
+                    ": \"lock\", \"unlock\" or \"wait\"",
                 ));
             }
         };
@@ -392,19 +423,25 @@ impl OutParams {
             (LockOp::Wait, key) => key.unwrap_or_default(),
             (_, Some(key)) => key,
             (_, None) => {
-                return Err(error(
-                    "params.key is required (the key to lock or unlock the lock with)",
+                return Err(missing(
+                    "params.key",
+                    " (the key to lock or unlock the lock with)",
                 ));
             }
         };
         let force = force.unwrap_or(false);
         let release_when_build_ends = release_when_build_ends.unwrap_or(false);
-        let only =
-            |field: &str, ops: &str| Err(error(&format!("params.{field} applies only to {ops}")));
+        let only = |field: &str, ops: &str| {
+            Err(conflict(
+                format!("params.{field}"),
+                format!("applies only to {ops}"),
+            ))
+        };
         match op {
             LockOp::Lock | LockOp::Wait if force => {
-                return Err(error(
-                    "params.force applies only to lock_op: unlock (a lock cannot be taken by force)",
+                return Err(conflict(
+                    "params.force",
+                    "applies only to lock_op: unlock (a lock cannot be taken by force)",
                 ));
             }
             LockOp::Unlock | LockOp::Wait if ttl.is_some() => {
@@ -422,16 +459,18 @@ impl OutParams {
             _ => {}
         }
         if wait_timeout == Some(Duration::ZERO) {
-            return Err(error(
-                "params.wait_timeout must be more than 0 (leave it out to wait without limit)",
+            return Err(invalid(
+                "params.wait_timeout",
+                "must be more than 0 (leave it out to wait without limit)",
             ));
         }
         let slots = match slots {
             None => None,
             Some(n) if (1..=u64::from(u32::MAX)).contains(&n) => Some(n as u32),
             Some(_) => {
-                return Err(error(
-                    "params.slots must be at least 1 (the number of holders the lock admits)",
+                return Err(invalid(
+                    "params.slots",
+                    "must be at least 1 (the number of holders the lock admits)",
                 ));
             }
         };
@@ -575,28 +614,27 @@ impl PoolOutParams {
         let op = match ops.as_slice() {
             [op] => op.clone(),
             [] => {
-                return Err(error(
+                return Err(missing(
                     "params: one of acquire: true, claim, release, add, add_claimed, remove, \
-                     update, check or check_unclaimed is required (source.pool is set: the \
-                     params are pool-resource's)",
+                     update, check or check_unclaimed",
+                    " (source.pool is set: the params are pool-resource's)",
                 ));
             }
             [first, second, ..] => {
-                return Err(error(&format!(
-                    "params.{} and params.{} are both set: a put does one thing to the pool",
-                    first.param(),
-                    second.param()
-                )));
+                return Err(conflict(
+                    format!("params.{} and params.{}", first.param(), second.param()),
+                    "are both set: a put does one thing to the pool",
+                ));
             }
         };
         if let PoolOp::Claim(item) = &op {
             check_name("params.claim", item, "item")?;
         }
         let only = |field: &str, params: &str| {
-            Err(error(&format!(
-                "params.{field} applies only to {params}, not to {}",
-                op.param()
-            )))
+            Err(conflict(
+                format!("params.{field}"),
+                format!("applies only to {params}, not to {}", op.param()),
+            ))
         };
         if !op.claims() && ttl.is_some() {
             return only("ttl", "acquire, claim and add_claimed");
@@ -611,8 +649,9 @@ impl PoolOutParams {
             );
         }
         if wait_timeout == Some(Duration::ZERO) {
-            return Err(error(
-                "params.wait_timeout must be more than 0 (leave it out to wait without limit)",
+            return Err(invalid(
+                "params.wait_timeout",
+                "must be more than 0 (leave it out to wait without limit)",
             ));
         }
         Ok((
@@ -656,33 +695,55 @@ pub fn parse_in_params(value: &Value) -> Result<(InParams, Vec<String>), ConfigE
         None => false,
         Some("wait") => true,
         Some(other) => {
-            return Err(error(&format!(
-                "params.lock_op of a get can only be \"wait\" (wait until the lock is free), not {other:?}"
-            )));
+            return Err(invalid(
+                "params.lock_op",
+                format!(
+                    "of a get can only be \"wait\" (wait until the lock is free), not {other:?}"
+                ),
+            ));
         }
     };
     if wait_timeout.is_some() && !wait {
-        return Err(error("params.wait_timeout applies only to lock_op: wait"));
+        return Err(conflict(
+            "params.wait_timeout",
+            "applies only to lock_op: wait",
+        ));
     }
     if wait_timeout == Some(Duration::ZERO) {
-        return Err(error(
-            "params.wait_timeout must be more than 0 (leave it out to wait without limit)",
+        return Err(invalid(
+            "params.wait_timeout",
+            "must be more than 0 (leave it out to wait without limit)",
         ));
     }
     Ok((InParams { wait, wait_timeout }, warnings))
 }
 
-fn error(message: &str) -> ConfigError {
-    ConfigError(message.to_string())
+fn missing(field: &'static str, hint: &'static str) -> ConfigError {
+    ConfigError::Missing { field, hint }
+}
+
+pub(crate) fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+fn conflict(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Conflict {
+        field: field.into(),
+        problem: problem.into(),
+    }
 }
 
 fn http_url(field: &str, text: &str) -> Result<Url, ConfigError> {
     let url = Url::parse(text.trim())
-        .map_err(|e| error(&format!("{field} is not a valid URL ({e}): {text:?}")))?;
+        .map_err(|e| invalid(field, format!("is not a valid URL ({e}): {text:?}")))?;
     if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
-        return Err(error(&format!(
-            "{field} must be an http:// or https:// URL with a host, not {text:?}"
-        )));
+        return Err(invalid(
+            field,
+            format!("must be an http:// or https:// URL with a host, not {text:?}"),
+        ));
     }
     Ok(url)
 }
@@ -695,9 +756,10 @@ pub fn check_lock_name(field: &str, name: &str) -> Result<(), ConfigError> {
 /// [`check_lock_name`] for a lock, pool or item name (`what`).
 pub fn check_name(field: &str, name: &str, what: &str) -> Result<(), ConfigError> {
     if name == "." || name == ".." {
-        return Err(error(&format!(
-            "{field} {name:?} cannot be used as a {what} name"
-        )));
+        return Err(invalid(
+            field,
+            format!("{name:?} cannot be used as a {what} name"),
+        ));
     }
     Ok(())
 }
@@ -709,7 +771,7 @@ fn positive(
 ) -> Result<Duration, ConfigError> {
     match value {
         None => Ok(default),
-        Some(d) if d.is_zero() => Err(error(&format!("{field} must be more than 0"))),
+        Some(d) if d.is_zero() => Err(invalid(field, "must be more than 0")),
         Some(d) => Ok(d),
     }
 }
@@ -728,11 +790,16 @@ impl<'a> Fields<'a> {
                 section,
                 map: Some(map),
             }),
-            other => Err(error(&format!(
-                "{section} must be an object, not {}",
-                kind(other)
-            ))),
+            other => Err(invalid(
+                section,
+                format!("must be an object, not {}", kind(other)),
+            )),
         }
+    }
+
+    /// The field's full name, e.g. `source.wait_poll`.
+    fn field(&self, name: &str) -> String {
+        format!("{}.{name}", self.section)
     }
 
     fn get(&self, name: &str) -> Option<&'a Value> {
@@ -750,11 +817,10 @@ impl<'a> Fields<'a> {
             Some(Value::Number(n)) => n.to_string(),
             Some(Value::Bool(b)) => b.to_string(),
             Some(other) => {
-                return Err(error(&format!(
-                    "{}.{name} must be a string, not {}",
-                    self.section,
-                    kind(other)
-                )));
+                return Err(invalid(
+                    self.field(name),
+                    format!("must be a string, not {}", kind(other)),
+                ));
             }
         };
         Ok(Some(text).filter(|t| !t.is_empty()))
@@ -768,10 +834,10 @@ impl<'a> Fields<'a> {
             Some(Value::String(s)) if s.is_empty() => Ok(None),
             Some(Value::String(s)) if s == "true" => Ok(Some(true)),
             Some(Value::String(s)) if s == "false" => Ok(Some(false)),
-            Some(other) => Err(error(&format!(
-                "{}.{name} must be true or false, not {other}",
-                self.section
-            ))),
+            Some(other) => Err(invalid(
+                self.field(name),
+                format!("must be true or false, not {other}"),
+            )),
         }
     }
 
@@ -786,11 +852,13 @@ impl<'a> Fields<'a> {
         };
         match parsed {
             Some(n) => Ok(Some(n)),
-            None => Err(error(&format!(
-                "{}.{name} must be a whole number, not {}",
-                self.section,
-                self.get(name).map(Value::to_string).unwrap_or_default()
-            ))),
+            None => Err(invalid(
+                self.field(name),
+                format!(
+                    "must be a whole number, not {}",
+                    self.get(name).map(Value::to_string).unwrap_or_default()
+                ),
+            )),
         }
     }
 
@@ -802,16 +870,15 @@ impl<'a> Fields<'a> {
             Some(Value::String(s)) => s.clone(),
             Some(Value::Number(n)) => n.to_string(),
             Some(other) => {
-                return Err(error(&format!(
-                    "{}.{name} must be a duration such as \"30s\", not {}",
-                    self.section,
-                    kind(other)
-                )));
+                return Err(invalid(
+                    self.field(name),
+                    format!("must be a duration such as \"30s\", not {}", kind(other)),
+                ));
             }
         };
         parse_duration(&text)
             .map(Some)
-            .map_err(|e| error(&format!("{}.{name}: {e}", self.section)))
+            .map_err(|e| invalid(format!("{}:", self.field(name)), e.to_string()))
     }
 
     /// A warning for each field not in `known`.
@@ -953,7 +1020,7 @@ mod tests {
         for (value, expected) in cases {
             let err = source(value.clone()).expect_err(&value.to_string());
             assert!(
-                err.0.contains(expected),
+                err.to_string().contains(expected),
                 "{value}: {err} lacks {expected:?}"
             );
         }
@@ -1062,7 +1129,7 @@ mod tests {
         for (value, expected) in cases {
             let err = params(value.clone()).expect_err(&value.to_string());
             assert!(
-                err.0.contains(expected),
+                err.to_string().contains(expected),
                 "{value}: {err} lacks {expected:?}"
             );
         }
@@ -1093,7 +1160,7 @@ mod tests {
         ];
         for (value, expected) in cases {
             let err = source(value.clone()).expect_err(&value.to_string());
-            assert!(err.0.contains(expected), "{value}: {err}");
+            assert!(err.to_string().contains(expected), "{value}: {err}");
         }
     }
 
@@ -1120,7 +1187,7 @@ mod tests {
         ];
         for (value, expected) in cases {
             let err = source(value.clone()).expect_err(&value.to_string());
-            assert!(err.0.contains(expected), "{value}: {err}");
+            assert!(err.to_string().contains(expected), "{value}: {err}");
         }
     }
 
@@ -1209,7 +1276,7 @@ mod tests {
         for (value, expected) in cases {
             let err = pool_params(value.clone()).expect_err(&value.to_string());
             assert!(
-                err.0.contains(expected),
+                err.to_string().contains(expected),
                 "{value}: {err} lacks {expected:?}"
             );
         }

@@ -18,26 +18,29 @@ use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
 use locker_client::acquire::{self, Outcome, Pending};
+use locker_client::longpoll::answered_at_once;
 use locker_client::pool_client::Until;
+use locker_client::wait::Round;
 use locker_client::wire::{
-    ItemBody, ItemClaim, ItemFreed, ItemRelease, LockRequest, PoolItem, PoolStatus,
+    ItemBody, ItemClaim, ItemFreed, ItemRelease, ItemStored, LockRequest, PoolItem, PoolStatus,
 };
 use locker_client::{Reply, StatusCode, Target};
 use serde_json::Value;
 
 use crate::client::{Client, ClientError, RetryPolicy, since};
-use crate::commands::{Abort, Waiting, parse_request, warn_all, warn_if_build_unknown};
+use crate::commands::{Abort, Waiting, parse_request, warn_all, warn_if_build_unknown, write};
+use crate::error::{PoolError, ResourceError};
 use crate::lock::BuildEnv;
 use crate::log;
 use crate::models::{
-    CheckRequest, ConfigError, InRequest, MetadataField, OutRequest, PoolOp, PoolOutParams,
-    PoolVersion, Source, VersionResponse, check_name, parse_pool_in_params,
+    CheckRequest, InRequest, MetadataField, OutRequest, PoolOp, PoolOutParams, PoolVersion, Source,
+    VersionResponse, check_name, parse_pool_in_params,
 };
 use crate::pool::{
     CLAIM_FILE, ClaimFile, EMPTY, check_version, claim_key, describe_claims, describe_item,
     item_metadata, state_ref, timestamp,
 };
-use crate::waits::{self, Round, Wait};
+use crate::waits::{self, Wait};
 
 /// `check`: the pool's version, unless its state is the one the given version was taken in
 /// (then that version, as given: nothing new). A pool without items has no version, unless it
@@ -47,8 +50,8 @@ pub async fn check(
     source: &Source,
     pool: &str,
     retry: RetryPolicy,
-) -> Result<Value, String> {
-    let request: CheckRequest<PoolVersion> = parse_request(input).map_err(|e| e.to_string())?;
+) -> Result<Value, ResourceError> {
+    let request: CheckRequest<PoolVersion> = parse_request(input)?;
     let client = Client::new(source, retry)?;
     let status = pool_status(&client, pool).await?;
     let current = check_version(status.as_ref(), SystemTime::now());
@@ -78,8 +81,8 @@ pub async fn fetch(
     source: &Source,
     pool: &str,
     retry: RetryPolicy,
-) -> Result<Value, String> {
-    let request: InRequest<PoolVersion> = parse_request(input).map_err(|e| e.to_string())?;
+) -> Result<Value, ResourceError> {
+    let request: InRequest<PoolVersion> = parse_request(input)?;
     warn_all(parse_pool_in_params(&request.params)?);
     let client = Client::new(source, retry)?;
     let version = match request.version {
@@ -89,8 +92,10 @@ pub async fn fetch(
             SystemTime::now(),
         ),
     };
-    std::fs::create_dir_all(directory)
-        .map_err(|e| format!("cannot create {}: {e}", directory.display()))?;
+    std::fs::create_dir_all(directory).map_err(|source| ResourceError::CreateDirectory {
+        path: directory.to_path_buf(),
+        source,
+    })?;
     let nothing = |version: PoolVersion, item: Option<&str>| {
         let mut metadata = vec![MetadataField::new("pool_name", pool)];
         if let Some(item) = item {
@@ -116,18 +121,18 @@ pub async fn fetch(
         && !holder.is_some_and(|h| claim.is(h))
     {
         // pool-resource fails the same way: "lock instance is no longer acquired".
-        return Err(format!(
-            "item {name:?} of pool {pool:?} is no longer held by the claim of this version \
-             ({}): it is {}",
-            claim.describe(),
-            describe_item(&item, SystemTime::now())
-        ));
+        return Err(PoolError::NoLongerHeld {
+            item: name,
+            pool: pool.to_string(),
+            claim: claim.describe(),
+            state: describe_item(&item, SystemTime::now()),
+        }
+        .into());
     }
     write(directory, "name", &format!("{name}\n"))?;
     write(directory, "metadata", &item.metadata)?;
     if let Some(claim) = &claim {
-        let text =
-            serde_json::to_string(claim).map_err(|e| format!("cannot encode {CLAIM_FILE}: {e}"))?;
+        let text = serde_json::to_string(claim).map_err(PoolError::EncodeClaim)?;
         write(directory, CLAIM_FILE, &text)?;
     }
     log!(
@@ -149,7 +154,7 @@ pub async fn put(
     build: &BuildEnv,
     retry: RetryPolicy,
     abort: &Abort,
-) -> Result<Value, String> {
+) -> Result<Value, ResourceError> {
     // Params before any network call: a missing or doubled operation is reported at once.
     let (params, warnings) = PoolOutParams::parse(&request.params)?;
     warn_all(warnings);
@@ -204,7 +209,7 @@ impl Put<'_> {
         &self,
         item: Option<&str>,
         abort: &Abort,
-    ) -> Result<VersionResponse<PoolVersion>, String> {
+    ) -> Result<VersionResponse<PoolVersion>, PoolError> {
         let pool = self.pool;
         let body = self.claim_body();
         let target = Target::Pool {
@@ -227,19 +232,17 @@ impl Put<'_> {
         let granted = match outcome {
             Outcome::Granted(reply) => reply,
             Outcome::TimedOut(_) => {
-                return Err(format!(
-                    "gave up waiting for {what} after {} (params.wait_timeout): {}",
-                    since(self.started),
-                    waiting.holder
-                ));
+                return Err(PoolError::GaveUp {
+                    what,
+                    waited: since(self.started),
+                    state: waiting.holder,
+                });
             }
             Outcome::Refused(reply) => return Err(refusal(&format!("claim {what}"), &reply)),
         };
-        let claim: ItemClaim = granted.parse().ok_or_else(|| {
-            format!(
-                "the server granted the claim of {what} with an answer that is not a claim: {}",
-                granted.body
-            )
+        let claim: ItemClaim = granted.parse().ok_or_else(|| PoolError::NotAClaim {
+            what: what.clone(),
+            body: granted.body.clone(),
         })?;
         log!(
             "claimed item {:?} of pool {pool:?} with key {:?} (generation {}) after {}",
@@ -277,7 +280,7 @@ impl Put<'_> {
         &self,
         dir: &str,
         removing: bool,
-    ) -> Result<VersionResponse<PoolVersion>, String> {
+    ) -> Result<VersionResponse<PoolVersion>, PoolError> {
         let (param, doing) = match removing {
             false => ("release", "releasing"),
             true => ("remove", "removing"),
@@ -294,7 +297,7 @@ impl Put<'_> {
         let what = format!("{param} item {name:?} of pool {pool:?}");
         let freed = self.freed(&what, &found, &reply)?;
         match (freed.released, removing) {
-            (false, false) => return Err(format!("cannot {what}: it is not claimed")),
+            (false, false) => return Err(PoolError::NotClaimed { doing: what }),
             (false, true) => log!("removed item {name:?} (it was unclaimed)"),
             (true, _) => {}
         }
@@ -328,23 +331,23 @@ impl Put<'_> {
     }
 
     /// The answer to a release or removal.
-    fn freed(&self, doing: &str, found: &ItemDir, reply: &Reply) -> Result<ItemFreed, String> {
+    fn freed(&self, doing: &str, found: &ItemDir, reply: &Reply) -> Result<ItemFreed, PoolError> {
         match reply.status {
             StatusCode::OK => {}
             StatusCode::LOCKED => {
                 let claim = found.claim.as_ref().map(ClaimFile::describe);
-                return Err(format!(
-                    "cannot {doing}: it is held by another claim than the one in {} ({}): {}",
-                    found.path.join(CLAIM_FILE).display(),
-                    claim.unwrap_or_default(),
-                    reply.error_message()
-                ));
+                return Err(PoolError::HeldByAnother {
+                    doing: doing.to_string(),
+                    claim_file: found.path.join(CLAIM_FILE),
+                    claim: claim.unwrap_or_default(),
+                    message: reply.error_message(),
+                });
             }
             _ => return Err(refusal(doing, reply)),
         }
-        let freed: ItemFreed = reply
-            .parse()
-            .ok_or_else(|| format!("cannot {doing}: the server's answer is not understood"))?;
+        let freed: ItemFreed = reply.parse().ok_or_else(|| PoolError::NotUnderstood {
+            doing: doing.to_string(),
+        })?;
         if let Some(previous) = &freed.previous {
             log!(
                 "it was claimed by {}",
@@ -364,7 +367,11 @@ impl Put<'_> {
     }
 
     /// `add` (unclaimed) and `add_claimed` (claimed under a key of this build's).
-    async fn add(&self, dir: &str, claimed: bool) -> Result<VersionResponse<PoolVersion>, String> {
+    async fn add(
+        &self,
+        dir: &str,
+        claimed: bool,
+    ) -> Result<VersionResponse<PoolVersion>, PoolError> {
         let param = if claimed { "add_claimed" } else { "add" };
         let found = self.read_dir(param, dir, true)?;
         let (pool, name) = (self.pool, &found.name);
@@ -391,11 +398,11 @@ impl Put<'_> {
             StatusCode::CREATED => log!("added item {name:?}"),
             StatusCode::OK => log!("item {name:?} was already in the pool, the same way"),
             StatusCode::CONFLICT => {
-                return Err(format!(
-                    "cannot add item {name:?} to pool {pool:?}: {} (update changes an \
-                     unclaimed item's metadata; remove takes an item out)",
-                    reply.error_message()
-                ));
+                return Err(PoolError::AddConflict {
+                    item: name.clone(),
+                    pool: pool.to_string(),
+                    message: reply.error_message(),
+                });
             }
             _ => {
                 return Err(refusal(
@@ -413,15 +420,13 @@ impl Put<'_> {
             .and_then(|item| item.holder)
             .filter(|holder| holder.key == claim.key)
             .and_then(|holder| holder.generation)
-            .ok_or_else(|| {
-                format!("item {name:?} was added claimed, but it is no longer held by this claim")
-            })?;
+            .ok_or_else(|| PoolError::AddedNotHeld { item: name.clone() })?;
         self.respond(name, Some((&claim.key, generation))).await
     }
 
     /// `update`: replaces the metadata (adding the item if absent), waiting while the item is
     /// claimed.
-    async fn update(&self, dir: &str) -> Result<VersionResponse<PoolVersion>, String> {
+    async fn update(&self, dir: &str) -> Result<VersionResponse<PoolVersion>, PoolError> {
         let found = self.read_dir("update", dir, true)?;
         let (pool, name) = (self.pool, &found.name);
         let metadata = found.metadata.clone().unwrap_or_default();
@@ -436,11 +441,11 @@ impl Put<'_> {
                 .map_err(ClientError::from)?;
             match reply.status {
                 StatusCode::OK => Ok(Round::Done(
-                    reply.body.get("changed").and_then(Value::as_bool),
+                    reply.parse::<ItemStored>().map(|stored| stored.changed),
                 )),
                 StatusCode::LOCKED => Ok(Round::NotYet {
                     state: self.state_of(name, &reply).await,
-                    elapsed: reply.elapsed,
+                    at_once: answered_at_once(wait, reply.elapsed, ""),
                 }),
                 _ => Err(refusal(&format!("update {what}"), &reply)),
             }
@@ -455,7 +460,11 @@ impl Put<'_> {
 
     /// `check` (wait until unclaimed) and `check_unclaimed` (wait until claimed); an item that
     /// does not exist fails at once.
-    async fn watch(&self, dir: &str, until: Until) -> Result<VersionResponse<PoolVersion>, String> {
+    async fn watch(
+        &self,
+        dir: &str,
+        until: Until,
+    ) -> Result<VersionResponse<PoolVersion>, PoolError> {
         let param = match until {
             Until::Unclaimed => "check",
             Until::Claimed => "check_unclaimed",
@@ -478,15 +487,13 @@ impl Put<'_> {
             if reply.status != StatusCode::OK {
                 return Err(refusal(&format!("{param} {what}"), &reply));
             }
-            let item: PoolItem = reply
-                .parse()
-                .ok_or_else(|| format!("{param}: the server's answer is not an item"))?;
+            let item: PoolItem = reply.parse().ok_or(PoolError::NotAnItem { param })?;
             if item.claimed == (until == Until::Claimed) {
                 return Ok(Round::Done(()));
             }
             Ok(Round::NotYet {
                 state: describe_item(&item, SystemTime::now()),
-                elapsed: reply.elapsed,
+                at_once: answered_at_once(wait, reply.elapsed, ""),
             })
         })
         .await?;
@@ -515,60 +522,65 @@ impl Put<'_> {
 
     /// Reads `name` (and `metadata`, when `metadata` is wanted, and `claim.json` if there) from
     /// the directory a param names.
-    fn read_dir(&self, param: &str, dir: &str, metadata: bool) -> Result<ItemDir, String> {
+    fn read_dir(
+        &self,
+        param: &'static str,
+        dir: &str,
+        metadata: bool,
+    ) -> Result<ItemDir, PoolError> {
         let path = self.sources.join(dir);
         let read = |file: &str| {
             let at = path.join(file);
-            std::fs::read(&at).map_err(|e| {
-                format!(
-                    "params.{param}: cannot read {} ({e}): the directory must hold the item's \
-                     `name`{}, as a get of the pool writes them",
-                    at.display(),
-                    if metadata { " and `metadata`" } else { "" }
-                )
+            std::fs::read(&at).map_err(|source| PoolError::ReadDir {
+                param,
+                path: at,
+                metadata,
+                source,
             })
         };
         let name = String::from_utf8_lossy(&read("name")?).trim().to_string();
         if name.is_empty() {
-            return Err(format!(
-                "params.{param}: {} is empty",
-                path.join("name").display()
-            ));
+            return Err(PoolError::EmptyName {
+                param,
+                path: path.join("name"),
+            });
         }
         check_name(&format!("{}", path.join("name").display()), &name, "item")?;
         let metadata = match metadata {
             false => None,
-            true => Some(String::from_utf8(read("metadata")?).map_err(|_| {
-                format!(
-                    "params.{param}: {} is not UTF-8 text",
-                    path.join("metadata").display()
-                )
-            })?),
+            true => Some(
+                String::from_utf8(read("metadata")?).map_err(|_| PoolError::NotText {
+                    param,
+                    path: path.join("metadata"),
+                })?,
+            ),
         };
         let claim =
             match std::fs::read(path.join(CLAIM_FILE)) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-                Err(e) => {
-                    return Err(format!(
-                        "cannot read {}: {e}",
-                        path.join(CLAIM_FILE).display()
-                    ));
+                Err(source) => {
+                    return Err(PoolError::ReadClaim {
+                        path: path.join(CLAIM_FILE),
+                        source,
+                    });
                 }
-                Ok(bytes) => Some(serde_json::from_slice::<ClaimFile>(&bytes).map_err(|e| {
-                    format!("{} is not a claim: {e}", path.join(CLAIM_FILE).display())
-                })?),
+                Ok(bytes) => Some(serde_json::from_slice::<ClaimFile>(&bytes).map_err(
+                    |source| PoolError::NotAClaimFile {
+                        path: path.join(CLAIM_FILE),
+                        source,
+                    },
+                )?),
             };
         if let Some(claim) = &claim
             && (claim.pool != self.pool || claim.item != name)
         {
-            return Err(format!(
-                "{} is the claim of item {:?} of pool {:?}, but the directory's name is {name:?} \
-                 and this resource's pool {:?}",
-                path.join(CLAIM_FILE).display(),
-                claim.item,
-                claim.pool,
-                self.pool
-            ));
+            return Err(PoolError::ClaimElsewhere {
+                path: path.join(CLAIM_FILE),
+                claim_item: claim.item.clone(),
+                claim_pool: claim.pool.clone(),
+                item: name,
+                pool: self.pool.to_string(),
+            });
         }
         Ok(ItemDir {
             path,
@@ -584,7 +596,7 @@ impl Put<'_> {
         &self,
         item: &str,
         claim: Option<(&str, u64)>,
-    ) -> Result<VersionResponse<PoolVersion>, String> {
+    ) -> Result<VersionResponse<PoolVersion>, PoolError> {
         let status = match pool_status(self.client, self.pool).await {
             Ok(status) => Some(status),
             Err(e) => {
@@ -617,19 +629,15 @@ impl Put<'_> {
 }
 
 /// `GET /pool/{pool}`: `None` when the pool has no items.
-async fn pool_status(client: &Client, pool: &str) -> Result<Option<PoolStatus>, String> {
+async fn pool_status(client: &Client, pool: &str) -> Result<Option<PoolStatus>, PoolError> {
     let reply = client
         .shared()
         .pool(pool)
         .await
         .map_err(ClientError::from)?;
     match reply.status {
-        StatusCode::OK => reply.parse().map(Some).ok_or_else(|| {
-            format!(
-                "GET {}/pool/... did not answer a pool: is source.locker_uri a locker server \
-                 with pools?",
-                client.shared().shown_base()
-            )
+        StatusCode::OK => reply.parse().map(Some).ok_or_else(|| PoolError::NotAPool {
+            base: client.shared().shown_base().to_string(),
         }),
         StatusCode::NOT_FOUND => {
             no_pool_api(client).await?;
@@ -641,7 +649,7 @@ async fn pool_status(client: &Client, pool: &str) -> Result<Option<PoolStatus>, 
 
 /// The item as the pool's listing has it (`GET /pool/{pool}`, as the CLI reads one item):
 /// `None` when there is no such item.
-async fn find_item(client: &Client, pool: &str, item: &str) -> Result<Option<PoolItem>, String> {
+async fn find_item(client: &Client, pool: &str, item: &str) -> Result<Option<PoolItem>, PoolError> {
     Ok(pool_status(client, pool)
         .await?
         .and_then(|status| status.items.into_iter().find(|found| found.name == item)))
@@ -649,34 +657,27 @@ async fn find_item(client: &Client, pool: &str, item: &str) -> Result<Option<Poo
 
 /// After a 404: fails when the server has no pool API at all (a locker without pools, or the
 /// original), so that "no such pool" is not taken for "empty".
-async fn no_pool_api(client: &Client) -> Result<(), String> {
+async fn no_pool_api(client: &Client) -> Result<(), PoolError> {
     let reply = client.shared().pools().await.map_err(ClientError::from)?;
     match reply.status {
-        StatusCode::NOT_FOUND => Err(format!(
-            "{} has no pools (GET /pools answered 404): source.pool needs a locker server with \
-             the pool API",
-            client.shared().shown_base()
-        )),
+        StatusCode::NOT_FOUND => Err(PoolError::NoPools {
+            base: client.shared().shown_base().to_string(),
+        }),
         _ => Ok(()),
     }
 }
 
-/// A refusal as a one-line reason: `cannot DOING: the server answered 404 Not Found: ...`.
-fn refusal(doing: &str, reply: &Reply) -> String {
-    format!(
-        "cannot {doing}: the server answered {}: {}",
-        reply.status,
-        reply.error_message()
-    )
+/// A refusal: `cannot DOING: the server answered 404 Not Found: ...`.
+fn refusal(doing: &str, reply: &Reply) -> PoolError {
+    PoolError::Refused {
+        doing: doing.to_string(),
+        status: reply.status,
+        message: reply.error_message(),
+    }
 }
 
-fn write(directory: &Path, file: &str, content: &str) -> Result<(), String> {
-    let path = directory.join(file);
-    std::fs::write(&path, content).map_err(|e| format!("cannot write {}: {e}", path.display()))
-}
-
-fn to_value<T: serde::Serialize>(response: T) -> Result<Value, String> {
-    serde_json::to_value(response).map_err(|e| format!("cannot encode the response: {e}"))
+fn to_value<T: serde::Serialize>(response: T) -> Result<Value, ResourceError> {
+    serde_json::to_value(response).map_err(ResourceError::Encode)
 }
 
 /// A log line (and the state for the message when time runs out) while a claim waits.
@@ -744,16 +745,4 @@ pub(crate) async fn clean_up(pending: &Pending, signal: &str) -> String {
         ),
     };
     format!("stopped by {signal} while claiming {what}; {state}: {outcome}")
-}
-
-impl From<ConfigError> for String {
-    fn from(error: ConfigError) -> String {
-        error.0
-    }
-}
-
-impl From<ClientError> for String {
-    fn from(error: ClientError) -> String {
-        error.to_string()
-    }
 }

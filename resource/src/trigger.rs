@@ -18,7 +18,7 @@ use crate::client::Client;
 use crate::error::ResourceError;
 use crate::lock::build_description;
 use crate::log;
-use crate::models::{ConfigError, EventVersion, MetadataField, VersionResponse};
+use crate::models::{ConfigError, EventVersion, MetadataField, VersionResponse, invalid};
 
 /// The kinds of event that end a holding of the lock.
 pub const RELEASES: [&str; 4] = ["released", "force-released", "expired", "reclaimed"];
@@ -56,9 +56,10 @@ pub fn event_id(version: Option<&Value>) -> Result<Option<u64>, ConfigError> {
         _ => None,
     };
     parsed.map(Some).ok_or_else(|| {
-        ConfigError(format!(
-            "version.event must be an event id (a whole number), not {event}"
-        ))
+        invalid(
+            "version.event",
+            format!("must be an event id (a whole number), not {event}"),
+        )
     })
 }
 
@@ -134,7 +135,7 @@ pub async fn fetch(
     directory: &Path,
 ) -> Result<Value, ResourceError> {
     let requested: EventVersion = serde_json::from_value(version.clone())
-        .map_err(|e| ConfigError(format!("version is not a release of the lock: {e}")))?;
+        .map_err(|e| invalid("version", format!("is not a release of the lock: {e}")))?;
     let event = match find(client, name, id).await? {
         Some(event) => event,
         None => {
@@ -259,6 +260,6 @@ mod tests {
         assert_eq!(event_id(Some(&json!({"ref": "free"}))), Ok(None));
         assert_eq!(event_id(None), Ok(None));
         let error = event_id(Some(&json!({"event": "soon"}))).expect_err("not a number");
-        assert!(error.0.contains("version.event"), "{error}");
+        assert!(error.to_string().contains("version.event"), "{error}");
     }
 }

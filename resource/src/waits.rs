@@ -1,25 +1,18 @@
 //! Waiting for something that takes nothing (a pool's item to become unclaimed or claimed, an
-//! update that waits while its item is claimed): a request that asks the server to wait,
-//! repeated until the server says it happened or the caller's deadline passes, with a line in
-//! the log each round and a pause between tries against a server that answers at once. Claims
-//! go through locker-client's acquire loop instead, which also gives back a grant after a
-//! signal; these waits hold nothing to give back.
+//! update that waits while its item is claimed): locker-client's one wait loop
+//! ([`locker_client::wait::until`]) with a line in the log each round, one line when the server
+//! turns out to answer at once, and a message naming what was waited for when the deadline
+//! passes. Claims go through locker-client's acquire instead, which also gives back a grant
+//! after a signal; these waits hold nothing to give back.
 
+use std::marker::PhantomData;
 use std::time::{Duration, Instant};
 
-use locker_client::longpoll::{poll_length, server_waited};
+use locker_client::wait::{self, Round, Schedule, Waited, Waiter};
 
 use crate::client::since;
+use crate::error::PoolError;
 use crate::log;
-
-/// One answer.
-pub enum Round<T> {
-    /// It happened.
-    Done(T),
-    /// Not yet: how things stand (for the log and for the message when time runs out), and
-    /// how long the answer took.
-    NotYet { state: String, elapsed: Duration },
-}
 
 /// How to wait.
 pub struct Wait<'a> {
@@ -35,49 +28,69 @@ pub struct Wait<'a> {
 }
 
 /// Asks `ask` (with the long-poll to ask the server for; `None` the first time, so the log
-/// says at once how things stand) until it answers [`Round::Done`]. Gives up with a message
-/// naming `what` and its state once the deadline has passed.
+/// says at once how things stand) until it answers [`Round::Done`]; a "not yet" carries how
+/// things stand, for the log. Gives up with a message naming `what` and its state once the
+/// deadline has passed.
 pub async fn until<T>(
     wait: &Wait<'_>,
-    mut ask: impl AsyncFnMut(Option<Duration>) -> Result<Round<T>, String>,
-) -> Result<T, String> {
-    let mut asked: Option<Duration> = None;
-    let mut told_fallback = false;
-    loop {
-        let (state, elapsed) = match ask(asked).await? {
-            Round::Done(done) => return Ok(done),
-            Round::NotYet { state, elapsed } => (state, elapsed),
-        };
+    ask: impl AsyncFnMut(Option<Duration>) -> Result<Round<T, String>, PoolError>,
+) -> Result<T, PoolError> {
+    let schedule = Schedule {
+        deadline: wait.deadline,
+        poll: wait.poll,
+        fallback_pause: wait.pause,
+    };
+    let mut logging = Logging {
+        wait,
+        ask,
+        told_fallback: false,
+        done: PhantomData,
+    };
+    match wait::until(&schedule, &mut logging).await? {
+        Waited::Done(done) => Ok(done),
+        Waited::TimedOut(state) => Err(PoolError::GaveUp {
+            what: wait.what.to_string(),
+            waited: since(wait.started),
+            state: format!("it is {state}"),
+        }),
+    }
+}
+
+/// A wait's questions, with the log lines along the way.
+struct Logging<'w, 'a, F, T> {
+    wait: &'w Wait<'a>,
+    ask: F,
+    told_fallback: bool,
+    done: PhantomData<fn() -> T>,
+}
+
+impl<F, T> Waiter for Logging<'_, '_, F, T>
+where
+    F: AsyncFnMut(Option<Duration>) -> Result<Round<T, String>, PoolError>,
+{
+    type Done = T;
+    type State = String;
+    type Error = PoolError;
+
+    async fn ask(&mut self, wait: Option<Duration>) -> Result<Round<T, String>, PoolError> {
+        (self.ask)(wait).await
+    }
+
+    async fn not_yet(&mut self, state: &String, _out_of_time: bool) {
         log!(
             "{} is {state}; waited {} so far",
-            wait.what,
-            since(wait.started)
+            self.wait.what,
+            since(self.wait.started)
         );
-        let remaining = wait
-            .deadline
-            .map(|d| d.saturating_duration_since(Instant::now()));
-        if remaining == Some(Duration::ZERO) {
-            return Err(format!(
-                "gave up waiting for {} after {} (params.wait_timeout): it is {state}",
-                wait.what,
-                since(wait.started)
-            ));
+    }
+
+    fn answered_at_once(&mut self) {
+        if !self.told_fallback {
+            log!(
+                "the server answered at once instead of waiting: asking again every {}",
+                humantime::format_duration(self.wait.pause)
+            );
+            self.told_fallback = true;
         }
-        if let Some(asked) = asked
-            && !server_waited(asked, elapsed, "")
-        {
-            if !told_fallback {
-                log!(
-                    "the server answered at once instead of waiting: asking again every {}",
-                    humantime::format_duration(wait.pause)
-                );
-                told_fallback = true;
-            }
-            tokio::time::sleep(remaining.map_or(wait.pause, |r| r.min(wait.pause))).await;
-        }
-        let remaining = wait
-            .deadline
-            .map(|d| d.saturating_duration_since(Instant::now()));
-        asked = Some(poll_length(wait.poll, remaining));
     }
 }

@@ -14,13 +14,12 @@ use std::time::Duration;
 
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
-use serde_json::json;
 
 use crate::metrics::{self, Metrics};
 use crate::rules::{Acquire, BuildRef};
 use crate::store::{LockStore, Released};
 use error::ApiError;
-use locker_client::wire::LockRequest;
+use locker_client::wire::{Health, LockFree, LockGrant, LockReleased, LockRequest};
 use request::{ListQuery, LockQuery, lock_name, read_body};
 
 /// What every handler may use: the store and the server-wide limits.
@@ -74,7 +73,9 @@ pub fn routes(config: &mut web::ServiceConfig) {
 
 /// Liveness: the process serves HTTP. Says nothing of the store (see [`ready`]).
 pub async fn health() -> HttpResponse {
-    HttpResponse::Ok().json(json!({"status": "OK"}))
+    HttpResponse::Ok().json(Health {
+        status: "OK".into(),
+    })
 }
 
 /// Readiness: 200 when the store can take writes now, 503 with the reason when it cannot
@@ -83,7 +84,9 @@ pub async fn health() -> HttpResponse {
 /// credentials, and it tells nothing about the locks.
 pub async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     state.store.ready().await?;
-    Ok(HttpResponse::Ok().json(json!({"status": "ready"})))
+    Ok(HttpResponse::Ok().json(Health {
+        status: "ready".into(),
+    }))
 }
 
 pub async fn not_found() -> Result<HttpResponse, ApiError> {
@@ -147,7 +150,7 @@ async fn lock_status(
             () = peer::client_gone(&request) => return Err(ApiError::ClientGone),
         };
         return Ok(match still_held {
-            None => HttpResponse::Ok().json(json!({"name": name, "free": true})),
+            None => HttpResponse::Ok().json(LockFree::new(&name)),
             Some(lock) => HttpResponse::Ok().json(views::still_held(&lock)),
         });
     }
@@ -199,10 +202,13 @@ async fn acquire(
         Err(error) => error.outcome(),
     });
     let grant = result?;
-    Ok(HttpResponse::Ok().json(json!({
-        "response": format!("lock {name:?} acquired with key {key:?} by {requestor:?} (count {})", grant.count),
-        "generation": grant.generation,
-    })))
+    Ok(HttpResponse::Ok().json(LockGrant {
+        generation: Some(grant.generation),
+        response: format!(
+            "lock {name:?} acquired with key {key:?} by {requestor:?} (count {})",
+            grant.count
+        ),
+    }))
 }
 
 /// What a lock acquire or a pool claim asks for, from its body: key, requestor, lease, info
@@ -257,7 +263,7 @@ async fn release(
         } else {
             format!("lock {name:?} force-released")
         };
-        return Ok(HttpResponse::Ok().json(json!({ "response": message })));
+        return Ok(HttpResponse::Ok().json(LockReleased { response: message }));
     }
     let key = request::key(&body)?;
     let requestor = request::requestor(&body, &key)?;
@@ -274,7 +280,7 @@ async fn release(
         Released::Released => format!("lock {name:?} released by {requestor:?}"),
         Released::NotHeld => format!("lock {name:?} was not held by {requestor:?}"),
     };
-    Ok(HttpResponse::Ok().json(json!({ "response": message })))
+    Ok(HttpResponse::Ok().json(LockReleased { response: message }))
 }
 
 /// Who made a request, for the history of a force release: the basic-auth user (never the

@@ -9,14 +9,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use locker_client::acquire::{Hooks, Request};
 use locker_client::longpoll::DEFAULT_POLL as POLL;
-use locker_client::wire::{Info, LockRequest, PoolStatus};
+use locker_client::wire::{Info, LockGrant, LockRequest, LockStatus, PoolStatus};
 use locker_client::{Abort, Error, Outcome, Target};
 use reqwest::StatusCode;
-use serde_json::Value;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use super::http::{Connection, Reply, refused};
-use super::show::{describe_holder, describe_holding};
+use super::show::{describe_holding, describe_lock};
 use super::{Failure, exit};
 
 /// Shortest pause between renewals, whatever the TTL.
@@ -148,11 +147,7 @@ pub async fn take(
             ));
         }
     };
-    let generation = granted
-        .body
-        .get("generation")
-        .and_then(Value::as_u64)
-        .unwrap_or_default();
+    let generation = generation_of(&granted).unwrap_or_default();
     Ok(Held {
         holding: Holding {
             target: holding.target.granted(&granted),
@@ -161,6 +156,14 @@ pub async fn take(
         generation,
         reply: granted,
     })
+}
+
+/// The fencing token of a grant (a lock's [`LockGrant`], a claim's [`ItemClaim`]: both name
+/// it `generation`); `None` from the original server, which sends none.
+///
+/// [`ItemClaim`]: locker_client::wire::ItemClaim
+fn generation_of(grant: &Reply) -> Option<u64> {
+    grant.parse::<LockGrant>().and_then(|g| g.generation)
 }
 
 fn signal_number(name: &str) -> u8 {
@@ -200,7 +203,7 @@ async fn acquire(
     match outcome {
         Outcome::Granted(reply) => {
             if waiting.told {
-                let generation = reply.body.get("generation").and_then(Value::as_u64);
+                let generation = generation_of(&reply);
                 eprintln!(
                     "locker: took {} after {} (generation {})",
                     target.granted(&reply),
@@ -271,9 +274,10 @@ impl Hooks for Waiting<'_> {
 async fn busy(connection: &Connection, target: &Target) -> String {
     match target {
         Target::Lock(name) => match connection.status(name, None).await {
-            Ok(reply) if reply.status == StatusCode::OK => {
-                format!("held by {}", describe_holder(&reply.body))
-            }
+            Ok(reply) if reply.status == StatusCode::OK => match reply.parse::<LockStatus>() {
+                Some(status) => format!("held by {}", describe_lock(&status.lock)),
+                None => "held by someone (its status is unreadable)".to_string(),
+            },
             _ => "held by someone".to_string(),
         },
         Target::Pool { pool, item } => {
@@ -340,7 +344,7 @@ async fn renew(
                 .await;
         match attempt {
             Ok(Ok(reply)) if reply.status == StatusCode::OK => {
-                let granted = reply.body.get("generation").and_then(Value::as_u64);
+                let granted = generation_of(&reply);
                 if granted.is_some_and(|g| g != generation) {
                     return Lost(format!(
                         "it expired and was granted anew (generation {generation} → {}): \

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use locker_client::Target;
-use locker_client::longpoll::{DEFAULT_POLL as POLL, poll_length, server_waited};
+use locker_client::longpoll::{DEFAULT_POLL as POLL, answered_at_once};
+use locker_client::wait::{self, Round, Schedule, Waited, Waiter};
 use locker_client::wire::{
     ItemBody, ItemClaim, ItemFreed, ItemRelease, ItemStored, LockRequest, PoolList, PoolStatus,
 };
@@ -526,7 +527,8 @@ async fn remove(
     Ok(0)
 }
 
-/// Replaces the metadata, long-polling while the item is claimed until `limit` runs out.
+/// Replaces the metadata, long-polling while the item is claimed until `limit` runs out
+/// (the one wait loop; a server that answers at once is asked again each second).
 async fn update(
     connection: &Connection,
     pool: &str,
@@ -538,35 +540,67 @@ async fn update(
     let metadata = read_metadata(metadata)?;
     let what = format!("cannot update item {item:?} of pool {pool:?}");
     let started = Instant::now();
-    let deadline = limit.0.map(|l| started + l);
-    // A first try that does not wait, then long-polls.
-    let mut wait = None;
-    loop {
-        let call = connection.client().update_item(pool, item, &metadata, wait);
-        let reply = connection.answer(call).await?;
+    let schedule = Schedule {
+        deadline: limit.0.map(|l| started + l),
+        poll: POLL,
+        fallback_pause: Duration::from_secs(1),
+    };
+    let mut waiter = UpdateWaiter {
+        connection,
+        pool,
+        item,
+        metadata: &metadata,
+        what: &what,
+        told: false,
+    };
+    match wait::until(&schedule, &mut waiter).await? {
+        Waited::Done(reply) => stored(&reply, &what, "updated", as_json),
+        Waited::TimedOut(reply) => Err(Failure::new(
+            exit::HELD,
+            format!("{what}: {}", reply.error_message()),
+        )),
+    }
+}
+
+/// `pool update`'s questions: done at 200, not yet at 423 (the item is claimed).
+struct UpdateWaiter<'a> {
+    connection: &'a Connection,
+    pool: &'a str,
+    item: &'a str,
+    metadata: &'a str,
+    what: &'a str,
+    told: bool,
+}
+
+impl Waiter for UpdateWaiter<'_> {
+    type Done = Reply;
+    type State = Reply;
+    type Error = Failure;
+
+    async fn ask(&mut self, wait: Option<Duration>) -> Result<Round<Reply, Reply>, Failure> {
+        let call = self
+            .connection
+            .client()
+            .update_item(self.pool, self.item, self.metadata, wait);
+        let reply = self.connection.answer(call).await?;
         match reply.status {
-            StatusCode::OK => return stored(&reply, &what, "updated", as_json),
-            StatusCode::LOCKED => {}
-            _ => return Err(refused(&reply, &what)),
+            StatusCode::OK => Ok(Round::Done(reply)),
+            StatusCode::LOCKED => Ok(Round::NotYet {
+                at_once: answered_at_once(wait, reply.elapsed, &reply.error_message()),
+                state: reply,
+            }),
+            _ => Err(refused(&reply, self.what)),
         }
-        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        if remaining == Some(Duration::ZERO) {
-            return Err(Failure::new(
-                exit::HELD,
-                format!("{what}: {}", reply.error_message()),
-            ));
+    }
+
+    async fn not_yet(&mut self, _reply: &Reply, out_of_time: bool) {
+        if !self.told && !out_of_time {
+            eprintln!(
+                "locker: waiting until item {:?} of pool {:?} is released",
+                self.item, self.pool
+            );
+            self.told = true;
         }
-        match wait {
-            None => eprintln!("locker: waiting until item {item:?} of pool {pool:?} is released"),
-            // A server that answers at once is asked again each second, not hammered.
-            Some(asked) if !server_waited(asked, reply.elapsed, &reply.error_message()) => {
-                let pause = Duration::from_secs(1);
-                tokio::time::sleep(remaining.map_or(pause, |r| r.min(pause))).await;
-            }
-            Some(_) => {}
-        }
-        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        wait = Some(poll_length(POLL, remaining));
     }
 }
 

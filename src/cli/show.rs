@@ -3,18 +3,29 @@
 
 use std::time::{Duration, Instant};
 
-use locker_client::longpoll::{DEFAULT_POLL as POLL, poll_length};
-use locker_client::wire::{Holder, Lock, LockMap, LockStatus};
+use locker_client::longpoll::{DEFAULT_POLL as POLL, answered_at_once};
+use locker_client::wait::{self, Round, Schedule, Waited, Waiter};
+use locker_client::wire::{Holder, Lock, LockFree, LockMap, LockReleased, LockRequest, LockStatus};
 use reqwest::StatusCode;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use super::http::{Connection, refused};
+use super::http::{Connection, Reply, refused};
 use super::{Failure, WaitLimit, exit};
 
-/// A lock's status as the server sent it, typed; a body that is not one reads as a free lock.
-fn typed(status: &Value) -> LockStatus {
-    LockStatus::deserialize(status).unwrap_or_default()
+/// A lock's status as the server sent it, typed; a body that is not one is an error.
+fn typed(reply: &Reply, name: &str) -> Result<LockStatus, Failure> {
+    reply.parse().ok_or_else(|| {
+        Failure::new(
+            exit::REFUSED,
+            format!("cannot read lock {name:?}: the server's answer is not a lock's status"),
+        )
+    })
+}
+
+/// The answer that lock `name` is free, as JSON.
+fn free_json(name: &str) -> Value {
+    serde_json::to_value(LockFree::new(name)).unwrap_or_default()
 }
 
 fn or_empty<T: ToString>(value: Option<T>) -> String {
@@ -22,11 +33,7 @@ fn or_empty<T: ToString>(value: Option<T>) -> String {
 }
 
 /// Who holds a lock, in one line, e.g. `key "deploy" (requestors: ci) since ..., lease until ...`.
-pub fn describe_holder(status: &Value) -> String {
-    describe(&typed(status).lock)
-}
-
-fn describe(lock: &Lock) -> String {
+pub fn describe_lock(lock: &Lock) -> String {
     let described: Vec<String> = lock.holdings().into_iter().map(describe_holding).collect();
     if described.is_empty() {
         "nobody".to_string()
@@ -149,21 +156,20 @@ pub async fn locks(connection: &Connection, as_json: bool) -> Result<u8, Failure
 
 pub async fn status(connection: &Connection, name: &str, as_json: bool) -> Result<u8, Failure> {
     let reply = connection.status(name, None).await?;
-    let status = match reply.status {
-        StatusCode::OK => reply.body,
-        StatusCode::NOT_FOUND => json!({"name": name, "free": true}),
+    let (json, status) = match reply.status {
+        StatusCode::OK => (reply.body.clone(), typed(&reply, name)?),
+        StatusCode::NOT_FOUND => (free_json(name), LockStatus::default()),
         _ => return Err(refused(&reply, &format!("cannot read lock {name:?}"))),
     };
     if as_json {
-        out!("{}", pretty(&status))?;
+        out!("{}", pretty(&json))?;
         return Ok(0);
     }
     print_status(name, &status)?;
     Ok(0)
 }
 
-fn print_status(name: &str, status: &Value) -> Result<(), Failure> {
-    let status = typed(status);
+fn print_status(name: &str, status: &LockStatus) -> Result<(), Failure> {
     let lock = &status.lock;
     let Some(oldest) = lock.holdings().first().copied() else {
         return out!("lock {name:?} is free");
@@ -183,7 +189,7 @@ fn print_status(name: &str, status: &Value) -> Result<(), Failure> {
     add("waiters", or_empty(lock.waiters));
     add("slots", or_empty(lock.slots));
     if lock.holders.len() > 1 {
-        add("holders", describe(lock));
+        add("holders", describe_lock(lock));
     }
     for (key, value) in &oldest.info {
         add(&format!("info.{key}"), value.clone());
@@ -199,38 +205,28 @@ pub async fn release(
     force: bool,
     as_json: bool,
 ) -> Result<u8, Failure> {
-    let mut body = serde_json::Map::new();
-    if let Some(key) = key {
-        body.insert("key".into(), json!(key));
-    }
-    if let Some(requestor) = requestor {
-        body.insert("requestor".into(), json!(requestor));
-    }
-    let reply = connection
-        .release(name, &Value::Object(body), force)
-        .await?;
+    // Without a key (a forced release) the body is `{}`.
+    let body = LockRequest {
+        key: key.unwrap_or_default(),
+        requestor,
+        ..LockRequest::default()
+    };
+    let reply = connection.release(name, &body, force).await?;
     if reply.status != StatusCode::OK {
         return Err(refused(&reply, &format!("cannot release lock {name:?}")));
     }
     if as_json {
         out!("{}", pretty(&reply.body))?;
     } else {
-        let response = reply.body.get("response").and_then(Value::as_str);
-        out!("{}", response.unwrap_or_default())?;
+        let released: LockReleased = reply.parse().unwrap_or_default();
+        out!("{}", released.response)?;
     }
     Ok(0)
 }
 
-/// Whether a status answer says the lock is free: `Some(true/false)`, or `None` when the server
-/// does not know `?wait_free` (no `free` field: it answered the plain status at once).
-fn free_of(reply: &super::http::Reply) -> Option<bool> {
-    match reply.status {
-        StatusCode::NOT_FOUND => Some(true),
-        StatusCode::OK => reply.body.get("free").and_then(Value::as_bool),
-        _ => None,
-    }
-}
-
+/// Waits until the lock is free, through the one wait loop: `GET /lock/{name}?wait_free=`
+/// long-polls; a server that does not know `wait_free` answers the plain status at once (no
+/// `free` field), and is asked again each second.
 pub async fn wait_free(
     connection: &Connection,
     name: &str,
@@ -238,58 +234,94 @@ pub async fn wait_free(
     as_json: bool,
 ) -> Result<u8, Failure> {
     let started = Instant::now();
-    let deadline = limit.0.map(|l| started + l);
-    let mut told = false;
-    loop {
-        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        let asked = poll_length(POLL, remaining);
-        let poll = Instant::now();
-        let reply = connection.status(name, Some(asked)).await?;
-        if !matches!(reply.status, StatusCode::OK | StatusCode::NOT_FOUND) {
-            return Err(refused(&reply, &format!("cannot read lock {name:?}")));
-        }
-        let free = free_of(&reply);
-        // No `free` field: the server answered the plain status (held) without waiting.
-        let held_status = reply.body.clone();
-        if free == Some(true) || (free.is_none() && reply.status == StatusCode::NOT_FOUND) {
+    let schedule = Schedule {
+        deadline: limit.0.map(|l| started + l),
+        poll: POLL,
+        fallback_pause: Duration::from_secs(1),
+    };
+    let mut waiter = FreeWaiter {
+        connection,
+        name,
+        told: false,
+    };
+    let held = match wait::until(&schedule, &mut waiter).await? {
+        Waited::Done(()) => {
             if as_json {
-                out!("{}", pretty(&json!({"name": name, "free": true})))?;
+                out!("{}", pretty(&free_json(name)))?;
             } else {
                 out!("lock {name:?} is free")?;
             }
             return Ok(0);
         }
-        if !told {
+        Waited::TimedOut(held) => held,
+    };
+    if as_json {
+        let mut json = held.json;
+        if let Some(map) = json.as_object_mut() {
+            map.insert("free".into(), Value::Bool(false));
+        }
+        out!("{}", pretty(&json))?;
+    }
+    Err(Failure::new(
+        exit::HELD,
+        format!(
+            "lock {name:?} is still held after {}: {}",
+            humantime::format_duration(Duration::from_millis(started.elapsed().as_millis() as u64)),
+            describe_lock(&held.status.lock)
+        ),
+    ))
+}
+
+/// `wait-free`'s questions, and its one line once the lock turns out to be held.
+struct FreeWaiter<'a> {
+    connection: &'a Connection,
+    name: &'a str,
+    told: bool,
+}
+
+/// A held lock's status, typed and as the server sent it (for `--json`).
+struct Held {
+    status: LockStatus,
+    json: Value,
+}
+
+impl Waiter for FreeWaiter<'_> {
+    type Done = ();
+    type State = Held;
+    type Error = Failure;
+
+    async fn ask(&mut self, wait: Option<Duration>) -> Result<Round<(), Held>, Failure> {
+        let name = self.name;
+        let reply = self
+            .connection
+            .status(name, Some(wait.unwrap_or_default()))
+            .await?;
+        let status = match reply.status {
+            StatusCode::NOT_FOUND => return Ok(Round::Done(())),
+            StatusCode::OK => typed(&reply, name)?,
+            _ => return Err(refused(&reply, &format!("cannot read lock {name:?}"))),
+        };
+        if status.free == Some(true) {
+            return Ok(Round::Done(()));
+        }
+        Ok(Round::NotYet {
+            // No `free` field: the server answered the plain status (held) without waiting.
+            at_once: status.free.is_none() || answered_at_once(wait, reply.elapsed, ""),
+            state: Held {
+                status,
+                json: reply.body,
+            },
+        })
+    }
+
+    async fn not_yet(&mut self, held: &Held, _out_of_time: bool) {
+        if !self.told {
             eprintln!(
-                "locker: waiting until lock {name:?} is free; held by {}",
-                describe_holder(&held_status)
+                "locker: waiting until lock {:?} is free; held by {}",
+                self.name,
+                describe_lock(&held.status.lock)
             );
-            told = true;
-        }
-        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        if remaining == Some(Duration::ZERO) {
-            if as_json {
-                let mut status = held_status.clone();
-                if let Some(map) = status.as_object_mut() {
-                    map.insert("free".into(), json!(false));
-                }
-                out!("{}", pretty(&status))?;
-            }
-            return Err(Failure::new(
-                exit::HELD,
-                format!(
-                    "lock {name:?} is still held after {}: {}",
-                    humantime::format_duration(Duration::from_millis(
-                        started.elapsed().as_millis() as u64
-                    )),
-                    describe_holder(&held_status)
-                ),
-            ));
-        }
-        // A server that answers at once (no ?wait_free) is asked again each second.
-        if poll.elapsed() < asked.min(Duration::from_secs(1)) / 2 {
-            let pause = Duration::from_secs(1);
-            tokio::time::sleep(remaining.map_or(pause, |r| r.min(pause))).await;
+            self.told = true;
         }
     }
 }
