@@ -13,34 +13,13 @@ pub mod common;
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, mpsc};
+use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::Duration;
 
-use common::etcd::{self, EtcdCluster};
+use common::etcd::{self, EtcdCluster, replicas, replicas_with, serial, spawn_waiter};
 use common::{Server, call, wait_for_waiters, wait_until};
 use serde_json::{Value, json};
-
-/// One test at a time (they share two cores with etcd and the replicas).
-fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// `count` replicas sharing one fresh prefix of `cluster`, with `env` set; and the prefix.
-fn replicas(cluster: &EtcdCluster, count: usize, env: &[(&str, &str)]) -> (String, Vec<Server>) {
-    let prefix = etcd::unique_prefix();
-    let servers = (0..count)
-        .map(|_| {
-            common::server()
-                .etcd(&cluster.endpoints())
-                .env("LOCKER_ETCD_PREFIX", prefix.clone())
-                .envs(env)
-                .start()
-        })
-        .collect();
-    (prefix, servers)
-}
 
 /// Every kept event of `server`'s `GET /history`, page after page.
 fn history(server: &Server) -> Vec<Value> {
@@ -90,16 +69,6 @@ fn agreed(a: &Server, b: &Server) -> Vec<Value> {
         same
     });
     seen
-}
-
-/// A waiting acquire in a thread; its status comes back on the channel.
-fn spawn_waiter(server: &Server, name: &str, key: &str, done: &mpsc::Sender<u16>) {
-    let url = server.url(&format!("/lock/{name}?wait=20s"));
-    let body = json!({"key": key}).to_string();
-    let done = done.clone();
-    thread::spawn(move || {
-        let _ = done.send(call("PUT", &url, Some(&body)).status);
-    });
 }
 
 /// One server-sent event: (id, event, data).
@@ -154,20 +123,20 @@ fn next_frame(frames: &mpsc::Receiver<Frame>) -> Frame {
 #[test]
 fn both_replicas_list_every_change_in_one_order_with_the_same_ids() {
     let _serial = serial();
-    let (_, servers) = replicas(etcd::shared(), 2, &[]);
+    let servers = replicas(etcd::shared(), 2);
     let (a, b) = (&servers[0], &servers[1]);
     assert_eq!(a.lock("one", json!({"key": "k1"})).status, 200);
     assert_eq!(b.lock("two", json!({"key": "k2"})).status, 200);
     // A waiter queued through B for the lock A granted; A's release lets it in.
     let (done, finished) = mpsc::channel();
-    spawn_waiter(b, "one", "k3", &done);
+    spawn_waiter(b, "one", "k3", "20s", &done);
     wait_for_waiters(a, "one", 1);
     assert_eq!(a.unlock("one", json!({"key": "k1"})).status, 200);
     assert_eq!(
         finished
             .recv_timeout(Duration::from_secs(20))
             .expect("waiter answered"),
-        200
+        ("k3".to_string(), 200)
     );
     // Released through the replica that did not grant it.
     assert_eq!(a.unlock("two", json!({"key": "k2"})).status, 200);
@@ -213,7 +182,7 @@ fn both_replicas_list_every_change_in_one_order_with_the_same_ids() {
 #[test]
 fn a_live_reader_on_one_replica_sees_changes_made_through_the_other_and_resumes_on_it() {
     let _serial = serial();
-    let (_, servers) = replicas(etcd::shared(), 2, &[]);
+    let servers = replicas(etcd::shared(), 2);
     let (a, b) = (&servers[0], &servers[1]);
     let frames = listen(&a.url("/events"), None);
     assert_eq!(b.lock("live", json!({"key": "far"})).status, 200);
@@ -254,7 +223,7 @@ fn a_live_reader_on_one_replica_sees_changes_made_through_the_other_and_resumes_
 #[test]
 fn a_replica_started_again_loads_the_history_from_etcd() {
     let _serial = serial();
-    let (_, mut servers) = replicas(etcd::shared(), 2, &[]);
+    let mut servers = replicas(etcd::shared(), 2);
     for n in 0..5 {
         let (server, name) = (&servers[n % 2], format!("l{n}"));
         assert_eq!(server.lock(&name, json!({"key": "k"})).status, 200);
@@ -278,7 +247,7 @@ fn a_replica_started_again_loads_the_history_from_etcd() {
 #[test]
 fn hold_times_are_counted_once_by_the_replica_that_made_the_change() {
     let _serial = serial();
-    let (_, servers) = replicas(etcd::shared(), 2, &[]);
+    let servers = replicas(etcd::shared(), 2);
     assert_eq!(servers[0].lock("timed", json!({"key": "k"})).status, 200);
     assert_eq!(servers[0].unlock("timed", json!({"key": "k"})).status, 200);
     // The other replica has the events too (from the watch) before its metrics are looked at.
@@ -344,7 +313,7 @@ fn load(base: String, worker: usize, stop: Arc<AtomicBool>) -> (Vec<Change>, Vec
 fn every_acknowledged_change_is_kept_when_a_replica_is_killed_under_load_and_no_refused_one() {
     let _serial = serial();
     let cluster = etcd::shared();
-    let (prefix, mut servers) = replicas(cluster, 2, &[]);
+    let (prefix, mut servers) = replicas_with(cluster, 2, &[]);
     let stop = Arc::new(AtomicBool::new(false));
     let workers: Vec<_> = (0..6)
         .map(|worker| {
@@ -459,7 +428,7 @@ fn the_records_stay_within_the_bounds_under_a_flood_of_changes() {
     const BYTES: usize = 8_000;
     const PER_LOCK: usize = 5;
     let cluster = etcd::shared();
-    let (prefix, servers) = replicas(
+    let (prefix, servers) = replicas_with(
         cluster,
         2,
         &[
