@@ -10,7 +10,6 @@
 
 pub mod common;
 
-use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
@@ -18,28 +17,9 @@ use std::thread;
 use std::time::Duration;
 
 use common::etcd::{self, EtcdCluster, replicas, replicas_with, serial, spawn_waiter};
+use common::history::{all_events, assert_kept, ids, load};
 use common::{Server, call, wait_for_waiters, wait_until};
 use serde_json::{Value, json};
-
-/// Every kept event of `server`'s `GET /history`, page after page.
-fn history(server: &Server) -> Vec<Value> {
-    let mut events = Vec::new();
-    let mut since = 0;
-    loop {
-        let reply = call(
-            "GET",
-            &server.url(&format!("/history?since={since}&limit=1000")),
-            None,
-        );
-        assert_eq!(reply.status, 200, "{}", reply.body);
-        let page = reply.json();
-        events.extend(page["events"].as_array().expect("events").iter().cloned());
-        if page["more"] != json!(true) {
-            return events;
-        }
-        since = page["next"].as_u64().expect("next");
-    }
-}
 
 /// (kind, lock, key) of each event.
 fn summary(events: &[Value]) -> Vec<(String, String, String)> {
@@ -52,18 +32,11 @@ fn summary(events: &[Value]) -> Vec<(String, String, String)> {
         .collect()
 }
 
-fn ids(events: &[Value]) -> Vec<u64> {
-    events
-        .iter()
-        .map(|e| e["id"].as_u64().expect("id"))
-        .collect()
-}
-
 /// Waits until both replicas list the same events, and returns them.
 fn agreed(a: &Server, b: &Server) -> Vec<Value> {
     let mut seen = Vec::new();
     wait_until("both replicas list the same history", || {
-        let (first, second) = (history(a), history(b));
+        let (first, second) = (all_events(a), all_events(b));
         let same = first == second;
         seen = first;
         same
@@ -233,9 +206,9 @@ fn a_replica_started_again_loads_the_history_from_etcd() {
     assert_eq!(before.len(), 10);
     let b = servers.pop().expect("b").restart();
     // Nothing changed meanwhile: the history it loaded at start is the same, at once.
-    assert_eq!(history(&b), before);
+    assert_eq!(all_events(&b), before);
     let a = servers.pop().expect("a").restart();
-    assert_eq!(history(&a), before);
+    assert_eq!(all_events(&a), before);
     // And it goes on from there on both.
     assert_eq!(a.lock("after", json!({"key": "k"})).status, 200);
     let after = agreed(&a, &b);
@@ -262,53 +235,6 @@ fn hold_times_are_counted_once_by_the_replica_that_made_the_change() {
     );
 }
 
-/// (kind, lock, requestor, generation) of every change a client was told succeeded.
-type Change = (String, String, String, Option<u64>);
-
-/// Acquires and releases `lock-{0,1,2}` through `base` until `stop`, or until the server is
-/// gone; the changes acknowledged, and the requestors refused (the lock was held).
-fn load(base: String, worker: usize, stop: Arc<AtomicBool>) -> (Vec<Change>, Vec<String>) {
-    let client = common::client();
-    let (mut acknowledged, mut refused) = (Vec::new(), Vec::new());
-    for n in 0.. {
-        if stop.load(Ordering::Relaxed) {
-            break;
-        }
-        let lock = format!("lock-{}", n % 3);
-        let requestor = format!("w{worker}-{n}");
-        let body = json!({"key": requestor, "requestor": requestor}).to_string();
-        let url = format!("{base}/lock/{lock}");
-        let Ok(reply) = client.put(&url).body(body.clone()).send() else {
-            break;
-        };
-        match reply.status().as_u16() {
-            200 => {
-                let generation = reply
-                    .json::<Value>()
-                    .ok()
-                    .and_then(|v| v["generation"].as_u64());
-                let change = |kind: &str| {
-                    (
-                        kind.to_string(),
-                        lock.clone(),
-                        requestor.clone(),
-                        generation,
-                    )
-                };
-                acknowledged.push(change("acquired"));
-                match client.delete(&url).body(body).send() {
-                    Ok(r) if r.status().as_u16() == 200 => acknowledged.push(change("released")),
-                    Ok(_) => {}
-                    Err(_) => break,
-                }
-            }
-            423 => refused.push(requestor),
-            _ => {}
-        }
-    }
-    (acknowledged, refused)
-}
-
 #[test]
 fn every_acknowledged_change_is_kept_when_a_replica_is_killed_under_load_and_no_refused_one() {
     let _serial = serial();
@@ -322,12 +248,12 @@ fn every_acknowledged_change_is_kept_when_a_replica_is_killed_under_load_and_no_
         })
         .collect();
     wait_until("the load has made a few hundred changes", || {
-        history(&servers[1]).len() > 300
+        all_events(&servers[1]).len() > 300
     });
     servers[0].kill();
     // The other replica's clients go on a little after the kill.
     wait_until("the surviving replica has made more changes", || {
-        history(&servers[1]).len() > 400
+        all_events(&servers[1]).len() > 400
     });
     stop.store(true, Ordering::Relaxed);
     let (mut acknowledged, mut refused) = (Vec::new(), Vec::new());
@@ -348,32 +274,7 @@ fn every_acknowledged_change_is_kept_when_a_replica_is_killed_under_load_and_no_
         .env("LOCKER_ETCD_PREFIX", prefix)
         .start();
     let events = agreed(&servers[1], &fresh);
-    let recorded: HashSet<Change> = events
-        .iter()
-        .map(|e| {
-            let text = |field: &str| e[field].as_str().unwrap_or_default().to_string();
-            (
-                text("kind"),
-                text("lock"),
-                text("requestor"),
-                e["generation"].as_u64(),
-            )
-        })
-        .collect();
-    let missing: Vec<&Change> = acknowledged
-        .iter()
-        .filter(|change| !recorded.contains(*change))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "acknowledged but not in the history: {missing:?}"
-    );
-    let refused: HashSet<&str> = refused.iter().map(String::as_str).collect();
-    let phantom: Vec<&Value> = events
-        .iter()
-        .filter(|e| e["requestor"].as_str().is_some_and(|r| refused.contains(r)))
-        .collect();
-    assert!(phantom.is_empty(), "refused but recorded: {phantom:?}");
+    assert_kept(&events, &acknowledged, &refused);
     let ids = ids(&events);
     assert!(ids.windows(2).all(|w| w[0] < w[1]));
 }
