@@ -11,14 +11,7 @@ use crate::common::{Server, wait_until};
 /// `locker ARGS` pointed at `server`, with no connection settings leaking in.
 pub fn locker(server: &Server, args: &[&str]) -> Command {
     let mut command = Command::new(crate::common::locker_binary());
-    for name in [
-        "LOCKER_URL",
-        "LOCKER_USER",
-        "LOCKER_PASSWORD",
-        "LOCKER_CA_CERT",
-        "AUTH_USER",
-        "AUTH_PASS",
-    ] {
+    for name in locker::cli::variables() {
         command.env_remove(name);
     }
     command

@@ -24,21 +24,8 @@ pub const EXIT_TIMEOUT: Duration = Duration::from_secs(40);
 fn server_variables() -> &'static [String] {
     static VARIABLES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
     VARIABLES.get_or_init(|| {
-        fn collect(command: &clap::Command, into: &mut Vec<String>) {
-            into.extend(
-                command
-                    .get_arguments()
-                    .filter_map(clap::Arg::get_env)
-                    .map(|name| name.to_string_lossy().into_owned()),
-            );
-            for subcommand in command.get_subcommands() {
-                collect(subcommand, into);
-            }
-        }
-        let mut variables = Vec::new();
-        collect(
+        let mut variables = locker::config::env_variables(
             &<locker::config::Args as clap::CommandFactory>::command(),
-            &mut variables,
         );
         assert!(
             variables.iter().any(|v| v == "LOCKER_CONFIG"),
