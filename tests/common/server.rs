@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 #[cfg(feature = "etcd")]
 use super::etcd;
 use super::http::call;
+use super::process::wait_exit_within;
 
 /// How long a server may take to say it is listening.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -163,18 +164,11 @@ impl ServerBuilder {
     pub fn run_to_exit(self) -> Output {
         let (mut command, _dir, _) = self.command();
         let mut child = command.spawn().expect("start the locker binary");
-        let deadline = Instant::now() + EXIT_TIMEOUT;
-        while child.try_wait().expect("wait for the server").is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let output = child.wait_with_output().expect("output");
-                panic!(
-                    "the server kept running; it should have stopped by itself:\n{}",
-                    String::from_utf8_lossy(&output.stderr)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_exit_within(
+            &mut child,
+            EXIT_TIMEOUT,
+            "the server (it should have stopped by itself)",
+        );
         child.wait_with_output().expect("output")
     }
 
