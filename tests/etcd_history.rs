@@ -11,13 +11,12 @@
 pub mod common;
 
 use std::io::{BufRead, BufReader};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
 use common::etcd::{self, EtcdCluster, replicas, replicas_with, serial, spawn_waiter};
-use common::history::{all_events, assert_kept, ids, load};
+use common::history::{Load, all_events, assert_kept, ids};
 use common::{Server, call, wait_for_waiters, wait_until};
 use serde_json::{Value, json};
 
@@ -240,13 +239,7 @@ fn every_acknowledged_change_is_kept_when_a_replica_is_killed_under_load_and_no_
     let _serial = serial();
     let cluster = etcd::shared();
     let (prefix, mut servers) = replicas_with(cluster, 2, &[]);
-    let stop = Arc::new(AtomicBool::new(false));
-    let workers: Vec<_> = (0..6)
-        .map(|worker| {
-            let (base, stop) = (servers[worker % 2].url(""), stop.clone());
-            thread::spawn(move || load(base, worker, stop))
-        })
-        .collect();
+    let load = Load::start((0..6).map(|worker| servers[worker % 2].url("")));
     wait_until("the load has made a few hundred changes", || {
         all_events(&servers[1]).len() > 300
     });
@@ -255,19 +248,7 @@ fn every_acknowledged_change_is_kept_when_a_replica_is_killed_under_load_and_no_
     wait_until("the surviving replica has made more changes", || {
         all_events(&servers[1]).len() > 400
     });
-    stop.store(true, Ordering::Relaxed);
-    let (mut acknowledged, mut refused) = (Vec::new(), Vec::new());
-    for worker in workers {
-        let (a, r) = worker.join().expect("worker");
-        acknowledged.extend(a);
-        refused.extend(r);
-    }
-    assert!(
-        acknowledged.len() > 200,
-        "too little load: {}",
-        acknowledged.len()
-    );
-    assert!(!refused.is_empty(), "the load never met a held lock");
+    let (acknowledged, refused) = load.stop(200);
     // What the survivor lists, and what a replica started afresh loads, once it has everything.
     let fresh = common::server()
         .etcd(&cluster.endpoints())

@@ -12,7 +12,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::history::{all_events, assert_kept, ids, load};
+use common::history::{Load, all_events, assert_kept, ids};
 use common::{Server, call, server, wait_for_waiters, wait_until};
 use serde_json::{Value, json};
 
@@ -289,32 +289,13 @@ fn a_lock_named_with_a_slash_before_history_is_asked_for_encoded() {
 #[test]
 fn history_survives_sigkill_under_load_with_every_acknowledged_change_and_no_refused_one() {
     let server = server().start();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut workers = Vec::new();
-    for worker in 0..6 {
-        let base = server.base.clone();
-        let stop = stop.clone();
-        workers.push(thread::spawn(move || load(base, worker, stop)));
-    }
+    let load = Load::start((0..6).map(|_| server.base.clone()));
     wait_until("the load has made a few hundred changes", || {
         call("GET", &server.url("/history?limit=1"), None).json()["oldest"] != json!(0)
             && all_events(&server).len() > 300
     });
     server.signal(libc::SIGKILL);
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut acknowledged = Vec::new();
-    let mut refused = Vec::new();
-    for worker in workers {
-        let (a, r) = worker.join().expect("worker");
-        acknowledged.extend(a);
-        refused.extend(r);
-    }
-    assert!(
-        acknowledged.len() > 100,
-        "too little load: {}",
-        acknowledged.len()
-    );
-    assert!(!refused.is_empty(), "the load never met a held lock");
+    let (acknowledged, refused) = load.stop(100);
     let server = server.restart();
     let events = all_events(&server);
     assert_kept(&events, &acknowledged, &refused);

@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::{self, JoinHandle};
 
 use serde_json::{Value, json};
 
@@ -41,9 +42,51 @@ pub fn ids(events: &[Value]) -> Vec<u64> {
 /// (kind, lock, requestor, generation) of every change a client was told succeeded.
 pub type Change = (String, String, String, Option<u64>);
 
+/// Clients acquiring and releasing `lock-{0,1,2}` in threads, each through one server, until
+/// stopped.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    clients: Vec<JoinHandle<(Vec<Change>, Vec<String>)>>,
+}
+
+impl Load {
+    /// One client through each of `bases` (the servers' base URLs).
+    pub fn start(bases: impl IntoIterator<Item = String>) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let clients = bases
+            .into_iter()
+            .enumerate()
+            .map(|(worker, base)| {
+                let stop = stop.clone();
+                thread::spawn(move || load(base, worker, stop))
+            })
+            .collect();
+        Load { stop, clients }
+    }
+
+    /// Stops the clients: the changes acknowledged, and the requestors refused. Fails unless
+    /// more than `least` changes were acknowledged and the load met a held lock.
+    pub fn stop(self, least: usize) -> (Vec<Change>, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let (mut acknowledged, mut refused) = (Vec::new(), Vec::new());
+        for client in self.clients {
+            let (a, r) = client.join().expect("client");
+            acknowledged.extend(a);
+            refused.extend(r);
+        }
+        assert!(
+            acknowledged.len() > least,
+            "too little load: {}",
+            acknowledged.len()
+        );
+        assert!(!refused.is_empty(), "the load never met a held lock");
+        (acknowledged, refused)
+    }
+}
+
 /// Acquires and releases `lock-{0,1,2}` through `base` until `stop`, or until the server is
 /// gone; the changes acknowledged, and the requestors refused (the lock was held).
-pub fn load(base: String, worker: usize, stop: Arc<AtomicBool>) -> (Vec<Change>, Vec<String>) {
+fn load(base: String, worker: usize, stop: Arc<AtomicBool>) -> (Vec<Change>, Vec<String>) {
     let client = client();
     let (mut acknowledged, mut refused) = (Vec::new(), Vec::new());
     for n in 0.. {
