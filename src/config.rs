@@ -251,6 +251,20 @@ pub fn ignore_empty_env(command: clap::Command) -> clap::Command {
         .mut_subcommands(ignore_empty_env)
 }
 
+/// The environment variable of every argument of `command` and its subcommands, from clap's
+/// own definition (so a test that keeps them from leaking in misses none).
+pub fn env_variables(command: &clap::Command) -> Vec<String> {
+    let mut variables: Vec<String> = command
+        .get_arguments()
+        .filter_map(clap::Arg::get_env)
+        .map(|name| name.to_string_lossy().into_owned())
+        .collect();
+    for subcommand in command.get_subcommands() {
+        variables.extend(env_variables(subcommand));
+    }
+    variables
+}
+
 /// Treats an empty value like an unset one: deployment tools often render unset options as "".
 fn non_empty<T: AsRef<std::ffi::OsStr>>(value: Option<T>) -> Option<T> {
     value.filter(|v| !v.as_ref().is_empty())

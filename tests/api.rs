@@ -10,7 +10,6 @@ use serde_json::json;
 
 /// A holding as a typed client (Go's `map[string]string`, a Rust map) reads it.
 #[derive(Debug, Deserialize)]
-#[allow(dead_code)] // Fields are read by deserializing them: their types are what is checked.
 struct TypedHolder {
     key: String,
     locked_by: HashMap<String, u64>,
@@ -22,7 +21,6 @@ struct TypedHolder {
 
 /// A lock as `GET /locks` and `GET /lock/{name}` show it, read by a typed client.
 #[derive(Debug, Deserialize)]
-#[allow(dead_code)]
 struct TypedLock {
     key: String,
     locked_by: HashMap<String, u64>,
@@ -61,6 +59,23 @@ fn every_view_parses_into_typed_maps_with_or_without_info() {
                 .iter()
                 .all(|h| h.key == "k" || name == "shared")
         );
+        // The original's fields at the top level: the oldest holding's.
+        let oldest = &lock.holders[0];
+        assert_eq!(
+            (&lock.key, &lock.locked_by),
+            (&oldest.key, &oldest.locked_by)
+        );
+        assert_eq!(lock.slots, if name == "shared" { 2 } else { 1 });
+        assert_eq!(lock.waiters, 0);
+        for holder in &lock.holders {
+            assert!(
+                holder.locked_by.values().any(|&count| count > 0),
+                "{holder:?}"
+            );
+            assert!(holder.generation > 0, "{holder:?}");
+            assert!(!holder.acquired_at.is_empty(), "{holder:?}");
+            assert_eq!(holder.expires_at, None, "{holder:?}");
+        }
     }
     // A wait for the lock to be free that runs out shows the same fields.
     let waited = call("GET", &server.url("/lock/plain?wait_free=50ms"), None);

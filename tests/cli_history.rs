@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use cli_common::{finish, locker, run, signal};
+use common::history::ids;
 use common::{Server, call, server, wait_until};
 
 fn acquire(server: &Server, name: &str, body: Value) {
@@ -65,13 +66,6 @@ fn kinds(events: &[Value]) -> Vec<String> {
                 e["lock"].as_str().unwrap_or("?")
             )
         })
-        .collect()
-}
-
-fn ids(events: &[Value]) -> Vec<u64> {
-    events
-        .iter()
-        .map(|e| e["id"].as_u64().expect("id"))
         .collect()
 }
 

@@ -14,55 +14,18 @@ pub mod common;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, mpsc};
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::etcd::{self, EtcdCluster};
+use common::etcd::{self, EtcdCluster, locker_command, replicas, serial, spawn_waiter};
 use common::{Server, call, call_with, wait_for_waiters};
 use serde_json::{Value, json};
-
-/// One test at a time.
-fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// `count` replicas sharing one prefix of `cluster`.
-fn replicas(cluster: &EtcdCluster, count: usize) -> Vec<Server> {
-    let prefix = etcd::unique_prefix();
-    (0..count)
-        .map(|_| {
-            common::server()
-                .etcd(&cluster.endpoints())
-                .env("LOCKER_ETCD_PREFIX", prefix.clone())
-                .start()
-        })
-        .collect()
-}
 
 fn generation(reply: &common::Reply) -> u64 {
     reply.json()["generation"]
         .as_u64()
         .unwrap_or_else(|| panic!("no generation in {}", reply.body))
-}
-
-/// A waiting acquire in a thread; (key, status) comes back on the channel.
-fn spawn_waiter(
-    server: &Server,
-    name: &str,
-    key: &str,
-    wait: &str,
-    done: &mpsc::Sender<(String, u16)>,
-) {
-    let url = server.url(&format!("/lock/{name}?wait={wait}"));
-    let body = json!({"key": key}).to_string();
-    let key = key.to_string();
-    let done = done.clone();
-    thread::spawn(move || {
-        let reply = call("PUT", &url, Some(&body));
-        let _ = done.send((key, reply.status));
-    });
 }
 
 #[test]
@@ -449,17 +412,6 @@ fn an_unreachable_etcd_stops_start_up_with_a_clear_message() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("LOCKER_ETCD_ENDPOINTS"), "{stderr}");
-}
-
-/// Runs `locker <args>` against `prefix` of the shared cluster.
-fn locker_command(prefix: &str, args: &[&str]) -> std::process::Output {
-    let output = common::server()
-        .env("LOCKER_ETCD_ENDPOINTS", etcd::shared().endpoints())
-        .env("LOCKER_ETCD_PREFIX", prefix)
-        .args(args.iter().copied())
-        .run_to_exit();
-    eprintln!("{}", String::from_utf8_lossy(&output.stderr));
-    output
 }
 
 #[test]

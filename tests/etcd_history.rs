@@ -10,57 +10,15 @@
 
 pub mod common;
 
-use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, mpsc};
+use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
-use common::etcd::{self, EtcdCluster};
+use common::etcd::{self, EtcdCluster, replicas, replicas_with, serial, spawn_waiter};
+use common::history::{Load, all_events, assert_kept, ids};
 use common::{Server, call, wait_for_waiters, wait_until};
 use serde_json::{Value, json};
-
-/// One test at a time (they share two cores with etcd and the replicas).
-fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// `count` replicas sharing one fresh prefix of `cluster`, with `env` set; and the prefix.
-fn replicas(cluster: &EtcdCluster, count: usize, env: &[(&str, &str)]) -> (String, Vec<Server>) {
-    let prefix = etcd::unique_prefix();
-    let servers = (0..count)
-        .map(|_| {
-            common::server()
-                .etcd(&cluster.endpoints())
-                .env("LOCKER_ETCD_PREFIX", prefix.clone())
-                .envs(env)
-                .start()
-        })
-        .collect();
-    (prefix, servers)
-}
-
-/// Every kept event of `server`'s `GET /history`, page after page.
-fn history(server: &Server) -> Vec<Value> {
-    let mut events = Vec::new();
-    let mut since = 0;
-    loop {
-        let reply = call(
-            "GET",
-            &server.url(&format!("/history?since={since}&limit=1000")),
-            None,
-        );
-        assert_eq!(reply.status, 200, "{}", reply.body);
-        let page = reply.json();
-        events.extend(page["events"].as_array().expect("events").iter().cloned());
-        if page["more"] != json!(true) {
-            return events;
-        }
-        since = page["next"].as_u64().expect("next");
-    }
-}
 
 /// (kind, lock, key) of each event.
 fn summary(events: &[Value]) -> Vec<(String, String, String)> {
@@ -73,33 +31,16 @@ fn summary(events: &[Value]) -> Vec<(String, String, String)> {
         .collect()
 }
 
-fn ids(events: &[Value]) -> Vec<u64> {
-    events
-        .iter()
-        .map(|e| e["id"].as_u64().expect("id"))
-        .collect()
-}
-
 /// Waits until both replicas list the same events, and returns them.
 fn agreed(a: &Server, b: &Server) -> Vec<Value> {
     let mut seen = Vec::new();
     wait_until("both replicas list the same history", || {
-        let (first, second) = (history(a), history(b));
+        let (first, second) = (all_events(a), all_events(b));
         let same = first == second;
         seen = first;
         same
     });
     seen
-}
-
-/// A waiting acquire in a thread; its status comes back on the channel.
-fn spawn_waiter(server: &Server, name: &str, key: &str, done: &mpsc::Sender<u16>) {
-    let url = server.url(&format!("/lock/{name}?wait=20s"));
-    let body = json!({"key": key}).to_string();
-    let done = done.clone();
-    thread::spawn(move || {
-        let _ = done.send(call("PUT", &url, Some(&body)).status);
-    });
 }
 
 /// One server-sent event: (id, event, data).
@@ -154,20 +95,20 @@ fn next_frame(frames: &mpsc::Receiver<Frame>) -> Frame {
 #[test]
 fn both_replicas_list_every_change_in_one_order_with_the_same_ids() {
     let _serial = serial();
-    let (_, servers) = replicas(etcd::shared(), 2, &[]);
+    let servers = replicas(etcd::shared(), 2);
     let (a, b) = (&servers[0], &servers[1]);
     assert_eq!(a.lock("one", json!({"key": "k1"})).status, 200);
     assert_eq!(b.lock("two", json!({"key": "k2"})).status, 200);
     // A waiter queued through B for the lock A granted; A's release lets it in.
     let (done, finished) = mpsc::channel();
-    spawn_waiter(b, "one", "k3", &done);
+    spawn_waiter(b, "one", "k3", "20s", &done);
     wait_for_waiters(a, "one", 1);
     assert_eq!(a.unlock("one", json!({"key": "k1"})).status, 200);
     assert_eq!(
         finished
             .recv_timeout(Duration::from_secs(20))
             .expect("waiter answered"),
-        200
+        ("k3".to_string(), 200)
     );
     // Released through the replica that did not grant it.
     assert_eq!(a.unlock("two", json!({"key": "k2"})).status, 200);
@@ -213,7 +154,7 @@ fn both_replicas_list_every_change_in_one_order_with_the_same_ids() {
 #[test]
 fn a_live_reader_on_one_replica_sees_changes_made_through_the_other_and_resumes_on_it() {
     let _serial = serial();
-    let (_, servers) = replicas(etcd::shared(), 2, &[]);
+    let servers = replicas(etcd::shared(), 2);
     let (a, b) = (&servers[0], &servers[1]);
     let frames = listen(&a.url("/events"), None);
     assert_eq!(b.lock("live", json!({"key": "far"})).status, 200);
@@ -254,7 +195,7 @@ fn a_live_reader_on_one_replica_sees_changes_made_through_the_other_and_resumes_
 #[test]
 fn a_replica_started_again_loads_the_history_from_etcd() {
     let _serial = serial();
-    let (_, mut servers) = replicas(etcd::shared(), 2, &[]);
+    let mut servers = replicas(etcd::shared(), 2);
     for n in 0..5 {
         let (server, name) = (&servers[n % 2], format!("l{n}"));
         assert_eq!(server.lock(&name, json!({"key": "k"})).status, 200);
@@ -264,9 +205,9 @@ fn a_replica_started_again_loads_the_history_from_etcd() {
     assert_eq!(before.len(), 10);
     let b = servers.pop().expect("b").restart();
     // Nothing changed meanwhile: the history it loaded at start is the same, at once.
-    assert_eq!(history(&b), before);
+    assert_eq!(all_events(&b), before);
     let a = servers.pop().expect("a").restart();
-    assert_eq!(history(&a), before);
+    assert_eq!(all_events(&a), before);
     // And it goes on from there on both.
     assert_eq!(a.lock("after", json!({"key": "k"})).status, 200);
     let after = agreed(&a, &b);
@@ -278,7 +219,7 @@ fn a_replica_started_again_loads_the_history_from_etcd() {
 #[test]
 fn hold_times_are_counted_once_by_the_replica_that_made_the_change() {
     let _serial = serial();
-    let (_, servers) = replicas(etcd::shared(), 2, &[]);
+    let servers = replicas(etcd::shared(), 2);
     assert_eq!(servers[0].lock("timed", json!({"key": "k"})).status, 200);
     assert_eq!(servers[0].unlock("timed", json!({"key": "k"})).status, 200);
     // The other replica has the events too (from the watch) before its metrics are looked at.
@@ -293,118 +234,28 @@ fn hold_times_are_counted_once_by_the_replica_that_made_the_change() {
     );
 }
 
-/// (kind, lock, requestor, generation) of every change a client was told succeeded.
-type Change = (String, String, String, Option<u64>);
-
-/// Acquires and releases `lock-{0,1,2}` through `base` until `stop`, or until the server is
-/// gone; the changes acknowledged, and the requestors refused (the lock was held).
-fn load(base: String, worker: usize, stop: Arc<AtomicBool>) -> (Vec<Change>, Vec<String>) {
-    let client = common::client();
-    let (mut acknowledged, mut refused) = (Vec::new(), Vec::new());
-    for n in 0.. {
-        if stop.load(Ordering::Relaxed) {
-            break;
-        }
-        let lock = format!("lock-{}", n % 3);
-        let requestor = format!("w{worker}-{n}");
-        let body = json!({"key": requestor, "requestor": requestor}).to_string();
-        let url = format!("{base}/lock/{lock}");
-        let Ok(reply) = client.put(&url).body(body.clone()).send() else {
-            break;
-        };
-        match reply.status().as_u16() {
-            200 => {
-                let generation = reply
-                    .json::<Value>()
-                    .ok()
-                    .and_then(|v| v["generation"].as_u64());
-                let change = |kind: &str| {
-                    (
-                        kind.to_string(),
-                        lock.clone(),
-                        requestor.clone(),
-                        generation,
-                    )
-                };
-                acknowledged.push(change("acquired"));
-                match client.delete(&url).body(body).send() {
-                    Ok(r) if r.status().as_u16() == 200 => acknowledged.push(change("released")),
-                    Ok(_) => {}
-                    Err(_) => break,
-                }
-            }
-            423 => refused.push(requestor),
-            _ => {}
-        }
-    }
-    (acknowledged, refused)
-}
-
 #[test]
 fn every_acknowledged_change_is_kept_when_a_replica_is_killed_under_load_and_no_refused_one() {
     let _serial = serial();
     let cluster = etcd::shared();
-    let (prefix, mut servers) = replicas(cluster, 2, &[]);
-    let stop = Arc::new(AtomicBool::new(false));
-    let workers: Vec<_> = (0..6)
-        .map(|worker| {
-            let (base, stop) = (servers[worker % 2].url(""), stop.clone());
-            thread::spawn(move || load(base, worker, stop))
-        })
-        .collect();
+    let (prefix, mut servers) = replicas_with(cluster, 2, &[]);
+    let load = Load::start((0..6).map(|worker| servers[worker % 2].url("")));
     wait_until("the load has made a few hundred changes", || {
-        history(&servers[1]).len() > 300
+        all_events(&servers[1]).len() > 300
     });
     servers[0].kill();
     // The other replica's clients go on a little after the kill.
     wait_until("the surviving replica has made more changes", || {
-        history(&servers[1]).len() > 400
+        all_events(&servers[1]).len() > 400
     });
-    stop.store(true, Ordering::Relaxed);
-    let (mut acknowledged, mut refused) = (Vec::new(), Vec::new());
-    for worker in workers {
-        let (a, r) = worker.join().expect("worker");
-        acknowledged.extend(a);
-        refused.extend(r);
-    }
-    assert!(
-        acknowledged.len() > 200,
-        "too little load: {}",
-        acknowledged.len()
-    );
-    assert!(!refused.is_empty(), "the load never met a held lock");
+    let (acknowledged, refused) = load.stop(200);
     // What the survivor lists, and what a replica started afresh loads, once it has everything.
     let fresh = common::server()
         .etcd(&cluster.endpoints())
         .env("LOCKER_ETCD_PREFIX", prefix)
         .start();
     let events = agreed(&servers[1], &fresh);
-    let recorded: HashSet<Change> = events
-        .iter()
-        .map(|e| {
-            let text = |field: &str| e[field].as_str().unwrap_or_default().to_string();
-            (
-                text("kind"),
-                text("lock"),
-                text("requestor"),
-                e["generation"].as_u64(),
-            )
-        })
-        .collect();
-    let missing: Vec<&Change> = acknowledged
-        .iter()
-        .filter(|change| !recorded.contains(*change))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "acknowledged but not in the history: {missing:?}"
-    );
-    let refused: HashSet<&str> = refused.iter().map(String::as_str).collect();
-    let phantom: Vec<&Value> = events
-        .iter()
-        .filter(|e| e["requestor"].as_str().is_some_and(|r| refused.contains(r)))
-        .collect();
-    assert!(phantom.is_empty(), "refused but recorded: {phantom:?}");
+    assert_kept(&events, &acknowledged, &refused);
     let ids = ids(&events);
     assert!(ids.windows(2).all(|w| w[0] < w[1]));
 }
@@ -459,7 +310,7 @@ fn the_records_stay_within_the_bounds_under_a_flood_of_changes() {
     const BYTES: usize = 8_000;
     const PER_LOCK: usize = 5;
     let cluster = etcd::shared();
-    let (prefix, servers) = replicas(
+    let (prefix, servers) = replicas_with(
         cluster,
         2,
         &[

@@ -14,34 +14,14 @@
 pub mod common;
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, mpsc};
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::etcd::{self, EtcdCluster};
+use common::etcd::{self, locker_command, replicas, serial};
 use common::{Reply, Server, call, call_with};
 use serde_json::{Value, json};
-
-/// One test at a time.
-fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// `count` replicas sharing one prefix of `cluster`.
-fn replicas(cluster: &EtcdCluster, count: usize) -> Vec<Server> {
-    let prefix = etcd::unique_prefix();
-    (0..count)
-        .map(|_| {
-            common::server()
-                .etcd(&cluster.endpoints())
-                .env("LOCKER_ETCD_PREFIX", prefix.clone())
-                .start()
-        })
-        .collect()
-}
 
 /// `POST /pool/{pool}/item/{item}`: adds an unclaimed item.
 fn add(server: &Server, pool: &str, item: &str, metadata: &str) -> Reply {
@@ -505,18 +485,6 @@ fn claims_of_a_pool_never_overlap_across_replicas() {
         items(&status).values().all(|i| i["claimed"] == false),
         "{status}"
     );
-}
-
-/// Runs `locker <args>` against `prefix` of the shared cluster.
-fn locker_command(prefix: &str, args: &[&str]) -> std::process::Output {
-    let output = Command::new(common::locker_binary())
-        .env("LOCKER_ETCD_ENDPOINTS", etcd::shared().endpoints())
-        .env("LOCKER_ETCD_PREFIX", prefix)
-        .args(args)
-        .output()
-        .expect("run locker");
-    eprintln!("{}", String::from_utf8_lossy(&output.stderr));
-    output
 }
 
 #[test]

@@ -12,28 +12,9 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::history::{Load, all_events, assert_kept, ids};
 use common::{Server, call, server, wait_for_waiters, wait_until};
 use serde_json::{Value, json};
-
-/// Every kept event, paging through `GET /history`.
-fn all_events(server: &Server) -> Vec<Value> {
-    let mut events = Vec::new();
-    let mut since = 0;
-    loop {
-        let reply = call(
-            "GET",
-            &server.url(&format!("/history?since={since}&limit=1000")),
-            None,
-        );
-        assert_eq!(reply.status, 200, "{}", reply.body);
-        let page = reply.json();
-        events.extend(page["events"].as_array().expect("events").iter().cloned());
-        since = page["next"].as_u64().expect("next");
-        if page["more"] != json!(true) {
-            return events;
-        }
-    }
-}
 
 /// An event reduced to what the scenario decides: kind, subject, key, requestor, count.
 fn summary(event: &Value) -> String {
@@ -81,13 +62,6 @@ fn acquire_waiting(server: &Server, name: &str, body: Value, wait: &str) -> mpsc
         let _ = sender.send(reply.status);
     });
     receiver
-}
-
-fn ids(events: &[Value]) -> Vec<u64> {
-    events
-        .iter()
-        .map(|e| e["id"].as_u64().expect("id"))
-        .collect()
 }
 
 #[test]
@@ -315,110 +289,16 @@ fn a_lock_named_with_a_slash_before_history_is_asked_for_encoded() {
 #[test]
 fn history_survives_sigkill_under_load_with_every_acknowledged_change_and_no_refused_one() {
     let server = server().start();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut workers = Vec::new();
-    for worker in 0..6 {
-        let base = server.base.clone();
-        let stop = stop.clone();
-        workers.push(thread::spawn(move || {
-            let client = common::client();
-            let mut acknowledged = Vec::new();
-            let mut refused = Vec::new();
-            for n in 0.. {
-                if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    break;
-                }
-                let lock = format!("lock-{}", n % 3);
-                let requestor = format!("w{worker}-{n}");
-                let body = json!({"key": requestor, "requestor": requestor}).to_string();
-                let url = format!("{base}/lock/{lock}");
-                let Ok(reply) = client.put(&url).body(body.clone()).send() else {
-                    break;
-                };
-                match reply.status().as_u16() {
-                    200 => {
-                        let generation = reply
-                            .json::<Value>()
-                            .ok()
-                            .and_then(|v| v["generation"].as_u64());
-                        acknowledged.push((
-                            "acquired",
-                            lock.clone(),
-                            requestor.clone(),
-                            generation,
-                        ));
-                        match client.delete(&url).body(body).send() {
-                            Ok(r) if r.status().as_u16() == 200 => {
-                                acknowledged.push(("released", lock, requestor, generation));
-                            }
-                            Ok(_) => {}
-                            Err(_) => break,
-                        }
-                    }
-                    423 => refused.push(requestor),
-                    _ => {}
-                }
-            }
-            (acknowledged, refused)
-        }));
-    }
+    let load = Load::start((0..6).map(|_| server.base.clone()));
     wait_until("the load has made a few hundred changes", || {
         call("GET", &server.url("/history?limit=1"), None).json()["oldest"] != json!(0)
             && all_events(&server).len() > 300
     });
     server.signal(libc::SIGKILL);
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut acknowledged = Vec::new();
-    let mut refused = Vec::new();
-    for worker in workers {
-        let (a, r) = worker.join().expect("worker");
-        acknowledged.extend(a);
-        refused.extend(r);
-    }
-    assert!(
-        acknowledged.len() > 100,
-        "too little load: {}",
-        acknowledged.len()
-    );
-    assert!(!refused.is_empty(), "the load never met a held lock");
+    let (acknowledged, refused) = load.stop(100);
     let server = server.restart();
     let events = all_events(&server);
-    let recorded: std::collections::HashSet<(String, String, String, Option<u64>)> = events
-        .iter()
-        .map(|e| {
-            (
-                e["kind"].as_str().unwrap_or_default().to_string(),
-                e["lock"].as_str().unwrap_or_default().to_string(),
-                e["requestor"].as_str().unwrap_or_default().to_string(),
-                e["generation"].as_u64(),
-            )
-        })
-        .collect();
-    let missing: Vec<_> = acknowledged
-        .iter()
-        .filter(|(kind, lock, requestor, generation)| {
-            !recorded.contains(&(
-                kind.to_string(),
-                lock.clone(),
-                requestor.clone(),
-                *generation,
-            ))
-        })
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "acknowledged but not in the history: {missing:?}"
-    );
-    let refused: std::collections::HashSet<&String> = refused.iter().collect();
-    let phantom: Vec<&Value> = events
-        .iter()
-        .filter(|e| {
-            e["requestor"]
-                .as_str()
-                .is_some_and(|r| refused.contains(&r.to_string()))
-        })
-        .collect();
-    assert!(phantom.is_empty(), "refused but recorded: {phantom:?}");
+    assert_kept(&events, &acknowledged, &refused);
 }
 
 #[test]

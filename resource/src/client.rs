@@ -17,9 +17,6 @@ use crate::models::Source;
 
 pub use locker_client::RetryPolicy;
 
-/// Environment variable that sets the first retry delay (tests shrink it).
-pub const RETRY_BASE_VARIABLE: &str = "LOCKER_RESOURCE_RETRY_BASE";
-
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error(
@@ -51,7 +48,7 @@ impl From<locker_client::Error> for ClientError {
 
 /// 0.5 s, 1 s, 2 s, 4 s, then 8 s: about half a minute in all, enough for a server restart.
 pub fn retry_policy_from_env() -> RetryPolicy {
-    let first = std::env::var(RETRY_BASE_VARIABLE)
+    let first = std::env::var(crate::variables::RETRY_BASE)
         .ok()
         .and_then(|text| locker_client::parse_duration(&text).ok())
         .unwrap_or(Duration::from_millis(500));

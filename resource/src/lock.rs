@@ -187,14 +187,15 @@ pub struct BuildEnv {
 
 impl BuildEnv {
     pub fn from_process() -> Self {
-        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let [team, pipeline, job, build_name, build_id, atc_url] =
+            crate::variables::BUILD.map(|name| std::env::var(name).ok().filter(|v| !v.is_empty()));
         BuildEnv {
-            team: var("BUILD_TEAM_NAME"),
-            pipeline: var("BUILD_PIPELINE_NAME"),
-            job: var("BUILD_JOB_NAME"),
-            build_name: var("BUILD_NAME"),
-            build_id: var("BUILD_ID"),
-            atc_url: var("ATC_EXTERNAL_URL"),
+            team,
+            pipeline,
+            job,
+            build_name,
+            build_id,
+            atc_url,
         }
     }
 

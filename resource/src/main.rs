@@ -15,6 +15,7 @@ mod models;
 mod pool;
 mod pool_commands;
 mod trigger;
+mod variables;
 mod waits;
 
 use std::io::Read;

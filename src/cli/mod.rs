@@ -56,6 +56,23 @@ pub const SUBCOMMANDS: [&str; 8] = [
     "watch",
 ];
 
+/// Where the user and the password come from when no flag gives them, in order.
+const USER_VARIABLES: [&str; 2] = ["LOCKER_USER", "AUTH_USER"];
+const PASSWORD_VARIABLES: [&str; 2] = ["LOCKER_PASSWORD", "AUTH_PASS"];
+
+/// The environment variables of the client's settings: its flags' (clap's own list) and the
+/// credentials'. (`USER`, recorded in a hold's info, is the system's, not a setting.)
+pub fn variables() -> Vec<String> {
+    let mut variables = crate::config::env_variables(&<Cli as clap::CommandFactory>::command());
+    variables.extend(
+        USER_VARIABLES
+            .iter()
+            .chain(&PASSWORD_VARIABLES)
+            .map(|name| name.to_string()),
+    );
+    variables
+}
+
 /// Exit codes of the client subcommands (besides a command's own status, which `locker lock`
 /// passes through).
 pub mod exit {
@@ -179,12 +196,12 @@ impl ConnectionArgs {
             .user
             .clone()
             .filter(|v| !v.is_empty())
-            .or_else(|| env(["LOCKER_USER", "AUTH_USER"]));
+            .or_else(|| env(USER_VARIABLES));
         let password = self
             .password
             .clone()
             .filter(|v| !v.is_empty())
-            .or_else(|| env(["LOCKER_PASSWORD", "AUTH_PASS"]));
+            .or_else(|| env(PASSWORD_VARIABLES));
         match (user, password) {
             (Some(user), Some(password)) => Ok(Some((user, password))),
             (None, None) => Ok(None),

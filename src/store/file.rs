@@ -35,7 +35,6 @@ use tokio::sync::{oneshot, watch};
 use super::atomic_file::{self, ReplaceError};
 use super::flow::Backend;
 use super::journal::{self, Journal};
-use super::pool_flow;
 use super::state_file;
 use super::{
     ItemState, LockPage, LockStore, LockView, Page, PoolCounts, StoreError, WaiterSlot, Withdraw,
@@ -283,54 +282,6 @@ impl Backend for FileStore {
         self.commands.clone()
     }
 
-    fn current_keys(&self, name: &str) -> Vec<String> {
-        self.committed
-            .read()
-            .lock(name)
-            .map(|l| l.keys())
-            .unwrap_or_default()
-    }
-
-    fn waiting(&self) -> (&Arc<AtomicUsize>, usize) {
-        (&self.waiting, self.max_waiters)
-    }
-
-    fn shutdown(&self) -> &watch::Sender<bool> {
-        &self.shutdown
-    }
-}
-
-#[async_trait]
-impl LockStore for FileStore {
-    /// Waits for the item to be free through this store's own [`LockStore::wait_item`].
-    async fn update_item(
-        &self,
-        pool: String,
-        item: String,
-        metadata: Arc<str>,
-        wait: Option<Duration>,
-    ) -> Result<bool, StoreError> {
-        pool_flow::update(self, pool, item, metadata, wait).await
-    }
-
-    async fn pool(&self, name: &str) -> Result<Option<Pool>, StoreError> {
-        Ok(self.committed.read().pool(name).cloned())
-    }
-
-    async fn item(&self, pool: &str, item: &str) -> Result<Option<Item>, StoreError> {
-        let table = self.committed.read();
-        Ok(table.pool(pool).and_then(|p| p.items.get(item).cloned()))
-    }
-
-    async fn pools(&self) -> Result<Vec<PoolCounts>, StoreError> {
-        let table = self.committed.read();
-        Ok(table
-            .pools()
-            .iter()
-            .map(|(name, pool)| PoolCounts::of(name, pool))
-            .collect())
-    }
-
     async fn wait_item(
         &self,
         pool: &str,
@@ -366,6 +317,43 @@ impl LockStore for FileStore {
                 _ = shutdown.wait_for(|stopping| *stopping) => return Err(StoreError::ShuttingDown),
             }
         }
+    }
+
+    fn current_keys(&self, name: &str) -> Vec<String> {
+        self.committed
+            .read()
+            .lock(name)
+            .map(|l| l.keys())
+            .unwrap_or_default()
+    }
+
+    fn waiting(&self) -> (&Arc<AtomicUsize>, usize) {
+        (&self.waiting, self.max_waiters)
+    }
+
+    fn shutdown(&self) -> &watch::Sender<bool> {
+        &self.shutdown
+    }
+}
+
+#[async_trait]
+impl LockStore for FileStore {
+    async fn pool(&self, name: &str) -> Result<Option<Pool>, StoreError> {
+        Ok(self.committed.read().pool(name).cloned())
+    }
+
+    async fn item(&self, pool: &str, item: &str) -> Result<Option<Item>, StoreError> {
+        let table = self.committed.read();
+        Ok(table.pool(pool).and_then(|p| p.items.get(item).cloned()))
+    }
+
+    async fn pools(&self) -> Result<Vec<PoolCounts>, StoreError> {
+        let table = self.committed.read();
+        Ok(table
+            .pools()
+            .iter()
+            .map(|(name, pool)| PoolCounts::of(name, pool))
+            .collect())
     }
 
     async fn status(&self, name: &str) -> Result<Option<LockView>, StoreError> {

@@ -10,9 +10,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::{oneshot, watch};
 
-use super::{Counted, ItemGrant, LockWrites, Released, StoreError, WaitGuard, Withdraw};
+use super::{Counted, ItemGrant, ItemState, LockWrites, Released, StoreError, WaitGuard, Withdraw};
 use crate::rules::{
-    Acquire, AcquireOutcome, Effect, Grant, Holder, Limit, Op, PoolOutcome, Reclaim,
+    Acquire, AcquireOutcome, Effect, Grant, Holder, Item, Limit, Op, PoolOutcome, Reclaim,
     ReleaseOutcome, Target, WaiterGrant, WaiterId,
 };
 
@@ -42,6 +42,15 @@ pub(crate) trait Backend: Send + Sync {
     async fn confirm(&self, grant: WaiterGrant) -> Result<Grant, StoreError> {
         Ok(grant.grant)
     }
+
+    /// [`LockWrites::wait_item`] done this backend's way: told of changes, or looking again.
+    async fn wait_item(
+        &self,
+        pool: &str,
+        item: &str,
+        state: ItemState,
+        wait: Duration,
+    ) -> Result<Option<Item>, StoreError>;
 
     /// The keys holding `name` now, for a timeout's message.
     fn current_keys(&self, name: &str) -> Vec<String>;
@@ -360,5 +369,26 @@ impl<B: Backend + 'static> LockWrites for B {
         key: Option<String>,
     ) -> Result<Option<Holder>, StoreError> {
         super::pool_flow::remove(self, pool, item, key).await
+    }
+
+    /// Waits for the item to be free through this backend's [`Backend::wait_item`].
+    async fn update_item(
+        &self,
+        pool: String,
+        item: String,
+        metadata: Arc<str>,
+        wait: Option<Duration>,
+    ) -> Result<bool, StoreError> {
+        super::pool_flow::update(self, pool, item, metadata, wait).await
+    }
+
+    async fn wait_item(
+        &self,
+        pool: &str,
+        item: &str,
+        state: ItemState,
+        wait: Duration,
+    ) -> Result<Option<Item>, StoreError> {
+        Backend::wait_item(self, pool, item, state, wait).await
     }
 }

@@ -274,8 +274,9 @@ fn keys_text(keys: &[String]) -> String {
     quoted.join(", ")
 }
 
-/// The changes every backend offers: the same request flow over each backend's [`Backend`]
-/// (`flow.rs`, `pool_flow.rs`), so they are implemented once, for every backend. Waiting
+/// The changes every backend offers (and the wait for an item an update is made of): the same
+/// request flow over each backend's [`Backend`] (`flow.rs`, `pool_flow.rs`), so they are
+/// implemented once, for every backend. Waiting
 /// acquires honour cancellation: dropping the future of [`LockWrites::acquire`] withdraws the
 /// request, and a grant that raced with the drop is given back, so a client that went away
 /// never ends up holding the lock.
@@ -349,12 +350,7 @@ pub trait LockWrites: Send + Sync + 'static {
         item: String,
         key: Option<String>,
     ) -> Result<Option<Holder>, StoreError>;
-}
 
-/// Everything the HTTP layer asks of a store: its changes ([`LockWrites`]) and what each
-/// backend reads and reports its own way.
-#[async_trait]
-pub trait LockStore: LockWrites {
     /// Replaces `item`'s metadata (adding it if absent), waiting up to `wait` while claimed.
     async fn update_item(
         &self,
@@ -364,6 +360,22 @@ pub trait LockStore: LockWrites {
         wait: Option<Duration>,
     ) -> Result<bool, StoreError>;
 
+    /// Waits up to `wait` for `item` of `pool` to be in `state`; the item as it is then
+    /// (`None`: there is no such item, answered at once). Counts against the waiter limit
+    /// while it waits.
+    async fn wait_item(
+        &self,
+        pool: &str,
+        item: &str,
+        state: ItemState,
+        wait: Duration,
+    ) -> Result<Option<Item>, StoreError>;
+}
+
+/// Everything the HTTP layer asks of a store: its changes ([`LockWrites`]) and what each
+/// backend reads and reports its own way.
+#[async_trait]
+pub trait LockStore: LockWrites {
     /// The committed state of one lock; `None` when free.
     async fn status(&self, name: &str) -> Result<Option<LockView>, StoreError>;
 
@@ -390,17 +402,6 @@ pub trait LockStore: LockWrites {
             .await?
             .and_then(|p| p.items.get(item).cloned()))
     }
-
-    /// Waits up to `wait` for `item` of `pool` to be in `state`; the item as it is then
-    /// (`None`: there is no such item, answered at once). Counts against the waiter limit
-    /// while it waits.
-    async fn wait_item(
-        &self,
-        pool: &str,
-        item: &str,
-        state: ItemState,
-        wait: Duration,
-    ) -> Result<Option<Item>, StoreError>;
 
     /// Whether the store can take writes now, cheaply and within about a second: `Err` with
     /// the reason when it cannot. Answers `GET /ready`.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::flow::{Backend, Waited, submit_waiting};
-use super::{ItemState, LockStore, StoreError};
+use super::{ItemState, StoreError};
 use crate::rules::{
     Acquire, ClaimOutcome, Effect, Holder, ItemGrant, Op, PoolChange, PoolOutcome, Target,
 };
@@ -125,7 +125,7 @@ pub(crate) async fn add<B: Backend>(
 
 /// Replaces `item`'s metadata, adding it if absent. While it is claimed, waits up to `wait`
 /// (without one, refuses at once) for it to be released.
-pub(crate) async fn update<B: Backend + LockStore>(
+pub(crate) async fn update<B: Backend>(
     backend: &B,
     pool: String,
     item: String,
@@ -160,9 +160,7 @@ pub(crate) async fn update<B: Backend + LockStore>(
                 },
             });
         };
-        backend
-            .wait_item(&pool, &item, ItemState::Unclaimed, left)
-            .await?;
+        Backend::wait_item(backend, &pool, &item, ItemState::Unclaimed, left).await?;
     }
 }
 

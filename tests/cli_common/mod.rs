@@ -6,19 +6,12 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{Server, wait_until};
+use crate::common::{Server, wait_exit_within, wait_until};
 
 /// `locker ARGS` pointed at `server`, with no connection settings leaking in.
 pub fn locker(server: &Server, args: &[&str]) -> Command {
     let mut command = Command::new(crate::common::locker_binary());
-    for name in [
-        "LOCKER_URL",
-        "LOCKER_USER",
-        "LOCKER_PASSWORD",
-        "LOCKER_CA_CERT",
-        "AUTH_USER",
-        "AUTH_PASS",
-    ] {
+    for name in locker::cli::variables() {
         command.env_remove(name);
     }
     command
@@ -39,21 +32,7 @@ pub struct Finished {
 
 /// Waits for `child` up to `timeout` (then kills it and fails).
 pub fn finish(mut child: Child, started: Instant, timeout: Duration) -> Finished {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if child.try_wait().expect("try_wait").is_some() {
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let output = child.wait_with_output().expect("output");
-            panic!(
-                "locker did not finish in {timeout:?}: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_exit_within(&mut child, timeout, "locker");
     let elapsed = started.elapsed();
     let output = child.wait_with_output().expect("output");
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();

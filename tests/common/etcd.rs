@@ -4,14 +4,20 @@
 //! Members die with the thread that started them (PR_SET_PDEATHSIG), so a failed or finished
 //! test never leaves an etcd behind; [`shared`] starts its cluster from a thread that lives as
 //! long as the test process.
+//!
+//! Also what the etcd test files share: [`serial`], [`replicas`] over one prefix,
+//! [`spawn_waiter`], and [`locker_command`] for `locker import` and `locker export`.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, mpsc};
 use std::time::{Duration, Instant};
+
+use super::http::call;
+use super::server::{Server, server};
 
 /// How long a cluster may take to elect a leader and answer.
 const HEALTHY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -24,6 +30,66 @@ pub fn unique_prefix() -> String {
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// One test at a time: a test binary's tests share two cores with etcd and the replicas.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `count` replicas sharing one fresh prefix of `cluster`.
+pub fn replicas(cluster: &EtcdCluster, count: usize) -> Vec<Server> {
+    replicas_with(cluster, count, &[]).1
+}
+
+/// `count` replicas sharing one fresh prefix of `cluster`, with `env` set; and the prefix.
+pub fn replicas_with(
+    cluster: &EtcdCluster,
+    count: usize,
+    env: &[(&str, &str)],
+) -> (String, Vec<Server>) {
+    let prefix = unique_prefix();
+    let servers = (0..count)
+        .map(|_| {
+            server()
+                .etcd(&cluster.endpoints())
+                .env("LOCKER_ETCD_PREFIX", prefix.clone())
+                .envs(env)
+                .start()
+        })
+        .collect();
+    (prefix, servers)
+}
+
+/// A waiting acquire of `name` with `key` for up to `wait`, in a thread; (key, status) comes
+/// back on `done`.
+pub fn spawn_waiter(
+    server: &Server,
+    name: &str,
+    key: &str,
+    wait: &str,
+    done: &mpsc::Sender<(String, u16)>,
+) {
+    let url = server.url(&format!("/lock/{name}?wait={wait}"));
+    let body = serde_json::json!({"key": key}).to_string();
+    let key = key.to_string();
+    let done = done.clone();
+    std::thread::spawn(move || {
+        let reply = call("PUT", &url, Some(&body));
+        let _ = done.send((key, reply.status));
+    });
+}
+
+/// Runs `locker <args>` (`import`, `export`) against `prefix` of the shared cluster.
+pub fn locker_command(prefix: &str, args: &[&str]) -> std::process::Output {
+    let output = server()
+        .env("LOCKER_ETCD_ENDPOINTS", shared().endpoints())
+        .env("LOCKER_ETCD_PREFIX", prefix)
+        .args(args.iter().copied())
+        .run_to_exit();
+    eprintln!("{}", String::from_utf8_lossy(&output.stderr));
+    output
 }
 
 /// The cluster shared by the tests of one test process (each server uses its own prefix).

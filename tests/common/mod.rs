@@ -1,8 +1,8 @@
 //! What the integration tests share, a module per concern: [`server`] runs the real `locker`
 //! binary (a free loopback port, a temp state file, a scrubbed environment, its log forwarded,
 //! killed and reaped on drop) and picks the backend; [`http`] talks to it; [`process`] runs
-//! other commands; [`wait`] polls for what a test waits for; `etcd` (with the `etcd` feature)
-//! runs a loopback etcd cluster. The BOSH release and pipeline tests add
+//! other commands; [`wait`] polls for what a test waits for; [`history`] reads the history
+//! back; `etcd` (with the `etcd` feature) runs a loopback etcd cluster and replicas on it. The BOSH release and pipeline tests add
 //! `tests/common/bosh/`, which only they compile.
 //!
 //! Each test binary compiles this module on its own and uses part of it, so every test declares
@@ -18,6 +18,7 @@
 // are always compiled out), hence no complaint about an unknown feature name.
 #![allow(unexpected_cfgs)]
 
+pub mod history;
 pub mod http;
 pub mod process;
 pub mod server;

@@ -1,8 +1,10 @@
 //! Running other programs from a test: find them, run them, and fail with their output when
 //! they fail.
 
+use std::io::Read;
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
 
 /// A program on PATH, by name.
 pub fn on_path(name: &str) -> Option<PathBuf> {
@@ -37,4 +39,22 @@ pub fn run_ok(command: &mut Command) -> Output {
 /// What a command that must succeed printed.
 pub fn stdout_of(command: &mut Command) -> String {
     String::from_utf8_lossy(&run_ok(command).stdout).into_owned()
+}
+
+/// Waits up to `timeout` for `child` to exit by itself. One still running then is killed, and
+/// the test fails with what it wrote to stderr (`what` names it in the message).
+pub fn wait_exit_within(child: &mut Child, timeout: Duration, what: &str) {
+    let deadline = Instant::now() + timeout;
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let mut stderr = String::new();
+            if let Some(mut pipe) = child.stderr.take() {
+                let _ = pipe.read_to_string(&mut stderr);
+            }
+            let _ = child.wait();
+            panic!("{what} did not exit within {timeout:?}:\n{stderr}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }

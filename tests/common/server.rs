@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 #[cfg(feature = "etcd")]
 use super::etcd;
 use super::http::call;
+use super::process::wait_exit_within;
 
 /// How long a server may take to say it is listening.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -24,21 +25,8 @@ pub const EXIT_TIMEOUT: Duration = Duration::from_secs(40);
 fn server_variables() -> &'static [String] {
     static VARIABLES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
     VARIABLES.get_or_init(|| {
-        fn collect(command: &clap::Command, into: &mut Vec<String>) {
-            into.extend(
-                command
-                    .get_arguments()
-                    .filter_map(clap::Arg::get_env)
-                    .map(|name| name.to_string_lossy().into_owned()),
-            );
-            for subcommand in command.get_subcommands() {
-                collect(subcommand, into);
-            }
-        }
-        let mut variables = Vec::new();
-        collect(
+        let mut variables = locker::config::env_variables(
             &<locker::config::Args as clap::CommandFactory>::command(),
-            &mut variables,
         );
         assert!(
             variables.iter().any(|v| v == "LOCKER_CONFIG"),
@@ -176,18 +164,11 @@ impl ServerBuilder {
     pub fn run_to_exit(self) -> Output {
         let (mut command, _dir, _) = self.command();
         let mut child = command.spawn().expect("start the locker binary");
-        let deadline = Instant::now() + EXIT_TIMEOUT;
-        while child.try_wait().expect("wait for the server").is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let output = child.wait_with_output().expect("output");
-                panic!(
-                    "the server kept running; it should have stopped by itself:\n{}",
-                    String::from_utf8_lossy(&output.stderr)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_exit_within(
+            &mut child,
+            EXIT_TIMEOUT,
+            "the server (it should have stopped by itself)",
+        );
         child.wait_with_output().expect("output")
     }
 

@@ -13,6 +13,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// The variables the resource reads, by the names its own code uses.
+#[path = "../../src/variables.rs"]
+mod variables;
+
 /// Longest any single run of the resource may take in these tests.
 pub const RUN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -92,18 +96,12 @@ pub fn start(
     if let Some(dir) = dir {
         process.arg(dir);
     }
-    for name in [
-        "BUILD_TEAM_NAME",
-        "BUILD_PIPELINE_NAME",
-        "BUILD_JOB_NAME",
-        "BUILD_NAME",
-        "BUILD_ID",
-        "ATC_EXTERNAL_URL",
-    ] {
+    // None of the resource's variables leaks in from the test's environment.
+    for name in variables::BUILD {
         process.env_remove(name);
     }
     // Retries in milliseconds, not seconds.
-    process.env("LOCKER_RESOURCE_RETRY_BASE", "10ms");
+    process.env(variables::RETRY_BASE, "10ms");
     for (name, value) in env {
         process.env(name, value);
     }

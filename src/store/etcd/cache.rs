@@ -173,23 +173,8 @@ impl Cache {
         kv: Option<&KeyValue>,
         as_of: i64,
     ) -> Vec<WaiterGrant> {
-        let (entry, grants) = match kv {
-            Some(kv) => match codec::decode_lock(name, kv.value()) {
-                Ok(decoded) => (
-                    Entry {
-                        value: Some(decoded.lock),
-                        unconfirmed: decoded.unconfirmed,
-                        mod_revision: kv.mod_revision(),
-                        as_of,
-                    },
-                    decoded.grants,
-                ),
-                Err(e) => {
-                    error!("{e}");
-                    return Vec::new();
-                }
-            },
-            None => (absent(as_of), Vec::new()),
+        let Some((entry, grants)) = observed(kv, as_of, |v| codec::decode_lock(name, v)) else {
+            return Vec::new();
         };
         self.set_lock(name, entry);
         grants
@@ -202,23 +187,8 @@ impl Cache {
         kv: Option<&KeyValue>,
         as_of: i64,
     ) -> Vec<WaiterGrant> {
-        let (entry, grants) = match kv {
-            Some(kv) => match codec::decode_pool(name, kv.value()) {
-                Ok(decoded) => (
-                    Entry {
-                        value: Some(decoded.pool),
-                        unconfirmed: decoded.unconfirmed,
-                        mod_revision: kv.mod_revision(),
-                        as_of,
-                    },
-                    decoded.grants,
-                ),
-                Err(e) => {
-                    error!("{e}");
-                    return Vec::new();
-                }
-            },
-            None => (absent(as_of), Vec::new()),
+        let Some((entry, grants)) = observed(kv, as_of, |v| codec::decode_pool(name, v)) else {
+            return Vec::new();
         };
         self.set_pool(name, entry);
         grants
@@ -299,6 +269,62 @@ impl Cache {
             .and_then(|e| e.value.as_ref())
             .and_then(|p| p.items.get(item))
             .map(ItemState::of)
+    }
+}
+
+/// The entry a lock's or pool's key (`None`: deleted) makes as seen at `as_of`, and the grants
+/// its value records; `None` when the value does not decode (logged).
+fn observed<T, D: Into<Observed<T>>>(
+    kv: Option<&KeyValue>,
+    as_of: i64,
+    decode: impl FnOnce(&[u8]) -> Result<D, codec::CodecError>,
+) -> Option<(Entry<T>, Vec<WaiterGrant>)> {
+    let Some(kv) = kv else {
+        return Some((absent(as_of), Vec::new()));
+    };
+    match decode(kv.value()) {
+        Ok(decoded) => {
+            let decoded = decoded.into();
+            let entry = Entry {
+                value: Some(decoded.value),
+                unconfirmed: decoded.unconfirmed,
+                mod_revision: kv.mod_revision(),
+                as_of,
+            };
+            Some((entry, decoded.grants))
+        }
+        Err(e) => {
+            error!("{e}");
+            None
+        }
+    }
+}
+
+/// A decoded lock or pool value.
+struct Observed<T> {
+    value: T,
+    /// The grants the transaction that wrote it made.
+    grants: Vec<WaiterGrant>,
+    unconfirmed: Vec<WaiterGrant>,
+}
+
+impl From<codec::Decoded> for Observed<Lock> {
+    fn from(decoded: codec::Decoded) -> Self {
+        Observed {
+            value: decoded.lock,
+            grants: decoded.grants,
+            unconfirmed: decoded.unconfirmed,
+        }
+    }
+}
+
+impl From<codec::DecodedPool> for Observed<Pool> {
+    fn from(decoded: codec::DecodedPool) -> Self {
+        Observed {
+            value: decoded.pool,
+            grants: decoded.grants,
+            unconfirmed: decoded.unconfirmed,
+        }
     }
 }
 

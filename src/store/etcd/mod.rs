@@ -54,7 +54,6 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use self::codec::{KeyKind, Keys, WAITER_BITS, waiter_replica};
 use self::members::Members;
 use super::flow::Backend;
-use super::pool_flow;
 use super::{
     ItemState, LockPage, LockStore, LockView, Page, PoolCounts, StoreError, WaiterSlot, Withdraw,
     status_view,
@@ -414,6 +413,47 @@ impl Backend for EtcdStore {
         self.shared.clone()
     }
 
+    /// Looks at etcd (a linearizable read); while the item is not in `state`, waits until this
+    /// server's cache (kept by the watch) shows it other than etcd did, or [`RECHECK_ITEM`]
+    /// passed, and looks at etcd again: at most once per [`POLL_ITEM`], usually once a second.
+    async fn wait_item(
+        &self,
+        pool: &str,
+        item: &str,
+        state: ItemState,
+        wait: Duration,
+    ) -> Result<Option<Item>, StoreError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut shutdown = self.shutdown.subscribe();
+        let mut slot = None;
+        loop {
+            let Some(current) = self.read_item(pool, item).await? else {
+                return Ok(None);
+            };
+            let seen = ItemState::of(&current);
+            if seen == state || tokio::time::Instant::now() >= deadline {
+                return Ok(Some(current));
+            }
+            if slot.is_none() {
+                slot = Some(WaiterSlot::take(&self.waiting, self.max_waiters)?);
+            }
+            let recheck = deadline.min(tokio::time::Instant::now() + RECHECK_ITEM);
+            loop {
+                let pause = recheck.min(tokio::time::Instant::now() + POLL_ITEM);
+                tokio::select! {
+                    () = tokio::time::sleep_until(pause) => {}
+                    _ = shutdown.wait_for(|stopping| *stopping) => {
+                        return Err(StoreError::ShuttingDown);
+                    }
+                }
+                let cached = self.shared.cache.lock().item_state(pool, item);
+                if cached != Some(seen) || tokio::time::Instant::now() >= recheck {
+                    break;
+                }
+            }
+        }
+    }
+
     /// Records that this server handed a grant to its waiter, before the client is answered:
     /// from then on the hold is the client's even if this server dies. A grant revoked
     /// meanwhile (this server was taken for dead) is not the client's.
@@ -530,17 +570,6 @@ async fn start(
 
 #[async_trait]
 impl LockStore for EtcdStore {
-    /// Waits for the item to be free through this store's own [`LockStore::wait_item`].
-    async fn update_item(
-        &self,
-        pool: String,
-        item: String,
-        metadata: Arc<str>,
-        wait: Option<Duration>,
-    ) -> Result<bool, StoreError> {
-        pool_flow::update(self, pool, item, metadata, wait).await
-    }
-
     /// A linearizable read of the pool's value. Its items' metadata comes from this server's
     /// cache when the cache holds that very value (the usual case: the watch is quick), as the
     /// cache then holds the metadata as of it too (see `cache.rs`); otherwise it is read from
@@ -587,47 +616,6 @@ impl LockStore for EtcdStore {
             pools.push(PoolCounts::of(name, &pool));
         }
         Ok(pools)
-    }
-
-    /// Looks at etcd (a linearizable read); while the item is not in `state`, waits until this
-    /// server's cache (kept by the watch) shows it other than etcd did, or [`RECHECK_ITEM`]
-    /// passed, and looks at etcd again: at most once per [`POLL_ITEM`], usually once a second.
-    async fn wait_item(
-        &self,
-        pool: &str,
-        item: &str,
-        state: ItemState,
-        wait: Duration,
-    ) -> Result<Option<Item>, StoreError> {
-        let deadline = tokio::time::Instant::now() + wait;
-        let mut shutdown = self.shutdown.subscribe();
-        let mut slot = None;
-        loop {
-            let Some(current) = self.read_item(pool, item).await? else {
-                return Ok(None);
-            };
-            let seen = ItemState::of(&current);
-            if seen == state || tokio::time::Instant::now() >= deadline {
-                return Ok(Some(current));
-            }
-            if slot.is_none() {
-                slot = Some(WaiterSlot::take(&self.waiting, self.max_waiters)?);
-            }
-            let recheck = deadline.min(tokio::time::Instant::now() + RECHECK_ITEM);
-            loop {
-                let pause = recheck.min(tokio::time::Instant::now() + POLL_ITEM);
-                tokio::select! {
-                    () = tokio::time::sleep_until(pause) => {}
-                    _ = shutdown.wait_for(|stopping| *stopping) => {
-                        return Err(StoreError::ShuttingDown);
-                    }
-                }
-                let cached = self.shared.cache.lock().item_state(pool, item);
-                if cached != Some(seen) || tokio::time::Instant::now() >= recheck {
-                    break;
-                }
-            }
-        }
     }
 
     async fn status(&self, name: &str) -> Result<Option<LockView>, StoreError> {

@@ -4,6 +4,7 @@
 //! every lock it read; on a conflict it plans again on the values etcd returned.
 
 use super::*;
+use etcd_client::TxnResponse;
 
 /// The one task of this server that writes lock state to etcd.
 pub(super) struct Writer {
@@ -164,208 +165,213 @@ impl Writer {
             .collect()
     }
 
+    /// Takes what of `incoming` fits in one transaction and commits it: plans it on the cached
+    /// state, adds the history record, sends the transaction, and on success takes the result
+    /// into the cache and answers; on a conflict takes in the values etcd returned and tries
+    /// again, until [`BATCH_DEADLINE`].
     pub(super) async fn run_batch(&mut self, incoming: Vec<Command>) {
         let started = Instant::now();
+        let mut batch = self.gather(incoming).await;
+        if batch.is_empty() && !batch.expire_due {
+            return;
+        }
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            batch = match self.attempt(batch, started).await {
+                Attempt::Done => return,
+                Attempt::Split(batch) => batch,
+                Attempt::Conflict(batch) if started.elapsed() > BATCH_DEADLINE => {
+                    let reason = format!("still conflicting after {attempt} attempts");
+                    return self.fail(batch, reason);
+                }
+                Attempt::Conflict(batch) => batch,
+                Attempt::Failed(batch, reason) => return self.fail(batch, reason),
+            };
+        }
+    }
+
+    /// The batch to commit next: clean-up to retry (unless backing off with nothing new),
+    /// waiters of servers that are gone (when due), then `incoming` in order, as much as one
+    /// transaction takes; the rest waits in the backlog.
+    async fn gather(&mut self, incoming: Vec<Command>) -> Batch {
         let expire_due = self
             .shared
             .cache
             .lock()
             .next_expiry()
             .is_some_and(|at| at <= SystemTime::now());
-        // With a lease run out, room is kept for expiring it.
-        let limit = if expire_due {
-            MAX_TXN_OPS - EXPIRY_ROOM
-        } else {
-            MAX_TXN_OPS
-        };
-        let mut budget = Budget::default();
-        let mut internal = Vec::new();
-        let mut candidates = Vec::new();
+        let mut batch = Batch::new(expire_due);
+        let mut cleanup = Vec::new();
         if self.backoff().is_zero() || !incoming.is_empty() {
-            candidates.append(&mut self.retry);
+            cleanup.append(&mut self.retry);
         }
         if self.last_purge.elapsed() >= PURGE_EVERY {
-            candidates.extend(self.dead_waiters().await);
+            cleanup.extend(self.dead_waiters().await);
         }
-        for op in candidates {
-            if budget.admit(op.target(), Some(&op), limit) {
-                internal.push(op);
+        for op in cleanup {
+            if batch.budget.admit(op.target(), Some(&op), batch.limit) {
+                batch.internal.push(op);
             } else {
                 self.backlog.push_back(Command::Internal(op));
             }
         }
-        let mut clients: Vec<Pending> = Vec::new();
-        let mut confirms: Vec<PendingConfirm> = Vec::new();
+        self.take_commands(&mut batch, incoming);
+        batch
+    }
+
+    /// Adds `incoming` to the batch in order until one does not fit; that one and the rest
+    /// go to the backlog, in their order. A client operation queued longer than
+    /// [`BATCH_DEADLINE`] is refused unapplied.
+    fn take_commands(&mut self, batch: &mut Batch, incoming: Vec<Command>) {
         let mut commands = incoming.into_iter();
         while let Some(command) = commands.next() {
-            let fits = match &command {
-                Command::Client { op, .. } | Command::Internal(op) => {
-                    budget.admit(op.target(), Some(op), limit)
-                }
-                Command::Confirm { grant, .. } => budget.admit(Some(grant.target()), None, limit),
-                Command::Shutdown => true,
-            };
-            if !fits {
-                // For the next batch, in their order.
+            if !batch.admit(&command) {
                 self.backlog.push_back(command);
-                self.backlog.extend(commands.by_ref());
-                break;
+                self.backlog.extend(commands);
+                return;
             }
             match command {
-                Command::Client { op, reply, since } => {
-                    if since.elapsed() > BATCH_DEADLINE {
-                        let _ = reply.send(Err(unavailable(
-                            "no transaction could be committed in time",
-                        )));
-                        continue;
-                    }
-                    clients.push(Pending { op, reply, since });
+                Command::Client { reply, since, .. } if since.elapsed() > BATCH_DEADLINE => {
+                    let _ = reply.send(Err(unavailable(
+                        "no transaction could be committed in time",
+                    )));
                 }
-                Command::Internal(op) => internal.push(op),
+                Command::Client { op, reply, since } => {
+                    batch.clients.push(Pending { op, reply, since });
+                }
+                Command::Internal(op) => batch.internal.push(op),
                 Command::Confirm { grant, reply } => {
-                    confirms.push(PendingConfirm { grant, reply });
+                    batch.confirms.push(PendingConfirm { grant, reply });
                 }
                 Command::Shutdown => {}
             }
         }
-        if clients.is_empty() && internal.is_empty() && confirms.is_empty() && !expire_due {
-            return;
+    }
+
+    /// One try at committing the batch on the cached state as it is now.
+    async fn attempt(&mut self, mut batch: Batch, started: Instant) -> Attempt {
+        let now = SystemTime::now();
+        let (ops, targets) = self.operations(&batch, now);
+        let mut plan = match self.plan(&targets, &ops, &batch.confirmed(), now) {
+            Ok(plan) => plan,
+            Err(e) => return Attempt::Failed(batch, e.to_string()),
+        };
+        if plan.writes.is_empty() && batch.clients.is_empty() && batch.confirms.is_empty() {
+            // Internal clean-up that changed nothing (e.g. a cancel of a waiter already
+            // granted or gone): nothing to commit.
+            return Attempt::Done;
         }
-        let confirmed: Vec<WaiterGrant> = confirms.iter().map(|c| c.grant.clone()).collect();
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let now = SystemTime::now();
-            let mut ops: Vec<Op> = internal.clone();
-            let mut targets = budget.clone();
-            if expire_due {
-                let mut expiring = false;
-                let cache = self.shared.cache.lock();
-                for target in cache.expired(now).take(MAX_TXN_OPS) {
-                    if !targets.admit(Some(target.clone()), None, MAX_TXN_OPS) {
-                        break;
-                    }
-                    expiring = true;
-                }
-                drop(cache);
-                if expiring {
-                    ops.push(Op::Expire);
-                }
+        let divisible = ops.len() > 1 && batch.clients.len() + batch.internal.len() > 0;
+        let recorded = match self.record(&plan, now, divisible) {
+            Ok(Record::TooBig) => {
+                // More events than one record holds: half the batch waits for the next.
+                self.defer_half(&mut batch);
+                return Attempt::Split(batch);
             }
-            ops.extend(clients.iter().map(|p| p.op.clone()));
-            let plan = self.plan(&targets.targets, &ops, &confirmed, now);
-            let mut plan = match plan {
-                Ok(plan) => plan,
-                Err(e) => {
-                    self.fail(clients, confirms, internal, e.to_string());
-                    return;
-                }
-            };
-            if plan.writes.is_empty() && clients.is_empty() && confirms.is_empty() {
-                // Internal clean-up that changed nothing (e.g. a cancel of a waiter already
-                // granted or gone): nothing to commit.
-                return;
+            Ok(Record::None) => false,
+            Ok(Record::Put(op)) => {
+                plan.writes.push(op);
+                true
             }
-            let divisible = ops.len() > 1 && clients.len() + internal.len() > 0;
-            let record = match self.record(&plan, now, divisible) {
-                Ok(record) => record,
-                Err(e) => {
-                    self.fail(clients, confirms, internal, e.to_string());
-                    return;
-                }
-            };
-            let recorded = match record {
-                Record::TooBig => {
-                    // More events than one record holds: half the batch waits for the next.
-                    self.defer_half(&mut clients, &mut internal);
-                    continue;
-                }
-                Record::None => false,
-                Record::Put(op) => {
-                    plan.writes.push(op);
-                    true
-                }
-            };
-            let trim = match &self.shared.recorder {
-                Some(recorder) if !plan.writes.is_empty() => {
-                    let trim = recorder.trim(&self.shared.keys);
-                    plan.writes.extend(trim.ops.iter().cloned());
-                    Some(trim)
-                }
-                _ => None,
-            };
-            let txn = Txn::new()
-                .when(plan.compares.clone())
-                .and_then(plan.writes.clone())
-                .or_else(plan.reads.clone());
-            // Tried on another member only when it could not connect (it was never sent):
-            // a transaction that may have been applied is never sent twice.
-            let result = self
-                .members
-                .call(REQUEST_TIMEOUT, |client| {
-                    let (mut kv, txn) = (kv(&client), txn.clone());
-                    async move { kv.txn(txn).await }
-                })
-                .await;
-            let response = match result {
-                Ok(response) => response,
-                Err(e) => {
-                    self.fail(clients, confirms, internal, e.to_string());
-                    return;
-                }
-            };
-            let revision = response.header().map(|h| h.revision()).unwrap_or(0);
-            if response.succeeded() {
-                // Client operations come last in the batch.
-                let first = plan.effects.len() - clients.len();
-                let effects = plan.effects[first..].to_vec();
-                let stood = plan.confirmed.clone();
-                self.commit(plan, revision, started, ops.len());
-                if let (Some(recorder), Some(trim)) = (&self.shared.recorder, &trim) {
-                    recorder.trimmed(&trim.revisions);
-                }
-                let answer = move || {
-                    for (confirm, stood) in confirms.into_iter().zip(stood) {
-                        let _ = confirm.reply.send(Ok(stood));
-                    }
-                    for (pending, effect) in clients.into_iter().zip(effects) {
-                        let _ = pending.reply.send(Ok(effect));
-                    }
-                };
-                if recorded {
-                    // Answered once this server's watch has taken the record in, so that a
-                    // client reading the history here after its answer finds its change.
-                    let mut seen = self.shared.seen.subscribe();
-                    tokio::spawn(async move {
-                        let taken_in = seen.wait_for(|seen| *seen >= revision);
-                        if tokio::time::timeout(REQUEST_TIMEOUT, taken_in)
-                            .await
-                            .is_err()
-                        {
-                            warn!(
-                                "the watch has not brought revision {revision} in time; \
-                                 answering (the history here shows it once it does)"
-                            );
-                        }
-                        answer();
-                    });
-                } else {
-                    answer();
-                }
-                return;
-            }
+            Err(e) => return Attempt::Failed(batch, e.to_string()),
+        };
+        let trim = self.trim(&mut plan);
+        let response = match self.send(&plan).await {
+            Ok(response) => response,
+            Err(e) => return Attempt::Failed(batch, e.to_string()),
+        };
+        let revision = response.header().map(|h| h.revision()).unwrap_or(0);
+        if !response.succeeded() {
             // Another server changed what we read: take its values and apply the batch again.
-            self.refresh(&targets.targets, response.op_responses(), revision);
-            if started.elapsed() > BATCH_DEADLINE {
-                self.fail(
-                    clients,
-                    confirms,
-                    internal,
-                    format!("still conflicting after {attempt} attempts"),
-                );
-                return;
-            }
+            self.refresh(&targets, response.op_responses(), revision);
+            return Attempt::Conflict(batch);
         }
+        let answers = Answers::of(batch, &plan);
+        self.commit(plan, revision, started, ops.len());
+        if let (Some(recorder), Some(trim)) = (&self.shared.recorder, &trim) {
+            recorder.trimmed(&trim.revisions);
+        }
+        self.answer(answers, recorded.then_some(revision));
+        Attempt::Done
+    }
+
+    /// The batch's operations as of `now`, with the locks and pools they touch: internal ones
+    /// first, then the expiry of leases that ran out (as many of their locks and pools as fit),
+    /// and client operations last.
+    fn operations(&self, batch: &Batch, now: SystemTime) -> (Vec<Op>, BTreeSet<Target>) {
+        let mut ops = batch.internal.clone();
+        let mut budget = batch.budget.clone();
+        if batch.expire_due && self.admit_expired(&mut budget, now) {
+            ops.push(Op::Expire);
+        }
+        ops.extend(batch.clients.iter().map(|p| p.op.clone()));
+        (ops, budget.targets)
+    }
+
+    /// Admits the locks and pools whose leases ran out by `now`, while they fit; whether any
+    /// did.
+    fn admit_expired(&self, budget: &mut Budget, now: SystemTime) -> bool {
+        let cache = self.shared.cache.lock();
+        let mut expiring = false;
+        for target in cache.expired(now).take(MAX_TXN_OPS) {
+            if !budget.admit(Some(target.clone()), None, MAX_TXN_OPS) {
+                break;
+            }
+            expiring = true;
+        }
+        expiring
+    }
+
+    /// With the history kept and something to write, the deletes of old records the
+    /// transaction carries too (see `history.rs`).
+    fn trim(&self, plan: &mut Plan) -> Option<history::Trim> {
+        let recorder = self.shared.recorder.as_ref()?;
+        if plan.writes.is_empty() {
+            return None;
+        }
+        let trim = recorder.trim(&self.shared.keys);
+        plan.writes.extend(trim.ops.iter().cloned());
+        Some(trim)
+    }
+
+    /// Sends the plan as one transaction. Tried on another member only when it could not
+    /// connect (it was never sent): a transaction that may have been applied is never sent
+    /// twice.
+    async fn send(&self, plan: &Plan) -> Result<TxnResponse, etcd_client::Error> {
+        let txn = Txn::new()
+            .when(plan.compares.clone())
+            .and_then(plan.writes.clone())
+            .or_else(plan.reads.clone());
+        self.members
+            .call(REQUEST_TIMEOUT, |client| {
+                let (mut kv, txn) = (kv(&client), txn.clone());
+                async move { kv.txn(txn).await }
+            })
+            .await
+    }
+
+    /// Answers a committed batch; one that wrote a history record (at `recorded`) once this
+    /// server's watch has taken the record in, so that a client reading the history here
+    /// after its answer finds its change.
+    fn answer(&self, answers: Answers, recorded: Option<i64>) {
+        let Some(revision) = recorded else {
+            return answers.send();
+        };
+        let mut seen = self.shared.seen.subscribe();
+        tokio::spawn(async move {
+            let taken_in = seen.wait_for(|seen| *seen >= revision);
+            if tokio::time::timeout(REQUEST_TIMEOUT, taken_in)
+                .await
+                .is_err()
+            {
+                warn!(
+                    "the watch has not brought revision {revision} in time; \
+                     answering (the history here shows it once it does)"
+                );
+            }
+            answers.send();
+        });
     }
 
     /// Applies `ops` to the cached locks and pools in `targets` and turns the result into a
@@ -669,9 +675,9 @@ impl Writer {
 
     /// Puts the later half of the batch's client operations (or, with none, of its internal
     /// ones) back at the head of the backlog, in their order, for the next batch.
-    fn defer_half(&mut self, clients: &mut Vec<Pending>, internal: &mut Vec<Op>) {
-        if !clients.is_empty() {
-            let deferred = clients.split_off(clients.len() / 2);
+    fn defer_half(&mut self, batch: &mut Batch) {
+        if !batch.clients.is_empty() {
+            let deferred = batch.clients.split_off(batch.clients.len() / 2);
             for pending in deferred.into_iter().rev() {
                 self.backlog.push_front(Command::Client {
                     op: pending.op,
@@ -680,7 +686,7 @@ impl Writer {
                 });
             }
         } else {
-            let deferred = internal.split_off(internal.len() / 2);
+            let deferred = batch.internal.split_off(batch.internal.len() / 2);
             for op in deferred.into_iter().rev() {
                 self.backlog.push_front(Command::Internal(op));
             }
@@ -733,28 +739,122 @@ impl Writer {
         }
     }
 
-    pub(super) fn fail(
-        &mut self,
-        clients: Vec<Pending>,
-        confirms: Vec<PendingConfirm>,
-        internal: Vec<Op>,
-        reason: String,
-    ) {
+    /// Answers every request of the batch 503 with `reason`; its clean-up is kept to be
+    /// applied again with a later batch.
+    fn fail(&mut self, batch: Batch, reason: String) {
         error!(
             "etcd transaction failed: {reason}; {} request(s) answered 503",
-            clients.len()
+            batch.clients.len()
         );
         self.shared.metrics.write_failed();
         self.last_failure = Some(Instant::now());
-        for pending in clients {
+        for pending in batch.clients {
             let _ = pending.reply.send(Err(unavailable(&reason)));
         }
-        for confirm in confirms {
+        for confirm in batch.confirms {
             let _ = confirm.reply.send(Err(unavailable(&reason)));
         }
         // Clean-up must not be lost: it is applied again with a later batch.
         self.retry
-            .extend(internal.into_iter().filter(Op::is_cleanup));
+            .extend(batch.internal.into_iter().filter(Op::is_cleanup));
+    }
+}
+
+/// What one batch answers and applies, within what one transaction takes.
+struct Batch {
+    clients: Vec<Pending>,
+    confirms: Vec<PendingConfirm>,
+    /// Operations of this server's own: clean-up, and commands from other tasks.
+    internal: Vec<Op>,
+    /// The locks and pools the batch touches.
+    budget: Budget,
+    /// A lease has run out: the batch expires it.
+    expire_due: bool,
+    /// Most operations in each branch of the transaction; with a lease run out, room is kept
+    /// for expiring it.
+    limit: usize,
+}
+
+impl Batch {
+    fn new(expire_due: bool) -> Self {
+        let limit = if expire_due {
+            MAX_TXN_OPS - EXPIRY_ROOM
+        } else {
+            MAX_TXN_OPS
+        };
+        Batch {
+            clients: Vec::new(),
+            confirms: Vec::new(),
+            internal: Vec::new(),
+            budget: Budget::default(),
+            expire_due,
+            limit,
+        }
+    }
+
+    /// Adds what `command` touches to the budget, if it fits.
+    fn admit(&mut self, command: &Command) -> bool {
+        match command {
+            Command::Client { op, .. } | Command::Internal(op) => {
+                self.budget.admit(op.target(), Some(op), self.limit)
+            }
+            Command::Confirm { grant, .. } => {
+                self.budget.admit(Some(grant.target()), None, self.limit)
+            }
+            Command::Shutdown => true,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.clients.is_empty() && self.internal.is_empty() && self.confirms.is_empty()
+    }
+
+    /// The grants the batch confirms.
+    fn confirmed(&self) -> Vec<WaiterGrant> {
+        self.confirms.iter().map(|c| c.grant.clone()).collect()
+    }
+}
+
+/// How one try at committing a batch ended.
+enum Attempt {
+    /// Committed (its answers sent or on their way), or nothing to commit.
+    Done,
+    /// More history events than one record holds: half the batch went back to the backlog;
+    /// the rest is to be tried again.
+    Split(Batch),
+    /// Another server changed what the batch read: the cache holds the values etcd returned;
+    /// to be tried again.
+    Conflict(Batch),
+    /// Not committed, for the reason given.
+    Failed(Batch, String),
+}
+
+/// The answers to a committed batch: to each confirmation whether its grant still stood, to
+/// each client operation its effect.
+struct Answers {
+    confirms: Vec<(PendingConfirm, bool)>,
+    clients: Vec<(Pending, Effect)>,
+}
+
+impl Answers {
+    fn of(batch: Batch, plan: &Plan) -> Self {
+        // Client operations come last in the batch.
+        let first = plan.effects.len() - batch.clients.len();
+        let effects = plan.effects[first..].iter().cloned();
+        let stood = plan.confirmed.iter().copied();
+        Answers {
+            confirms: batch.confirms.into_iter().zip(stood).collect(),
+            clients: batch.clients.into_iter().zip(effects).collect(),
+        }
+    }
+
+    fn send(self) {
+        for (confirm, stood) in self.confirms {
+            let _ = confirm.reply.send(Ok(stood));
+        }
+        for (pending, effect) in self.clients {
+            let _ = pending.reply.send(Ok(effect));
+        }
     }
 }
 
