@@ -95,7 +95,9 @@ fn load(base: String, worker: usize, stop: Arc<AtomicBool>) -> (Vec<Change>, Vec
         }
         let lock = format!("lock-{}", n % 3);
         let requestor = format!("w{worker}-{n}");
-        let body = json!({"key": requestor, "requestor": requestor}).to_string();
+        // A lease, so that a lock held by the client of a killed server comes free again
+        // and the other clients go on (without one, all three can stay held for good).
+        let body = json!({"key": requestor, "requestor": requestor, "ttl": "3s"}).to_string();
         let url = format!("{base}/lock/{lock}");
         let Ok(reply) = client.put(&url).body(body.clone()).send() else {
             break;
