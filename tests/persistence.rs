@@ -6,6 +6,7 @@ pub mod common;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -159,16 +160,29 @@ fn sigkill_rounds(builder: common::ServerBuilder) {
     const CLIENTS: usize = 6;
     let mut server = builder.start();
     let known: Arc<Mutex<HashMap<String, Known>>> = Arc::default();
+    let answered = Arc::new(AtomicUsize::new(0));
     let mut highest_generation = 0;
     for round in 0..ROUNDS {
+        let before = answered.load(Ordering::Relaxed);
         let workers: Vec<_> = (0..CLIENTS)
             .map(|client| {
                 let base = server.base.clone();
                 let known = known.clone();
-                std::thread::spawn(move || hammer(&base, client, &known))
+                let answered = answered.clone();
+                std::thread::spawn(move || hammer(&base, client, &known, &answered))
             })
             .collect();
-        std::thread::sleep(Duration::from_millis(150 + 40 * round as u64));
+        // The crash lands under load however slow the machine: after the clients were
+        // answered a while, then at a moment that differs from round to round.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while answered.load(Ordering::Relaxed) < before + 50 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: the clients were not answered"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(40 * round as u64));
         server.kill();
         for worker in workers {
             worker.join().expect("client thread");
@@ -201,8 +215,13 @@ fn sigkill_rounds(builder: common::ServerBuilder) {
     assert!(fresh.json()["generation"].as_u64().expect("generation") > highest_generation);
 }
 
-/// Locks and unlocks this client's own names until the server goes away.
-fn hammer(base: &str, client: usize, known: &Mutex<HashMap<String, Known>>) {
+/// Locks and unlocks this client's own names until the server goes away, counting answers.
+fn hammer(
+    base: &str,
+    client: usize,
+    known: &Mutex<HashMap<String, Known>>,
+    answered: &AtomicUsize,
+) {
     let http = common::client();
     for i in 0.. {
         let name = format!("c{client}-n{}", i % 5);
@@ -238,6 +257,7 @@ fn hammer(base: &str, client: usize, known: &Mutex<HashMap<String, Known>>) {
             other => other,
         };
         known.lock().expect("model").insert(name, next);
+        answered.fetch_add(1, Ordering::Relaxed);
     }
 }
 
